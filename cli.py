@@ -1,0 +1,549 @@
+"""The `distilpose` command line: one command per verb, each a thin call into a stage package.
+
+Every command takes `--config FILE` (TOML, or YAML when PyYAML is installed): its keys are the
+command's option names (dashes or underscores), optionally inside a table named after the
+command; options given on the command line win over the file. Errors caused by input (bad files,
+mismatched stores or checkpoints, bad options) print one line `error: ...` and exit with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from distilpose.errors import BadConfigError, DistilPoseError
+
+app = typer.Typer(
+    help="DistilPose: dump a heatmap teacher once into a zarr store, train regression students from it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+viz_app = typer.Typer(help="Pictures (PNG) of heatmaps, confidences, attention, predictions, curves.")
+app.add_typer(viz_app, name="viz")
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def load_config_file(path: Path, command: str) -> dict[str, Any]:
+    """Read a TOML/YAML config file into a flat {option_name: value} dict for one command."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BadConfigError(f"{path}: cannot read config file ({e.strerror})") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise BadConfigError(f"{path}: YAML config needs PyYAML; use TOML instead") from e
+        try:
+            data = yaml.safe_load(text) or {}  # safe_load: a config file is data, never code
+        except yaml.YAMLError as e:
+            raise BadConfigError(f"{path}: not valid YAML ({e})") from e
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise BadConfigError(f"{path}: not valid TOML ({e})") from e
+    if not isinstance(data, dict):
+        raise BadConfigError(f"{path}: expected a table of option = value pairs")
+    section = data.get(command, data.get(command.replace("-", "_")))
+    if isinstance(section, dict):
+        data = section
+    return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def _config_callback(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is None:
+        return value
+    try:
+        values = load_config_file(value, ctx.info_name or "")
+    except DistilPoseError as e:
+        _fail(e)
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        _fail(BadConfigError(f"{value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'"))
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML/YAML file of this command's options; command-line options override it.",
+        is_eager=True,
+        callback=_config_callback,
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1)
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage function, turning domain errors into one line and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except DistilPoseError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command (with --resume where offered) to continue",
+                   err=True)
+        raise typer.Exit(130) from None
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"expected i/n such as 0/2, got {text!r}",
+                                 param_hint="--shard") from None
+    if not 0 <= i < n:
+        raise typer.BadParameter(f"expected 0 <= i < n, got {text!r}", param_hint="--shard")
+    return i, n
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class FlipMode(str, Enum):
+    corrected = "corrected"
+    official = "official"
+
+
+class StoreMode(str, Enum):
+    fp16 = "fp16"
+    lossy = "lossy"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """List the built-in models with params and GFLOPs measured now (1 crop at their input size)."""
+    from distilpose.models import list_model_infos
+
+    infos = _run(list_model_infos)
+    if as_json:
+        _echo_json(infos)
+        return
+    header = f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} {'GFLOPs':>8} {'GFLOPs full':>12}"
+    typer.echo(header)
+    typer.echo("-" * len(header))
+    for m in infos:
+        w, h = m["input_size"]
+        typer.echo(
+            f"{m['name']:<18} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
+            f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
+        )
+    typer.echo("GFLOPs counted as the paper did (MMCV: conv/linear MACs plus norms and activations,"
+               " attention matmuls not counted); 'full' adds attention's matrix products.")
+
+
+@app.command("checkpoint-info")
+def checkpoint_info(
+    path: Annotated[Path, typer.Argument(help="Checkpoint file (.pth): official MMPose 0.x or ours.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Say which model a checkpoint fits, its parameter count and a summary of its keys."""
+    from distilpose.models import identify_checkpoint
+
+    info = _run(identify_checkpoint, path)
+    if as_json:
+        _echo_json(info)
+        return
+    for key, value in info.items():
+        typer.echo(f"{key}: {value}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@app.command("make-demo-data")
+def make_demo_data(
+    out: Annotated[Path, typer.Argument(help="Output folder for the synthetic COCO-format dataset.")],
+    num_train: Annotated[int, typer.Option(help="People in the train split.")] = 2000,
+    num_val: Annotated[int, typer.Option(help="People in the val split.")] = 300,
+    seed: Annotated[int, typer.Option(help="Random seed; equal seeds give equal bytes.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the built-in synthetic person-keypoint dataset (COCO format, JPEGs, detections)."""
+    from distilpose.data import make_demo_data as make
+
+    paths = _run(make, out, num_train=num_train, num_val=num_val, seed=seed)
+    for key, value in paths.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command("show-crops")
+def show_crops(
+    ann: Annotated[Path, typer.Option(help="COCO person-keypoints annotation file.", exists=True)],
+    images: Annotated[Path, typer.Option(help="Image folder the annotation's file_name is under.",
+                                         exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("crops.png"),
+    num: Annotated[int, typer.Option(help="Number of people shown.")] = 16,
+    views: Annotated[int, typer.Option(help="Augmented views per person.")] = 2,
+    seed: Annotated[int, typer.Option(help="Augmentation seed (the store seed).")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Draw a PNG grid of seeded augmented crops with their keypoints, to check augmentation."""
+    from distilpose.data import show_crops as show
+
+    typer.echo(_run(show, ann, images, out, num=num, views=views, seed=seed))
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+@app.command("train-teacher")
+def train_teacher(
+    ann: Annotated[Path, typer.Option(help="Train annotation file (COCO keypoints).", exists=True)],
+    images: Annotated[Path, typer.Option(help="Train image folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, curves).")],
+    model: Annotated[str, typer.Option(help="Teacher model name (see `distilpose models`).")] = "tokenpose_tiny",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Crops per step (per GPU).")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    warmup_iters: Annotated[int, typer.Option(help="Linear warmup steps.")] = 500,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed of augmentation and initialisation.")] = 0,
+    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
+    from teacher_dump.train import train_teacher as train
+
+    summary = _run(train, model, ann, images, out, epochs=epochs, batch_size=batch_size, lr=lr,
+                   warmup_iters=warmup_iters, device=device.value, seed=seed, workers=workers,
+                   resume=resume)
+    typer.echo(json.dumps(summary, default=str))
+
+
+@app.command("dump-teacher")
+def dump_teacher(
+    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint (official or ours).", exists=True)],
+    ann: Annotated[Path, typer.Option(help="Train annotation file (COCO keypoints).", exists=True)],
+    images: Annotated[Path, typer.Option(help="Train image folder.", exists=True, file_okay=False)],
+    out: Annotated[str, typer.Option(help="Store directory (created, or resumed if it exists).")],
+    views: Annotated[int, typer.Option(help="Augmented views per person; raise later to add views.")] = 1,
+    seed: Annotated[int, typer.Option(help="Store seed: crop specs come from (seed, person, view).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Crops per teacher forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Processes decoding and warping images.")] = 2,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    shard: Annotated[str, typer.Option(help="Fill part i of n of the store, e.g. 0/2.")] = "0/1",
+    model: Annotated[str | None, typer.Option(help="Teacher model name if not recognised.")] = None,
+    mode: Annotated[StoreMode, typer.Option(help="fp16 (exact half) or lossy (smaller).")] = StoreMode.fp16,
+    chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk.")] = 64,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
+    shard_of = _parse_shard(shard)
+    from teacher_dump.dump import dump_teacher as dump
+
+    summary = _run(dump, teacher, ann, images, out, views=views, seed=seed, batch_size=batch_size,
+                   workers=workers, device=device.value, shard=shard_of, model=model,
+                   mode=mode.value, chunk_samples=chunk_samples)
+    typer.echo(json.dumps(summary, default=str))
+
+
+# ----------------------------------------------------------------------------- store
+
+
+@app.command("store-info")
+def store_info(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Samples and views complete, bytes, compression, teacher confidence per joint, NaN/Inf."""
+    from store.checks import format_store_info
+    from store.checks import store_info as info
+
+    result = _run(info, store)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_store_info(result))
+
+
+@app.command("store-verify")
+def store_verify(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    sample: Annotated[int | None, typer.Option(help="Check this many random samples (all if unset).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-render crops from their specs and check them against the stored digests."""
+    from store.checks import store_verify as verify
+
+    result = _run(verify, store, sample=sample)
+    typer.echo(json.dumps(result, default=str))
+    if result.get("mismatched", 0):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@app.command("train-student")
+def train_student(
+    store: Annotated[str, typer.Option(help="Teacher store (path or fsspec URL).")],
+    out: Annotated[Path, typer.Option(help="Run directory.")],
+    model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_s",
+    losses: Annotated[str, typer.Option(help="Loss terms, e.g. reg,kt,vt,sh,cs or reg=1,kt=5e-4; "
+                                             "'reg' alone is the undistilled baseline.")] = "reg,kt,vt,sh,cs",
+    epochs: Annotated[int, typer.Option(help="Training epochs (view = epoch mod views).")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Crops per step (per GPU).")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    warmup_iters: Annotated[int, typer.Option(help="Linear warmup steps.")] = 500,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth.")] = False,
+    teacher_online: Annotated[Path | None, typer.Option(
+        help="Run this teacher checkpoint at every step instead of reading the store's targets.")] = None,
+    official_sh_weight: Annotated[bool, typer.Option(
+        help="Reproduce the official batch-averaged simulated-heatmap weight.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a regression student from the teacher store (paper Eq. 7 losses)."""
+    from student_train.train import train_student as train
+
+    summary = _run(train, store, model, out, losses=losses, epochs=epochs, batch_size=batch_size,
+                   lr=lr, warmup_iters=warmup_iters, device=device.value, seed=seed,
+                   workers=workers, resume=resume, teacher_online=teacher_online,
+                   official_sh_weight=official_sh_weight)
+    typer.echo(json.dumps(summary, default=str))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
+    ann: Annotated[Path, typer.Option(help="Val annotation file (COCO keypoints).", exists=True)],
+    images: Annotated[Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)],
+    dets: Annotated[Path | None, typer.Option(help="Person detections (COCO results); GT boxes if unset.",
+                                              exists=True)] = None,
+    det_score_thr: Annotated[float, typer.Option(help="Drop detections scoring below this.")] = 0.0,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip test.")] = True,
+    flip_mode: Annotated[FlipMode, typer.Option(
+        help="Students: corrected (x'=1-x-1/W, scores swapped) or official (released code).")] = FlipMode.corrected,
+    dark: Annotated[bool, typer.Option(help="Teachers: DARK refinement of heatmap peaks.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Crops per forward pass.")] = 32,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    out: Annotated[Path | None, typer.Option(help="Results JSON (COCO format).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
+    from distilpose.eval_run import format_metrics_table, run_eval
+
+    result = _run(run_eval, checkpoint, ann, images, dets_file=dets, det_score_thr=det_score_thr,
+                  flip=flip, flip_mode=flip_mode.value, dark=dark, batch_size=batch_size,
+                  device=device.value, out_json=out)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result))
+
+
+@app.command()
+def ablate(
+    store: Annotated[str, typer.Option(help="Teacher store, read only.")],
+    out: Annotated[Path, typer.Option(help="Output folder: one run per combination, ablation.md.")],
+    val_ann: Annotated[Path, typer.Option(help="Val annotation file.", exists=True)],
+    val_images: Annotated[Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)],
+    grid: Annotated[str, typer.Option(help="'table4' (the paper's Table 4) or a TOML/JSON file.")] = "table4",
+    val_dets: Annotated[Path | None, typer.Option(help="Val detections; GT boxes if unset.")] = None,
+    model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_tiny",
+    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 32,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Same seed for every run.")] = 0,
+    parallel: Annotated[int, typer.Option(help="Runs at a time (one per CUDA device).")] = 1,
+    config: ConfigOpt = None,
+) -> None:
+    """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
+    from student_train.ablate import ablate as run
+
+    table = _run(run, store, grid, out, model=model, epochs=epochs, batch_size=batch_size,
+                 val_ann=val_ann, val_images=val_images, val_dets=val_dets, device=device.value,
+                 seed=seed, parallel=parallel)
+    typer.echo(Path(table).read_text())
+
+
+# ----------------------------------------------------------------------------- use
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.", exists=True)],
+    boxes: Annotated[Path | None, typer.Option(
+        help="Person boxes JSON [{file_name|image_id, bbox: [x,y,w,h], score}]; "
+             "without it each whole image is one box.", exists=True)] = None,
+    out: Annotated[Path, typer.Option(help="COCO-format results JSON.")] = Path("predictions.json"),
+    overlay_dir: Annotated[Path | None, typer.Option(help="Write images with skeletons here.")] = None,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip test.")] = True,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    config: ConfigOpt = None,
+) -> None:
+    """Predict poses on images (a box per person is given, or the whole image is one box)."""
+    from distilpose.predict import predict_images
+
+    results = _run(predict_images, checkpoint, inputs, boxes_json=boxes, out_json=out,
+                   overlay_dir=overlay_dir, flip=flip, device=device.value)
+    typer.echo(f"{len(results)} people -> {out}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
+    out: Annotated[Path, typer.Option(help="Output .onnx file.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    check: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch afterwards.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Export a model to ONNX (needs the `export` extra: onnx, onnxruntime)."""
+    from distilpose.export import check_onnx, export_onnx
+
+    path = _run(export_onnx, checkpoint, out, opset=opset)
+    typer.echo(f"wrote {path}")
+    if check:
+        diff = _run(check_onnx, checkpoint, path)
+        typer.echo(f"max |onnxruntime - torch| = {diff:.2e}")
+
+
+@viz_app.command("heatmaps")
+def viz_heatmaps(
+    checkpoint: Annotated[Path, typer.Option(help="Student checkpoint.", exists=True)],
+    store: Annotated[str, typer.Option(help="Teacher store.")],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("heatmaps.png"),
+    sample: Annotated[int, typer.Option(help="Store sample (slot) to show.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Simulated heatmaps beside the teacher's, with sigma_x, sigma_y (paper Fig. 5)."""
+    from distilpose.viz import viz_heatmaps as draw
+
+    typer.echo(_run(draw, checkpoint, store, out, sample=sample))
+
+
+@viz_app.command("confidence")
+def viz_confidence(
+    checkpoint: Annotated[Path, typer.Option(help="Student checkpoint.", exists=True)],
+    ann: Annotated[Path, typer.Option(help="Annotation file.", exists=True)],
+    images: Annotated[Path, typer.Option(help="Image folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("confidence.png"),
+    instance: Annotated[int, typer.Option(help="Person index in the annotation file.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Joints labelled with their scores, green when correct, red when not (paper Fig. 6)."""
+    from distilpose.viz import viz_confidence as draw
+
+    typer.echo(_run(draw, checkpoint, ann, images, out, instance=instance))
+
+
+@viz_app.command("attention")
+def viz_attention(
+    checkpoint: Annotated[Path, typer.Option(help="Teacher or student checkpoint.", exists=True)],
+    ann: Annotated[Path, typer.Option(help="Annotation file.", exists=True)],
+    images: Annotated[Path, typer.Option(help="Image folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("attention.png"),
+    instance: Annotated[int, typer.Option(help="Person index in the annotation file.")] = 0,
+    keypoint: Annotated[str, typer.Option(help="Keypoint token to show (COCO name).")] = "right_ankle",
+    layer: Annotated[int, typer.Option(help="Encoder layer (negative counts from the end).")] = -1,
+    config: ConfigOpt = None,
+) -> None:
+    """Attention of one keypoint token over the visual tokens (paper Fig. 3b)."""
+    from distilpose.viz import viz_attention as draw
+
+    typer.echo(_run(draw, checkpoint, ann, images, out, instance=instance, keypoint=keypoint,
+                    layer=layer))
+
+
+@viz_app.command("predictions")
+def viz_predictions(
+    results: Annotated[Path, typer.Option(help="COCO results JSON from eval or predict.", exists=True)],
+    image: Annotated[Path, typer.Option(help="The image.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("predictions.png"),
+    image_id: Annotated[int | None, typer.Option(help="Image id in the results (else by file).")] = None,
+    score_thr: Annotated[float, typer.Option(help="Hide joints scoring below this.")] = 0.3,
+    config: ConfigOpt = None,
+) -> None:
+    """Every person's skeleton on a whole image."""
+    from distilpose.viz import viz_predictions as draw
+
+    typer.echo(_run(draw, results, image, out, image_id=image_id, score_thr=score_thr))
+
+
+@viz_app.command("curves")
+def viz_curves(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with metrics.csv.", exists=True,
+                                            file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("curves.png"),
+    config: ConfigOpt = None,
+) -> None:
+    """Training curves per loss term and AP per evaluation."""
+    from distilpose.viz import viz_curves as draw
+
+    typer.echo(_run(draw, run_dir, out))
+
+
+# ----------------------------------------------------------------------------- demo, bench
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory for everything the demo makes.")] = Path("demo_run"),
+    quick: Annotated[bool, typer.Option(help="Smaller data and fewer epochs (about 3 minutes).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final table as JSON.")] = False,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed of data, store and training.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """The whole job on built-in demo data: data, teacher, store, two students, eval, table."""
+    from demo import format_demo_table, run_demo
+
+    rows = _run(run_demo, out, quick=quick, device=device.value, seed=seed, log=not as_json)
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_demo_table(rows))
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Fewer iterations.")] = False,
+    only: Annotated[str | None, typer.Option(help="Comma list: model,store,dump,train.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run every benchmark and write benchmarks/results/latest.md."""
+    from benchmarks.__main__ import main as run_benchmarks
+
+    args = (["--quick"] if quick else []) + (["--only", only] if only else [])
+    raise typer.Exit(run_benchmarks(args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

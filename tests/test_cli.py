@@ -1,0 +1,99 @@
+"""The command line: help for every command, config files, one-line errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import cli
+
+runner = CliRunner()
+
+COMMANDS = [
+    "models", "checkpoint-info", "make-demo-data", "show-crops", "train-teacher", "dump-teacher",
+    "store-info", "store-verify", "train-student", "eval", "ablate", "predict", "export", "demo",
+    "bench",
+]
+VIZ = ["heatmaps", "confidence", "attention", "predictions", "curves"]
+
+
+@pytest.mark.parametrize("command", COMMANDS + [f"viz {v}" for v in VIZ])
+def test_every_command_has_help_with_defaults(command):
+    result = runner.invoke(cli.app, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--config" in result.output
+
+
+def test_config_file_sets_options_and_command_line_wins(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_make(out, num_train, num_val, seed):
+        seen.update(out=out, num_train=num_train, num_val=num_val, seed=seed)
+        return {"out": str(out)}
+
+    import distilpose.data
+
+    monkeypatch.setattr(distilpose.data, "make_demo_data", fake_make)
+    config = tmp_path / "demo.toml"
+    config.write_text('[make-demo-data]\nnum_train = 7\nnum-val = 3\nseed = 5\n')
+    result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path / "d"), "--config",
+                                     str(config), "--seed", "9"])
+    assert result.exit_code == 0, result.output
+    assert seen["num_train"] == 7 and seen["num_val"] == 3 and seen["seed"] == 9
+
+
+def test_yaml_config(tmp_path, monkeypatch):
+    pytest.importorskip("yaml")
+    seen = {}
+    import distilpose.data
+
+    monkeypatch.setattr(distilpose.data, "make_demo_data",
+                        lambda out, **kw: seen.update(kw) or {})
+    config = tmp_path / "c.yaml"
+    config.write_text("num_train: 11\n")
+    result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path / "d"), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert seen["num_train"] == 11
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("epochs = 3\nbogus = 1\n")
+    result = runner.invoke(cli.app, ["train-student", "--config", str(config), "--store", "s",
+                                     "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {config}: unknown option(s) bogus for 'train-student'"]
+
+
+def test_config_that_is_not_toml(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("epochs = = 3\n")
+    result = runner.invoke(cli.app, ["models", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {config}: not valid TOML")
+
+
+def test_domain_errors_become_one_line_and_exit_1(tmp_path, monkeypatch):
+    from distilpose.errors import BadAnnotationError
+
+    def boom(*args, **kwargs):
+        raise BadAnnotationError("x.json: annotation 3 'bbox' has width 0; expected a positive box")
+
+    import distilpose.data
+
+    monkeypatch.setattr(distilpose.data, "make_demo_data", boom)
+    result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: x.json: annotation 3 'bbox' has width 0; expected a positive box")
+
+
+def test_bad_shard_option_names_the_option(tmp_path):
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({}))
+    result = runner.invoke(cli.app, ["dump-teacher", "--teacher", str(ann), "--ann", str(ann),
+                                     "--images", str(tmp_path), "--out", str(tmp_path / "s"),
+                                     "--shard", "3/2"])
+    assert result.exit_code != 0
+    assert "shard" in result.output.lower()
