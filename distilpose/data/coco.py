@@ -1,0 +1,329 @@
+"""COCO person-keypoint files -> a stable list of `PersonInstance`s to crop.
+
+Ground-truth boxes follow MMPose 0.x's COCO top-down loader: crowd annotations and people
+without labelled keypoints are left out, and each box is clipped to the image as
+`x2 = min(W - 1, x + max(0, w - 1))` (likewise y) before it becomes a centre and scale. Boxes left
+empty by that clipping (zero width or height, or a zero `area`) are skipped and their count is
+logged as one warning per file (logger `distilpose.data.coco`). Detection boxes (COCO results
+format) are used as they are, like MMPose does.
+
+Keypoints outside the image are kept as labelled; they simply get weight 0 in any crop they fall
+outside of. Anything malformed (not JSON, missing fields, a box with a negative side or not four
+numbers, keypoints not 3 x 17 numbers, detections for images that are not in the annotation file)
+raises `BadAnnotationError` with one line naming the file, the record and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from distilpose.data.crop import box_to_center_scale
+from distilpose.data.keypoints import NUM_KEYPOINTS
+from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
+
+logger = logging.getLogger(__name__)
+
+PERSON_CATEGORY_ID = 1
+
+
+@dataclass(frozen=True, eq=False)
+class PersonInstance:
+    """One person to crop (ground-truth box or detection)."""
+
+    index: int  # position in the dataset list (image_id, then ann id / detection order)
+    image_id: int
+    ann_id: int  # -1 for detections
+    image_path: str  # resolved, inside the image root
+    bbox: tuple[float, float, float, float]  # x, y, w, h image px (GT: clipped as MMPose 0.x)
+    score: float  # 1.0 for ground-truth boxes, detector score otherwise
+    keypoints: np.ndarray  # [K, 3] float32 (x, y, visibility 0/1/2) image px; zeros for detections
+    center: np.ndarray  # [2] float32
+    scale: np.ndarray  # [2] float32, units of 200 px
+    area: float  # annotation area (GT) or w * h
+
+
+def annotation_digest(ann_file) -> str:
+    """sha256 hex of the annotation file's bytes (stores refuse a different dataset)."""
+    h = hashlib.sha256()
+    with open(ann_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_image_path(image_root, file_name) -> str:
+    """Join `file_name` to `image_root`, refusing names that would leave the root."""
+    name = str(file_name)
+    if (
+        not name
+        or name.startswith(("/", "\\"))
+        or os.path.isabs(name)
+        or (len(name) > 1 and name[1] == ":")  # Windows drive letters
+    ):
+        raise BadAnnotationError(
+            f"image file_name {name!r} is absolute or empty; expected a path relative to the "
+            f"image root {str(image_root)!r}"
+        )
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise BadAnnotationError(
+            f"image file_name {name!r} leaves the image root {str(image_root)!r}; "
+            "expected a path inside it"
+        )
+    return os.path.join(os.path.abspath(os.fspath(image_root)), *norm.split("/"))
+
+
+def read_image(path) -> np.ndarray:
+    """uint8 BGR [H, W, 3]; BadImageError if the file is missing or cannot be decoded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadImageError(f"{path}: image file not found")
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise BadImageError(f"{path}: cannot decode image; expected a JPEG/PNG file")
+    return image
+
+
+def _load_json(path, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BadAnnotationError(f"{path}: {what} file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0]
+        raise BadAnnotationError(f"{path}: not a JSON {what} file ({msg})") from None
+
+
+def _number_list(value, n: int, path, record: str, field: str) -> list[float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == n
+    if ok:
+        try:
+            out = [float(v) for v in value]
+        except (TypeError, ValueError):
+            ok = False
+        else:
+            ok = all(math.isfinite(v) for v in out)
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise BadAnnotationError(f"{path}: {record} '{field}' is {shown}; expected {n} numbers")
+    return out
+
+
+def _check_box(box: list[float], path, record: str) -> None:
+    if box[2] < 0 or box[3] < 0:
+        raise BadAnnotationError(
+            f"{path}: {record} 'bbox' has width {box[2]:g} and height {box[3]:g}; "
+            "expected a box [x, y, w, h] with w, h >= 0"
+        )
+
+
+def _validate_gt(data, path) -> None:
+    """Check the structure pycocotools relies on before handing it the file."""
+    if not isinstance(data, dict):
+        raise BadAnnotationError(f"{path}: top level is {type(data).__name__}; expected an object")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise BadAnnotationError(
+                f"{path}: missing list '{key}'; expected a COCO keypoints file"
+            )
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "file_name"):
+            if not isinstance(img, dict) or key not in img:
+                raise BadAnnotationError(f"{path}: images[{i}] has no '{key}'")
+    image_ids = {img["id"] for img in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise BadAnnotationError(f"{path}: annotations[{i}] is not an object")
+        record = f"annotation {ann.get('id', f'#{i}')}"
+        for key in ("id", "image_id", "category_id"):
+            if key not in ann:
+                raise BadAnnotationError(f"{path}: {record} has no '{key}'")
+        if ann["image_id"] not in image_ids:
+            raise BadAnnotationError(
+                f"{path}: {record} refers to image_id {ann['image_id']!r}; "
+                "expected an id listed in 'images'"
+            )
+
+
+def _load_coco(path, data):
+    from pycocotools.coco import COCO  # pycocotools prints progress lines; keep them quiet
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _clip_gt_box(box: list[float], width: float, height: float) -> list[float] | None:
+    """MMPose 0.x's GT box cleaning; None when nothing of the box is left."""
+    x, y, w, h = box
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
+    y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
+    if x2 > x1 and y2 > y1:
+        return [x1, y1, x2 - x1, y2 - y1]
+    return None
+
+
+def load_coco_instances(
+    ann_file,
+    image_root,
+    *,
+    dets_file=None,
+    det_score_thr: float = 0.0,
+    train: bool = False,
+    aspect_ratio: float = 192 / 256,
+) -> list[PersonInstance]:
+    """Read person instances, ordered by image id, then annotation id / detection order.
+
+    Without `dets_file`: ground-truth boxes (crowd and keypoint-less people skipped). With it:
+    person detections (COCO results format, category 1) scoring >= `det_score_thr`; their
+    keypoints are zeros. `train=True` asks for training instances, so a `dets_file` is refused.
+    """
+    if train and dets_file is not None:
+        raise BadConfigError("training instances come from ground-truth boxes; got a dets_file")
+    data = _load_json(ann_file, "COCO annotation")
+    _validate_gt(data, ann_file)
+    coco = _load_coco(ann_file, data)
+    images = {img["id"]: img for img in data["images"]}
+    paths = {i: resolve_image_path(image_root, img["file_name"]) for i, img in images.items()}
+
+    raw: list[dict] = []
+    if dets_file is None:
+        raw, skipped = _gt_records(coco, images, ann_file)
+        if skipped:
+            logger.warning(
+                "%s: skipped %d ground-truth boxes that are empty after clipping to the image",
+                ann_file,
+                skipped,
+            )
+    else:
+        raw = _det_records(dets_file, images, det_score_thr)
+
+    instances = []
+    for rec in raw:
+        center, scale = box_to_center_scale(rec["bbox"], aspect_ratio)
+        instances.append(
+            PersonInstance(
+                index=len(instances),
+                image_id=rec["image_id"],
+                ann_id=rec["ann_id"],
+                image_path=paths[rec["image_id"]],
+                bbox=tuple(rec["bbox"]),
+                score=rec["score"],
+                keypoints=rec["keypoints"],
+                center=center,
+                scale=scale,
+                area=rec["area"],
+            )
+        )
+    return instances
+
+
+def _gt_records(coco, images: dict, path) -> tuple[list[dict], int]:
+    out, skipped = [], 0
+    for image_id in sorted(images):
+        img = images[image_id]
+        ann_ids = sorted(coco.getAnnIds(imgIds=[image_id], catIds=[PERSON_CATEGORY_ID]))
+        for ann in coco.loadAnns(ann_ids):
+            record = f"annotation {ann['id']}"
+            # Every person record is checked, also those skipped below.
+            for key in ("keypoints", "bbox"):
+                if key not in ann:
+                    raise BadAnnotationError(f"{path}: {record} has no '{key}'")
+            kpts = _number_list(ann["keypoints"], 3 * NUM_KEYPOINTS, path, record, "keypoints")
+            kpts = np.asarray(kpts, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
+            box = _number_list(ann["bbox"], 4, path, record, "bbox")
+            _check_box(box, path, record)
+            if ann.get("iscrowd", 0):
+                continue
+            num = ann.get("num_keypoints", int(np.count_nonzero(kpts[:, 2] > 0)))
+            if num == 0 or not np.any(kpts[:, 2] > 0):
+                continue
+            width, height = _image_size(img, path)
+            clean = _clip_gt_box(box, width, height)
+            area = float(ann.get("area", box[2] * box[3]))
+            if clean is None or area <= 0:
+                skipped += 1
+                continue
+            out.append(
+                {
+                    "image_id": image_id,
+                    "ann_id": int(ann["id"]),
+                    "bbox": clean,
+                    "score": 1.0,
+                    "keypoints": kpts,
+                    "area": area,
+                }
+            )
+    return out, skipped
+
+
+def _image_size(img: dict, path) -> tuple[float, float]:
+    try:
+        return float(img["width"]), float(img["height"])
+    except (KeyError, TypeError, ValueError):
+        raise BadAnnotationError(
+            f"{path}: image {img.get('id')!r} has no numeric 'width'/'height'"
+        ) from None
+
+
+def _det_records(dets_file, images: dict, thr: float) -> list[dict]:
+    dets = _load_json(dets_file, "detections")
+    if not isinstance(dets, list):
+        raise BadAnnotationError(
+            f"{dets_file}: top level is {type(dets).__name__}; expected a list of detections "
+            "in the COCO results format"
+        )
+    by_image: dict[int, list[dict]] = {}
+    for i, det in enumerate(dets):
+        record = f"detection {i}"
+        if not isinstance(det, dict):
+            raise BadAnnotationError(f"{dets_file}: {record} is not an object")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in det:
+                raise BadAnnotationError(
+                    f"{dets_file}: {record} has no '{key}'; expected image_id, category_id, "
+                    "bbox, score"
+                )
+        if det["image_id"] not in images:
+            raise BadAnnotationError(
+                f"{dets_file}: {record} is for image_id {det['image_id']!r}, which is not in "
+                "the annotation file; expected detections of the same dataset"
+            )
+        if det["category_id"] != PERSON_CATEGORY_ID:
+            continue
+        box = _number_list(det["bbox"], 4, dets_file, record, "bbox")
+        _check_box(box, dets_file, record)
+        score = _number_list([det["score"]], 1, dets_file, record, "score")[0]
+        if score < thr:
+            continue
+        if box[2] == 0 or box[3] == 0:
+            logger.warning("%s: skipped %s with an empty box", dets_file, record)
+            continue
+        by_image.setdefault(det["image_id"], []).append(
+            {
+                "image_id": det["image_id"],
+                "ann_id": -1,
+                "bbox": box,
+                "score": score,
+                "keypoints": np.zeros((NUM_KEYPOINTS, 3), dtype=np.float32),
+                "area": box[2] * box[3],
+            }
+        )
+    return [rec for image_id in sorted(by_image) for rec in by_image[image_id]]

@@ -1,0 +1,289 @@
+"""Training losses: the paper's distillation objective (Eq. 7) and the teacher's heatmap loss.
+
+``L = L_reg + a1 L_KT + a2 L_VT + a3 L_SH + a4 L_CS`` with the official weights
+``a1 = a2 = 5e-4, a3 = 1, a4 = 1e-2``. Every loss module returns a dict: ``"loss"`` is the
+weighted sum to backpropagate; each ``"loss_<name>"`` is the UNWEIGHTED value of one term,
+detached, for logging (so curves of different runs compare even when weights differ).
+
+Coordinates follow :mod:`distilpose.codecs`: normalized crop coordinates, heatmap position
+``u * W_hm``. All terms are computed in float32 (also under AMP) and are vectorized over samples
+and joints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distilpose.codecs import Size, heatmap_values_at, simulated_heatmaps
+from distilpose.errors import BadConfigError
+
+if TYPE_CHECKING:
+    from distilpose.models import StudentOutput
+
+LOSS_NAMES = ("reg", "kt", "vt", "sh", "cs")  # paper Eq. 7 terms, in the paper's order
+DEFAULT_WEIGHTS = {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
+
+
+def parse_losses(spec: str) -> dict[str, float]:
+    """Parse a ``--losses`` string into ``{name: weight}``.
+
+    ``"reg,kt,vt,sh,cs"`` enables terms with their default weights, ``"reg=1,kt=1e-3"`` sets
+    weights, and both forms mix (``"reg,sh=0.5"``). ``"reg"`` alone is the undistilled baseline.
+    Any non-empty subset is accepted; an unknown name, a repeated name, or a weight that is not a
+    finite number >= 0 raises :class:`BadConfigError` naming the item.
+    """
+    items = [item.strip() for item in str(spec).split(",") if item.strip()]
+    if not items:
+        raise BadConfigError(
+            f"losses: expected a comma-separated subset of {LOSS_NAMES}, got {spec!r}"
+        )
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if name not in LOSS_NAMES:
+            raise BadConfigError(f"losses: unknown loss {item!r}; expected one of {LOSS_NAMES}")
+        if name in weights:
+            raise BadConfigError(f"losses: {name!r} given twice in {spec!r}")
+        if not sep:
+            weights[name] = DEFAULT_WEIGHTS[name]
+            continue
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise BadConfigError(f"losses: weight of {item!r} must be a finite number >= 0")
+        weights[name] = weight
+    return weights
+
+
+def _check_weights(weights: dict[str, float] | str) -> dict[str, float]:
+    if isinstance(weights, str):
+        return parse_losses(weights)
+    if not weights:
+        raise BadConfigError(f"losses: expected at least one of {LOSS_NAMES}, got none")
+    out = {}
+    for name, weight in weights.items():
+        if name not in LOSS_NAMES:
+            raise BadConfigError(f"losses: unknown loss {name!r}; expected one of {LOSS_NAMES}")
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise BadConfigError(f"losses: weight of {name!r} must be a finite number >= 0")
+        out[name] = value
+    return out
+
+
+def _inside_unit(coords: torch.Tensor) -> torch.Tensor:
+    """``[B, K, 2] -> [B, K]``: True where both normalized coordinates lie in ``[0, 1]``."""
+    return ((coords >= 0) & (coords <= 1)).all(-1)
+
+
+def regression_loss(
+    coords: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """``L_reg``: Smooth-L1 on normalized coordinates over the joints that count.
+
+    A joint counts when its target weight is > 0 and its predicted position lies inside the crop
+    (paper Sec. 3.3: joints invisible in the target or the prediction are filtered). The loss is
+    the weighted mean over the counted coordinates (0 when none counts). ``beta = 1`` is torch's
+    and the official default; on normalized coordinates (``|d| <= 1``) it acts as ``d^2 / 2``.
+    The official MMPose loss instead averages over all ``B * K * 2`` entries and does not filter
+    predictions; with a sigmoid head predictions are always inside, so only the scale differs.
+
+    Args:
+        coords, target: ``[B, K, 2]`` normalized. weights: ``[B, K]``.
+    """
+    counted = (weights > 0) & _inside_unit(coords.detach())  # [B, K]
+    per_coord = F.smooth_l1_loss(coords, target, reduction="none", beta=beta)  # [B, K, 2]
+    w = (weights * counted)[..., None]
+    return (per_coord * w).sum() / (2 * counted.sum()).clamp(min=1)
+
+
+def simulated_heatmap_mask(
+    coords: torch.Tensor, sigmas: torch.Tensor, heatmap_size: Size
+) -> torch.Tensor:
+    """``[B, K]``: True where a simulated Gaussian's 3-sigma box overlaps the heatmap.
+
+    The official check, MSRA target generation's "any part of the Gaussian is in bounds": the box
+    ``[mu - 3 sigma, mu + 3 sigma + 1]`` must start before the map's far edge and end after 0.
+    Predictions inside the crop always pass it; it only drops predictions far outside.
+    """
+    wh, hh = heatmap_size
+    mu = coords.detach() * coords.new_tensor([wh, hh])
+    radius = 3 * sigmas.detach().expand_as(coords)
+    ul, br = mu - radius, mu + radius + 1
+    size = coords.new_tensor([wh, hh])
+    return ((ul < size) & (br >= 0)).all(-1)
+
+
+class DistillationLoss(nn.Module):
+    """The student's objective, paper Eq. 7, with any subset of its terms.
+
+    Terms (``N`` samples, ``K`` joints, ``P`` patches, ``D`` token width):
+
+    - ``reg``: :func:`regression_loss` against the ground truth (``targets["coords"]``,
+      ``targets["weights"]``).
+    - ``kt`` / ``vt``: MSE (mean over all elements) between the student's and the teacher's
+      keypoint tokens ``[N, K, D]`` / visual tokens ``[N, P, D]``.
+    - ``sh``: MSE between the simulated heatmaps (Eq. 2, from the predicted coords and sigmas) and
+      the raw teacher heatmaps ``[N, K, H, W]``, as MMPose's JointsMSELoss with per-sample and
+      per-joint weights ``w = target weight x 3-sigma in-bounds mask``:
+      ``mean_{n,k}( mean_{pixels} ((S - T) * w)^2 )``. With ``official_sh_weight=True`` the
+      official code's broadcasting quirk is reproduced instead: its ``[N, 1, 1]`` weight times an
+      ``[N, H*W]`` map makes every sample's error weighted by the batch mean of ``w^2`` per joint,
+      so per-sample masks are not applied.
+    - ``cs``: L1 between the raw predicted score and the teacher heatmap's value at
+      ``round(coords * (W, H))`` (clipped), weighted by the target weight, as the official
+      ``ScoreLoss``; the teacher value is replaced by 0 when the prediction lies outside the crop
+      (so such scores are pushed to 0), and no gradient reaches the coordinates.
+
+    Args:
+        weights: ``{name: weight}`` for the enabled terms (or a ``parse_losses`` string).
+        heatmap_size: ``(W_hm, H_hm)`` of the teacher heatmaps.
+        official_sh_weight: reproduce the official batch-averaged ``sh`` weight (compatibility).
+        reg_beta: Smooth-L1 beta of ``reg`` in normalized units.
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, float] | str,
+        heatmap_size: Size = (48, 64),
+        official_sh_weight: bool = False,
+        reg_beta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.weights = _check_weights(weights)
+        self.heatmap_size = (int(heatmap_size[0]), int(heatmap_size[1]))
+        self.official_sh_weight = official_sh_weight
+        self.reg_beta = reg_beta
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, official_sh_weight={self.official_sh_weight}"
+
+    def forward(self, student: StudentOutput, targets: dict) -> dict[str, torch.Tensor]:
+        """Compute the enabled terms.
+
+        Args:
+            student: a ``StudentOutput`` (coords ``[N, K, 2]``, scores ``[N, K]``, sigmas
+                ``[N, K, 2]``, keypoint_tokens ``[N, K, D]``, visual_tokens ``[N, P, D]``).
+            targets: ``"coords" [N, K, 2]`` normalized ground truth and ``"weights" [N, K]``;
+                with distillation terms also the teacher's ``"heatmaps" [N, K, H, W]``,
+                ``"keypoint_tokens" [N, K, D]`` and ``"visual_tokens" [N, P, D]``.
+
+        Returns:
+            ``{"loss": weighted sum, "loss_<name>": unweighted term (detached), ...}``.
+        """
+        coords = student.coords.float()
+        device = coords.device
+        weights = self._target(targets, "weights", device).reshape(coords.shape[:2])
+        terms: dict[str, torch.Tensor] = {}
+        if "reg" in self.weights:
+            gt = self._target(targets, "coords", device)
+            terms["reg"] = regression_loss(coords, gt, weights, beta=self.reg_beta)
+        for name, attr in (("kt", "keypoint_tokens"), ("vt", "visual_tokens")):
+            if name in self.weights:
+                teacher = self._target(targets, attr, device)
+                mine = getattr(student, attr).float()
+                if mine.shape != teacher.shape:
+                    raise BadConfigError(
+                        f"targets[{attr!r}]: teacher shape {tuple(teacher.shape)} differs from "
+                        f"the student's {tuple(mine.shape)}; set the model's teacher_dim"
+                    )
+                terms[name] = F.mse_loss(mine, teacher)
+        if "sh" in self.weights or "cs" in self.weights:
+            heatmaps = self._target(targets, "heatmaps", device)
+            wh, hh = self.heatmap_size
+            if heatmaps.dim() != 4 or tuple(heatmaps.shape) != (*coords.shape[:2], hh, wh):
+                raise BadConfigError(
+                    f"targets['heatmaps']: expected [N, K, {self.heatmap_size[1]}, "
+                    f"{self.heatmap_size[0]}] for N, K = {tuple(coords.shape[:2])}, "
+                    f"got {tuple(heatmaps.shape)}"
+                )
+            if "sh" in self.weights:
+                terms["sh"] = self._sh(coords, student.sigmas.float(), heatmaps, weights)
+            if "cs" in self.weights:
+                terms["cs"] = self._cs(coords, student.scores.float(), heatmaps, weights)
+
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        out = {"loss": total}
+        out.update({f"loss_{name}": value.detach() for name, value in terms.items()})
+        return out
+
+    @staticmethod
+    def _target(targets: dict, key: str, device: torch.device) -> torch.Tensor:
+        if key not in targets:
+            raise BadConfigError(f"targets: missing {key!r}, needed by the enabled losses")
+        return torch.as_tensor(targets[key]).to(device=device, dtype=torch.float32)
+
+    def _sh(
+        self,
+        coords: torch.Tensor,
+        sigmas: torch.Tensor,
+        heatmaps: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        simulated = simulated_heatmaps(coords, sigmas, self.heatmap_size)  # [N, K, H, W]
+        in_bounds = simulated_heatmap_mask(coords, sigmas, self.heatmap_size).float()  # [N, K]
+        w = weights * in_bounds
+        if not self.official_sh_weight:
+            err = (simulated - heatmaps) * w[..., None, None]
+            return err.pow(2).mean()
+        # Official: the simulated map is zeroed by the bounds mask, and the error of every sample
+        # is weighted by the batch mean of w^2 for its joint.
+        err = (simulated * in_bounds[..., None, None] - heatmaps).pow(2).mean(dim=(0, 2, 3))  # [K]
+        return (err * w.pow(2).mean(0)).mean()
+
+    @staticmethod
+    def _cs(
+        coords: torch.Tensor, scores: torch.Tensor, heatmaps: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        scores = scores.reshape(coords.shape[:2])  # also accepts the official [N, K, 1]
+        # Values at the rounded prediction; rounding stops gradients into coords by itself, and
+        # the teacher heatmap is a constant.
+        teacher = heatmap_values_at(heatmaps, coords.detach()) * _inside_unit(coords.detach())
+        return ((scores - teacher) * weights).abs().mean()
+
+
+class HeatmapLoss(nn.Module):
+    """The teacher's loss: MMPose 0.x JointsMSELoss.
+
+    ``mean_k( MSE(pred[:, k] * w[:, k], target[:, k] * w[:, k]) )`` with per-sample, per-joint
+    target weights ``w [N, K]``, i.e. the mean over samples, joints and pixels of
+    ``((pred - target) * w)^2``. (MMPose 0.x has no factor 1/2, unlike the original HRNet code.)
+
+    Args:
+        use_target_weight: weight joints by their target weights (invisible joints weigh 0).
+    """
+
+    def __init__(self, use_target_weight: bool = True) -> None:
+        super().__init__()
+        self.use_target_weight = use_target_weight
+
+    def forward(
+        self,
+        heatmaps: torch.Tensor,
+        target: torch.Tensor,
+        target_weights: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``heatmaps``, ``target``: ``[N, K, H, W]``; ``target_weights``: ``[N, K]``."""
+        pred = heatmaps.float()
+        if pred.shape != target.shape:
+            raise BadConfigError(
+                f"target: expected heatmaps of shape {tuple(pred.shape)}, got {tuple(target.shape)}"
+            )
+        err = pred - target.to(pred)
+        if self.use_target_weight:
+            if target_weights is None:
+                raise BadConfigError("target_weights: required when use_target_weight=True")
+            w = target_weights.to(pred).reshape(pred.shape[:2])
+            err = err * w[..., None, None]
+        loss = err.pow(2).mean()
+        return {"loss": loss, "loss_heatmap": loss.detach()}

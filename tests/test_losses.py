@@ -1,0 +1,288 @@
+"""Losses: every term of paper Eq. 7 against a hand-computed value on tiny tensors, masking,
+gradient paths, the official sh-weight quirk, loss-spec parsing, and the teacher's heatmap loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distilpose.errors import BadConfigError
+from distilpose.losses import (
+    DEFAULT_WEIGHTS,
+    LOSS_NAMES,
+    DistillationLoss,
+    HeatmapLoss,
+    parse_losses,
+    simulated_heatmap_mask,
+)
+from distilpose.models import StudentOutput
+
+HM = (4, 4)  # tiny heatmaps, (W, H)
+
+
+def student(coords, scores=None, sigmas=None, kt=None, vt=None):
+    coords = torch.tensor(coords, requires_grad=True)
+    b, k = coords.shape[:2]
+    return StudentOutput(
+        coords=coords,
+        scores=torch.tensor(scores if scores is not None else [[0.0] * k] * b, requires_grad=True),
+        sigmas=torch.tensor(sigmas if sigmas is not None else [[[2.0, 2.0]] * k] * b),
+        keypoint_tokens=torch.tensor(kt if kt is not None else [[[0.0]] * k] * b),
+        visual_tokens=torch.tensor(vt if vt is not None else [[[0.0]]] * b),
+    )
+
+
+def gauss_sum(mu, sigma, n, power=1):
+    """Sum over the grid 0..n-1 of exp(-power (x - mu)^2 / (2 sigma^2)), evaluated by hand."""
+    return sum(math.exp(-power * (x - mu) ** 2 / (2 * sigma**2)) for x in range(n))
+
+
+# ---- parse_losses ------------------------------------------------------------------------------
+
+
+def test_parse_losses_forms():
+    assert parse_losses("reg,kt,vt,sh,cs") == DEFAULT_WEIGHTS
+    assert parse_losses("reg") == {"reg": 1.0}
+    assert parse_losses(" reg=1, kt=1e-3 ,sh") == {"reg": 1.0, "kt": 1e-3, "sh": 1.0}
+    assert parse_losses("cs=0") == {"cs": 0.0}
+    assert set(DEFAULT_WEIGHTS) == set(LOSS_NAMES)
+
+
+@pytest.mark.parametrize(
+    "spec, culprit",
+    [("reg,foo", "foo"), ("reg=abc", "reg=abc"), ("kt=-1", "kt=-1"), ("sh=nan", "sh=nan"),
+     ("reg,reg", "reg"), ("", "losses"), (" , ", "losses")],
+)  # fmt: skip
+def test_parse_losses_rejects(spec, culprit):
+    with pytest.raises(BadConfigError, match=culprit):
+        parse_losses(spec)
+
+
+def test_unknown_loss_fails_at_construction():
+    with pytest.raises(BadConfigError, match="bogus"):
+        DistillationLoss({"reg": 1.0, "bogus": 1.0})
+    with pytest.raises(BadConfigError, match="bogus"):
+        DistillationLoss("reg,bogus")
+    with pytest.raises(BadConfigError):
+        DistillationLoss({})
+    with pytest.raises(BadConfigError, match="kt"):
+        DistillationLoss({"kt": -1.0})
+
+
+def test_missing_target_names_the_key():
+    loss = DistillationLoss("reg,sh", heatmap_size=HM)
+    s = student([[[0.5, 0.5]]])
+    with pytest.raises(BadConfigError, match="heatmaps"):
+        loss(s, {"coords": torch.zeros(1, 1, 2), "weights": torch.ones(1, 1)})
+    with pytest.raises(BadConfigError, match="heatmaps"):
+        bad = {"coords": torch.zeros(1, 1, 2), "weights": torch.ones(1, 1)}
+        loss(s, {**bad, "heatmaps": torch.zeros(1, 1, 3, 4)})
+
+
+# ---- reg ---------------------------------------------------------------------------------------
+
+
+def reg_case():
+    coords = [[[0.5, 0.5], [0.2, 0.9]], [[1.2, 0.1], [1.0, 0.3]]]
+    targets = {
+        "coords": torch.tensor([[[0.7, 0.5], [0.2, 0.4]], [[0.1, 0.1], [0.0, 0.3]]]),
+        "weights": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+    }
+    return coords, targets
+
+
+def test_reg_hand_computed():
+    coords, targets = reg_case()
+    # Counted: sample 0 both joints; sample 1 joint 0 predicted outside [0, 1], joint 1 weight 0.
+    # Smooth-L1 (beta 1): 0.5 d^2 -> 0.5*0.2^2 + 0.5*0.5^2 = 0.145 over 4 coordinates.
+    out = DistillationLoss({"reg": 1.0})(student(coords), targets)
+    assert set(out) == {"loss", "loss_reg"}
+    assert out["loss"].item() == pytest.approx(0.145 / 4, rel=1e-5)
+    # beta 0.1: |d| - beta / 2 -> 0.15 + 0.45
+    out = DistillationLoss({"reg": 2.0}, reg_beta=0.1)(student(coords), targets)
+    assert out["loss_reg"].item() == pytest.approx(0.6 / 4, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(2 * 0.6 / 4, rel=1e-5)
+
+
+def test_reg_ignores_masked_joints_and_guards_zero_count():
+    coords, targets = reg_case()
+    loss = DistillationLoss({"reg": 1.0})
+    base = loss(student(coords), targets)["loss"].item()
+    coords[1][1] = [0.9, 0.9]  # weight 0 in the target
+    coords[1][0] = [1.5, -0.3]  # still outside the crop
+    assert loss(student(coords), targets)["loss"].item() == pytest.approx(base, rel=1e-6)
+    s = student(coords)
+    zero = loss(s, {**targets, "weights": torch.zeros(2, 2)})["loss"]
+    zero.backward()
+    assert zero.item() == 0.0 and torch.isfinite(s.coords.grad).all()
+
+
+# ---- kt / vt -----------------------------------------------------------------------------------
+
+
+def test_token_losses_hand_computed():
+    s = student(
+        [[[0.5, 0.5], [0.5, 0.5]]],
+        kt=[[[1.0, 2.0], [3.0, 4.0]]],
+        vt=[[[0.0], [1.0], [2.0]]],
+    )
+    targets = {
+        "coords": torch.zeros(1, 2, 2),
+        "weights": torch.ones(1, 2),
+        "keypoint_tokens": torch.tensor([[[1.0, 0.0], [3.0, 7.0]]]),
+        "visual_tokens": torch.tensor([[[1.0], [1.0], [0.0]]]),
+    }
+    out = DistillationLoss({"kt": 5e-4, "vt": 1e-3})(s, targets)
+    assert out["loss_kt"].item() == pytest.approx((4 + 9) / 4)
+    assert out["loss_vt"].item() == pytest.approx((1 + 0 + 4) / 3)
+    assert out["loss"].item() == pytest.approx(5e-4 * 13 / 4 + 1e-3 * 5 / 3)
+    with pytest.raises(BadConfigError, match="teacher_dim"):
+        DistillationLoss({"kt": 1.0})(s, {**targets, "keypoint_tokens": torch.zeros(1, 2, 3)})
+
+
+# ---- sh ----------------------------------------------------------------------------------------
+
+
+def test_sh_hand_computed_and_masked():
+    # Joint 0: mu = (0.5 * 4, 0.25 * 4) = (2, 1), sigma 1, teacher 0.5 everywhere.
+    # Joint 1: target weight 0.
+    coords = [[[0.5, 0.25], [0.25, 0.0]]]
+    sigmas = [[[1.0, 1.0], [2.0, 1.0]]]
+    targets = {
+        "coords": torch.zeros(1, 2, 2),
+        "weights": torch.tensor([[1.0, 0.0]]),
+        "heatmaps": torch.full((1, 2, 4, 4), 0.5),
+    }
+    sum_s2 = gauss_sum(2, 1, 4, power=2) * gauss_sum(1, 1, 4, power=2)
+    sum_s = gauss_sum(2, 1, 4) * gauss_sum(1, 1, 4)
+    expected = (sum_s2 - sum_s + 0.25 * 16) / (2 * 16)  # mean over N*K*H*W
+    loss = DistillationLoss({"sh": 1.0}, heatmap_size=HM)
+    out = loss(student(coords, sigmas=sigmas), targets)
+    assert set(out) == {"loss", "loss_sh"}
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    coords[0][1] = [0.9, 0.6]
+    sigmas[0][1] = [0.5, 3.0]
+    again = loss(student(coords, sigmas=sigmas), targets)["loss"].item()
+    assert again == pytest.approx(out["loss"].item(), rel=1e-6)
+
+
+def test_sh_gradients_reach_coords_and_sigmas():
+    s = student([[[0.4, 0.3], [0.6, 0.7]]], sigmas=[[[1.5, 2.0], [1.0, 1.2]]])
+    s.sigmas.requires_grad_(True)
+    targets = {"coords": torch.zeros(1, 2, 2), "weights": torch.ones(1, 2)}
+    targets["heatmaps"] = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    DistillationLoss({"sh": 1.0}, heatmap_size=HM)(s, targets)["loss"].backward()
+    assert (s.coords.grad.abs() > 0).all() and (s.sigmas.grad.abs() > 0).all()
+
+
+def test_sh_in_bounds_mask():
+    coords = torch.tensor([[[0.5, 0.5], [-1.0, 0.5], [-2.0, 0.5], [0.5, 3.0]]])
+    sigmas = torch.ones(1, 4, 2)
+    # mu_x = -4: the box [-7, 0] still touches column 0; mu_x = -8 and mu_y = 12 do not.
+    mask = simulated_heatmap_mask(coords, sigmas, HM)
+    assert mask.tolist() == [[True, True, False, False]]
+
+
+def test_official_sh_weight_uses_batch_mean_weight():
+    # K = 1, two samples; only sample 0 is visible. Teacher heatmaps are 0.
+    coords = [[[0.5, 0.25]], [[0.25, 0.25]]]  # mu = (2, 1) and (1, 1)
+    sigmas = [[[1.0, 1.0]], [[2.0, 1.0]]]
+    targets = {
+        "coords": torch.zeros(2, 1, 2),
+        "weights": torch.tensor([[1.0], [0.0]]),
+        "heatmaps": torch.zeros(2, 1, 4, 4),
+    }
+    e0 = gauss_sum(2, 1, 4, power=2) * gauss_sum(1, 1, 4, power=2) / 16
+    e1 = gauss_sum(1, 2, 4, power=2) * gauss_sum(1, 1, 4, power=2) / 16
+    ours = DistillationLoss({"sh": 1.0}, heatmap_size=HM)(student(coords, sigmas=sigmas), targets)
+    official = DistillationLoss({"sh": 1.0}, heatmap_size=HM, official_sh_weight=True)(
+        student(coords, sigmas=sigmas), targets
+    )
+    assert ours["loss"].item() == pytest.approx(e0 / 2, rel=1e-5)
+    # Official: mean_n(w^2) = 0.5 times the unmasked error of both samples.
+    assert official["loss"].item() == pytest.approx(0.5 * (e0 + e1) / 2, rel=1e-5)
+    # Equal masks across the batch: both modes agree.
+    all_on = {**targets, "weights": torch.ones(2, 1)}
+    a = DistillationLoss({"sh": 1.0}, heatmap_size=HM)(student(coords, sigmas=sigmas), all_on)
+    b = DistillationLoss({"sh": 1.0}, heatmap_size=HM, official_sh_weight=True)(
+        student(coords, sigmas=sigmas), all_on
+    )
+    assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-6)
+
+
+# ---- cs ----------------------------------------------------------------------------------------
+
+
+def cs_case(weights):
+    coords = [[[0.3, 0.6], [1.2, 0.5]]]  # joint 0 -> column round(1.2) = 1, row round(2.4) = 2
+    teacher = (torch.arange(16.0) / 16).reshape(1, 1, 4, 4).repeat(1, 2, 1, 1)
+    targets = {"coords": torch.zeros(1, 2, 2), "weights": torch.tensor([weights])}
+    return coords, {**targets, "heatmaps": teacher}
+
+
+def test_cs_hand_computed():
+    coords, targets = cs_case([1.0, 1.0])
+    s = student(coords, scores=[[0.1, 0.4]])
+    out = DistillationLoss({"cs": 1e-2}, heatmap_size=HM)(s, targets)
+    # joint 0: |0.1 - T[2, 1] = 9/16|; joint 1 predicted outside the crop: |0.4 - 0|
+    expected = (abs(0.1 - 9 / 16) + 0.4) / 2
+    assert out["loss_cs"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(1e-2 * expected, rel=1e-6)
+    out["loss"].backward()
+    assert s.coords.grad is None or not s.coords.grad.any()  # rounding: no gradient into coords
+    torch.testing.assert_close(s.scores.grad, torch.tensor([[-0.5e-2, 0.5e-2]]))
+
+
+def test_cs_ignores_masked_joints():
+    coords, targets = cs_case([1.0, 0.0])
+    loss = DistillationLoss({"cs": 1.0}, heatmap_size=HM)
+    a = loss(student(coords, scores=[[0.1, 0.4]]), targets)["loss"].item()
+    b = loss(student(coords, scores=[[0.1, -3.0]]), targets)["loss"].item()
+    assert a == pytest.approx(abs(0.1 - 9 / 16) / 2, rel=1e-6) and a == b
+
+
+def test_all_terms_together_sum_with_weights():
+    torch.manual_seed(0)
+    b, k, p, d = 2, 3, 5, 4
+    s = StudentOutput(
+        coords=torch.rand(b, k, 2),
+        scores=torch.randn(b, k),
+        sigmas=1 + torch.rand(b, k, 2),
+        keypoint_tokens=torch.randn(b, k, d),
+        visual_tokens=torch.randn(b, p, d),
+    )
+    targets = {
+        "coords": torch.rand(b, k, 2),
+        "weights": torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]),
+        "heatmaps": torch.rand(b, k, 4, 4).half(),  # the store keeps fp16
+        "keypoint_tokens": torch.randn(b, k, d),
+        "visual_tokens": torch.randn(b, p, d),
+    }
+    out = DistillationLoss(DEFAULT_WEIGHTS, heatmap_size=HM)(s, targets)
+    assert set(out) == {"loss"} | {f"loss_{n}" for n in LOSS_NAMES}
+    total = sum(DEFAULT_WEIGHTS[n] * out[f"loss_{n}"] for n in LOSS_NAMES)
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+    assert all(not out[f"loss_{n}"].requires_grad for n in LOSS_NAMES)
+
+
+# ---- HeatmapLoss -------------------------------------------------------------------------------
+
+
+def test_heatmap_loss_hand_computed_and_matches_joints_mse():
+    pred = torch.ones(1, 2, 2, 2)
+    out = HeatmapLoss()(pred, torch.zeros(1, 2, 2, 2), torch.tensor([[1.0, 0.0]]))
+    assert set(out) == {"loss", "loss_heatmap"}
+    assert out["loss"].item() == pytest.approx(4 / 8)
+    assert HeatmapLoss(use_target_weight=False)(pred, torch.zeros_like(pred))["loss"].item() == 1.0
+    # Against MMPose 0.x JointsMSELoss written as its per-joint loop.
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(3, 4, 5, 6, generator=g), torch.rand(3, 4, 5, 6, generator=g)
+    w = (torch.rand(3, 4, generator=g) > 0.3).float()
+    flat_pred, flat_target = pred.reshape(3, 4, -1), target.reshape(3, 4, -1)
+    per_joint = [
+        F.mse_loss(flat_pred[:, j] * w[:, j, None], flat_target[:, j] * w[:, j, None])
+        for j in range(4)
+    ]
+    ref = sum(per_joint) / 4
+    assert HeatmapLoss()(pred, target, w)["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
