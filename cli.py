@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,12 +22,14 @@ import typer
 from distilpose.errors import BadConfigError, DistilPoseError
 
 app = typer.Typer(
-    help="DistilPose: dump a heatmap teacher once into a zarr store, train regression students from it.",
+    help="DistilPose: dump a heatmap teacher once into a zarr store; train regression students.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-viz_app = typer.Typer(help="Pictures (PNG) of heatmaps, confidences, attention, predictions, curves.")
+viz_app = typer.Typer(
+    help="Pictures (PNG) of heatmaps, confidences, attention, predictions, curves."
+)
 app.add_typer(viz_app, name="viz")
 
 
@@ -72,7 +76,9 @@ def _config_callback(ctx: click.Context, param: click.Parameter, value: Path | N
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(values) - known)
     if unknown:
-        _fail(BadConfigError(f"{value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'"))
+        _fail(
+            BadConfigError(f"{value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'")
+        )
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
@@ -102,8 +108,10 @@ def _run(fn, *args, **kwargs):
     except DistilPoseError as e:
         _fail(e)
     except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command (with --resume where offered) to continue",
-                   err=True)
+        typer.echo(
+            "interrupted: rerun the same command (with --resume where offered) to continue",
+            err=True,
+        )
         raise typer.Exit(130) from None
 
 
@@ -111,11 +119,22 @@ def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise typer.BadParameter(f"expected i/n such as 0/2, got {text!r}",
-                                 param_hint="--shard") from None
+        raise typer.BadParameter(
+            f"expected i/n such as 0/2, got {text!r}", param_hint="--shard"
+        ) from None
     if not 0 <= i < n:
         raise typer.BadParameter(f"expected 0 <= i < n, got {text!r}", param_hint="--shard")
     return i, n
+
+
+def _parse_size(text: str, option: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected WxH such as 192x256, got {text!r}", param_hint=option
+        ) from None
+    return w, h
 
 
 def _echo_json(obj: Any) -> None:
@@ -153,7 +172,10 @@ def models(
     if as_json:
         _echo_json(infos)
         return
-    header = f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} {'GFLOPs':>8} {'GFLOPs full':>12}"
+    header = (
+        f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} "
+        f"{'GFLOPs':>8} {'GFLOPs full':>12}"
+    )
     typer.echo(header)
     typer.echo("-" * len(header))
     for m in infos:
@@ -162,13 +184,17 @@ def models(
             f"{m['name']:<18} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
             f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
         )
-    typer.echo("GFLOPs counted as the paper did (MMCV: conv/linear MACs plus norms and activations,"
-               " attention matmuls not counted); 'full' adds attention's matrix products.")
+    typer.echo(
+        "GFLOPs counted as the paper did (MMCV: conv/linear MACs plus norms and activations,"
+        " attention matmuls not counted); 'full' adds attention's matrix products."
+    )
 
 
 @app.command("checkpoint-info")
 def checkpoint_info(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file (.pth): official MMPose 0.x or ours.")],
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint file (.pth): official MMPose 0.x or ours.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -188,7 +214,9 @@ def checkpoint_info(
 
 @app.command("make-demo-data")
 def make_demo_data(
-    out: Annotated[Path, typer.Argument(help="Output folder for the synthetic COCO-format dataset.")],
+    out: Annotated[
+        Path, typer.Argument(help="Output folder for the synthetic COCO-format dataset.")
+    ],
     num_train: Annotated[int, typer.Option(help="People in the train split.")] = 2000,
     num_val: Annotated[int, typer.Option(help="People in the val split.")] = 300,
     seed: Annotated[int, typer.Option(help="Random seed; equal seeds give equal bytes.")] = 0,
@@ -205,18 +233,26 @@ def make_demo_data(
 @app.command("show-crops")
 def show_crops(
     ann: Annotated[Path, typer.Option(help="COCO person-keypoints annotation file.", exists=True)],
-    images: Annotated[Path, typer.Option(help="Image folder the annotation's file_name is under.",
-                                         exists=True, file_okay=False)],
+    images: Annotated[
+        Path,
+        typer.Option(
+            help="Image folder the annotation's file_name is under.", exists=True, file_okay=False
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("crops.png"),
     num: Annotated[int, typer.Option(help="Number of people shown.")] = 16,
     views: Annotated[int, typer.Option(help="Augmented views per person.")] = 2,
     seed: Annotated[int, typer.Option(help="Augmentation seed (the store seed).")] = 0,
+    input_size: Annotated[
+        str, typer.Option(help="Crop size WxH in pixels (the model input; tiny models: 96x128).")
+    ] = "192x256",
     config: ConfigOpt = None,
 ) -> None:
     """Draw a PNG grid of seeded augmented crops with their keypoints, to check augmentation."""
+    size = _parse_size(input_size, "--input-size")
     from distilpose.data import show_crops as show
 
-    typer.echo(_run(show, ann, images, out, num=num, views=views, seed=seed))
+    typer.echo(_run(show, ann, images, out, num=num, views=views, seed=seed, input_size=size))
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -227,7 +263,9 @@ def train_teacher(
     ann: Annotated[Path, typer.Option(help="Train annotation file (COCO keypoints).", exists=True)],
     images: Annotated[Path, typer.Option(help="Train image folder.", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, curves).")],
-    model: Annotated[str, typer.Option(help="Teacher model name (see `distilpose models`).")] = "tokenpose_tiny",
+    model: Annotated[
+        str, typer.Option(help="Teacher model name (see `distilpose models`).")
+    ] = "tokenpose_tiny",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Crops per step (per GPU).")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -241,26 +279,46 @@ def train_teacher(
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
     from teacher_dump.train import train_teacher as train
 
-    summary = _run(train, model, ann, images, out, epochs=epochs, batch_size=batch_size, lr=lr,
-                   warmup_iters=warmup_iters, device=device.value, seed=seed, workers=workers,
-                   resume=resume)
+    summary = _run(
+        train,
+        model,
+        ann,
+        images,
+        out,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iters=warmup_iters,
+        device=device.value,
+        seed=seed,
+        workers=workers,
+        resume=resume,
+    )
     typer.echo(json.dumps(summary, default=str))
 
 
 @app.command("dump-teacher")
 def dump_teacher(
-    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint (official or ours).", exists=True)],
+    teacher: Annotated[
+        Path, typer.Option(help="Teacher checkpoint (official or ours).", exists=True)
+    ],
     ann: Annotated[Path, typer.Option(help="Train annotation file (COCO keypoints).", exists=True)],
     images: Annotated[Path, typer.Option(help="Train image folder.", exists=True, file_okay=False)],
     out: Annotated[str, typer.Option(help="Store directory (created, or resumed if it exists).")],
-    views: Annotated[int, typer.Option(help="Augmented views per person; raise later to add views.")] = 1,
-    seed: Annotated[int, typer.Option(help="Store seed: crop specs come from (seed, person, view).")] = 0,
+    views: Annotated[
+        int, typer.Option(help="Augmented views per person; raise later to add views.")
+    ] = 1,
+    seed: Annotated[
+        int, typer.Option(help="Store seed: crop specs come from (seed, person, view).")
+    ] = 0,
     batch_size: Annotated[int, typer.Option(help="Crops per teacher forward pass.")] = 32,
     workers: Annotated[int, typer.Option(help="Processes decoding and warping images.")] = 2,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     shard: Annotated[str, typer.Option(help="Fill part i of n of the store, e.g. 0/2.")] = "0/1",
     model: Annotated[str | None, typer.Option(help="Teacher model name if not recognised.")] = None,
-    mode: Annotated[StoreMode, typer.Option(help="fp16 (exact half) or lossy (smaller).")] = StoreMode.fp16,
+    mode: Annotated[
+        StoreMode, typer.Option(help="fp16 (exact half) or lossy (smaller).")
+    ] = StoreMode.fp16,
     chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk.")] = 64,
     config: ConfigOpt = None,
 ) -> None:
@@ -268,9 +326,22 @@ def dump_teacher(
     shard_of = _parse_shard(shard)
     from teacher_dump.dump import dump_teacher as dump
 
-    summary = _run(dump, teacher, ann, images, out, views=views, seed=seed, batch_size=batch_size,
-                   workers=workers, device=device.value, shard=shard_of, model=model,
-                   mode=mode.value, chunk_samples=chunk_samples)
+    summary = _run(
+        dump,
+        teacher,
+        ann,
+        images,
+        out,
+        views=views,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        device=device.value,
+        shard=shard_of,
+        model=model,
+        mode=mode.value,
+        chunk_samples=chunk_samples,
+    )
     typer.echo(json.dumps(summary, default=str))
 
 
@@ -294,7 +365,9 @@ def store_info(
 @app.command("store-verify")
 def store_verify(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
-    sample: Annotated[int | None, typer.Option(help="Check this many random samples (all if unset).")] = None,
+    sample: Annotated[
+        int | None, typer.Option(help="Check this many random samples (all if unset).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Re-render crops from their specs and check them against the stored digests."""
@@ -314,8 +387,13 @@ def train_student(
     store: Annotated[str, typer.Option(help="Teacher store (path or fsspec URL).")],
     out: Annotated[Path, typer.Option(help="Run directory.")],
     model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_s",
-    losses: Annotated[str, typer.Option(help="Loss terms, e.g. reg,kt,vt,sh,cs or reg=1,kt=5e-4; "
-                                             "'reg' alone is the undistilled baseline.")] = "reg,kt,vt,sh,cs",
+    losses: Annotated[
+        str,
+        typer.Option(
+            help="Loss terms, e.g. reg,kt,vt,sh,cs or reg=1,kt=5e-4; "
+            "'reg' alone is the undistilled baseline."
+        ),
+    ] = "reg,kt,vt,sh,cs",
     epochs: Annotated[int, typer.Option(help="Training epochs (view = epoch mod views).")] = 300,
     batch_size: Annotated[int, typer.Option(help="Crops per step (per GPU).")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -324,19 +402,37 @@ def train_student(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth.")] = False,
-    teacher_online: Annotated[Path | None, typer.Option(
-        help="Run this teacher checkpoint at every step instead of reading the store's targets.")] = None,
-    official_sh_weight: Annotated[bool, typer.Option(
-        help="Reproduce the official batch-averaged simulated-heatmap weight.")] = False,
+    teacher_online: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run this teacher checkpoint at every step instead of reading the store's targets."
+        ),
+    ] = None,
+    official_sh_weight: Annotated[
+        bool, typer.Option(help="Reproduce the official batch-averaged simulated-heatmap weight.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
     from student_train.train import train_student as train
 
-    summary = _run(train, store, model, out, losses=losses, epochs=epochs, batch_size=batch_size,
-                   lr=lr, warmup_iters=warmup_iters, device=device.value, seed=seed,
-                   workers=workers, resume=resume, teacher_online=teacher_online,
-                   official_sh_weight=official_sh_weight)
+    summary = _run(
+        train,
+        store,
+        model,
+        out,
+        losses=losses,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iters=warmup_iters,
+        device=device.value,
+        seed=seed,
+        workers=workers,
+        resume=resume,
+        teacher_online=teacher_online,
+        official_sh_weight=official_sh_weight,
+    )
     typer.echo(json.dumps(summary, default=str))
 
 
@@ -345,12 +441,18 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
     ann: Annotated[Path, typer.Option(help="Val annotation file (COCO keypoints).", exists=True)],
     images: Annotated[Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)],
-    dets: Annotated[Path | None, typer.Option(help="Person detections (COCO results); GT boxes if unset.",
-                                              exists=True)] = None,
+    dets: Annotated[
+        Path | None,
+        typer.Option(help="Person detections (COCO results); GT boxes if unset.", exists=True),
+    ] = None,
     det_score_thr: Annotated[float, typer.Option(help="Drop detections scoring below this.")] = 0.0,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip test.")] = True,
-    flip_mode: Annotated[FlipMode, typer.Option(
-        help="Students: corrected (x'=1-x-1/W, scores swapped) or official (released code).")] = FlipMode.corrected,
+    flip_mode: Annotated[
+        FlipMode,
+        typer.Option(
+            help="Students: corrected (x'=1-x-1/W, scores swapped) or official (released code)."
+        ),
+    ] = FlipMode.corrected,
     dark: Annotated[bool, typer.Option(help="Teachers: DARK refinement of heatmap peaks.")] = False,
     batch_size: Annotated[int, typer.Option(help="Crops per forward pass.")] = 32,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
@@ -361,10 +463,23 @@ def evaluate(
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
     from distilpose.eval_run import format_metrics_table, run_eval
 
-    result = _run(run_eval, checkpoint, ann, images, dets_file=dets, det_score_thr=det_score_thr,
-                  flip=flip, flip_mode=flip_mode.value, dark=dark, batch_size=batch_size,
-                  device=device.value, out_json=out)
-    typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result))
+    result = _run(
+        run_eval,
+        checkpoint,
+        ann,
+        images,
+        dets_file=dets,
+        det_score_thr=det_score_thr,
+        flip=flip,
+        flip_mode=flip_mode.value,
+        dark=dark,
+        batch_size=batch_size,
+        device=device.value,
+        out_json=out,
+    )
+    typer.echo(
+        json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result)
+    )
 
 
 @app.command()
@@ -372,9 +487,15 @@ def ablate(
     store: Annotated[str, typer.Option(help="Teacher store, read only.")],
     out: Annotated[Path, typer.Option(help="Output folder: one run per combination, ablation.md.")],
     val_ann: Annotated[Path, typer.Option(help="Val annotation file.", exists=True)],
-    val_images: Annotated[Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)],
-    grid: Annotated[str, typer.Option(help="'table4' (the paper's Table 4) or a TOML/JSON file.")] = "table4",
-    val_dets: Annotated[Path | None, typer.Option(help="Val detections; GT boxes if unset.")] = None,
+    val_images: Annotated[
+        Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)
+    ],
+    grid: Annotated[
+        str, typer.Option(help="'table4' (the paper's Table 4) or a TOML/JSON file.")
+    ] = "table4",
+    val_dets: Annotated[
+        Path | None, typer.Option(help="Val detections; GT boxes if unset.")
+    ] = None,
     model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_tiny",
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 32,
@@ -386,9 +507,21 @@ def ablate(
     """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
     from student_train.ablate import ablate as run
 
-    table = _run(run, store, grid, out, model=model, epochs=epochs, batch_size=batch_size,
-                 val_ann=val_ann, val_images=val_images, val_dets=val_dets, device=device.value,
-                 seed=seed, parallel=parallel)
+    table = _run(
+        run,
+        store,
+        grid,
+        out,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        val_ann=val_ann,
+        val_images=val_images,
+        val_dets=val_dets,
+        device=device.value,
+        seed=seed,
+        parallel=parallel,
+    )
     typer.echo(Path(table).read_text())
 
 
@@ -399,11 +532,18 @@ def ablate(
 def predict(
     checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.", exists=True)],
-    boxes: Annotated[Path | None, typer.Option(
-        help="Person boxes JSON [{file_name|image_id, bbox: [x,y,w,h], score}]; "
-             "without it each whole image is one box.", exists=True)] = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Person boxes JSON [{file_name|image_id, bbox: [x,y,w,h], score}]; "
+            "without it each whole image is one box.",
+            exists=True,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="COCO-format results JSON.")] = Path("predictions.json"),
-    overlay_dir: Annotated[Path | None, typer.Option(help="Write images with skeletons here.")] = None,
+    overlay_dir: Annotated[
+        Path | None, typer.Option(help="Write images with skeletons here.")
+    ] = None,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip test.")] = True,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     config: ConfigOpt = None,
@@ -411,8 +551,16 @@ def predict(
     """Predict poses on images (a box per person is given, or the whole image is one box)."""
     from distilpose.predict import predict_images
 
-    results = _run(predict_images, checkpoint, inputs, boxes_json=boxes, out_json=out,
-                   overlay_dir=overlay_dir, flip=flip, device=device.value)
+    results = _run(
+        predict_images,
+        checkpoint,
+        inputs,
+        boxes_json=boxes,
+        out_json=out,
+        overlay_dir=overlay_dir,
+        flip=flip,
+        device=device.value,
+    )
     typer.echo(f"{len(results)} people -> {out}")
 
 
@@ -421,7 +569,9 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
     out: Annotated[Path, typer.Option(help="Output .onnx file.")],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    check: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch afterwards.")] = True,
+    check: Annotated[
+        bool, typer.Option(help="Compare ONNX Runtime with PyTorch afterwards.")
+    ] = True,
     config: ConfigOpt = None,
 ) -> None:
     """Export a model to ONNX (needs the `export` extra: onnx, onnxruntime)."""
@@ -444,8 +594,10 @@ def viz_heatmaps(
 ) -> None:
     """Simulated heatmaps beside the teacher's, with sigma_x, sigma_y (paper Fig. 5)."""
     from distilpose.viz import viz_heatmaps as draw
+    from store.reader import StoreReader
 
-    typer.echo(_run(draw, checkpoint, store, out, sample=sample))
+    reader = _run(StoreReader.open, store)
+    typer.echo(_run(draw, checkpoint, reader, out, sample=sample))
 
 
 @viz_app.command("confidence")
@@ -465,28 +617,39 @@ def viz_confidence(
 
 @viz_app.command("attention")
 def viz_attention(
-    checkpoint: Annotated[Path, typer.Option(help="Teacher or student checkpoint.", exists=True)],
+    checkpoint: Annotated[
+        list[Path],
+        typer.Option(help="Teacher or student checkpoint; repeat for one panel each.", exists=True),
+    ],
     ann: Annotated[Path, typer.Option(help="Annotation file.", exists=True)],
     images: Annotated[Path, typer.Option(help="Image folder.", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("attention.png"),
     instance: Annotated[int, typer.Option(help="Person index in the annotation file.")] = 0,
-    keypoint: Annotated[str, typer.Option(help="Keypoint token to show (COCO name).")] = "right_ankle",
+    keypoint: Annotated[
+        str, typer.Option(help="Keypoint token to show (COCO name).")
+    ] = "right_ankle",
     layer: Annotated[int, typer.Option(help="Encoder layer (negative counts from the end).")] = -1,
     config: ConfigOpt = None,
 ) -> None:
     """Attention of one keypoint token over the visual tokens (paper Fig. 3b)."""
+    from distilpose.viz import render_instance
     from distilpose.viz import viz_attention as draw
 
-    typer.echo(_run(draw, checkpoint, ann, images, out, instance=instance, keypoint=keypoint,
-                    layer=layer))
+    # rendered larger than any model input (same aspect) so the picture is sharp
+    _, crop = _run(render_instance, ann, images, instance, (288, 384))
+    typer.echo(_run(draw, checkpoint, crop.image, out, keypoint=keypoint, layer=layer))
 
 
 @viz_app.command("predictions")
 def viz_predictions(
-    results: Annotated[Path, typer.Option(help="COCO results JSON from eval or predict.", exists=True)],
+    results: Annotated[
+        Path, typer.Option(help="COCO results JSON from eval or predict.", exists=True)
+    ],
     image: Annotated[Path, typer.Option(help="The image.", exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("predictions.png"),
-    image_id: Annotated[int | None, typer.Option(help="Image id in the results (else by file).")] = None,
+    image_id: Annotated[
+        int | None, typer.Option(help="Image id in the results (else by file).")
+    ] = None,
     score_thr: Annotated[float, typer.Option(help="Hide joints scoring below this.")] = 0.3,
     config: ConfigOpt = None,
 ) -> None:
@@ -498,8 +661,9 @@ def viz_predictions(
 
 @viz_app.command("curves")
 def viz_curves(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory with metrics.csv.", exists=True,
-                                            file_okay=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory with metrics.csv.", exists=True, file_okay=False)
+    ],
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("curves.png"),
     config: ConfigOpt = None,
 ) -> None:
@@ -512,18 +676,142 @@ def viz_curves(
 # ----------------------------------------------------------------------------- demo, bench
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of a demo run: the full one fits 15 minutes on 2 CPU cores, --quick about 3."""
+
+    num_train: int = 2000
+    num_val: int = 300
+    teacher_epochs: int = 30
+    views: int = 4
+    student_epochs: int = 40
+    batch_size: int = 32
+    warmup_iters: int = 100
+
+
+QUICK_DEMO = DemoPlan(
+    num_train=500, num_val=120, teacher_epochs=12, views=2, student_epochs=16, warmup_iters=30
+)
+
+
+def run_demo(
+    out: Path, *, quick: bool = False, device: str = "auto", seed: int = 0, log: bool = True
+) -> list[dict]:
+    """The mission end to end on demo data, through the very functions the commands call."""
+    from distilpose.data import make_demo_data as make
+    from distilpose.eval_run import run_eval
+    from distilpose.models import model_info
+    from student_train.train import train_student as train_s
+    from teacher_dump.dump import dump_teacher as dump
+    from teacher_dump.train import train_teacher as train_t
+
+    plan = QUICK_DEMO if quick else DemoPlan()
+    say = typer.echo if log else (lambda *a, **k: None)
+    started = time.perf_counter()
+
+    def step(text: str) -> None:
+        say(f"[{time.perf_counter() - started:6.0f} s] {text}")
+
+    step(f"demo data: {plan.num_train} train / {plan.num_val} val people -> {out / 'data'}")
+    data = make(out / "data", num_train=plan.num_train, num_val=plan.num_val, seed=seed)
+    step(f"train teacher tokenpose_tiny, {plan.teacher_epochs} epochs -> {out / 'teacher'}")
+    train_t(
+        "tokenpose_tiny",
+        data["train_ann"],
+        data["train_images"],
+        out / "teacher",
+        epochs=plan.teacher_epochs,
+        batch_size=plan.batch_size,
+        warmup_iters=plan.warmup_iters,
+        device=device,
+        seed=seed,
+        resume=(out / "teacher" / "last.pth").exists(),
+    )
+    teacher_ckpt = out / "teacher" / "teacher.pth"
+    step(f"dump teacher, {plan.views} views -> {out / 'store'}")
+    dump(
+        teacher_ckpt,
+        data["train_ann"],
+        data["train_images"],
+        str(out / "store"),
+        views=plan.views,
+        seed=seed,
+        device=device,
+    )
+    runs = {"student_distilled": "reg,kt,vt,sh,cs", "student_baseline": "reg"}
+    for role, losses in runs.items():
+        step(f"train distilpose_tiny from the store, losses {losses} -> {out / role}")
+        train_s(
+            str(out / "store"),
+            "distilpose_tiny",
+            out / role,
+            losses=losses,
+            epochs=plan.student_epochs,
+            batch_size=plan.batch_size,
+            warmup_iters=plan.warmup_iters,
+            device=device,
+            seed=seed,
+            resume=(out / role / "last.pth").exists(),
+        )
+    rows = []
+    checkpoints = {"teacher": teacher_ckpt, **{r: out / r / "student.pth" for r in runs}}
+    for role, ckpt in checkpoints.items():
+        step(f"eval {role} on the val split (detections, flip test)")
+        result = run_eval(
+            ckpt,
+            data["val_ann"],
+            data["val_images"],
+            dets_file=data["val_dets"],
+            device=device,
+            out_json=out / "results" / f"{role}.json",
+        )
+        name = "tokenpose_tiny" if role == "teacher" else "distilpose_tiny"
+        info = model_info(name)
+        rows.append(
+            {
+                "model": name,
+                "role": role,
+                "params": info["params"],
+                "gflops": round(info["gflops"], 4),
+                "ap": result["AP"],
+                "ap50": result["AP50"],
+                "ap75": result["AP75"],
+                "samples_per_s": result["samples_per_s"],
+            }
+        )
+    (out / "demo_table.json").write_text(json.dumps(rows, indent=2))
+    step(f"done; table in {out / 'demo_table.json'}")
+    return rows
+
+
+def format_demo_table(rows: list[dict]) -> str:
+    head = (
+        f"{'model':<16} {'role':<18} {'params':>9} {'GFLOPs':>7} {'AP':>6} {'AP50':>6} "
+        f"{'AP75':>6} {'samples/s':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<16} {r['role']:<18} {r['params']:>9,} {r['gflops']:>7.3f} "
+            f"{r['ap']:>6.3f} {r['ap50']:>6.3f} {r['ap75']:>6.3f} {r['samples_per_s']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory for everything the demo makes.")] = Path("demo_run"),
-    quick: Annotated[bool, typer.Option(help="Smaller data and fewer epochs (about 3 minutes).")] = False,
+    out: Annotated[Path, typer.Option(help="Run directory for everything the demo makes.")] = Path(
+        "demo_run"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="Smaller data and fewer epochs (about 3 minutes).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final table as JSON.")] = False,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Seed of data, store and training.")] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """The whole job on built-in demo data: data, teacher, store, two students, eval, table."""
-    from demo import format_demo_table, run_demo
-
     rows = _run(run_demo, out, quick=quick, device=device.value, seed=seed, log=not as_json)
     typer.echo(json.dumps(rows, indent=2) if as_json else format_demo_table(rows))
 

@@ -10,8 +10,20 @@ import cli
 runner = CliRunner()
 
 COMMANDS = [
-    "models", "checkpoint-info", "make-demo-data", "show-crops", "train-teacher", "dump-teacher",
-    "store-info", "store-verify", "train-student", "eval", "ablate", "predict", "export", "demo",
+    "models",
+    "checkpoint-info",
+    "make-demo-data",
+    "show-crops",
+    "train-teacher",
+    "dump-teacher",
+    "store-info",
+    "store-verify",
+    "train-student",
+    "eval",
+    "ablate",
+    "predict",
+    "export",
+    "demo",
     "bench",
 ]
 VIZ = ["heatmaps", "confidence", "attention", "predictions", "curves"]
@@ -35,9 +47,10 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path, monkeypatch):
 
     monkeypatch.setattr(distilpose.data, "make_demo_data", fake_make)
     config = tmp_path / "demo.toml"
-    config.write_text('[make-demo-data]\nnum_train = 7\nnum-val = 3\nseed = 5\n')
-    result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path / "d"), "--config",
-                                     str(config), "--seed", "9"])
+    config.write_text("[make-demo-data]\nnum_train = 7\nnum-val = 3\nseed = 5\n")
+    result = runner.invoke(
+        cli.app, ["make-demo-data", str(tmp_path / "d"), "--config", str(config), "--seed", "9"]
+    )
     assert result.exit_code == 0, result.output
     assert seen["num_train"] == 7 and seen["num_val"] == 3 and seen["seed"] == 9
 
@@ -47,11 +60,12 @@ def test_yaml_config(tmp_path, monkeypatch):
     seen = {}
     import distilpose.data
 
-    monkeypatch.setattr(distilpose.data, "make_demo_data",
-                        lambda out, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(distilpose.data, "make_demo_data", lambda out, **kw: seen.update(kw) or {})
     config = tmp_path / "c.yaml"
     config.write_text("num_train: 11\n")
-    result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path / "d"), "--config", str(config)])
+    result = runner.invoke(
+        cli.app, ["make-demo-data", str(tmp_path / "d"), "--config", str(config)]
+    )
     assert result.exit_code == 0, result.output
     assert seen["num_train"] == 11
 
@@ -59,8 +73,10 @@ def test_yaml_config(tmp_path, monkeypatch):
 def test_unknown_config_key_is_one_line_error(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("epochs = 3\nbogus = 1\n")
-    result = runner.invoke(cli.app, ["train-student", "--config", str(config), "--store", "s",
-                                     "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        cli.app,
+        ["train-student", "--config", str(config), "--store", "s", "--out", str(tmp_path / "o")],
+    )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: {config}: unknown option(s) bogus for 'train-student'"]
@@ -86,14 +102,28 @@ def test_domain_errors_become_one_line_and_exit_1(tmp_path, monkeypatch):
     result = runner.invoke(cli.app, ["make-demo-data", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "error: x.json: annotation 3 'bbox' has width 0; expected a positive box")
+        "error: x.json: annotation 3 'bbox' has width 0; expected a positive box"
+    )
 
 
 def test_bad_shard_option_names_the_option(tmp_path):
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps({}))
-    result = runner.invoke(cli.app, ["dump-teacher", "--teacher", str(ann), "--ann", str(ann),
-                                     "--images", str(tmp_path), "--out", str(tmp_path / "s"),
-                                     "--shard", "3/2"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "dump-teacher",
+            "--teacher",
+            str(ann),
+            "--ann",
+            str(ann),
+            "--images",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "s"),
+            "--shard",
+            "3/2",
+        ],
+    )
     assert result.exit_code != 0
     assert "shard" in result.output.lower()

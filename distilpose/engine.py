@@ -1,0 +1,566 @@
+"""The one training loop, shared by teacher (heatmap) and student (distillation) training.
+
+A run is a `TrainConfig`, a model, a `task(model, batch) -> {"loss": ..., "loss_x": ...}` (timm
+style: the loop backpropagates "loss" and logs every other entry) and a `batches(epoch)` callable
+giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the run directory:
+
+    config.json       the train config and the caller's full resolved config (`meta`), to replay
+    metrics.csv       one row per `log_every` steps ("step") and per epoch ("epoch"): epoch, step,
+                      lr, each loss term, samples/s, and whatever `on_epoch_end` returned
+    train.log         the same as text lines
+    last.pth          model, optimizer, grad scaler, epoch/step and RNG states (atomic, loads
+                      with weights_only=True); every `ckpt_every` epochs and `ckpt_every_steps`
+    loss_curves.png   one line per loss term, log y; redrawn at each checkpoint
+
+Exact resume: every epoch starts with torch/numpy/random seeded from (seed, epoch), so an
+epoch's batches and random ops depend only on the epoch; a mid-epoch checkpoint also stores the
+RNG states, and resuming replays (and discards) the epoch's first batches before restoring them.
+A CPU run interrupted and resumed ends with weights equal to an uninterrupted one (tested).
+
+Learning rate (the paper's recipe, as MMPose's `step` policy with linear warmup): Adam at `lr`,
+linear warmup from `lr * warmup_ratio` over `warmup_iters` steps, x`gamma` when the epoch reaches
+each of `milestones` (fractions of `epochs`: 2/3 and 13/15 of 300 are epochs 200 and 260). The lr
+is a pure function of (epoch, step), so the "scheduler" needs no state beyond those two numbers.
+
+Several processes: launched by torchrun (env RANK / WORLD_SIZE / LOCAL_RANK) the trainer joins
+the process group (nccl on CUDA, gloo otherwise) and wraps the model in DistributedDataParallel;
+only rank 0 writes files. `batches` finds its part of the data with `world()`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.progress import ProgressCounter
+
+log = logging.getLogger("distilpose.engine")
+
+PLOT_EVERY_S = 30.0  # loss_curves.png: redrawn at checkpoints no more often than this
+Task = Callable[[nn.Module, dict], dict]
+Batches = Callable[[int], Iterable[dict]]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300  # paper Sec. 4.1: 300 epochs
+    batch_size: int = 64  # paper: 64 images per GPU (used by the batches callable)
+    lr: float = 1e-3  # paper: Adam, base learning rate 1e-3
+    warmup_iters: int = 500  # MMPose TokenPose/DistilPose configs: linear warmup, 500 iterations
+    warmup_ratio: float = 1e-3  # MMPose default: the warmup starts at lr * 0.001
+    milestones: tuple[float, ...] = (2 / 3, 13 / 15)  # paper: x0.1 at epochs 200 and 260 of 300
+    gamma: float = 0.1  # paper: 1e-3 -> 1e-4 -> 1e-5
+    weight_decay: float = 0.0  # official configs: plain Adam, no weight decay
+    clip_grad: float | None = None  # official configs: grad_clip=None
+    device: str = "auto"  # CUDA when available, else CPU
+    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
+    channels_last: bool = False  # CUDA only: NHWC layout, faster convolutions on tensor cores
+    seed: int = 0  # each epoch reseeds from (seed, epoch): reproducible and exactly resumable
+    num_workers: int = 2  # DataLoader worker processes (used by the batches callable)
+    log_every: int = (
+        20  # steps per metrics.csv step row (MMPose logs every 50; small runs need more)
+    )
+    ckpt_every: int = 1  # epochs between last.pth checkpoints; the final epoch always saves
+    ckpt_every_steps: int = 0  # > 0: also checkpoint mid-epoch (long epochs, preemptible machines)
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(float(m) for m in self.milestones)  # JSON gives lists
+        if self.epochs < 1 or self.lr <= 0 or self.log_every < 1 or self.ckpt_every < 1:
+            raise BadConfigError(
+                f"TrainConfig: epochs={self.epochs}, lr={self.lr}, log_every={self.log_every}, "
+                f"ckpt_every={self.ckpt_every}; expected epochs, lr, log_every, ckpt_every > 0"
+            )
+
+
+def lr_at(config: TrainConfig, epoch: int, step: int) -> float:
+    """Learning rate of global step `step` in epoch `epoch` (both 0-based)."""
+    decays = sum(epoch >= round(m * config.epochs) for m in config.milestones)
+    lr = config.lr * config.gamma**decays
+    if step < config.warmup_iters:  # MMCV linear warmup
+        lr *= 1 - (1 - step / config.warmup_iters) * (1 - config.warmup_ratio)
+    return lr
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process, from torchrun's environment."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """ "auto" -> this rank's CUDA device when there is one, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 otherwise; None on CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch (all devices), numpy's and Python's global RNGs from (seed, epoch)."""
+    s = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    """Global RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": gauss,
+        },
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Tensors of `batch` moved to `device`; 4-D floats in NHWC layout when `channels_last`."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4 and v.is_floating_point():
+                v = v.contiguous(memory_format=torch.channels_last)  # layout only, same values
+        out[k] = v
+    return out
+
+
+def batch_len(batch: dict) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+class Meter:
+    """Running means of the loss terms; sums stay on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.samples = 0
+        self.resumed_samples = 0  # counted before a resume: not part of this process's rate
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict, samples: int) -> None:
+        for k, v in losses.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.steps += 1
+        self.samples += samples
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def rate(self) -> float:
+        return (self.samples - self.resumed_samples) / max(time.perf_counter() - self.start, 1e-9)
+
+    def state_dict(self) -> dict:
+        return {
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "steps": self.steps,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> Meter:
+        m = cls()
+        if state:
+            m.sums = {k: torch.tensor(v) for k, v in state["sums"].items()}
+            m.steps, m.samples = int(state["steps"]), int(state["samples"])
+            m.resumed_samples = m.samples
+        return m
+
+
+class MetricsLog:
+    """metrics.csv: appended row by row; a row with new columns rewrites the file once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fields: list[str] = []
+        if path.exists():
+            with path.open(newline="") as f:
+                self.fields = list(csv.DictReader(f).fieldnames or [])
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def keep(self, keep: Callable[[dict], bool]) -> None:
+        """Drop the rows a killed run logged after its last checkpoint."""
+        if self.path.exists():
+            self._rewrite([r for r in self.rows() if keep(r)])
+
+    def append(self, row: dict) -> None:
+        new = [k for k in row if k not in self.fields]
+        if new or not self.path.exists():
+            rows = self.rows()
+            self.fields += new
+            self._rewrite(rows + [row])
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields, restval="").writerow(row)
+
+
+def plot_losses(rows: list[dict], out_png: Path) -> None:
+    """loss_curves.png: every loss column of the step rows against the step, log y."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.get("kind") == "step"]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [k for k in (rows[0] if rows else {}) if k.startswith("loss")]
+    for name in names:
+        pts = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+        pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]  # log axis: positives only
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=name, lw=1.2)
+    if ax.lines:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, out_png)
+
+
+class _NoBar:
+    """Ranks other than 0 draw no progress bar."""
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class Trainer:
+    """Adam + warmup/step decay over `batches(epoch)`, AMP and DDP on CUDA, exact resume."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        batches: Batches,
+        config: TrainConfig,
+        run_dir: str | Path,
+        meta: dict | None = None,
+        on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+    ) -> None:
+        self.config, self.task, self.batches = config, task, batches
+        self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
+        self.rank, self.world_size, local_rank = world()
+        self.device = resolve_device(config.device, local_rank)
+        self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.channels_last = config.channels_last and self.device.type == "cuda"
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model: nn.Module = self.model
+        if self.world_size > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=config.lr, weight_decay=config.weight_decay
+        )
+        # Loss scaling is for fp16 only; disabled, the scaler passes everything through.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0  # epochs completed = the next epoch to run
+        self.step = 0  # optimizer steps completed, over the whole run
+        self.epoch_step = 0  # of which in the current (unfinished) epoch
+        self._resume_rng: dict | None = None
+        self._plotted = -math.inf
+        self._epoch_meter = Meter()  # this epoch's running means, kept across a mid-epoch resume
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything to continue exactly; tensors and plain values only."""
+        return {
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {
+                "epoch": self.epoch,
+                "step": self.step,
+                "lr": lr_at(self.config, self.epoch, self.step),
+            },
+            "epoch": self.epoch,
+            "step": self.step,
+            "epoch_step": self.epoch_step,
+            "epoch_meter": self._epoch_meter.state_dict(),  # the epoch row's means after resume
+            "rng": rng_state(),
+            "train_config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.epoch_step = int(state.get("epoch_step", 0))
+        self._resume_rng = state.get("rng") if self.epoch_step else None
+        self._epoch_meter = Meter.from_state(state.get("epoch_meter") if self.epoch_step else None)
+
+    def save(self) -> Path:
+        """Atomically write run_dir/last.pth and redraw the loss curves (rank 0 only)."""
+        from distilpose.models import save_checkpoint
+
+        path = self.run_dir / "last.pth"
+        if self.is_main:
+            state = self.state_dict()
+            save_checkpoint(
+                path,
+                self.model,
+                meta=self.meta,
+                extra={k: v for k, v in state.items() if k != "state_dict"},
+            )
+            # Redrawn with the checkpoint, but at most every PLOT_EVERY_S (a plot costs ~0.2 s).
+            if time.perf_counter() - self._plotted >= PLOT_EVERY_S:
+                self._plot()
+        return path
+
+    def _plot(self) -> None:
+        plot_losses(self.metrics.rows(), self.run_dir / "loss_curves.png")
+        self._plotted = time.perf_counter()
+
+    def _resume(self) -> None:
+        path = self.run_dir / "last.pth"
+        if not path.exists():
+            log.info(f"resume: no {path} yet; starting from scratch")
+            return
+        try:
+            # CPU first: RNG states must stay CPU tensors; the optimizer moves its own state.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, EOFError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadCheckpointError(f"{path}: cannot resume ({first})") from e
+        old = state.get("train_config", {})
+        changed = [k for k, v in asdict(self.config).items() if k in old and old[k] != v]
+        if changed:
+            log.warning(f"resume: train config differs from the checkpoint's in {changed}")
+        log.info(f"resume: {path} at epoch {self.epoch}, step {self.step}")
+
+    # ---- loop -------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on one batch; returns the task's loss dict (detached later)."""
+        lr = lr_at(self.config, self.epoch, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, self.device, self.channels_last)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.bfloat16,
+            enabled=self.amp_dtype is not None,
+        ):
+            losses = self.task(self.train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        if self.config.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
+    def _log_row(self, kind: str, meter: Meter, extra: dict | None = None) -> dict:
+        means = meter.means()
+        if not all(math.isfinite(v) for v in means.values()):
+            raise FloatingPointError(
+                f"{self.run_dir}: non-finite loss at epoch {self.epoch}, step {self.step}: "
+                f"{means}; expected finite losses (lower lr or disable amp)"
+            )
+        row = {
+            "kind": kind,
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": f"{lr_at(self.config, self.epoch, max(self.step - 1, 0)):.6g}",
+            **{k: f"{v:.6g}" for k, v in means.items()},
+            "samples_per_s": f"{meter.rate() * self.world_size:.1f}",
+            **(extra or {}),
+        }
+        if self.is_main:
+            self.metrics.append(row)
+            terms = " ".join(f"{k}={v}" for k, v in row.items() if k.startswith("loss"))
+            log.info(
+                f"{kind} epoch {self.epoch} step {self.step} lr {row['lr']} {terms} "
+                f"{row['samples_per_s']} samples/s"
+            )
+        return row
+
+    def train_epoch(self) -> dict:
+        """Run (the rest of) epoch `self.epoch`; returns its metrics row."""
+        cfg = self.config
+        seed_epoch(cfg.seed, self.epoch)
+        data = self.batches(self.epoch)
+        try:
+            total = len(data) * cfg.batch_size  # type: ignore[arg-type]
+        except TypeError:  # an iterable (or a DataLoader over one) of unknown length
+            total = None
+        it = iter(data)
+        for _ in range(self.epoch_step):  # resumed mid-epoch: these were trained before the kill
+            next(it)
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        self.train_model.train()
+        window, epoch_meter = Meter(), self._epoch_meter
+        desc = f"epoch {self.epoch + 1}/{cfg.epochs}"
+        with ProgressCounter(total, desc, "samples") if self.is_main else _NoBar() as bar:
+            bar.advance(self.epoch_step * cfg.batch_size)
+            for batch in it:
+                n = batch_len(batch)
+                losses = self.train_step(batch)
+                self.step += 1
+                self.epoch_step += 1
+                window.add(losses, n)
+                epoch_meter.add(losses, n)
+                bar.advance(n)
+                if self.step % cfg.log_every == 0:
+                    self._log_row("step", window)
+                    window = Meter()
+                if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
+                    self.save()
+        if window.steps:
+            self._log_row("step", window)
+        extra = {}
+        if self.on_epoch_end is not None and self.is_main:
+            extra = self.on_epoch_end(self.epoch, self.model) or {}
+            self.train_model.train()
+        if self.world_size > 1:
+            dist.barrier()  # the other ranks wait for rank 0's evaluation
+        row = self._log_row("epoch", epoch_meter, extra)
+        self.epoch += 1
+        self.epoch_step = 0
+        self._epoch_meter = Meter()
+        if self.epoch % cfg.ckpt_every == 0 or self.epoch == cfg.epochs:
+            self.save()
+        return row
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to `config.epochs`; with `resume`, continue exactly from run_dir/last.pth."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = None
+        if self.is_main:
+            handler = logging.FileHandler(self.run_dir / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        try:
+            if resume:
+                self._resume()
+            if self.is_main:
+                done_epoch, done_step = self.epoch, self.step
+                self.metrics.keep(
+                    lambda r: (
+                        int(r["step"]) <= done_step
+                        if r["kind"] == "step"
+                        else int(r["epoch"]) < done_epoch
+                    )
+                )
+                self._write_config()
+            start, row = time.perf_counter(), {}
+            while self.epoch < self.config.epochs:
+                row = self.train_epoch()
+            if self.is_main:
+                self._plot()
+            return {
+                "run_dir": str(self.run_dir),
+                "checkpoint": str(self.run_dir / "last.pth"),
+                "epochs": self.epoch,
+                "steps": self.step,
+                "time_s": round(time.perf_counter() - start, 3),
+                "final": row,
+            }
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+
+    def _write_config(self) -> None:
+        doc = {
+            "train_config": asdict(self.config),
+            "meta": self.meta,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "torch": torch.__version__,
+        }
+        path = self.run_dir / "config.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, path)

@@ -1,0 +1,158 @@
+"""`distilpose eval`: a checkpoint, a COCO annotation file and images in; COCO keypoint AP out.
+
+The protocol is the official top-down one: GT boxes or person detections, evaluation crops,
+flip test, rescoring (box score x mean keypoint score above 0.2), OKS-NMS at 0.9, pycocotools.
+The predictions are written as a COCO results JSON (by default `<ckpt_stem>_results.json` next to
+the checkpoint) so that other tools can score or draw them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from distilpose.data import load_coco_instances
+from distilpose.evaluation import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
+from distilpose.inference import default_use_scores, predict_instances, resolve_device
+from distilpose.models import build_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+OKS_NMS_THR = 0.9  # MMPose 0.x / official DistilPose test config
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+    return path
+
+
+def run_eval(
+    checkpoint: str | Path,
+    ann_file: str | Path,
+    image_root: str | Path,
+    *,
+    dets_file: str | Path | None = None,
+    det_score_thr: float = 0.0,
+    flip: bool = True,
+    flip_mode: str = "corrected",
+    dark: bool = False,
+    batch_size: int = 32,
+    device: str = "auto",
+    out_json: str | Path | None = None,
+    use_scores: bool | None = None,
+    num_workers: int = 0,
+) -> dict:
+    """Evaluate a student or teacher checkpoint with COCO keypoint AP.
+
+    Args:
+        checkpoint: this project's checkpoint or an official MMPose 0.x one.
+        ann_file: COCO person-keypoints annotations (the ground truth).
+        image_root: folder the annotation's `file_name`s are relative to.
+        dets_file: person detections (COCO results format); None -> ground-truth boxes.
+        det_score_thr: detections scoring below it are dropped.
+        flip: flip test. flip_mode: students' flip handling, "corrected" (default) or "official".
+        dark: DARK decoding (teachers).
+        device: "auto", "cpu", "cuda", ...
+        out_json: where the COCO results go; default `<ckpt_stem>_results.json` beside the
+            checkpoint.
+        use_scores: None -> from the checkpoint meta: False for a student trained without the
+            confidence loss "cs" (its untrained score must not rank people), else True.
+
+    Returns:
+        {"model", "role", "AP", "AP50", "AP75", "APm", "APl", "AR", "samples_per_s",
+        "forward_samples_per_s", "device", "num_instances", "num_results", "results_json",
+        "use_scores", "flip", "flip_mode", "dark", "boxes"}.
+    """
+    checkpoint = Path(checkpoint)
+    dev = resolve_device(device)
+    model, meta = build_from_checkpoint(checkpoint, map_location="cpu")
+    config = model.config
+    if use_scores is None:
+        use_scores = default_use_scores(config.role, meta)
+        if not use_scores:
+            log.warning(
+                "%s: student trained without the confidence loss 'cs' (losses %s): ranking "
+                "people by box score only (use_scores=False)",
+                checkpoint.name,
+                meta.get("losses"),
+            )
+    width, height = config.input_size
+    instances = load_coco_instances(
+        ann_file,
+        image_root,
+        dets_file=dets_file,
+        det_score_thr=det_score_thr,
+        aspect_ratio=width / height,
+    )
+    stats: dict = {}
+    predictions = predict_instances(
+        model,
+        instances,
+        batch_size=batch_size,
+        device=dev,
+        flip=flip,
+        flip_mode=flip_mode,
+        dark=dark,
+        use_scores=use_scores,
+        num_workers=num_workers,
+        stats=stats,
+        desc=f"eval {config.name}",
+    )
+    kept = [predictions[i] for i in oks_nms(predictions, thr=OKS_NMS_THR)]
+    results = to_coco_results(kept)
+    out_json = (
+        Path(out_json) if out_json else checkpoint.with_name(f"{checkpoint.stem}_results.json")
+    )
+    write_json_atomic(out_json, results)
+    metrics = coco_keypoint_eval(load_coco(ann_file), results)
+    return {
+        "model": config.name,
+        "role": config.role,
+        **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APm", "APl", "AR")},
+        "samples_per_s": stats.get("samples_per_s", 0.0),
+        "forward_samples_per_s": stats.get("forward_samples_per_s", 0.0),
+        "device": str(dev),
+        "num_instances": len(instances),
+        "num_results": len(results),
+        "results_json": str(out_json),
+        "use_scores": bool(use_scores),
+        "flip": flip,
+        "flip_mode": flip_mode,
+        "dark": dark,
+        "boxes": "detections" if dets_file else "ground truth",
+    }
+
+
+def format_metrics_table(result: dict) -> str:
+    """A readable summary of `run_eval`'s result for the console."""
+    header = ["AP", "AP50", "AP75", "APm", "APl", "AR"]
+
+    def cell(v: float) -> str:
+        return "n/a" if v < 0 else f"{100 * v:.1f}"
+
+    rows = [
+        " | ".join(f"{h:>5}" for h in header),
+        " | ".join(f"{cell(result[h]):>5}" for h in header),
+    ]
+    flip = "off"
+    if result.get("flip"):
+        flip = "on" if result.get("role") == "teacher" else f"on ({result.get('flip_mode')})"
+    lines = [
+        f"model {result['model']} ({result['role']}), {result['num_instances']} people "
+        f"({result.get('boxes', '?')} boxes), flip test {flip}"
+        + (", DARK" if result.get("dark") else "")
+        + ("" if result.get("use_scores", True) else ", ranked by box score only"),
+        *rows,
+        f"speed on {result['device']}: {result['samples_per_s']:.1f} samples/s end to end, "
+        f"{result.get('forward_samples_per_s', 0.0):.1f} samples/s model only",
+        f"results: {result['results_json']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,367 @@
+"""Checkpoints: safe loading, atomic saving, official-key renaming, identification.
+
+Two file layouts are read, both with `torch.load(path, map_location="cpu", weights_only=True)`
+(pickled code is refused, never run):
+
+- this project's: `{"format": "distilpose/1", "model": ModelConfig.to_dict(), "state_dict",
+  "meta", ...}`; `build_from_checkpoint` rebuilds the exact model from "model";
+- official MMPose 0.x (yshMars/DistilPose): `{"state_dict", "meta", "optimizer"}` with keys
+  `backbone.*` and `keypoint_head.tokenpose.*` (teachers) or `keypoint_head.tokenhead.*`
+  (students), optionally behind `module.`; a bare state dict works too. The model is identified
+  from the keys and shapes.
+
+`checkpoint_filter_fn` is the one place foreign keys are renamed to ours (`head.*`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.models.complexity import count_params
+from distilpose.models.layers import ModelConfig
+
+FORMAT = "distilpose/1"
+HEAD_PREFIX = "head."
+OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_SHOW = 5  # keys listed per kind in an error message before "(+N more)"
+
+
+def checkpoint_filter_fn(state_dict: dict) -> dict:
+    """Rename official keys to this package's: strip a leading `module.` (DataParallel/DDP) and
+    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` to `head.`. Other keys unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module.") :]
+        for prefix in OFFICIAL_HEAD_PREFIXES:
+            if key.startswith(prefix):
+                key = HEAD_PREFIX + key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read(path: str | os.PathLike) -> dict:
+    """torch.load a checkpoint file safely; every failure is one BadCheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadCheckpointError(f"{path}: no such file; expected a checkpoint (.pth)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            raise BadCheckpointError(
+                f"{path}: refused: the file holds pickled code or objects, which weights-only "
+                "loading does not run; expected tensors, numbers, strings, lists and dicts only"
+            ) from None
+        raise BadCheckpointError(f"{path}: not a PyTorch checkpoint (unreadable pickle)") from None
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        reason = (str(e).splitlines() or [""])[0][:80]
+        detail = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+        raise BadCheckpointError(f"{path}: not a PyTorch checkpoint ({detail})") from None
+    if not isinstance(obj, dict):
+        raise BadCheckpointError(
+            f"{path}: holds a {type(obj).__name__}; expected a dict with a 'state_dict'"
+        )
+    return obj
+
+
+def _unpack(obj: dict, source: str) -> tuple[dict, dict, dict | None, str]:
+    """-> (state dict as in the file, meta, model config dict or None, format name)."""
+    if isinstance(obj.get("state_dict"), dict):
+        state, fmt = obj["state_dict"], obj.get("format", "mmpose")
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, fmt = obj, "state_dict"
+    else:
+        raise BadCheckpointError(
+            f"{source}: no 'state_dict' entry and not a bare state dict; "
+            "expected a distilpose or MMPose checkpoint"
+        )
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad or not state:
+        raise BadCheckpointError(
+            f"{source}: 'state_dict' is empty or has non-tensor entries {_short(bad)}"
+        )
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    config = obj.get("model") if isinstance(obj.get("model"), dict) else None
+    return state, meta, config, str(fmt)
+
+
+def _short(keys: list) -> str:
+    shown = ", ".join(str(k) for k in keys[:_SHOW])
+    more = f", ... (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return f"[{shown}{more}]"
+
+
+def _diff(state: dict, reference: dict) -> tuple[list, list, list]:
+    """Compare a (renamed) state dict with a model's {key: shape}: missing, unexpected, mismatched.
+    BN `num_batches_tracked` may be absent (older files): it is not reported missing."""
+    missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in reference]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(reference[k])}"
+        for k in state
+        if k in reference and tuple(state[k].shape) != tuple(reference[k])
+    ]
+    return missing, unexpected, mismatched
+
+
+def _mismatch_message(source: str, name: str, missing: list, unexpected: list, bad: list) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys {_short(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys {_short(unexpected)}")
+    if bad:
+        parts.append(f"{len(bad)} shape mismatches {_short(bad)}")
+    return f"{source}: checkpoint does not fit model '{name}': " + "; ".join(parts)
+
+
+def _load_state(model: nn.Module, state: dict, source: str, strict: bool) -> None:
+    state = checkpoint_filter_fn(state)
+    own = model.state_dict()
+    missing, unexpected, bad = _diff(state, {k: v.shape for k, v in own.items()})
+    if strict and (missing or unexpected or bad):
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        message = _mismatch_message(source, name, missing, unexpected, bad)
+        fits = _identify_state(state)["model"]
+        if fits and fits != name:
+            message += f"; the keys fit built-in model '{fits}'"
+        raise BadCheckpointError(message)
+    if missing or unexpected or bad:
+        warnings.warn(
+            f"{source}: loaded non-strictly: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(bad)} shape-mismatched keys skipped",
+            stacklevel=3,
+        )
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(usable, strict=False)
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state: str | os.PathLike | dict, strict: bool = True
+) -> dict:
+    """Load a checkpoint file (or an already loaded checkpoint dict / state dict) into `model`.
+
+    Official keys are renamed by `checkpoint_filter_fn`. With `strict` every tensor of the file
+    must be used and every model tensor present with its shape, else one BadCheckpointError lists
+    the missing, unexpected and shape-mismatched keys. Returns the file's "meta" ({} if none).
+    """
+    if isinstance(path_or_state, dict):
+        obj, source = path_or_state, "<checkpoint dict>"
+    else:
+        obj, source = _read(path_or_state), str(path_or_state)
+    state, meta, _, _ = _unpack(obj, source)
+    _load_state(_unwrap(model), state, source, strict)
+    return dict(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers."""
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Refuse what `weights_only=True` could not load back (so a save never makes a bad file)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise BadConfigError(f"checkpoint {where}: key {k!r} is not a str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, torch.Tensor | str | int | float | bool | type(None)):
+        raise BadConfigError(
+            f"checkpoint {where} is a {type(value).__name__}; expected tensors, numbers, "
+            "strings, lists and dicts only (convert numpy values with .tolist())"
+        )
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, *, meta: dict, extra: dict | None = None
+) -> None:
+    """Write `{"format", "model": config.to_dict(), "state_dict", "meta", **extra}` atomically:
+    a temporary file in the same directory, flushed and fsynced, then `os.replace`d into place,
+    so a crash leaves either the old file or the new one, never half of one."""
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise BadConfigError(
+            f"{path}: the model has no ModelConfig 'config'; build it with build_model"
+        )
+    extra = dict(extra or {})
+    clash = sorted({"format", "model", "state_dict", "meta"} & set(extra))
+    if clash:
+        raise BadConfigError(f"{path}: 'extra' may not replace the reserved entries {clash}")
+    _check_plain(meta, "meta")
+    _check_plain(extra, "extra")
+    obj = {
+        "format": FORMAT,
+        "model": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta,
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Identification and rebuilding
+
+
+@functools.cache
+def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
+    """A built-in model's ((key, shape), ...) and trainable parameter count, built on the meta
+    device (no memory, no init cost), cached."""
+    from distilpose.models import build_model  # the registry imports this module
+
+    with torch.device("meta"):
+        model = build_model(name)
+    keys = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return keys, count_params(model)
+
+
+def _identify_state(state: dict) -> dict:
+    """Which built-in model a renamed state dict fits: {"model", "closest", "differences"}."""
+    from distilpose.models import MODEL_NAMES
+
+    best, best_n = None, None
+    for name in MODEL_NAMES:
+        keys, _ = _signature(name)
+        missing, unexpected, bad = _diff(state, dict(keys))
+        n = len(missing) + len(unexpected) + len(bad)
+        if n == 0:
+            return {"model": name, "closest": name, "differences": 0}
+        if best_n is None or n < best_n:
+            best, best_n = name, n
+    return {"model": None, "closest": best, "differences": best_n}
+
+
+def _param_estimate(state: dict) -> int:
+    """Trainable parameters of a state dict without its model: all tensors except BN buffers and
+    the fixed position embedding."""
+    return sum(
+        v.numel()
+        for k, v in state.items()
+        if not k.endswith(_BN_BUFFERS) and not k.endswith("pos_embedding")
+    )
+
+
+def identify_checkpoint(path: str | os.PathLike) -> dict:
+    """Describe a checkpoint: {"path", "format", "model" (built-in name it fits, or None),
+    "role", "config" (own files), "fits" (keys and shapes equal the model's), "closest",
+    "differences", "params" (trainable), "num_tensors", "keys" ({top-level prefix: count}),
+    "official_head_prefix", "meta_keys"}. Raises BadCheckpointError if it is no checkpoint."""
+    obj = _read(path)
+    state, meta, config, fmt = _unpack(obj, str(path))
+    renamed = checkpoint_filter_fn(state)
+    found = _identify_state(renamed)
+    info: dict = {"path": str(path), "format": fmt, "model": found["model"], "config": None}
+    if config is not None:
+        try:
+            cfg = ModelConfig.from_dict(config)
+        except (BadConfigError, TypeError) as e:
+            raise BadCheckpointError(
+                f"{path}: entry 'model' is not a valid model config: {e}"
+            ) from None
+        from distilpose.models import create_model
+
+        with torch.device("meta"):
+            model = create_model(cfg)
+        missing, unexpected, bad = _diff(
+            renamed, {k: v.shape for k, v in model.state_dict().items()}
+        )
+        info.update(model=cfg.name, role=cfg.role, config=cfg.to_dict(), params=count_params(model))
+        info["fits"] = not (missing or unexpected or bad)
+        info["differences"] = len(missing) + len(unexpected) + len(bad)
+        info["closest"] = cfg.name
+    else:
+        info["fits"] = found["model"] is not None
+        info["closest"], info["differences"] = found["closest"], found["differences"]
+        if found["model"]:
+            from distilpose.models import model_config
+
+            info["role"] = model_config(found["model"]).role
+            info["params"] = _signature(found["model"])[1]
+        else:
+            info["role"] = None
+            info["params"] = _param_estimate(renamed)
+    prefixes: dict[str, int] = {}
+    for key in renamed:
+        top = key.split(".", 1)[0]
+        prefixes[top] = prefixes.get(top, 0) + 1
+    info["num_tensors"] = len(state)
+    info["keys"] = prefixes
+    info["official_head_prefix"] = next(
+        (p.rstrip(".") for p in OFFICIAL_HEAD_PREFIXES if any(p in k for k in state)), None
+    )
+    info["meta_keys"] = sorted(str(k) for k in meta)
+    return info
+
+
+def build_from_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was made for and load it strictly -> (model in eval mode on
+    `map_location`, meta). Own files rebuild from their saved config (overrides included);
+    official files from the built-in model their keys and shapes fit."""
+    from distilpose.models import build_model, create_model
+
+    obj = _read(path)
+    state, meta, config, _ = _unpack(obj, str(path))
+    if config is not None:
+        try:
+            model = create_model(ModelConfig.from_dict(config))
+        except (BadConfigError, TypeError) as e:
+            raise BadCheckpointError(
+                f"{path}: entry 'model' is not a valid model config: {e}"
+            ) from None
+    else:
+        found = _identify_state(checkpoint_filter_fn(state))
+        if found["model"] is None:
+            raise BadCheckpointError(
+                f"{path}: the keys fit no built-in model (closest '{found['closest']}' with "
+                f"{found['differences']} differing keys); expected an official TokenPose-L / "
+                "DistilPose-S / DistilPose-L checkpoint or one saved by distilpose"
+            )
+        model = build_model(found["model"])
+    _load_state(model, state, str(path), strict=True)
+    return model.to(map_location).eval(), dict(meta)

@@ -1,0 +1,91 @@
+"""DistilPose students: a CNN backbone + Token-distilling Encoder (TDE) + regression head.
+
+"DistilPose: Tokenized Pose Regression with Heatmap Distillation" (Ye et al., CVPR 2023), as the
+official `DistilPoseHead` with `out_mode='all'`: the TDE is TokenPose's encoder (same layout as the
+teacher's, so its tokens can be matched to the teacher's), and a LayerNorm + Linear(D, 5) on each
+keypoint token gives x, y (sigmoid, normalised to the crop), a confidence score (raw) and
+sigma_x, sigma_y (softplus, heatmap pixels) of the simulated heatmap.
+
+DistilPose-S: StemNet (256 ch at 64x48), patch_to_embedding [192, 3072].
+DistilPose-L: HRNet-W48 stages 1-3, branch 0 (48 ch), patch_to_embedding [192, 576].
+Official checkpoints keep the head under `keypoint_head.tokenhead.*`; here it is `head.*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distilpose.models.hrnet import build_backbone
+from distilpose.models.layers import ModelConfig, TokenEncoder
+
+
+@dataclass
+class StudentOutput:
+    """coords [B, K, 2]: x, y in [0, 1] of the crop (x / W_in, y / H_in), sigmoid;
+    scores [B, K]: raw confidence (no sigmoid; trained towards the teacher's heatmap value);
+    sigmas [B, K, 2]: sigma_x, sigma_y > 0 in heatmap pixels (softplus);
+    keypoint_tokens [B, K, D], visual_tokens [B, P, D]: last encoder layer's outputs (no final
+    LayerNorm), projected to `teacher_dim` when the config sets one."""
+
+    coords: torch.Tensor
+    scores: torch.Tensor
+    sigmas: torch.Tensor
+    keypoint_tokens: torch.Tensor
+    visual_tokens: torch.Tensor
+
+
+class RegressionHead(TokenEncoder):
+    """TDE + `mlp_head` = LayerNorm(D), Linear(D, 5) (Linear(D, 4) with `single_sigma`).
+
+    Output channels per keypoint, in the official order: x, y, score, sigma_x, sigma_y
+    (x, y, score, sigma with a single sigma used for both axes).
+    """
+
+    def __init__(self, config: ModelConfig, in_channels: int):
+        super().__init__(config, in_channels)
+        out_dim = 4 if config.single_sigma else 5
+        self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, out_dim))
+        self.init_weights()
+
+    def forward(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
+        out = self.mlp_head(kpt)  # [B, K, 5] or [B, K, 4]
+        coords = out[..., 0:2].sigmoid()
+        scores = out[..., 2]
+        sigmas = F.softplus(out[..., 3:]).expand(-1, -1, 2)  # [B, K, 2]; single sigma repeats
+        return coords, scores, sigmas, kpt, vis
+
+
+class DistilPose(nn.Module):
+    """images [B, 3, H, W] (normalised RGB) -> StudentOutput.
+
+    A student whose token width `dim` differs from the teacher's (`teacher_dim`) gets a learned
+    linear projection `token_proj` (Linear(dim, teacher_dim)) applied to both token outputs, so
+    the token-distillation losses can compare them with the teacher's; it is trained by those
+    losses only and is not used for the keypoint prediction.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config.backbone)
+        self.head = RegressionHead(config, self.backbone.out_channels)
+        self.token_proj: nn.Linear | None = None
+        if config.teacher_dim and config.teacher_dim != config.dim:
+            self.token_proj = nn.Linear(config.dim, config.teacher_dim)
+            nn.init.trunc_normal_(self.token_proj.weight, std=0.02)
+            nn.init.zeros_(self.token_proj.bias)
+
+    def forward(self, images: torch.Tensor) -> StudentOutput:
+        coords, scores, sigmas, kpt, vis = self.head(self.backbone(images))
+        if self.token_proj is not None:
+            kpt, vis = self.token_proj(kpt), self.token_proj(vis)
+        return StudentOutput(
+            coords=coords, scores=scores, sigmas=sigmas, keypoint_tokens=kpt, visual_tokens=vis
+        )

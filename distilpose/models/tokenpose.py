@@ -1,0 +1,73 @@
+"""TokenPose heatmap teacher: a CNN backbone + TokenPose's transformer + an MLP heatmap head.
+
+"TokenPose: Learning Keypoint Tokens for Human Pose Estimation" (Li et al., ICCV 2021), in the
+form DistilPose uses as its teacher (`TokenPoseHead` of yshMars/DistilPose): HRNet-W48 branch 0
+(48 ch at 64x48), 4x3 patches -> 256 visual tokens + 17 keypoint tokens, 12 pre-norm layers of
+width 192, and an MLP from each keypoint token to its 64x48 heatmap.
+
+Official checkpoints keep the head under `keypoint_head.tokenpose.*`; here it is `head.*`
+(`checkpoint.checkpoint_filter_fn` renames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distilpose.models.hrnet import build_backbone
+from distilpose.models.layers import ModelConfig, TokenEncoder
+
+
+@dataclass
+class TeacherOutput:
+    """heatmaps [B, K, Hh, Wh] (raw, not normalised); keypoint_tokens [B, K, D];
+    visual_tokens [B, P, D] (last encoder layer's outputs, no final LayerNorm)."""
+
+    heatmaps: torch.Tensor
+    keypoint_tokens: torch.Tensor
+    visual_tokens: torch.Tensor
+
+
+class HeatmapHead(TokenEncoder):
+    """Token encoder + `mlp_head`: keypoint token [D] -> heatmap [Hh*Wh].
+
+    The official rule: a hidden layer of width Hh*Wh/8 (384 at 64x48) when dim <= that width / 2,
+    i.e. LayerNorm(192), Linear(192, 384), LayerNorm(384), Linear(384, 3072); otherwise
+    LayerNorm(D), Linear(D, Hh*Wh) (the tiny teacher).
+    """
+
+    def __init__(self, config: ModelConfig, in_channels: int):
+        super().__init__(config, in_channels)
+        wh, hh = config.heatmap_size
+        hidden = wh * hh // 8
+        if config.dim <= hidden * 0.5:
+            self.mlp_head = nn.Sequential(
+                nn.LayerNorm(config.dim),
+                nn.Linear(config.dim, hidden),
+                nn.LayerNorm(hidden),
+                nn.Linear(hidden, wh * hh),
+            )
+        else:
+            self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, wh * hh))
+        self.init_weights()
+
+    def forward(self, features: torch.Tensor) -> TeacherOutput:
+        kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
+        wh, hh = self.heatmap_size
+        heatmaps = self.mlp_head(kpt).reshape(kpt.shape[0], kpt.shape[1], hh, wh)  # [B, K, Hh, Wh]
+        return TeacherOutput(heatmaps=heatmaps, keypoint_tokens=kpt, visual_tokens=vis)
+
+
+class TokenPose(nn.Module):
+    """images [B, 3, H, W] (normalised RGB) -> TeacherOutput."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config.backbone)
+        self.head = HeatmapHead(config, self.backbone.out_channels)
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        return self.head(self.backbone(images))

@@ -1,0 +1,529 @@
+"""Read a teacher store: exact slot ranges, shuffled training batches, a torch IterableDataset.
+
+Why chunks, not samples. A zarr read costs about 1 ms per chunk whatever its size, while
+decompressing one sample costs 0.1-0.2 ms; reading one sample at a time at random would give a
+few hundred samples/s. So the training path only ever reads whole chunks (64 slots by default),
+several at once from a thread pool, and gets its randomness from three sources instead:
+
+1. Dump time: within each view block the slots hold the instances in a random permutation,
+   seeded by (store seed, view). Every chunk is therefore a uniformly random subset of the
+   dataset, and different views partition the dataset into different chunks.
+2. Every epoch: the list of (complete) chunks is permuted with `default_rng([seed, epoch])`.
+3. Shuffle groups: consecutive groups of `shuffle_buffer_chunks` chunks (4 by default) are
+   loaded together, their rows are permuted as one pool (rows left over after the last whole
+   batch join the next group's pool) and cut into batches.
+
+What this gives: every sample appears exactly once per epoch and view; every instance is
+equally likely at every position of the epoch; batches are random subsets of the dataset. The
+one departure from a full shuffle is that two samples sharing a chunk share a batch with
+probability about B / (k * C) (B batch, k group chunks, C chunk slots: 1/4 by default) instead
+of about B / N. That correlation is fixed per view, symmetric and independent of the labels, so
+the minibatch gradient stays an unbiased estimate of the epoch gradient and only its noise
+structure changes slightly; with several views each view re-partitions the dataset. For
+training a pose regressor (per-sample losses, BatchNorm statistics over random subsets) this
+is indistinguishable from a full shuffle; ImageNet-scale loaders (WebDataset shard shuffling,
+tf.data shuffle buffers) rely on the same argument with far weaker mixing.
+
+Determinism: the order depends only on (seed, epoch) and the split of the chunk list. With
+`StoreDataset`, DataLoader worker w of W (and rank r of R) takes every (R*W)-th chunk of the
+epoch order, so each chunk is read once; the order is fixed for a given number of workers.
+`iter_batches(part=(i, n))` instead yields every n-th batch of the single-process order (reading
+only the chunks those batches need): the same global order for any number of workers, at the
+cost of reading a chunk in up to n workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from distilpose.errors import StoreFormatError, StoreMismatchError
+from store.schema import (
+    META_KEY,
+    READ_FIELDS,
+    TEACHER_OUTPUTS,
+    StoreLayout,
+    StoreLocation,
+    StoreMeta,
+    array_specs,
+    dequantize_heatmaps,
+    dequantize_tokens,
+)
+
+DEFAULT_FIELDS = READ_FIELDS
+Views = int | Sequence[int] | None
+
+
+class StoreReader:
+    """A read-only view of a store (local path or any fsspec URL zarr accepts)."""
+
+    def __init__(self, location: StoreLocation, group: zarr.Group, meta: StoreMeta) -> None:
+        self.location = location
+        self.path = str(location)
+        self.meta = meta
+        self.layout = StoreLayout(meta)
+        self.specs = array_specs(meta)
+        slots = self.layout.num_slots(meta.views)
+        self.arrays = {}
+        for name, spec in self.specs.items():
+            try:
+                arr = group[name]
+            except KeyError:
+                raise StoreFormatError(f"{self.path}: array '{name}' is missing") from None
+            if arr.shape[1:] != spec.shape or arr.shape[0] < slots or str(arr.dtype) != spec.dtype:
+                raise StoreFormatError(
+                    f"{self.path}: array '{name}' is {arr.dtype} {list(arr.shape)}; expected "
+                    f"{spec.dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
+                )
+            self.arrays[name] = arr
+        self._complete: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path_or_url: object, storage_options: dict | None = None) -> StoreReader:
+        loc = StoreLocation(path_or_url, storage_options)
+        if not loc.exists("zarr.json"):
+            raise StoreFormatError(f"{loc}: no store here (zarr.json missing)")
+        try:
+            group = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+        except Exception as e:  # zarr raises several types for unreadable metadata
+            raise StoreFormatError(f"{loc}: not a readable zarr v3 group ({e})") from e
+        attrs = group.attrs.asdict()
+        if META_KEY not in attrs:
+            raise StoreFormatError(f"{loc}: not a distilpose store (no '{META_KEY}' attribute)")
+        return cls(loc, group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc)))
+
+    # ---- completeness ---------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget the cached completion state (another process may have written units)."""
+        self._complete = None
+
+    def complete_units(self) -> np.ndarray:
+        """Sorted unit ids marked complete (within this reader's views)."""
+        if self._complete is None:
+            limit = self.layout.num_units(self.meta.views)
+            self._complete = np.array(
+                [u for u in self.location.list_markers() if u < limit], dtype=np.int64
+            )
+        return self._complete
+
+    def complete_mask(self) -> np.ndarray:
+        """bool [views, num_instances]: sample (view v, instance i) is written and complete."""
+        mask = np.zeros((self.meta.views, self.meta.num_instances), dtype=bool)
+        for u in self.complete_units():
+            mask[self.layout.unit_view(int(u)), self.layout.unit_instances(int(u))] = True
+        return mask
+
+    def is_complete(self, view: Views = None) -> bool:
+        done = set(self.complete_units().tolist())
+        return all(u in done for u in self._units(view))
+
+    def _views(self, view: Views) -> list[int]:
+        if view is None:
+            return list(range(self.meta.views))
+        views = [int(view)] if np.ndim(view) == 0 else [int(v) for v in view]
+        for v in views:
+            if not 0 <= v < self.meta.views:
+                raise StoreMismatchError(
+                    f"{self.path}: view {v} asked for; the store has views 0..{self.meta.views - 1}"
+                )
+        return views
+
+    def _units(self, view: Views) -> list[int]:
+        per = self.layout.units_per_view
+        return [u for v in self._views(view) for u in range(v * per, (v + 1) * per)]
+
+    def chunks(self, view: Views = None, allow_incomplete: bool = False) -> list[tuple[int, int]]:
+        """(start, stop) slot ranges of the complete chunks of `view` (None: all views)."""
+        units = self._units(view)
+        done = set(self.complete_units().tolist())
+        missing = [u for u in units if u not in done]
+        if missing and not allow_incomplete:
+            raise StoreFormatError(
+                f"{self.path}: {len(units) - len(missing)} of {len(units)} write units complete "
+                f"(views {self._views(view)}); expected a finished dump: resume it, or pass "
+                "allow_incomplete=True to use the complete part"
+            )
+        return [c for u in units if u in done for c in self.layout.unit_chunks(u)]
+
+    def num_samples(self, view: Views = None, allow_incomplete: bool = False) -> int:
+        return sum(b - a for a, b in self.chunks(view, allow_incomplete))
+
+    # ---- fit to a student -----------------------------------------------------------------
+
+    def check_student(self, model_config: object) -> None:
+        """Refuse (StoreMismatchError) a store whose sizes do not fit a student ModelConfig.
+
+        Checks input_size, heatmap_size, num_keypoints, the token dim (teacher_dim if the
+        student projects its tokens, else dim) and the patch count from
+        heatmap_size / patch_size.
+        """
+        cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        m = self.meta
+        problems = []
+
+        def check(name: str, store_value: object, student_value: object) -> None:
+            if student_value is not None and list(np.atleast_1d(store_value)) != list(
+                np.atleast_1d(student_value)
+            ):
+                problems.append(f"{name} store={store_value} student={student_value}")
+
+        check("input_size", list(m.input_size), list(cfg.get("input_size") or m.input_size))
+        check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
+        check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
+        dim = cfg.get("teacher_dim") or cfg.get("dim")
+        check("token dim (teacher_dim or dim)", m.token_dim, dim)
+        hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
+        if hs and ps:
+            grid = [int(hs[0]) // int(ps[0]), int(hs[1]) // int(ps[1])]
+            check("patch grid", list(m.patch_grid), grid)
+            check("num_patches", m.num_patches, grid[0] * grid[1])
+        if problems:
+            raise StoreMismatchError(
+                f"{self.path}: teacher store does not fit student '{cfg.get('name', '?')}': "
+                f"{'; '.join(problems)}; expected equal sizes (set teacher_dim to project tokens)"
+            )
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def _stored_names(self, fields: Sequence[str]) -> list[str]:
+        names = []
+        for f in fields:
+            if f in ("slot", "view"):
+                continue
+            if f not in self.specs:
+                raise StoreFormatError(
+                    f"{self.path}: no field '{f}'; expected one of {READ_FIELDS}"
+                )
+            names.append(f)
+            if self.meta.mode != "fp16" and f in TEACHER_OUTPUTS:
+                names.append(f + "_scale")
+        return names
+
+    def read_chunk(
+        self, start: int, stop: int, fields: Sequence[str] = DEFAULT_FIELDS, dtype=None
+    ) -> dict[str, np.ndarray]:
+        """Slots [start, stop) of the given fields, teacher outputs decoded; no checks.
+
+        Teacher outputs come back as float16 in fp16 mode (bit-exact) and as float32 in lossy
+        modes, unless `dtype` says otherwise. All arrays of the range are read concurrently.
+        """
+        names = self._stored_names(fields)
+
+        async def read_all():
+            return await asyncio.gather(
+                *(self.arrays[n]._async_array.getitem(slice(start, stop)) for n in names)
+            )
+
+        raw = dict(zip(names, sync(read_all()), strict=True))
+        out: dict[str, np.ndarray] = {}
+        for f in fields:
+            if f == "slot":
+                out[f] = np.arange(start, stop, dtype=np.int64)
+            elif f == "view":
+                out[f] = self.layout.slot_views(np.arange(start, stop))
+            elif f in TEACHER_OUTPUTS:
+                out[f] = self._decode(f, raw, dtype)
+            else:
+                out[f] = np.asarray(raw[f])
+        return out
+
+    def _decode(self, name: str, raw: dict, dtype) -> np.ndarray:
+        codes = np.asarray(raw[name])
+        if self.meta.mode == "fp16":
+            return codes if dtype is None else codes.astype(dtype)
+        scale = np.asarray(raw[name + "_scale"])
+        x = (
+            dequantize_heatmaps(codes, scale)
+            if name == "heatmaps"
+            else dequantize_tokens(codes, scale)
+        )
+        return x if dtype is None else x.astype(dtype)
+
+    def read_slots(
+        self,
+        start: int,
+        stop: int,
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        allow_incomplete: bool = False,
+        dtype=None,
+    ) -> dict[str, np.ndarray]:
+        """Slots [start, stop) as dict of arrays [stop - start, ...], padding slots included
+        (instance -1). Refuses a range touching an incomplete unit unless allow_incomplete."""
+        total = self.layout.num_slots(self.meta.views)
+        if not 0 <= start <= stop <= total:
+            raise StoreFormatError(f"{self.path}: slots [{start}, {stop}) outside [0, {total})")
+        if not allow_incomplete and stop > start:
+            u0, u1 = start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples
+            done = set(self.complete_units().tolist())
+            missing = [u for u in range(u0, u1 + 1) if u not in done]
+            if missing:
+                raise StoreFormatError(
+                    f"{self.path}: slots [{start}, {stop}) include unit {missing[0]}, which is "
+                    "not complete; expected complete units (or allow_incomplete=True)"
+                )
+        return self.read_chunk(start, stop, fields, dtype)
+
+    def iter_batches(
+        self,
+        view: Views = None,
+        batch_size: int = 64,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_buffer_chunks: int = 4,
+        allow_incomplete: bool = False,
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        *,
+        drop_last: bool = False,
+        part: tuple[int, int] = (0, 1),
+        num_threads: int = 2,
+        dtype=None,
+        shared: bool = False,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Shuffled batches (dicts of arrays [B, ...]) of one epoch; see the module docstring.
+
+        part=(i, n): only batches i, i + n, ... of this order, reading only their chunks.
+        """
+        chunks = self.chunks(view, allow_incomplete)
+        order = epoch_chunk_order(len(chunks), seed, epoch)
+        chunks = [chunks[i] for i in order]
+        rng = np.random.default_rng([seed, epoch, 0, 1])
+        plan = plan_batches(
+            [b - a for a, b in chunks], batch_size, shuffle_buffer_chunks, rng, drop_last
+        )
+        i, n = part
+        plan = plan[i::n]
+        yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+
+
+def epoch_chunk_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's chunk order: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_chunks)
+
+
+def plan_batches(
+    sizes: Sequence[int],
+    batch_size: int,
+    group_chunks: int,
+    rng: np.random.Generator,
+    drop_last: bool,
+) -> list[np.ndarray]:
+    """Index-only shuffle plan: each batch is [n, 2] int64 (chunk position, row in the chunk).
+
+    Chunks are taken in groups of `group_chunks`; each group's rows, plus the rows left over from
+    the previous group, are permuted together and cut into whole batches.
+    """
+    if batch_size < 1 or group_chunks < 1:
+        raise ValueError("batch_size and shuffle_buffer_chunks must be >= 1")
+    batches: list[np.ndarray] = []
+    carry = np.empty((0, 2), dtype=np.int64)
+    for g in range(0, len(sizes), group_chunks):
+        parts = [carry] + [
+            np.stack([np.full(s, c, dtype=np.int64), np.arange(s, dtype=np.int64)], 1)
+            for c, s in enumerate(sizes[g : g + group_chunks], start=g)
+        ]
+        pool = np.concatenate(parts)
+        pool = pool[rng.permutation(len(pool))]
+        whole = len(pool) // batch_size * batch_size
+        batches.extend(np.split(pool[:whole], whole // batch_size) if whole else [])
+        carry = pool[whole:]
+    if len(carry) and not drop_last:
+        batches.append(carry)
+    return batches
+
+
+def run_plan(
+    reader: StoreReader,
+    chunks: Sequence[tuple[int, int]],
+    plan: Sequence[np.ndarray],
+    fields: tuple[str, ...],
+    num_threads: int = 2,
+    dtype=None,
+    shared: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Execute a plan: read each needed chunk once (concurrently, a few ahead), gather batches."""
+    first_use: list[int] = []
+    last_use: dict[int, int] = {}
+    for b, batch in enumerate(plan):
+        for c in np.unique(batch[:, 0]).tolist():
+            if c not in last_use:
+                first_use.append(c)
+            last_use[c] = b
+    position = {c: i for i, c in enumerate(first_use)}
+    ahead = max(1, num_threads) + 1
+    futures: dict[int, Future] = {}
+    loaded: dict[int, dict[str, np.ndarray]] = {}
+    submitted = 0
+    with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="store_read") as pool:
+        try:
+            for b, batch in enumerate(plan):
+                needed = np.unique(batch[:, 0]).tolist()
+                target = max(position[c] for c in needed) + ahead
+                while submitted < min(target, len(first_use)):
+                    c = first_use[submitted]
+                    futures[c] = pool.submit(reader.read_chunk, *chunks[c], fields, dtype)
+                    submitted += 1
+                for c in needed:
+                    if c not in loaded:
+                        loaded[c] = futures.pop(c).result()
+                yield gather_rows(batch, loaded, fields, shared)
+                for c in needed:
+                    if last_use[c] == b:
+                        del loaded[c]
+        finally:
+            for f in futures.values():
+                f.cancel()
+
+
+def gather_rows(
+    batch: np.ndarray, loaded: dict, fields: Sequence[str], shared: bool = False
+) -> dict[str, np.ndarray]:
+    """Rows (chunk, row) of loaded chunks -> one dict of arrays [len(batch), ...].
+
+    shared=True (inside DataLoader workers) gathers straight into shared-memory torch tensors,
+    which the DataLoader then hands to the main process without another 13 MB copy per batch.
+    """
+    cids, rows = batch[:, 0], batch[:, 1]
+    groups = [(c, np.flatnonzero(cids == c)) for c in np.unique(cids).tolist()]
+    out = {}
+    for f in fields:
+        first = loaded[groups[0][0]][f]
+        shape = (len(batch), *first.shape[1:])
+        if shared:
+            import torch
+
+            tensor = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype).share_memory_()
+            arr = tensor.numpy()
+        else:
+            arr = np.empty(shape, dtype=first.dtype)
+        for c, where in groups:
+            arr[where] = loaded[c][f][rows[where]]
+        out[f] = tensor if shared else arr
+    return out
+
+
+def __getattr__(name: str):
+    # StoreDataset needs torch; build it on first use so writers and checks stay light
+    if name == "StoreDataset":
+        global StoreDataset
+        StoreDataset = _store_dataset_class()
+        return StoreDataset
+    raise AttributeError(f"module 'store.reader' has no attribute '{name}'")
+
+
+def _store_dataset_class() -> type:
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class StoreDataset(IterableDataset):
+        """A torch IterableDataset over a store: shuffled samples (or batches) of one epoch.
+
+        view: an int, a list of views, None (all views) or "epoch" (view = epoch mod views).
+        batch_size=None yields per-sample dicts of numpy arrays (use DataLoader(batch_size=B));
+        an int yields batched dicts [B, ...] (use DataLoader(batch_size=None), the fast path).
+        Call `set_epoch(e)` before each epoch (DataLoader with persistent_workers=False, the
+        default). Chunks are split across DataLoader workers and DDP ranks (rank/world_size,
+        taken from torch.distributed when initialised), each reading its own chunks;
+        same_order_any_workers=True uses `iter_batches(part=...)` instead. Fields: `READ_FIELDS`.
+        """
+
+        def __init__(
+            self,
+            path: object,
+            *,
+            view: Views | str = None,
+            batch_size: int | None = None,
+            seed: int = 0,
+            epoch: int = 0,
+            shuffle_buffer_chunks: int = 4,
+            fields: Sequence[str] = DEFAULT_FIELDS,
+            allow_incomplete: bool = False,
+            num_threads: int = 2,
+            drop_last: bool = False,
+            rank: int | None = None,
+            world_size: int | None = None,
+            same_order_any_workers: bool = False,
+            dtype=None,
+            storage_options: dict | None = None,
+        ) -> None:
+            super().__init__()
+            self.path, self.storage_options = str(path), storage_options
+            self.view, self.batch_size, self.seed, self.epoch = view, batch_size, seed, epoch
+            self.shuffle_buffer_chunks, self.fields = shuffle_buffer_chunks, tuple(fields)
+            self.allow_incomplete, self.num_threads, self.drop_last = (
+                allow_incomplete,
+                num_threads,
+                drop_last,
+            )
+            self.rank, self.world_size = rank, world_size
+            self.same_order_any_workers, self.dtype = same_order_any_workers, dtype
+            reader = StoreReader.open(self.path, storage_options)  # fail early, in the main process
+            self.meta = reader.meta
+            reader.chunks(self._view(epoch), allow_incomplete)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def _view(self, epoch: int) -> Views:
+            return epoch % self.meta.views if self.view == "epoch" else self.view
+
+        def _split(self) -> tuple[int, int]:
+            info = get_worker_info()
+            w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+            rank, world = self.rank, self.world_size
+            if rank is None or world is None:
+                import torch.distributed as dist
+
+                ok = dist.is_available() and dist.is_initialized()
+                rank, world = (dist.get_rank(), dist.get_world_size()) if ok else (0, 1)
+            return rank * nw + w, world * nw
+
+        def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+            reader = StoreReader.open(self.path, self.storage_options)
+            idx, total = self._split()
+            batch = self.batch_size or reader.meta.chunk_samples
+            kw = dict(
+                view=self._view(self.epoch),
+                batch_size=batch,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle_buffer_chunks=self.shuffle_buffer_chunks,
+                allow_incomplete=self.allow_incomplete,
+                fields=self.fields,
+                drop_last=self.drop_last and self.batch_size is not None,
+                num_threads=self.num_threads,
+                dtype=self.dtype,
+            )
+            # batches cross to the main process through shared memory; samples are small
+            shared = get_worker_info() is not None and self.batch_size is not None
+            if self.same_order_any_workers or total == 1:
+                batches = reader.iter_batches(**kw, part=(idx, total), shared=shared)
+            else:
+                chunks = reader.chunks(kw["view"], self.allow_incomplete)
+                order = epoch_chunk_order(len(chunks), self.seed, self.epoch)
+                mine = [chunks[i] for i in order[idx::total]]
+                rng = np.random.default_rng([self.seed, self.epoch, idx, total])
+                plan = plan_batches(
+                    [b - a for a, b in mine],
+                    batch,
+                    self.shuffle_buffer_chunks,
+                    rng,
+                    kw["drop_last"],
+                )
+                batches = run_plan(
+                    reader, mine, plan, self.fields, self.num_threads, self.dtype, shared
+                )
+            for b in batches:
+                if self.batch_size is not None:
+                    yield b
+                else:
+                    n = len(next(iter(b.values())))
+                    for i in range(n):
+                        yield {k: v[i] for k, v in b.items()}
+
+    StoreDataset.__module__ = __name__
+    return StoreDataset

@@ -1,0 +1,485 @@
+"""The teacher store's on-disk format, written down in one place.
+
+A store is a zarr v3 group. Its attribute `distilpose_store` holds `StoreMeta`; its arrays all
+have the sample slot as first axis; `complete/u<unit>.json` files mark finished write units.
+
+Slot layout. View v of the N instances occupies one *view block* of `block_samples` slots,
+`block_samples = ceil(N / unit_samples) * unit_samples`, starting at slot `v * block_samples`.
+Slot `v * block_samples + j` holds instance `perm_v[j]` for `j < N`, with
+`perm_v = np.random.default_rng([seed, v]).permutation(N)`: consecutive slots are shuffled
+instances, so every chunk is a random subset of the dataset. Slots `j >= N` are padding:
+`instance = -1`, never returned by the reader's training path. Padding exists so that every
+view block is a whole number of write units: a unit never spans two views, and raising `views`
+later appends new blocks without touching a byte of the old ones.
+
+Write unit = one zarr shard = `shard_chunks` chunks of `chunk_samples` slots. Several writers
+fill disjoint units (different shard files) of one store; a unit is complete once its marker
+exists, and the marker is written only after the unit's shards are fsynced.
+
+Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
+
+| name              | shape       | fp16 mode | lossy modes                                       |
+|-------------------|-------------|-----------|---------------------------------------------------|
+| spec              | [8]         | float64   | float64 (CropSpec.to_array)                       |
+| instance          | []          | int64     | int64 (-1 = padding)                              |
+| image_id, ann_id  | []          | int64     | int64                                             |
+| keypoints         | [K, 2]      | float32   | float32 (crop pixels)                             |
+| weights           | [K]         | float32   | float32                                           |
+| crop_digest       | [32]        | uint8     | uint8 (sha256 bytes of the crop the teacher saw)  |
+| heatmaps          | [K, Hh, Wh] | float16   | uint8 (lossy) / uint16 (lossy16)                  |
+| heatmaps_scale    | [K, 2]      | -         | float32 (offset, step) per sample and joint       |
+| keypoint_tokens   | [K, D]      | float16   | int8                                              |
+| keypoint_tokens_scale | [K]     | -         | float32 per token                                 |
+| visual_tokens     | [P, D]      | float16   | int8                                              |
+| visual_tokens_scale   | [P]     | -         | float32 per token                                 |
+
+All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
+shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
+quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import numpy as np
+
+from distilpose import __version__
+from distilpose.errors import StoreFormatError
+
+SCHEMA_VERSION = 1
+META_KEY = "distilpose_store"  # group attribute holding StoreMeta
+COMPLETE_DIR = "complete"  # one marker file per finished write unit
+MODES = ("fp16", "lossy", "lossy16")
+ZSTD_LEVEL = 1
+ZSTD_LEVEL_CODES = 9  # quantized heatmaps: smooth small integers that reward a harder search
+TEACHER_OUTPUTS = ("heatmaps", "keypoint_tokens", "visual_tokens")
+# Fields that identify what a store contains: opening it for writing with any other value is a
+# mismatch. Layout (chunk_samples, shard_chunks) is taken from the existing store instead.
+IDENTITY_FIELDS = (
+    "teacher_sha256",
+    "seed",
+    "ann_digest",
+    "num_instances",
+    "input_size",
+    "heatmap_size",
+    "token_dim",
+    "num_patches",
+    "patch_grid",
+    "num_keypoints",
+    "recipe",
+    "mode",
+)
+
+
+@dataclass
+class StoreMeta:
+    """Store-level metadata, kept in the group attribute `distilpose_store`.
+
+    Sizes follow the project convention: (width, height). `views` is the number of view blocks
+    the store has room for; which units are written is tracked by the completion markers.
+    """
+
+    teacher_name: str
+    teacher_sha256: str
+    num_instances: int
+    views: int = 1
+    seed: int = 0
+    input_size: tuple[int, int] = (192, 256)
+    heatmap_size: tuple[int, int] = (48, 64)
+    token_dim: int = 192
+    patch_grid: tuple[int, int] = (16, 16)  # (W_hm / patch_w, H_hm / patch_h)
+    num_patches: int = 0  # 0: patch_grid[0] * patch_grid[1]
+    num_keypoints: int = 17
+    recipe: dict = field(default_factory=dict)  # AugmentRecipe.to_dict() of the dumped views
+    ann_digest: str = ""  # sha256 of the annotation file
+    ann_file: str = ""
+    image_root: str = ""
+    mode: str = "fp16"
+    chunk_samples: int = 64  # read granularity: one zarr chunk
+    shard_chunks: int = 8  # chunks per shard = per write unit
+    code_version: str = __version__
+    created: str = ""  # ISO time, set when the store is created
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)
+        self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
+        self.patch_grid = tuple(int(v) for v in self.patch_grid)
+        if not self.num_patches:
+            self.num_patches = self.patch_grid[0] * self.patch_grid[1]
+        if not self.created:
+            self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if self.mode not in MODES:
+            raise StoreFormatError(f"StoreMeta.mode: '{self.mode}'; expected one of {MODES}")
+        for name in ("num_instances", "views", "chunk_samples", "shard_chunks"):
+            if int(getattr(self, name)) < 1:
+                raise StoreFormatError(f"StoreMeta.{name}: {getattr(self, name)}; expected >= 1")
+
+    @property
+    def unit_samples(self) -> int:
+        return self.chunk_samples * self.shard_chunks
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("input_size", "heatmap_size", "patch_grid"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "store") -> StoreMeta:
+        version = int(d.get("schema_version", 0))
+        if version > SCHEMA_VERSION:
+            raise StoreFormatError(
+                f"{source}: schema version {version} is newer than this code's {SCHEMA_VERSION}; "
+                "expected an upgrade of distilpose to read it"
+            )
+        known = {f.name for f in fields(cls)}
+        missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
+        if missing:
+            raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def mismatches(self, other: StoreMeta) -> list[str]:
+        """Identity fields whose values differ, as 'name: store=... requested=...'."""
+        out = []
+        for name in IDENTITY_FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            if _norm(a) != _norm(b):
+                out.append(f"{name}: store={a!r} requested={b!r}")
+        return out
+
+
+def _norm(v: object) -> object:
+    if isinstance(v, tuple | list):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in sorted(v.items())}
+    return v
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One store array: per-slot shape, stored dtype and the fill value of unwritten slots."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fill_value: int | float = 0
+    zstd_level: int = ZSTD_LEVEL
+
+
+def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
+    """Every array of a store made with `meta`, in write order."""
+    k, d, p = meta.num_keypoints, meta.token_dim, meta.num_patches
+    wh, hh = meta.heatmap_size
+    hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
+    mode_fp16 = meta.mode == "fp16"
+    tok_dtype = "float16" if mode_fp16 else "int8"
+    specs = [
+        ArraySpec("spec", (8,), "float64"),
+        ArraySpec("instance", (), "int64", -1),
+        ArraySpec("image_id", (), "int64", -1),
+        ArraySpec("ann_id", (), "int64", -1),
+        ArraySpec("keypoints", (k, 2), "float32"),
+        ArraySpec("weights", (k,), "float32"),
+        ArraySpec("crop_digest", (32,), "uint8"),
+        ArraySpec(
+            "heatmaps", (k, hh, wh), hm_dtype, 0, ZSTD_LEVEL if mode_fp16 else ZSTD_LEVEL_CODES
+        ),
+        ArraySpec("keypoint_tokens", (k, d), tok_dtype),
+        ArraySpec("visual_tokens", (p, d), tok_dtype),
+    ]
+    if meta.mode != "fp16":
+        specs += [
+            ArraySpec("heatmaps_scale", (k, 2), "float32"),
+            ArraySpec("keypoint_tokens_scale", (k,), "float32"),
+            ArraySpec("visual_tokens_scale", (p,), "float32"),
+        ]
+    return {s.name: s for s in specs}
+
+
+# Fields a reader can return; "slot" and "view" are derived from the layout, never stored.
+READ_FIELDS = (
+    "slot",
+    "view",
+    "spec",
+    "instance",
+    "image_id",
+    "ann_id",
+    "keypoints",
+    "weights",
+    "crop_digest",
+    "heatmaps",
+    "keypoint_tokens",
+    "visual_tokens",
+)
+
+
+class StoreLayout:
+    """Slot arithmetic: views -> blocks -> write units -> chunks (see the module docstring)."""
+
+    def __init__(self, meta: StoreMeta) -> None:
+        self.meta = meta
+        self.n = int(meta.num_instances)
+        self.unit_samples = meta.unit_samples
+        self.chunk_samples = int(meta.chunk_samples)
+        self.units_per_view = math.ceil(self.n / self.unit_samples)
+        self.block_samples = self.units_per_view * self.unit_samples
+
+    def num_slots(self, views: int) -> int:
+        return views * self.block_samples
+
+    def num_units(self, views: int) -> int:
+        return views * self.units_per_view
+
+    def unit_slots(self, unit: int) -> tuple[int, int]:
+        start = unit * self.unit_samples
+        return start, start + self.unit_samples
+
+    def unit_view(self, unit: int) -> int:
+        return unit // self.units_per_view
+
+    def unit_valid(self, unit: int) -> int:
+        """Number of real (non-padding) slots at the start of `unit`."""
+        first = (unit % self.units_per_view) * self.unit_samples
+        return max(0, min(self.unit_samples, self.n - first))
+
+    def view_permutation(self, view: int) -> np.ndarray:
+        return _permutation(int(self.meta.seed), int(view), self.n)
+
+    def slot_instance(self, slot: int) -> tuple[int, int]:
+        """(instance index, view) of a slot; instance -1 for padding."""
+        view, j = divmod(int(slot), self.block_samples)
+        inst = int(self.view_permutation(view)[j]) if j < self.n else -1
+        return inst, view
+
+    def unit_instances(self, unit: int) -> np.ndarray:
+        """[unit_valid] instance index of each real slot of `unit`, in slot order."""
+        view = self.unit_view(unit)
+        first = (unit % self.units_per_view) * self.unit_samples
+        return self.view_permutation(view)[first : first + self.unit_valid(unit)].copy()
+
+    def unit_chunks(self, unit: int) -> list[tuple[int, int]]:
+        """The (start, stop) slot ranges of `unit`'s chunks, clipped to its real slots."""
+        start, _ = self.unit_slots(unit)
+        end = start + self.unit_valid(unit)
+        return [
+            (a, min(a + self.chunk_samples, end)) for a in range(start, end, self.chunk_samples)
+        ]
+
+    def slot_views(self, slots: np.ndarray) -> np.ndarray:
+        return np.asarray(slots, dtype=np.int64) // self.block_samples
+
+
+@lru_cache(maxsize=64)
+def _permutation(seed: int, view: int, n: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, view]).permutation(n)
+    perm.flags.writeable = False
+    return perm
+
+
+# ---- lossy codecs: quantization of teacher outputs -------------------------------------------
+
+
+def quantize_heatmaps(heatmaps: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """[S, K, H, W] float -> (codes uint8/uint16, [S, K, 2] float32 (offset, step)).
+
+    Per sample and joint, [min, max] maps onto [0, 2^bits - 1]. The peak keeps its argmax: any
+    other pixel that rounds to the top code is lowered by one code (error <= 1 step), so decoding
+    the stored heatmap finds the same peak pixel as the teacher's.
+    """
+    top = (1 << bits) - 1
+    h = heatmaps.astype(np.float32)
+    s, k = h.shape[:2]
+    flat = h.reshape(s, k, -1)
+    lo = flat.min(-1)
+    hi = flat.max(-1)
+    step = (hi - lo) / top
+    step = np.where(step > 0, step, 1.0).astype(np.float32)
+    codes = np.rint((flat - lo[..., None]) / step[..., None])
+    codes = np.clip(codes, 0, top)
+    peak = flat.argmax(-1)
+    at_top = codes == top
+    at_top[np.arange(s)[:, None], np.arange(k)[None, :], peak] = False
+    codes[at_top] = top - 1
+    codes[np.arange(s)[:, None], np.arange(k)[None, :], peak] = np.where(hi > lo, top, 0)
+    dtype = np.uint8 if bits == 8 else np.uint16
+    return codes.astype(dtype).reshape(h.shape), np.stack([lo, step], -1).astype(np.float32)
+
+
+def dequantize_heatmaps(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of `quantize_heatmaps`: [S, K, H, W] float32."""
+    return codes.astype(np.float32) * scale[..., 1, None, None] + scale[..., 0, None, None]
+
+
+def quantize_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[S, T, D] float -> (int8 codes, [S, T] float32 scale): symmetric, per token absmax/127."""
+    t = tokens.astype(np.float32)
+    scale = np.abs(t).max(-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(t / scale[..., None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def dequantize_tokens(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scale[..., None]
+
+
+def heatmap_bits(mode: str) -> int:
+    return {"lossy": 8, "lossy16": 16}[mode]
+
+
+def digest_bytes(digest: object) -> np.ndarray:
+    """A crop digest (64-char hex str, 32 bytes, or uint8 [32]) as uint8 [32]."""
+    if isinstance(digest, str):
+        if len(digest) != 64:
+            raise StoreFormatError(f"crop_digest '{digest}': expected a full 64-hex-char sha256")
+        return np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+    if isinstance(digest, bytes | bytearray):
+        return digest_bytes(digest.decode()) if len(digest) == 64 else digest_bytes(digest.hex())
+    arr = np.asarray(digest, dtype=np.uint8).reshape(-1)
+    if arr.shape != (32,):
+        raise StoreFormatError(f"crop_digest of shape {arr.shape}: expected 32 bytes")
+    return arr
+
+
+def digest_hex(row: np.ndarray) -> str:
+    return np.asarray(row, dtype=np.uint8).tobytes().hex()
+
+
+# ---- where a store lives ----------------------------------------------------------------------
+
+
+class StoreLocation:
+    """A store's address: a local directory (written and read) or any fsspec URL (read).
+
+    Completion markers are plain files under `complete/`; they are listed and written here
+    rather than through zarr so that local writes can be fsynced and renamed into place.
+    """
+
+    def __init__(self, path_or_url: object, storage_options: dict | None = None) -> None:
+        self.text = str(path_or_url)
+        self.storage_options = dict(storage_options or {})
+        self.is_local = "://" not in self.text
+        if self.is_local:
+            self.root = os.path.abspath(os.path.expanduser(self.text))
+            self.fs = None
+        else:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
+            self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.text
+
+    def zarr_store(self, read_only: bool):
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.root, read_only=read_only)
+        return FsspecStore.from_url(
+            self.text, storage_options=self.storage_options or None, read_only=read_only
+        )
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        p = self.join(*parts)
+        return os.path.exists(p) if self.is_local else self.fs.exists(p)
+
+    def list_markers(self) -> list[int]:
+        """Units whose completion marker exists."""
+        d = self.join(COMPLETE_DIR)
+        try:
+            names = (
+                os.listdir(d)
+                if self.is_local
+                else [n.rsplit("/", 1)[-1] for n in self.fs.ls(d, detail=False)]
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _MARKER.fullmatch(n)))
+
+    def write_marker(self, unit: int, payload: dict) -> None:
+        """Write unit's marker durably: temp file, fsync, rename, fsync the directory."""
+        data = json.dumps(payload, sort_keys=True).encode()
+        name = marker_name(unit)
+        if not self.is_local:
+            self.fs.makedirs(self.join(COMPLETE_DIR), exist_ok=True)
+            self.fs.pipe_file(self.join(COMPLETE_DIR, name), data)
+            return
+        d = self.join(COMPLETE_DIR)
+        os.makedirs(d, exist_ok=True)
+        for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
+            with contextlib.suppress(FileNotFoundError):  # left by a killed writer of this unit
+                os.unlink(stale)
+        tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(d, name))
+        fsync_dir(d)
+
+
+_MARKER = re.compile(r"u(\d+)\.json")
+
+
+def marker_name(unit: int) -> str:
+    return f"u{unit:07d}.json"
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: str) -> bool:
+    """Flush the whole filesystem holding `path` (Linux syncfs): one call instead of an fsync
+    per shard file and directory, about 50x faster for a unit's ~40 new files and directories.
+    False where unavailable (the caller then fsyncs file by file)."""
+    global _SYNCFS
+    if _SYNCFS is None:
+        try:
+            import ctypes
+
+            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):
+            _SYNCFS = False
+    if not _SYNCFS:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+    return True
+
+
+_SYNCFS = None
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fsync_path(path)
+    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
+        pass

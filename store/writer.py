@@ -1,0 +1,424 @@
+"""Fill a teacher store, one write unit (= one zarr shard per array) at a time.
+
+Safety rules, in the order a unit is written:
+1. the unit's arrays are checked (shapes, instance/view against the slot layout, NaN/Inf),
+   encoded (fp16 or quantized) and written as whole shards: zarr writes each shard to a temp
+   file and renames it, and no two units share a shard file, so concurrent writers
+   (`shard=(i, n)`, e.g. one per GPU) never touch the same file;
+2. the shard files and their directories reach the disk (one Linux `syncfs` of the store's
+   filesystem, or an fsync per file and directory where syncfs is unavailable);
+3. only then the unit's marker `complete/u<unit>.json` is written (temp file, fsync, rename).
+A killed writer leaves finished units marked and at most its current unit unmarked; a rerun
+rewrites exactly the pending units, and zstd output is deterministic, so the resumed store is
+byte-for-byte the uninterrupted one. Store metadata changes (creation, more views) happen under
+an exclusive lock file, arrays first and the metadata attribute last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
+
+from distilpose.errors import StoreFormatError, StoreMismatchError
+from store.schema import (
+    COMPLETE_DIR,
+    META_KEY,
+    TEACHER_OUTPUTS,
+    StoreLayout,
+    StoreLocation,
+    StoreMeta,
+    array_specs,
+    digest_bytes,
+    fsync_dir,
+    fsync_path,
+    heatmap_bits,
+    quantize_heatmaps,
+    quantize_tokens,
+    syncfs,
+)
+
+REQUIRED = (
+    "spec",
+    "image_id",
+    "ann_id",
+    "keypoints",
+    "weights",
+    "crop_digest",
+    "heatmaps",
+    "keypoint_tokens",
+    "visual_tokens",
+)
+
+
+class StoreWriter:
+    """Writes units of one store; see `create_or_open`."""
+
+    def __init__(self, location: StoreLocation, group: zarr.Group, meta: StoreMeta, views: int):
+        self.location = location
+        self.path = str(location)
+        self.group = group
+        self.meta = meta  # the store's metadata (meta.views: view blocks it has room for)
+        self.views = views  # the views this writer was asked to fill
+        self.layout = StoreLayout(meta)
+        self.specs = array_specs(meta)
+        self.arrays = {name: group[name] for name in self.specs}
+
+    # ---- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create_or_open(cls, path: object, meta: StoreMeta, **storage_options) -> StoreWriter:
+        """Create the store at `path`, or reopen it to resume or to add views.
+
+        Refuses (StoreMismatchError) a store whose teacher sha256, seed, annotation digest,
+        mode or sizes differ from `meta`; a newer schema is a StoreFormatError. If
+        `meta.views` exceeds the store's, view blocks are appended; old units are not touched.
+        The store's chunk layout wins over the one in `meta` when reopening.
+        """
+        loc = StoreLocation(path, storage_options)
+        try:
+            with _locked(loc):
+                group, stored = _open_existing(loc)
+                if stored is None:
+                    stored = _create(loc, meta)
+                    group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="r+")
+                else:
+                    diff = stored.mismatches(meta)
+                    if diff:
+                        raise StoreMismatchError(
+                            f"{loc}: store was made with other settings ({'; '.join(diff)}); "
+                            "expected the same teacher, seed, annotation file, mode and sizes "
+                            "(write to another path to start a new store)"
+                        )
+                    if meta.views > stored.views:
+                        stored = _add_views(loc, group, stored, meta.views)
+        except OSError as e:
+            raise StoreFormatError(
+                f"{_where(e, loc)}: cannot create or open the store ({_why(e)})"
+            ) from e
+        return cls(loc, group, stored, views=int(meta.views))
+
+    # ---- the plan ------------------------------------------------------------------------
+
+    def units(self, view: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Write units of `view` (or of all views this writer fills) owned by shard i of n."""
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: expected 0 <= i < n")
+        per = self.layout.units_per_view
+        views = range(self.views) if view is None else [view]
+        return [u for v in views for u in range(v * per, (v + 1) * per) if u % n == i]
+
+    def complete_units(self) -> set[int]:
+        return set(self.location.list_markers())
+
+    def pending_units(self, shard: tuple[int, int] = (0, 1), view: int | None = None) -> list[int]:
+        done = self.complete_units()
+        return [u for u in self.units(view, shard) if u not in done]
+
+    def is_complete(self) -> bool:
+        return not self.pending_units()
+
+    def unit_slots(self, unit: int) -> tuple[int, int]:
+        return self.layout.unit_slots(unit)
+
+    def unit_view(self, unit: int) -> int:
+        return self.layout.unit_view(unit)
+
+    def unit_instances(self, unit: int) -> np.ndarray:
+        """[n] instance indices the unit's real slots hold, in slot order (write rows in it)."""
+        return self.layout.unit_instances(unit)
+
+    def slot_instance(self, slot: int) -> tuple[int, int]:
+        return self.layout.slot_instance(slot)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def write_unit(self, unit: int, arrays: Mapping[str, object]) -> None:
+        """Write one unit's samples, then mark it complete (durably).
+
+        arrays: per real slot of the unit, in the order of `unit_instances(unit)` (rows beyond
+        those, e.g. a padded last batch, are ignored): "spec" [n, 8], "image_id" [n],
+        "ann_id" [n], "keypoints" [n, K, 2] crop px, "weights" [n, K], "crop_digest" (n hex
+        strings or uint8 [n, 32]), "heatmaps" [n, K, Hh, Wh], "keypoint_tokens" [n, K, D],
+        "visual_tokens" [n, P, D]; optionally "instance" [n] (checked against the layout).
+        NumPy arrays or CPU tensors.
+        """
+        if not 0 <= unit < self.layout.num_units(self.meta.views):
+            raise StoreFormatError(
+                f"{self.path}: unit {unit} is outside the store's "
+                f"{self.layout.num_units(self.meta.views)} units"
+            )
+        encoded = self._encode(unit, arrays)
+        start, stop = self.layout.unit_slots(unit)
+        try:
+            self._clear_partials(unit)
+
+            async def write_all() -> None:
+                await asyncio.gather(
+                    *(
+                        self.arrays[name]._async_array.setitem(slice(start, stop), value)
+                        for name, value in encoded.items()
+                    )
+                )
+
+            sync(write_all())
+            if self.location.is_local:
+                self._fsync_unit(unit)
+            self.location.write_marker(
+                unit,
+                {
+                    "unit": unit,
+                    "view": self.unit_view(unit),
+                    "slots": [start, stop],
+                    "valid": self.layout.unit_valid(unit),
+                },
+            )
+        except OSError as e:
+            raise StoreFormatError(
+                f"{_where(e, self.location)}: writing unit {unit} of {self.path} failed "
+                f"({_why(e)}); the unit stays pending and a rerun resumes it"
+            ) from e
+
+    def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
+        missing = [k for k in REQUIRED if k not in arrays]
+        if missing:
+            raise StoreFormatError(f"{self.path}: write_unit({unit}) lacks arrays {missing}")
+        n = self.layout.unit_valid(unit)
+        size = self.layout.unit_samples
+        start, _ = self.layout.unit_slots(unit)
+        view = self.unit_view(unit)
+        instances = self.unit_instances(unit)
+        where = f"{self.path}: unit {unit}"
+
+        def rows(name: str) -> np.ndarray:
+            value = arrays[name]
+            if name == "crop_digest" and not (
+                isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
+            ):
+                value = np.stack([digest_bytes(d) for d in list(value)[:n]]) if n else value
+            a = _numpy(value)
+            want = self.specs[name].shape
+            if a.ndim != len(want) + 1 or a.shape[1:] != want or a.shape[0] < n:
+                raise StoreFormatError(
+                    f"{where} '{name}' has shape {list(a.shape)}; expected [{n}, "
+                    f"{', '.join(map(str, want))}]".replace(", ]", "]")
+                )
+            return a[:n]
+
+        got = {name: rows(name) for name in REQUIRED}
+        if "instance" in arrays:
+            given = _numpy(arrays["instance"])[:n].astype(np.int64)
+            if not np.array_equal(given, instances):
+                bad = int(np.flatnonzero(given != instances)[0])
+                raise StoreFormatError(
+                    f"{where}: slot {start + bad} holds instance {int(instances[bad])}, "
+                    f"got {int(given[bad])}; expected rows in unit_instances({unit}) order"
+                )
+        spec = got["spec"].astype(np.float64)
+        bad = np.flatnonzero((spec[:, 0] != instances) | (spec[:, 1] != view))
+        if bad.size:
+            i = int(bad[0])
+            raise StoreFormatError(
+                f"{where}: slot {start + i} 'spec' names instance {spec[i, 0]:g} view "
+                f"{spec[i, 1]:g}; expected instance {int(instances[i])} view {view}"
+            )
+        fp16 = self.meta.mode == "fp16"
+        for name in ("spec", "keypoints", "weights", *(() if fp16 else TEACHER_OUTPUTS)):
+            self._check_finite(got[name], name, start, instances, view)
+
+        out: dict[str, np.ndarray] = {
+            "spec": spec,
+            "instance": instances.astype(np.int64),
+            "image_id": got["image_id"].astype(np.int64),
+            "ann_id": got["ann_id"].astype(np.int64),
+            "keypoints": got["keypoints"].astype(np.float32),
+            "weights": got["weights"].astype(np.float32),
+            "crop_digest": got["crop_digest"].astype(np.uint8),
+        }
+        if fp16:
+            for name in TEACHER_OUTPUTS:
+                half = _half(got[name])  # NaN stays NaN, overflow becomes inf: both refused
+                self._check_finite(half, name, start, instances, view, original=got[name])
+                out[name] = half
+        else:
+            out["heatmaps"], out["heatmaps_scale"] = quantize_heatmaps(
+                got["heatmaps"], heatmap_bits(self.meta.mode)
+            )
+            for name in ("keypoint_tokens", "visual_tokens"):
+                out[name], out[name + "_scale"] = quantize_tokens(got[name])
+        # pad to the whole unit: padding slots hold the fill values (instance -1)
+        for name, a in out.items():
+            if len(a) < size:
+                spec_ = self.specs[name]
+                pad = np.full((size - len(a), *a.shape[1:]), spec_.fill_value, dtype=a.dtype)
+                out[name] = np.concatenate([a, pad])
+        return out
+
+    def _check_finite(self, a, name, start, instances, view, original=None) -> None:
+        if a.dtype.kind != "f":
+            return
+        finite = np.isfinite(a.reshape(len(a), -1)).all(1)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            overflow = original is not None and np.isfinite(original[i]).all()
+            what = "overflows float16 (" if overflow else "holds NaN/Inf ("
+            raise StoreFormatError(
+                f"{self.path}: slot {start + i} (instance {int(instances[i])}, view {view}) "
+                f"'{name}' {what}{int((~finite).sum())} sample(s)); expected finite teacher "
+                "outputs, refused at write time"
+            )
+
+    def _shard_file(self, name: str, unit: int) -> str:
+        arr = self.arrays[name]
+        key = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
+        return os.path.join(self.location.root, name, *key.split("/"))
+
+    def _clear_partials(self, unit: int) -> None:
+        """Remove temp files a killed writer left for this unit's shards (only ours to touch)."""
+        if not self.location.is_local:
+            return
+        for name in self.arrays:
+            f = self._shard_file(name, unit)
+            for tmp in glob.glob(glob.escape(f) + ".*.partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _fsync_unit(self, unit: int) -> None:
+        if syncfs(self.location.root):
+            return
+        dirs = set()
+        for name in self.arrays:
+            f = self._shard_file(name, unit)
+            if os.path.exists(f):  # an all-fill-value shard is not stored at all
+                fsync_path(f)
+                d = os.path.dirname(f)
+                while len(d) > len(self.location.root) and d not in dirs:
+                    dirs.add(d)  # new shard directories must reach the disk too
+                    d = os.path.dirname(d)
+        for d in sorted(dirs, key=len, reverse=True):
+            fsync_dir(d)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """float -> float16. Through torch when it is loaded: numpy's cast is about 5x slower and
+    was the writer's bottleneck (pass float16, e.g. `.half()` on the GPU, to skip it)."""
+    if a.dtype == np.float16:
+        return a
+    torch = sys.modules.get("torch")
+    if torch is not None and a.dtype in (np.float32, np.float64):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16).numpy()
+    with np.errstate(over="ignore"):
+        return a.astype(np.float16)
+
+
+def _numpy(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _where(e: OSError, loc: StoreLocation) -> str:
+    return str(e.filename) if getattr(e, "filename", None) else str(loc)
+
+
+@contextlib.contextmanager
+def _locked(loc: StoreLocation) -> Iterator[None]:
+    """Exclusive lock for metadata changes, so writers started together agree on the store."""
+    if not loc.is_local:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(loc.root, exist_ok=True)
+    with open(os.path.join(loc.root, ".lock"), "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | None]:
+    """The store at `loc` and its meta; (None, None) if there is none or only a half-created one."""
+    if not loc.exists("zarr.json"):
+        if loc.is_local:
+            junk = [n for n in os.listdir(loc.root) if n != ".lock"]
+            if junk:
+                raise StoreFormatError(
+                    f"{loc}: directory exists and is not a store (holds {sorted(junk)[:3]}); "
+                    "expected an empty or missing directory"
+                )
+        return None, None
+    group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="r+")
+    attrs = group.attrs.asdict()
+    if META_KEY not in attrs:
+        if loc.list_markers():
+            raise StoreFormatError(f"{loc}: store metadata '{META_KEY}' is missing")
+        return None, None  # creation was interrupted before the metadata: start again
+    return group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc))
+
+
+def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
+    meta = StoreMeta.from_dict(meta.to_dict())
+    # a small dataset gets smaller units rather than mostly padding
+    meta.shard_chunks = max(
+        1, min(meta.shard_chunks, math.ceil(meta.num_instances / meta.chunk_samples))
+    )
+    layout = StoreLayout(meta)
+    # mode "a", never "w": "w" deletes the whole directory, lock file included, and a second
+    # writer waiting on that lock would then start creating the store beside us
+    group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="a")
+    slots = layout.num_slots(meta.views)
+    for spec in array_specs(meta).values():
+        group.create_array(
+            spec.name,
+            shape=(slots, *spec.shape),
+            chunks=(meta.chunk_samples, *spec.shape),
+            shards=(meta.unit_samples, *spec.shape),
+            dtype=spec.dtype,
+            fill_value=spec.fill_value,
+            compressors=ZstdCodec(level=spec.zstd_level),
+            overwrite=True,  # only an interrupted creation left anything here
+        )
+    group.attrs.update({META_KEY: meta.to_dict()})  # last: a store is valid once this exists
+    _sync_metadata(loc, ["zarr.json", *(f"{n}/zarr.json" for n in array_specs(meta))])
+    return meta
+
+
+def _add_views(loc: StoreLocation, group: zarr.Group, meta: StoreMeta, views: int) -> StoreMeta:
+    """Grow every array to `views` blocks (metadata only), then record the new view count."""
+    slots = StoreLayout(meta).num_slots(views)
+    for spec in array_specs(meta).values():
+        group[spec.name].resize((slots, *spec.shape))
+    _sync_metadata(loc, [f"{n}/zarr.json" for n in array_specs(meta)])
+    new = StoreMeta.from_dict({**meta.to_dict(), "views": views})
+    group.attrs.update({META_KEY: new.to_dict()})
+    _sync_metadata(loc, ["zarr.json"])
+    return new
+
+
+def _sync_metadata(loc: StoreLocation, keys: list[str]) -> None:
+    if not loc.is_local:
+        return
+    for key in keys:
+        fsync_path(os.path.join(loc.root, key))
+    for d in {os.path.dirname(os.path.join(loc.root, k)) for k in keys}:
+        fsync_dir(d)
+    os.makedirs(os.path.join(loc.root, COMPLETE_DIR), exist_ok=True)

@@ -1,0 +1,439 @@
+"""Student training batches: the teacher's targets from the store, the pixels re-rendered.
+
+The store keeps each sample's crop spec (instance, view, centre, scale, rotation, flip) and the
+teacher's outputs for that crop, never the crop's pixels. DataLoader workers read the image,
+replay the spec with `render_crop` and normalize it, so the student sees exactly the pixels the
+teacher saw when the store was written.
+
+Views and epochs: a store holds V views (augmentations) of every instance, and epoch e (0-based)
+reads view `e mod V` (`view_for_epoch`). With V = 1 every epoch replays the same augmentation;
+with V >= epochs every epoch sees a fresh one. Within an epoch the store's chunk-shuffled reader
+orders the samples, seeded by (seed, epoch), so a run is reproducible for any number of workers.
+
+Online mode (`online=True`, the official method, kept for comparison): the same samples in the
+same order, but the spec is re-sampled with `sample_crop_spec(instance, recipe, store_seed, view)`
+and no teacher target is read; the trainer's task runs the teacher on each batch instead. Both
+modes therefore feed identical pixels for the same epoch. Without a store (`OnlineSource`) the
+instances come from the annotation file and each epoch draws a fresh view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distilpose.codecs import RegressionCodec
+from distilpose.data import (
+    AugmentRecipe,
+    CropSpec,
+    PersonInstance,
+    annotation_digest,
+    crop_digest,
+    load_coco_instances,
+    normalize,
+    read_image,
+    render_crop,
+    sample_crop_spec,
+)
+from distilpose.engine import world
+from distilpose.errors import StoreMismatchError
+from store import StoreReader
+
+# Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
+TARGET_FIELDS: dict[str, tuple[str, ...]] = {
+    "reg": (),
+    "sh": ("heatmaps",),
+    "cs": ("heatmaps",),
+    "kt": ("keypoint_tokens",),
+    "vt": ("visual_tokens",),
+}
+# Always read: where the sample comes from and its regression target.
+INDEX_FIELDS = ("spec", "instance", "view", "keypoints", "weights")
+
+
+def view_for_epoch(epoch: int, views: int) -> int:
+    """The cached view epoch `epoch` (0-based) trains on: `epoch mod views`."""
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    return epoch % views
+
+
+def target_fields(losses: Iterable[str]) -> tuple[str, ...]:
+    """Teacher arrays the given loss terms need, in a stable order."""
+    fields: list[str] = []
+    for name in losses:
+        for f in TARGET_FIELDS.get(name, ()):
+            if f not in fields:
+                fields.append(f)
+    return tuple(fields)
+
+
+class ImageCache:
+    """A per-worker LRU of decoded images bounded by bytes: many crops share one image."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, path: str) -> np.ndarray:
+        image = self._items.get(path)
+        if image is not None:
+            self._items.move_to_end(path)
+            self.hits += 1
+            return image
+        self.misses += 1
+        image = read_image(path)
+        if image.nbytes <= self.max_bytes:
+            self._items[path] = image
+            self.bytes += image.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return image
+
+
+def _hex(digest: object) -> str:
+    """A stored crop digest as hex, whether kept as text, bytes or a uint8 row."""
+    if isinstance(digest, bytes):
+        return digest.decode() if len(digest) == 64 else digest.hex()
+    if isinstance(digest, np.ndarray) and digest.dtype == np.uint8:
+        return digest.tobytes().hex()
+    return str(digest)
+
+
+@dataclass
+class CropRenderer:
+    """Turns one raw batch of store rows into training tensors (runs in DataLoader workers).
+
+    raw: "instance" [B] and either "spec" [B, 8] (store mode) or "view" [B] (online mode), plus
+    "keypoints" [B, K, 2] crop px and "weights" [B, K] in store mode, and any teacher arrays.
+    """
+
+    instances: Sequence[PersonInstance]
+    input_size: tuple[int, int]
+    online_recipe: AugmentRecipe | None = None  # set: re-sample specs (online mode)
+    online_seed: int = 0
+    cache_bytes: int = 256 << 20
+    store_path: str = ""  # for error messages
+
+    def __post_init__(self) -> None:
+        self.codec = RegressionCodec(self.input_size)
+        self.cache = ImageCache(self.cache_bytes)
+
+    def spec_for(self, raw: dict, i: int) -> CropSpec:
+        if self.online_recipe is None:
+            return CropSpec.from_array(np.asarray(raw["spec"][i], dtype=np.float64))
+        inst = self.instances[int(raw["instance"][i])]
+        view = int(raw["view"][i])
+        return sample_crop_spec(inst, self.online_recipe, self.online_seed, view, self.input_size)
+
+    def __call__(self, raw: dict, verify: bool = False) -> dict[str, torch.Tensor]:
+        index = np.asarray(raw["instance"], dtype=np.int64)
+        crops, coords, weights = [], [], []
+        for i, idx in enumerate(index):
+            inst = self.instances[int(idx)]
+            spec = self.spec_for(raw, i)
+            image = self.cache.get(inst.image_path)
+            crop = render_crop(image, spec, inst.keypoints, self.input_size)
+            if verify and "crop_digest" in raw:
+                stored = _hex(raw["crop_digest"][i])
+                if crop_digest(crop.image) != stored:
+                    raise StoreMismatchError(
+                        f"{self.store_path}: sample of instance {int(idx)} (image "
+                        f"{inst.image_path}) renders to another crop than the teacher saw; "
+                        "expected the store's images and annotation file unchanged"
+                    )
+            crops.append(crop.image)
+            if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
+                kpts = np.asarray(raw["keypoints"][i], dtype=np.float32)
+                vis = np.asarray(raw["weights"][i], dtype=np.float32)
+            else:
+                kpts, vis = crop.keypoints, crop.weights
+            c, w = self.codec.encode(kpts, vis)
+            coords.append(c)
+            weights.append(w)
+        batch = {
+            "images": normalize(np.stack(crops)),  # [B, 3, H, W]
+            "coords": torch.from_numpy(np.stack(coords).astype(np.float32)),  # [B, K, 2]
+            "weights": torch.from_numpy(np.stack(weights).astype(np.float32)),  # [B, K]
+            "instance": torch.from_numpy(index),  # [B]
+        }
+        if "view" in raw:
+            batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
+        if self.online_recipe is None:
+            for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
+                if name in raw:  # stored as fp16 (or decoded lossy): train in fp32
+                    batch[name] = torch.from_numpy(np.asarray(raw[name], dtype=np.float32))
+        return batch
+
+
+class _RenderedBatches(IterableDataset):
+    """Wraps a worker-aware source of raw batches and renders each in the worker.
+
+    verify_first: check each worker's first batch against the stored crop digests (a store
+    dumped from other images or annotations fails at once instead of training on noise).
+    """
+
+    def __init__(
+        self, source: Iterable[dict], renderer: CropRenderer, verify_first: bool = False
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.renderer = renderer
+        self.verify_first = verify_first
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, raw in enumerate(self.source):
+            yield self.renderer(raw, verify=self.verify_first and i == 0)
+
+
+def _part() -> tuple[int, int]:
+    """(index, count) of this DataLoader worker among all workers of all DDP ranks.
+
+    Part p = w * R + r takes global batches p, p + R*W, ...: rank r then receives batches
+    r, r + R, r + 2R, ... in order (its DataLoader interleaves workers round-robin), whatever
+    the number of workers.
+    """
+    rank, nranks, _ = world()
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return wid * nranks + rank, nranks * nw
+
+
+def _per_rank(num_batches: int) -> int:
+    """Batches each DDP rank trains per epoch: equal counts (DDP hangs otherwise), tail dropped."""
+    nranks = world()[1]
+    return num_batches if nranks == 1 else num_batches // nranks
+
+
+class _StoreSource(IterableDataset):
+    """One epoch of raw store batches for this rank and worker.
+
+    Uses `StoreReader.iter_batches(part=...)` rather than `StoreDataset`'s per-worker chunk
+    split, so the batch order depends only on (view, seed, epoch) and never on the number of
+    workers (a run resumed with other `workers` stays exact), and every DDP rank gets the same
+    number of batches. The cost: a chunk may be read by several workers.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        view: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        fields: tuple[str, ...],
+        allow_incomplete: bool,
+        num_batches: int,
+    ) -> None:
+        super().__init__()
+        self.store, self.view, self.batch_size = store, view, batch_size
+        self.seed, self.epoch, self.fields = seed, epoch, fields
+        self.allow_incomplete = allow_incomplete
+        self.per_rank = _per_rank(num_batches)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[dict]:
+        part, parts = _part()
+        nranks = world()[1]
+        batches = StoreReader.open(self.store).iter_batches(
+            self.view,
+            self.batch_size,
+            self.seed,
+            self.epoch,
+            allow_incomplete=self.allow_incomplete,
+            fields=self.fields,
+            part=(part, parts),
+        )
+        for k, raw in enumerate(batches):
+            if (part + k * parts) // nranks >= self.per_rank:  # this rank's share is done
+                return
+            yield raw
+
+
+class _OnlineSource(IterableDataset):
+    """Store-less online mode: a seeded permutation of all instances per epoch, view = epoch."""
+
+    def __init__(self, num_instances: int, batch_size: int, seed: int, epoch: int) -> None:
+        super().__init__()
+        self.n, self.batch_size, self.seed, self.epoch = num_instances, batch_size, seed, epoch
+        self.per_rank = _per_rank(math.ceil(num_instances / batch_size))
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[dict]:
+        part, parts = _part()
+        nranks = world()[1]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        starts = range(0, self.n, self.batch_size)
+        for i in range(part, len(starts), parts):
+            if i // nranks >= self.per_rank:
+                return
+            idx = order[starts[i] : starts[i] + self.batch_size]
+            yield {"instance": idx, "view": np.full(len(idx), self.epoch, dtype=np.int64)}
+
+
+def load_store_instances(
+    meta: object, store: str, ann_file: str | None = None, images: str | None = None
+) -> list[PersonInstance]:
+    """The dataset instances the store's slots index, checked against the store's meta.
+
+    ann_file / images override the paths recorded in the store (a store moved to another
+    machine); the annotation file must still be byte-identical (same digest).
+    """
+    ann = str(ann_file or meta.ann_file)
+    root = str(images or meta.image_root)
+    if not Path(ann).is_file():
+        raise StoreMismatchError(
+            f"{store}: annotation file '{ann}' named by the store does not exist; "
+            "expected it in place, or pass ann_file=/--ann"
+        )
+    digest = annotation_digest(ann)
+    if meta.ann_digest and digest != meta.ann_digest:
+        raise StoreMismatchError(
+            f"{ann}: sha256 {digest[:12]}... differs from the store's {meta.ann_digest[:12]}...; "
+            "expected the annotation file the teacher was dumped with"
+        )
+    w, h = meta.input_size
+    instances = load_coco_instances(ann, root, train=True, aspect_ratio=w / h)
+    if len(instances) != meta.num_instances:
+        raise StoreMismatchError(
+            f"{ann}: {len(instances)} training instances, the store {store} has "
+            f"{meta.num_instances}; expected the same annotation file and filters"
+        )
+    return instances
+
+
+class StudentBatches:
+    """`epoch -> batches`, the iterable factory `distilpose.engine.Trainer` takes.
+
+    Batches: "images" [B, 3, H, W] float32 normalized, "coords" [B, K, 2] normalized crop
+    coordinates, "weights" [B, K], "instance" [B], and in store mode the teacher targets the
+    losses need: "heatmaps" [B, K, Hh, Wh], "keypoint_tokens" [B, K, D], "visual_tokens" [B, P, D].
+    """
+
+    def __init__(
+        self,
+        store: str | Path,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        workers: int = 2,
+        losses: Iterable[str] = ("reg", "kt", "vt", "sh", "cs"),
+        online: bool = False,
+        ann_file: str | None = None,
+        images: str | None = None,
+        verify_digest: bool = True,
+        allow_incomplete: bool = False,
+        cache_mb: int = 256,
+        pin_memory: bool = False,
+    ) -> None:
+        self.store = str(store)
+        self.reader = StoreReader.open(self.store)
+        self.meta = self.reader.meta
+        self.views = int(self.meta.views)
+        self.batch_size, self.seed, self.workers = batch_size, seed, workers
+        self.online = online
+        self.fields = INDEX_FIELDS + (("crop_digest",) if verify_digest and not online else ())
+        if not online:
+            self.fields += target_fields(losses)
+        self.allow_incomplete = allow_incomplete
+        self.pin_memory = pin_memory
+        self.input_size = tuple(self.meta.input_size)
+        self.instances = load_store_instances(self.meta, self.store, ann_file, images)
+        self.renderer = CropRenderer(
+            self.instances,
+            self.input_size,
+            online_recipe=AugmentRecipe.from_dict(self.meta.recipe) if online else None,
+            online_seed=int(self.meta.seed),
+            cache_bytes=cache_mb << 20,
+            store_path=self.store,
+        )
+        self.verify_digest = verify_digest and not online
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the last one may be short)."""
+        return _per_rank(math.ceil(self.meta.num_instances / self.batch_size))
+
+    def view(self, epoch: int) -> int:
+        return view_for_epoch(epoch, self.views)
+
+    def dataset(self, epoch: int) -> IterableDataset:
+        source = _StoreSource(
+            self.store,
+            self.view(epoch),
+            self.batch_size,
+            self.seed,
+            epoch,
+            self.fields,
+            self.allow_incomplete,
+            math.ceil(self.meta.num_instances / self.batch_size),
+        )
+        # Only the first epoch of a process is checked: the pixels cannot change mid-run.
+        verify, self.verify_digest = self.verify_digest, False
+        return _RenderedBatches(source, self.renderer, verify_first=verify)
+
+    def __call__(self, epoch: int) -> DataLoader:
+        return DataLoader(
+            self.dataset(epoch),
+            batch_size=None,  # the store reader batches; workers render whole batches
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+        )
+
+
+class OnlineBatches:
+    """Store-less online mode: batches from the annotation file, a fresh view each epoch."""
+
+    def __init__(
+        self,
+        ann_file: str,
+        images: str,
+        *,
+        batch_size: int,
+        input_size: tuple[int, int],
+        recipe: AugmentRecipe | None = None,
+        seed: int = 0,
+        workers: int = 2,
+        cache_mb: int = 256,
+        pin_memory: bool = False,
+    ) -> None:
+        w, h = input_size
+        self.instances = load_coco_instances(ann_file, images, train=True, aspect_ratio=w / h)
+        self.batch_size, self.seed, self.workers = batch_size, seed, workers
+        self.pin_memory = pin_memory
+        self.renderer = CropRenderer(
+            self.instances,
+            tuple(input_size),
+            online_recipe=recipe or AugmentRecipe(),
+            online_seed=seed,
+            cache_bytes=cache_mb << 20,
+        )
+
+    def __len__(self) -> int:
+        return _per_rank(math.ceil(len(self.instances) / self.batch_size))
+
+    def __call__(self, epoch: int) -> DataLoader:
+        source = _OnlineSource(len(self.instances), self.batch_size, self.seed, epoch)
+        return DataLoader(
+            _RenderedBatches(source, self.renderer),
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+        )

@@ -1,0 +1,210 @@
+"""`train-student`: a regression student trained from the teacher store (paper Eq. 7).
+
+The student reads the teacher's heatmaps and tokens from the store and never runs the teacher,
+unless `teacher_online` names a teacher checkpoint (the official method: the teacher runs on
+every batch; kept to compare speed and results). The loop itself is the shared
+`distilpose.engine.Trainer`; this module only wires data, loss and model into it.
+
+Recipe (the paper's): Adam, lr 1e-3, linear warmup 500 iterations, x0.1 at 2/3 and 13/15 of the
+epochs; epoch e trains on the store's view `e mod V`. One deviation for short runs: by default
+the warmup is capped at a tenth of all iterations, so a demo run of a few hundred steps is not
+mostly warmup (a full COCO run has ~700k steps, where the cap never bites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distilpose.engine import TrainConfig, Trainer, world
+from distilpose.errors import BadConfigError, StoreFormatError
+from distilpose.losses import DistillationLoss, parse_losses
+from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from store import StoreReader
+from student_train.data import OnlineBatches, StudentBatches
+
+PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
+
+
+def resolve_warmup(warmup_iters: int | None, total_iters: int) -> int:
+    """None = the paper's 500, capped at a tenth of the run (short runs stay mostly trained)."""
+    if warmup_iters is not None:
+        return int(warmup_iters)
+    return max(1, min(PAPER_WARMUP_ITERS, total_iters // 10))
+
+
+def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the teacher (online mode): heatmaps [B,K,Hh,Wh] and tokens [B,K,D], [B,P,D]."""
+    with torch.no_grad():
+        out = teacher(images)
+    return {
+        "heatmaps": out.heatmaps.float(),
+        "keypoint_tokens": out.keypoint_tokens.float(),
+        "visual_tokens": out.visual_tokens.float(),
+    }
+
+
+def build_task(
+    loss_fn: nn.Module, teacher: nn.Module | None = None
+) -> Callable[[nn.Module, dict], dict]:
+    """The Trainer's task: student forward + Eq. 7 loss; with a teacher, its targets first."""
+
+    def task(model: nn.Module, batch: dict) -> dict:
+        targets = dict(batch)
+        if teacher is not None:
+            if next(teacher.parameters()).device != batch["images"].device:
+                teacher.to(batch["images"].device)
+            targets.update(teacher_targets(teacher, batch["images"]))
+        return loss_fn(model(batch["images"]), targets)
+
+    return task
+
+
+def load_teacher(path: str | Path, student_config: object) -> nn.Module:
+    """The online teacher, frozen, checked to see the student's crops."""
+    teacher, _ = build_from_checkpoint(str(path))
+    tcfg = teacher.config
+    if tuple(tcfg.input_size) != tuple(student_config.input_size) or tuple(
+        tcfg.heatmap_size
+    ) != tuple(student_config.heatmap_size):
+        raise BadConfigError(
+            f"{path}: teacher input/heatmap size {tuple(tcfg.input_size)}/"
+            f"{tuple(tcfg.heatmap_size)} differs from the student's "
+            f"{tuple(student_config.input_size)}/{tuple(student_config.heatmap_size)}"
+        )
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def train_student(
+    store: str | Path | None,
+    model: str = "distilpose_s",
+    out_dir: str | Path = "runs/student",
+    *,
+    losses: str = "reg,kt,vt,sh,cs",
+    epochs: int = 300,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    warmup_iters: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    workers: int = 2,
+    resume: bool = False,
+    teacher_online: str | Path | None = None,
+    model_overrides: dict | None = None,
+    official_sh_weight: bool = False,
+    eval_fn: Callable[[int, nn.Module], dict] | None = None,
+    allow_incomplete: bool = False,
+    ann_file: str | Path | None = None,
+    images: str | Path | None = None,
+    verify_digest: bool = True,
+    amp: bool = True,
+    log_every: int = 20,
+    ckpt_every_steps: int = 0,
+) -> dict:
+    """Train `model` from the teacher store `store`; returns the run summary.
+
+    Writes out_dir/{student.pth, last.pth, config.json, metrics.csv, loss_curves.png,
+    train.log}. eval_fn(epoch, model) -> dict runs after every epoch (its values land in the
+    epoch rows of metrics.csv).
+    student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
+    `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
+    paths recorded in the store; with `store=None` and `teacher_online`, they are required and
+    each epoch draws a fresh augmentation (no store at all).
+    """
+    out = Path(out_dir)
+    weights = parse_losses(losses)
+    torch.manual_seed(seed)  # the student's initialisation is part of the run's identity
+    student = build_model(model, **(model_overrides or {}))
+    cfg = student.config
+
+    teacher = load_teacher(teacher_online, cfg) if teacher_online else None
+    store_meta: dict = {}
+    if store is not None:
+        reader = StoreReader.open(str(store))
+        reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
+        if not allow_incomplete and not bool(reader.complete_mask().all()):
+            raise StoreFormatError(
+                f"{store}: store is incomplete (dump still running or interrupted); "
+                "expected a finished dump, or pass allow_incomplete=True"
+            )
+        data = StudentBatches(
+            store,
+            batch_size=batch_size,
+            seed=seed,
+            workers=workers,
+            losses=weights,
+            online=teacher is not None,
+            ann_file=str(ann_file) if ann_file else None,
+            images=str(images) if images else None,
+            verify_digest=verify_digest,
+            allow_incomplete=allow_incomplete,
+        )
+        store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
+    elif teacher is not None and ann_file and images:
+        data = OnlineBatches(
+            str(ann_file),
+            str(images),
+            batch_size=batch_size,
+            input_size=tuple(cfg.input_size),
+            seed=seed,
+            workers=workers,
+        )
+    else:
+        raise BadConfigError(
+            "store: none given; expected a store, or teacher_online with ann_file and images"
+        )
+
+    loss_fn = DistillationLoss(
+        weights, heatmap_size=tuple(cfg.heatmap_size), official_sh_weight=official_sh_weight
+    )
+    total_iters = epochs * len(data)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_iters=resolve_warmup(warmup_iters, total_iters),
+        device=device,
+        amp=amp,
+        seed=seed,
+        num_workers=workers,
+        log_every=log_every,
+        ckpt_every_steps=ckpt_every_steps,
+    )
+    meta = {
+        "role": "student",
+        "model": model,
+        "losses": list(weights),
+        "loss_weights": weights,
+        "store": str(store) if store is not None else None,
+        "teacher_sha256": store_meta.get("teacher_sha256", ""),
+        "teacher_online": str(teacher_online) if teacher_online else None,
+        "student_config": {
+            "store": str(store) if store is not None else None,
+            "model": model,
+            "model_overrides": model_overrides or {},
+            "losses": losses,
+            "official_sh_weight": official_sh_weight,
+            "allow_incomplete": allow_incomplete,
+            "ann_file": str(ann_file) if ann_file else None,
+            "images": str(images) if images else None,
+            "views": store_meta.get("views"),
+            "view_rule": "view = epoch mod views",
+            "train": asdict(config),
+        },
+    }
+    trainer = Trainer(
+        student, build_task(loss_fn, teacher), data, config, out, meta, on_epoch_end=eval_fn
+    )
+    summary = trainer.fit(resume=resume)
+
+    final = out / "student.pth"
+    if world()[0] == 0:  # DDP: rank 0 writes
+        save_checkpoint(final, student, meta=meta)
+    return {**summary, "checkpoint": str(final), "last": summary["checkpoint"], "losses": weights}

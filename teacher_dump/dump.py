@@ -1,0 +1,368 @@
+"""Run the teacher once per (instance, view) and fill the store with its outputs.
+
+    summary = dump_teacher("teacher.pth", "person_keypoints_train2017.json", "train2017/",
+                           "teacher_store", views=4)
+
+Pipeline (one process per GPU under torchrun, each taking shard (rank, world) of the units):
+
+    DataLoader workers  --  read JPEG, sample_crop_spec, warpAffine, normalize   (processes)
+    main thread         --  teacher forward (eval, inference_mode, autocast, channels_last)
+    writer thread       --  StoreWriter.write_unit: encode, compress, fsync, mark complete
+
+The three overlap: workers prefetch the next batches while the teacher runs, and a bounded
+queue lets the store write finished units while the next ones are computed.
+
+Resumable and exact: only the units the store lists as pending are computed, and forward
+batches never cross a unit and always start at the same slot of it, so a sample is computed in
+the same batch position with the same batch shape in every run; a dump killed and rerun (with the
+same batch size and device) writes the same bytes as one that never stopped. Raising `views`
+adds view blocks and leaves the existing ones untouched.
+
+A missing or corrupt image is not fatal: its samples get zero outputs, zero weights and an
+all-zero crop digest (marked invalid, never a plausible zero-filled sample), one warning line each,
+and the count in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from distilpose.data import (
+    AugmentRecipe,
+    PersonInstance,
+    annotation_digest,
+    crop_digest,
+    load_coco_instances,
+    normalize,
+    read_image,
+    render_crop,
+    sample_crop_spec,
+)
+from distilpose.engine import amp_dtype, resolve_device, world
+from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
+from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
+from distilpose.progress import ProgressCounter
+from store.schema import StoreMeta
+from store.writer import StoreWriter
+
+log = logging.getLogger("distilpose.dump")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_teacher(ckpt: str | Path, model: str | None = None) -> nn.Module:
+    """The teacher in `ckpt`: recognised from the file, or built as `model` and loaded into."""
+    if model:
+        net = build_model(model)
+        load_checkpoint(net, str(ckpt))
+    else:
+        net, _ = build_from_checkpoint(ckpt)
+    if net.config.role != "teacher":
+        raise BadCheckpointError(
+            f"{ckpt}: holds the {net.config.role} '{net.config.name}'; expected a teacher"
+        )
+    return net.eval()
+
+
+class DumpCrops(Dataset):
+    """Crop of plan entry i = (slot, instance index, view), rendered in a worker process.
+
+    Items: "images" [3, H, W] float32 normalized, "keypoints" [K, 2] crop px, "weights" [K],
+    "spec" [8] float64, "slot", "instance", "image_id", "ann_id", "crop_digest" [32] uint8,
+    "error" ("" when the image was read).
+    """
+
+    def __init__(
+        self,
+        instances: list[PersonInstance],
+        plan: list[tuple[int, int, int]],
+        recipe: AugmentRecipe,
+        seed: int,
+        input_size: tuple[int, int],
+        num_keypoints: int,
+    ) -> None:
+        self.instances, self.plan, self.recipe, self.seed = instances, plan, recipe, seed
+        self.input_size, self.num_keypoints = input_size, num_keypoints
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        slot, index, view = self.plan[i]
+        inst = self.instances[index]
+        spec = sample_crop_spec(inst, self.recipe, self.seed, view, self.input_size)
+        item = {
+            "slot": slot,
+            "instance": inst.index,
+            "image_id": inst.image_id,
+            "ann_id": inst.ann_id,
+            "spec": spec.to_array(),
+            "error": "",
+        }
+        try:
+            crop = render_crop(read_image(inst.image_path), spec, inst.keypoints, self.input_size)
+        except BadImageError as e:
+            w, h = self.input_size
+            k = self.num_keypoints
+            return {
+                **item,
+                "images": torch.zeros(3, h, w),
+                "keypoints": np.zeros((k, 2), np.float32),
+                "weights": np.zeros(k, np.float32),  # invalid: nothing to learn from
+                "crop_digest": np.zeros(32, np.uint8),  # no crop was seen
+                "error": str(e),
+            }
+        return {
+            **item,
+            "images": normalize(crop.image),
+            "keypoints": crop.keypoints.astype(np.float32),
+            "weights": crop.weights.astype(np.float32),
+            "crop_digest": np.frombuffer(bytes.fromhex(crop_digest(crop.image)), np.uint8),
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, numpy arrays and numbers; keep strings as lists."""
+    out = {}
+    for k, first in items[0].items():
+        vals = [it[k] for it in items]
+        if isinstance(first, torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(first, str):
+            out[k] = vals
+        else:
+            out[k] = np.stack([np.asarray(v) for v in vals])
+    return out
+
+
+class UnitWriter(threading.Thread):
+    """Writes finished units from a bounded queue, so storing overlaps the teacher's forward."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 4) -> None:
+        super().__init__(name="store-writer", daemon=True)
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:  # after a failure, drain without writing
+                try:
+                    self.writer.write_unit(*job)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def put(self, unit: int, arrays: dict) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((unit, arrays))
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _open_store(out: Path, meta: StoreMeta, world_size: int, rank: int) -> StoreWriter:
+    """Create or reopen the store; under torchrun rank 0 creates it, the others wait."""
+    if world_size == 1:
+        return StoreWriter.create_or_open(out, meta)
+    writer = StoreWriter.create_or_open(out, meta) if rank == 0 else None
+    dist.barrier()
+    return writer or StoreWriter.create_or_open(out, meta)
+
+
+def dump_teacher(
+    teacher_ckpt: str | Path,
+    ann_file: str | Path,
+    image_root: str | Path,
+    out: str | Path,
+    *,
+    views: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str = "auto",
+    shard: tuple[int, int] = (0, 1),
+    model: str | None = None,
+    mode: str = "fp16",
+    chunk_samples: int = 64,
+    shard_chunks: int = 8,
+    max_instances: int | None = None,
+    recipe: AugmentRecipe | None = None,
+) -> dict:
+    """Fill store `out` with the teacher's outputs on `views` seeded crops of every instance.
+
+    Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
+    loop_samples_per_s, skipped, teacher, device. `shard=(i, n)` takes every n-th unit (under
+    torchrun, rank i of n). Write units hold `chunk_samples * shard_chunks` samples (the store
+    may shrink `shard_chunks` for a small dataset); forward batches of `batch_size` never cross
+    a unit. An existing store keeps its own layout; a rerun must use the same batch size and
+    device for a bit-identical result.
+    """
+    rank, world_size, local_rank = world()
+    if world_size > 1:
+        shard = (rank, world_size)
+    if not (0 <= shard[0] < shard[1]) or batch_size < 1 or views < 1:
+        raise BadConfigError(
+            f"shard={shard}, batch_size={batch_size}, views={views}; expected 0 <= i < n, "
+            "batch_size >= 1, views >= 1"
+        )
+    start = time.perf_counter()
+    out = Path(out)
+    dev = resolve_device(device, local_rank)
+    teacher = load_teacher(teacher_ckpt, model)
+    cfg = teacher.config
+    recipe = recipe or AugmentRecipe()
+    instances = load_coco_instances(ann_file, image_root, train=True)[:max_instances]
+    if not instances:
+        raise BadConfigError(f"{ann_file}: no trainable person instances; expected at least one")
+    grid = (cfg.heatmap_size[0] // cfg.patch_size[0], cfg.heatmap_size[1] // cfg.patch_size[1])
+    meta = StoreMeta(
+        teacher_name=cfg.name,
+        teacher_sha256=file_sha256(teacher_ckpt),
+        num_instances=len(instances),
+        views=views,
+        seed=seed,
+        input_size=tuple(cfg.input_size),
+        heatmap_size=tuple(cfg.heatmap_size),
+        token_dim=cfg.dim,
+        patch_grid=grid,
+        num_keypoints=cfg.num_keypoints,
+        recipe=recipe.to_dict(),
+        ann_digest=annotation_digest(ann_file),
+        ann_file=str(ann_file),
+        image_root=str(image_root),
+        mode=mode,
+        chunk_samples=chunk_samples,
+        shard_chunks=shard_chunks,
+        extra={"teacher_ckpt": str(teacher_ckpt), "batch_size": batch_size},
+    )
+    own_group = world_size > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")  # barriers are all the ranks need from each other
+    writer = _open_store(out, meta, world_size, rank)
+    units = writer.pending_units(shard=tuple(shard))
+
+    # The plan: every real slot of every pending unit, and forward batches aligned to units.
+    plan: list[tuple[int, int, int]] = []
+    batches: list[list[int]] = []
+    unit_of_batch: list[int] = []
+    unit_size: dict[int, int] = {}
+    for unit in units:
+        first = len(plan)
+        lo, _ = writer.unit_slots(unit)
+        view = writer.unit_view(unit)
+        # Real slots only (padding closes a view block); rows in unit_instances order.
+        for j, index in enumerate(writer.unit_instances(unit)):
+            plan.append((lo + j, int(index), view))
+        unit_size[unit] = len(plan) - first
+        for b in range(first, len(plan), batch_size):
+            batches.append(list(range(b, min(b + batch_size, len(plan)))))
+            unit_of_batch.append(unit)
+
+    cuda = dev.type == "cuda"
+    dtype = amp_dtype(dev)
+    teacher = teacher.to(dev)
+    if cuda:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    dataset = DumpCrops(instances, plan, recipe, seed, tuple(cfg.input_size), cfg.num_keypoints)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+    )
+
+    skipped, written = 0, 0
+    parts: list[dict] = []
+    unit_writer = UnitWriter(writer)
+    loop_start = time.perf_counter()
+    try:
+        with ProgressCounter(len(plan), f"dump {out.name}", "samples") as bar:
+            for unit, batch in zip(unit_of_batch, loader, strict=True):
+                images = batch.pop("images").to(dev, non_blocking=True)
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(
+                        dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+                    ),
+                ):
+                    outputs = teacher(images)
+                for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
+                    batch[name] = getattr(outputs, name).float().cpu().numpy()
+                errors = batch.pop("error")
+                for i, err in enumerate(errors):
+                    if err:  # the image could not be read: mark the sample invalid
+                        skipped += 1
+                        slot, index = int(batch["slot"][i]), int(batch["instance"][i])
+                        view = writer.slot_instance(slot)[1]
+                        log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
+                        for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
+                            batch[name][i] = 0
+                parts.append(batch)
+                bar.advance(len(errors))
+                if sum(len(p["slot"]) for p in parts) == unit_size[unit]:
+                    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                    unit_writer.put(unit, arrays)
+                    written += unit_size[unit]
+                    parts = []
+    finally:
+        unit_writer.close()
+    loop_s = time.perf_counter() - loop_start
+    if world_size > 1:
+        dist.barrier()  # the store is finished when every rank is
+        if own_group:
+            dist.destroy_process_group()
+
+    elapsed = time.perf_counter() - start
+    summary = {
+        "store": str(out),
+        "samples": written,
+        "views": views,
+        "units": len(units),
+        "shard": f"{shard[0]}/{shard[1]}",
+        "bytes": _store_bytes(out),
+        "time_s": round(elapsed, 3),
+        "samples_per_s": round(written / max(elapsed, 1e-9), 1),
+        # the pipeline alone, without loading the teacher, annotations and store
+        "loop_samples_per_s": round(written / max(loop_s, 1e-9), 1),
+        "skipped": skipped,
+        "teacher": cfg.name,
+        "device": str(dev),
+    }
+    print(
+        f"dump-teacher: {written} samples ({len(units)} units, views={views}, shard "
+        f"{summary['shard']}) -> {out} [{summary['bytes'] / 2**20:.1f} MiB] in {elapsed:.1f} s "
+        f"({summary['samples_per_s']} samples/s), {skipped} skipped",
+        file=sys.stderr,
+    )
+    return summary

@@ -1,0 +1,105 @@
+"""The loss ablation: grid parsing, one student per combination, the Table-4-like report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilpose.errors import BadConfigError
+from student_train.ablate import TABLE4, ablate, format_table, load_grid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_student_train import build_tiny_store  # noqa: E402
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root: the store must come out byte-identical."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_table4_grid_matches_the_paper():
+    runs = load_grid("table4")
+    assert [r["name"] for r in runs] == [n for n, _, _ in TABLE4]
+    assert len(runs) == 8
+    assert runs[0]["losses"] == "reg" and runs[0]["paper_ap"] == 56.0
+    assert set(runs[-1]["losses"].split(",")) == {"reg", "cs", "sh", "kt", "vt"}
+    assert runs[-1]["paper_ap"] == 71.6
+
+
+def test_grid_files(tmp_path):
+    js = tmp_path / "g.json"
+    js.write_text(json.dumps({"base": "reg", "kt": "reg,kt=1e-3"}))
+    assert load_grid(js) == [
+        {"name": "base", "losses": "reg"},
+        {"name": "kt", "losses": "reg,kt=1e-3"},
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[run]]\nname = "x"\nlosses = "reg,kd"\n')
+    with pytest.raises(BadConfigError, match="unknown loss"):
+        load_grid(bad)
+    bad.write_text("[[run]\n")
+    with pytest.raises(BadConfigError, match="not valid toml"):
+        load_grid(bad)
+    with pytest.raises(BadConfigError, match="neither 'table4'"):
+        load_grid(tmp_path / "missing.toml")
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps([{"name": "a", "losses": "reg"}, {"name": "a", "losses": "reg,kt"}]))
+    with pytest.raises(BadConfigError, match="repeated"):
+        load_grid(dup)
+
+
+def test_format_table_improvement_over_reg_only():
+    rows = [
+        {"name": "none", "losses": {"reg": 1.0}, "ap": 0.5},
+        {"name": "cs+sh", "losses": {"reg": 1.0, "cs": 0.01, "sh": 1.0}, "ap": 0.581},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[0] == "| Run | L_CS | L_SH | L_KT | L_VT | AP | Improv. |"
+    assert lines[2] == "| none | - | - | - | - | 50.0% | - |"
+    assert lines[3] == "| cs+sh | ✓ | ✓ | - | - | 58.1% | +8.1% |"
+
+
+def test_ablate_user_grid_on_a_tiny_store(tmp_path):
+    torch.set_num_threads(1)
+    tiny = build_tiny_store(tmp_path / "tiny", views=2, num_train=24, num_val=8)
+    before = tree_digest(Path(tiny["store"]))
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[[run]]\nname = "none"\nlosses = "reg"\n\n[[run]]\nname = "all"\n'
+                    'losses = "reg,cs,sh,kt,vt"\n')  # fmt: skip
+    kw = dict(
+        model="distilpose_tiny", epochs=1, batch_size=8, val_ann=tiny["val_ann"],
+        val_images=tiny["val_images"], device="cpu", workers=0,
+    )  # fmt: skip
+    md = ablate(tiny["store"], grid, tmp_path / "abl", **kw)
+    assert md == tmp_path / "abl" / "ablation.md"
+    text = md.read_text()
+    assert "| Run | L_CS | L_SH | L_KT | L_VT | AP | Improv. |" in text
+    rows = [
+        line for line in text.splitlines() if line.startswith("| none") or line.startswith("| all")
+    ]
+    assert rows[0].startswith("| none | - | - | - | - |") and rows[0].endswith("| - |")
+    assert rows[1].startswith("| all | ✓ | ✓ | ✓ | ✓ |")
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"none", "all"}
+    for r in runs.values():
+        assert 0.0 <= r["ap"] <= 1.0 and Path(r["checkpoint"]).is_file()
+        assert (tmp_path / "abl" / "runs" / r["name"] / "results.json").is_file()
+    ap_all = f"{runs['all']['ap'] * 100:.1f}%"
+    assert f"| {ap_all} |" in rows[1]
+    assert tree_digest(Path(tiny["store"])) == before  # the store is only read
+
+    # Rerun: finished combinations are reused, not retrained.
+    ckpt = Path(runs["all"]["checkpoint"])
+    stamp = ckpt.stat().st_mtime_ns
+    ablate(tiny["store"], grid, tmp_path / "abl", **kw)
+    assert ckpt.stat().st_mtime_ns == stamp
