@@ -218,11 +218,11 @@ def dump_teacher(
     """Fill store `out` with the teacher's outputs on `views` seeded crops of every instance.
 
     Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
-    loop_samples_per_s, skipped, teacher, device. `shard=(i, n)` takes every n-th unit (under
-    torchrun, rank i of n). Write units hold `chunk_samples * shard_chunks` samples (the store
-    may shrink `shard_chunks` for a small dataset); forward batches of `batch_size` never cross
-    a unit. An existing store keeps its own layout; a rerun must use the same batch size and
-    device for a bit-identical result.
+    loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every
+    n-th unit (under torchrun, rank i of n). Write units hold `chunk_samples * shard_chunks`
+    samples (the store may shrink `shard_chunks` for a small dataset); forward batches of
+    `batch_size` never cross a unit. An existing store keeps its own layout; a rerun must use
+    the same batch size and device for a bit-identical result.
     """
     rank, world_size, local_rank = world()
     if world_size > 1:
@@ -300,13 +300,14 @@ def dump_teacher(
         prefetch_factor=4 if workers else None,
     )
 
-    skipped, written = 0, 0
+    skipped, written, forward_s = 0, 0, 0.0
     parts: list[dict] = []
     unit_writer = UnitWriter(writer)
     loop_start = time.perf_counter()
     try:
         with ProgressCounter(len(plan), f"dump {out.name}", "samples") as bar:
             for unit, batch in zip(unit_of_batch, loader, strict=True):
+                t0 = time.perf_counter()
                 images = batch.pop("images").to(dev, non_blocking=True)
                 if cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -319,6 +320,7 @@ def dump_teacher(
                     outputs = teacher(images)
                 for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
                     batch[name] = getattr(outputs, name).float().cpu().numpy()
+                forward_s += time.perf_counter() - t0  # .cpu() waited for the device
                 errors = batch.pop("error")
                 for i, err in enumerate(errors):
                     if err:  # the image could not be read: mark the sample invalid
@@ -355,6 +357,9 @@ def dump_teacher(
         "samples_per_s": round(written / max(elapsed, 1e-9), 1),
         # the pipeline alone, without loading the teacher, annotations and store
         "loop_samples_per_s": round(written / max(loop_s, 1e-9), 1),
+        # share of the loop spent in the teacher (transfer, forward, copy back): the rest is
+        # waiting for data or for the writer
+        "forward_share": round(forward_s / max(loop_s, 1e-9), 3),
         "skipped": skipped,
         "teacher": cfg.name,
         "device": str(dev),
