@@ -49,8 +49,11 @@ def load_config_file(path: Path, command: str) -> dict[str, Any]:
             raise BadConfigError(f"{path}: YAML config needs PyYAML; use TOML instead") from e
         try:
             data = yaml.safe_load(text) or {}  # safe_load: a config file is data, never code
-        except yaml.YAMLError as e:
-            raise BadConfigError(f"{path}: not valid YAML ({e})") from e
+        except yaml.YAMLError as e:  # its text spans lines; keep the problem and where
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise BadConfigError(f"{path}: not valid YAML ({problem}{where})") from e
     else:
         import tomllib
 

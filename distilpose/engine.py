@@ -513,15 +513,25 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         """Train to `config.epochs`; with `resume`, continue exactly from run_dir/last.pth."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         handler = None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.is_main:
+                handler = logging.FileHandler(self.run_dir / "train.log")
+        except OSError as e:  # read-only or full disk, a file in the way: say so before training
+            raise BadConfigError(
+                f"{self.run_dir}: cannot write the run directory ({e.strerror or e}); "
+                "expected a writable folder"
+            ) from e
         if self.is_main:
-            handler = logging.FileHandler(self.run_dir / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         try:
             if resume:
+                if self.is_main:  # temp files of checkpoint saves a kill cut short
+                    for tmp in self.run_dir.glob(".*.pth.*.tmp"):
+                        tmp.unlink(missing_ok=True)
                 self._resume()
             if self.is_main:
                 done_epoch, done_step = self.epoch, self.step

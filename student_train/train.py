@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from distilpose.engine import TrainConfig, Trainer, world
-from distilpose.errors import BadConfigError, StoreFormatError
+from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
 from distilpose.losses import DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
@@ -68,6 +68,8 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     """The online teacher, frozen, checked to see the student's crops."""
     teacher, _ = build_from_checkpoint(str(path))
     tcfg = teacher.config
+    if tcfg.role != "teacher":  # a student has no heatmaps to distil
+        raise BadCheckpointError(f"{path}: holds the {tcfg.role} '{tcfg.name}'; expected a teacher")
     if tuple(tcfg.input_size) != tuple(student_config.input_size) or tuple(
         tcfg.heatmap_size
     ) != tuple(student_config.heatmap_size):

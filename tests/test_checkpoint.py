@@ -80,6 +80,10 @@ def test_official_distilpose_s_loads_strictly(tmp_path):
     assert_same_tensors(source, rebuilt)
 
 
+@pytest.mark.reliability(
+    case="teacher weights loaded into a student",
+    outcome="BadCheckpointError naming the model the file fits",
+)
 def test_official_teacher_layout_loads_strictly(tmp_path):
     torch.manual_seed(0)
     source = build_model("tokenpose_tiny")
@@ -96,6 +100,10 @@ def test_official_teacher_layout_loads_strictly(tmp_path):
         load_checkpoint(build_model("distilpose_tiny"), official_layout(source, "tokenpose"))
 
 
+@pytest.mark.reliability(
+    case="checkpoint of another model",
+    outcome="one-line BadCheckpointError listing missing, unexpected and mismatched keys",
+)
 def test_wrong_checkpoint_lists_missing_unexpected_and_mismatched_keys(tmp_path):
     torch.manual_seed(0)
     state = official_layout(build_model("distilpose_tiny"), "tokenhead")
@@ -137,6 +145,10 @@ class _Payload:
         return (os.makedirs, (self.marker,))
 
 
+@pytest.mark.reliability(
+    case="checkpoint pickle with code in it",
+    outcome="refused (weights_only=True); the code never runs",
+)
 def test_pickled_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -149,6 +161,10 @@ def test_pickled_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.reliability(
+    case="checkpoint file that is not a checkpoint",
+    outcome="BadCheckpointError 'not a PyTorch checkpoint'",
+)
 @pytest.mark.parametrize(
     "content", [b"", b"hello, not a checkpoint", os.urandom(512)], ids=["empty", "text", "random"]
 )
@@ -159,6 +175,10 @@ def test_not_a_checkpoint(tmp_path, content):
         identify_checkpoint(path)
 
 
+@pytest.mark.reliability(
+    case="checkpoint missing, a list, without weights, or of a foreign network",
+    outcome="BadCheckpointError naming the file and what was expected",
+)
 def test_other_bad_files(tmp_path):
     with pytest.raises(BadCheckpointError, match="no such file"):
         identify_checkpoint(tmp_path / "missing.pth")
@@ -200,6 +220,10 @@ def test_own_checkpoint_round_trip_keeps_overrides(tmp_path):
     assert info["format"] == "distilpose/1" and info["meta_keys"] == ["epoch", "losses"]
 
 
+@pytest.mark.reliability(
+    case="checkpoint save fails midway (disk full), or meta not loadable",
+    outcome="error naming the path; no temp file left; the previous file loads unchanged",
+)
 def test_save_is_atomic_and_refuses_unloadable_meta(tmp_path, monkeypatch):
     model = build_model("distilpose_tiny")
     path = tmp_path / "ckpt.pth"
@@ -217,8 +241,9 @@ def test_save_is_atomic_and_refuses_unloadable_meta(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BadCheckpointError, match="disk full") as err:
         save_checkpoint(path, model, meta={"epoch": 3})
+    assert str(err.value).startswith(f"{path}: cannot write the checkpoint")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # no tmp left behind
     assert load_checkpoint(build_model("distilpose_tiny"), path) == {"epoch": 2}

@@ -70,6 +70,10 @@ def test_yaml_config(tmp_path, monkeypatch):
     assert seen["num_train"] == 11
 
 
+@pytest.mark.reliability(
+    case="config file with an unknown option",
+    outcome="one line naming the file and option, exit 1",
+)
 def test_unknown_config_key_is_one_line_error(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("epochs = 3\nbogus = 1\n")
@@ -82,6 +86,10 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
     assert lines == [f"error: {config}: unknown option(s) bogus for 'train-student'"]
 
 
+@pytest.mark.reliability(
+    case="config file that is not valid TOML",
+    outcome="one line naming the file, exit 1",
+)
 def test_config_that_is_not_toml(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("epochs = = 3\n")
@@ -90,6 +98,10 @@ def test_config_that_is_not_toml(tmp_path):
     assert result.output.startswith(f"error: {config}: not valid TOML")
 
 
+@pytest.mark.reliability(
+    case="domain error inside a CLI command",
+    outcome="one line 'error: ...', exit 1, no traceback",
+)
 def test_domain_errors_become_one_line_and_exit_1(tmp_path, monkeypatch):
     from distilpose.errors import BadAnnotationError
 
@@ -106,6 +118,10 @@ def test_domain_errors_become_one_line_and_exit_1(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.reliability(
+    case="dump-teacher --shard out of range",
+    outcome="usage error naming the option",
+)
 def test_bad_shard_option_names_the_option(tmp_path):
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps({}))

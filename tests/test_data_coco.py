@@ -117,6 +117,10 @@ def test_detections_load_with_threshold():
     assert len(load_coco_instances(ANN, IMAGES, dets_file=DETS, det_score_thr=0.3)) < len(dets)
 
 
+@pytest.mark.reliability(
+    case="detections file given for training",
+    outcome="BadConfigError: training uses ground-truth boxes",
+)
 def test_train_refuses_detections():
     with pytest.raises(BadConfigError):
         load_coco_instances(ANN, IMAGES, dets_file=DETS, train=True)
@@ -129,6 +133,10 @@ def test_annotation_digest(tmp_path):
     assert annotation_digest(copy) != annotation_digest(ANN)
 
 
+@pytest.mark.reliability(
+    case="image file_name absolute, with '..' or a drive",
+    outcome="BadAnnotationError naming 'file_name'",
+)
 def test_resolve_image_path(tmp_path):
     root = tmp_path / "images"
     assert resolve_image_path(root, "x/y.jpg") == str(root / "x" / "y.jpg")
@@ -138,6 +146,10 @@ def test_resolve_image_path(tmp_path):
             resolve_image_path(root, bad)
 
 
+@pytest.mark.reliability(
+    case="annotation file_name escaping the image root",
+    outcome="one-line BadAnnotationError: 'leaves the image root'",
+)
 def test_escaping_file_name_refused_when_loading(tmp_path):
     data = _raw()
     data["images"][0]["file_name"] = "../../secret.jpg"
@@ -145,6 +157,10 @@ def test_escaping_file_name_refused_when_loading(tmp_path):
         load_coco_instances(_write(tmp_path, data), IMAGES)
 
 
+@pytest.mark.reliability(
+    case="image missing, corrupt or empty",
+    outcome="BadImageError naming the file",
+)
 def test_read_image(tmp_path):
     img = read_image(IMAGES / "000000000785.jpg")
     assert img.shape == (425, 640, 3) and img.dtype == np.uint8
@@ -186,6 +202,10 @@ BAD_ANNOTATIONS = {
 }
 
 
+@pytest.mark.reliability(
+    case="annotation file lacks a field or has a bad one",
+    outcome="one-line BadAnnotationError naming the file, record and what was expected",
+)
 @pytest.mark.parametrize("case", sorted(BAD_ANNOTATIONS))
 def test_bad_annotation_files_give_one_line(tmp_path, case):
     mutate, pattern = BAD_ANNOTATIONS[case]
@@ -196,6 +216,10 @@ def test_bad_annotation_files_give_one_line(tmp_path, case):
     assert "\n" not in msg and msg.startswith(str(path))
 
 
+@pytest.mark.reliability(
+    case="annotation file not JSON, or missing",
+    outcome="one-line BadAnnotationError naming the file",
+)
 def test_not_json_and_missing_file(tmp_path):
     p = tmp_path / "x.json"
     p.write_text("{not json")
@@ -220,6 +244,10 @@ BAD_DETECTIONS = {
 }
 
 
+@pytest.mark.reliability(
+    case="detections file malformed",
+    outcome="one-line BadAnnotationError naming the file and detection",
+)
 @pytest.mark.parametrize("case", sorted(BAD_DETECTIONS))
 def test_bad_detection_files(tmp_path, case):
     data, pattern = BAD_DETECTIONS[case]
@@ -229,6 +257,10 @@ def test_bad_detection_files(tmp_path, case):
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.reliability(
+    case="ground-truth box of zero area (or crowd)",
+    outcome="skipped, with one warning counting them",
+)
 def test_skips_crowd_and_empty_boxes_with_a_warning(tmp_path, caplog):
     def mutate(d):
         _ann(d)["iscrowd"] = 1
@@ -242,6 +274,10 @@ def test_skips_crowd_and_empty_boxes_with_a_warning(tmp_path, caplog):
     assert "skipped 1 ground-truth boxes" in caplog.text
 
 
+@pytest.mark.reliability(
+    case="keypoints outside the image",
+    outcome="kept as labelled, no error (crop weights zero them outside the crop)",
+)
 def test_keypoints_outside_the_image_are_kept(tmp_path):
     def mutate(d):
         _ann(d)["keypoints"][0:3] = [-50.0, 900.0, 2]

@@ -279,6 +279,10 @@ def test_store_dataset_splits_chunks_across_workers(full_store):
     assert batch["keypoints"].shape == (7, K, 2) and set(batch["view"].tolist()) == {1}
 
 
+@pytest.mark.reliability(
+    case="incomplete store opened for training",
+    outcome="StoreFormatError counting complete units, unless allow_incomplete",
+)
 def test_incomplete_store_refused_unless_asked(tmp_path):
     from store import StoreDataset, StoreReader
 
@@ -302,6 +306,10 @@ def test_incomplete_store_refused_unless_asked(tmp_path):
     )
 
 
+@pytest.mark.reliability(
+    case="store check of a student's token dim, heatmap, patch or input size",
+    outcome="StoreMismatchError naming the size",
+)
 def test_check_student_fits_sizes(full_store):
     from distilpose.models.layers import ModelConfig
     from store import StoreReader
@@ -332,6 +340,10 @@ def test_check_student_fits_sizes(full_store):
 # ---- writers ---------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="store reopened with another setting",
+    outcome="StoreMismatchError naming the field",
+)
 @pytest.mark.parametrize(
     "change,field",
     [
@@ -341,12 +353,17 @@ def test_check_student_fits_sizes(full_store):
         ({"heatmap_size": (12, 16)}, "heatmap_size"),
         ({"mode": "lossy"}, "mode"),
     ],
+    ids=["teacher_sha256", "seed", "ann_digest", "heatmap_size", "mode"],
 )
 def test_reopening_with_other_settings_is_refused(full_store, change, field):
     with pytest.raises(StoreMismatchError, match=field):
         StoreWriter.create_or_open(full_store, small_meta(**change))
 
 
+@pytest.mark.reliability(
+    case="store unit written with a wrong shape, spec or missing array",
+    outcome="StoreFormatError naming the array; nothing marked complete",
+)
 def test_write_unit_checks_its_input(tmp_path):
     w = StoreWriter.create_or_open(tmp_path / "s", small_meta())
     good = unit_arrays(w, 1)

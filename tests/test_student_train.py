@@ -179,6 +179,10 @@ def test_worker_count_does_not_change_batches(tiny):
         assert torch.equal(a["heatmaps"], b["heatmaps"])
 
 
+@pytest.mark.reliability(
+    case="images changed since the dump",
+    outcome="StoreMismatchError: the crop differs from the stored digest",
+)
 def test_changed_images_fail_the_digest_check(tiny, tmp_path):
     moved = tmp_path / "images"
     shutil.copytree(tiny["train_images"], moved)
@@ -253,6 +257,10 @@ def test_train_student_all_losses_and_baseline(tiny, tmp_path):
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.reliability(
+    case="train-student with a student whose sizes do not fit the store",
+    outcome="StoreMismatchError naming the size, before anything is written",
+)
 def test_student_that_does_not_fit_the_store_is_refused(tiny, tmp_path):
     with pytest.raises(StoreMismatchError, match="input_size"):
         train_student(tiny["store"], "distilpose_s", tmp_path / "s", epochs=1, device="cpu")

@@ -145,7 +145,11 @@ def test_dump_matches_the_teacher_forward(reference, teacher, data):
     np.testing.assert_array_equal(x["keypoints"][slot], crop.keypoints)
 
 
-def test_killed_dump_resumes_to_the_same_store(tmp_path, reference, teacher, data):
+@pytest.mark.reliability(
+    case="dump-teacher SIGKILLed once after 3 of 10 units",
+    outcome="resume computes only the pending units; store equals the reference",
+)
+def test_killed_dump_resumes_to_the_same_store(tmp_path, reference, teacher, data, record_property):
     out = tmp_path / "store"
     p = run_in_child(dump, teacher, data, out)
     deadline = time.time() + 60
@@ -160,6 +164,7 @@ def test_killed_dump_resumes_to_the_same_store(tmp_path, reference, teacher, dat
     summary = dump(teacher, data, out)
     assert summary["units"] == 10 - done  # only the pending units were computed
     assert_same_store(out, reference)
+    record_property("kills_survived", 1)
 
 
 def test_two_shards_in_two_processes_equal_one(tmp_path, reference, teacher, data):
@@ -188,6 +193,10 @@ def test_raising_views_keeps_view_0(tmp_path, reference, teacher, data):
     assert_same_store(out, reference)
 
 
+@pytest.mark.reliability(
+    case="dump into a store of another teacher or seed, or with a student",
+    outcome="StoreMismatchError naming the field; BadCheckpointError 'expected a teacher'",
+)
 def test_another_teacher_seed_or_a_student_is_refused(tmp_path, reference, teacher, data):
     other = save_teacher(tmp_path / "other.pth", seed=1)
     with pytest.raises(StoreMismatchError, match="teacher_sha256"):
@@ -200,6 +209,10 @@ def test_another_teacher_seed_or_a_student_is_refused(tmp_path, reference, teach
         dump(student, data, tmp_path / "store")
 
 
+@pytest.mark.reliability(
+    case="missing or corrupt image during dump-teacher",
+    outcome="slot skipped, warned and counted in the summary; stored invalid, never zero-filled",
+)
 def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, teacher, data, caplog):
     root = tmp_path / "images"
     shutil.copytree(data["train_images"], root)

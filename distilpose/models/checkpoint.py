@@ -196,12 +196,20 @@ def _check_plain(value: object, where: str) -> None:
         )
 
 
+def _unwritable(path: Path, e: OSError) -> BadCheckpointError:
+    return BadCheckpointError(
+        f"{path}: cannot write the checkpoint ({e.strerror or e}); expected a writable folder "
+        "with free space; the previous file, if any, is unchanged"
+    )
+
+
 def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, *, meta: dict, extra: dict | None = None
 ) -> None:
     """Write `{"format", "model": config.to_dict(), "state_dict", "meta", **extra}` atomically:
     a temporary file in the same directory, flushed and fsynced, then `os.replace`d into place,
-    so a crash leaves either the old file or the new one, never half of one."""
+    so a crash leaves either the old file or the new one, never half of one. A read-only or
+    full disk raises BadCheckpointError naming `path`."""
     model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
@@ -222,16 +230,21 @@ def save_checkpoint(
         **extra,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # read-only or full disk, a file where the folder should be
+        raise _unwritable(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _unwritable(path, e) from e
         raise
     try:  # make the rename itself durable; not possible on every platform
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -44,7 +44,11 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
     return reader.read_slots(0, total, fields=list(array_specs(reader.meta)))
 
 
-def test_ten_random_kills_then_resume_equal_an_uninterrupted_dump(tmp_path):
+@pytest.mark.reliability(
+    case="dump-teacher after SIGKILL, 10 kills in a row",
+    outcome="resumed store equals an uninterrupted dump, sample for sample",
+)
+def test_ten_random_kills_then_resume_equal_an_uninterrupted_dump(tmp_path, record_property):
     data = make_demo_data(tmp_path / "demo", num_train=40, num_val=4)
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pth"
@@ -93,3 +97,4 @@ def test_ten_random_kills_then_resume_equal_an_uninterrupted_dump(tmp_path):
         assert np.array_equal(a[name], b[name]), f"array '{name}' differs after {KILLS} kills"
     # nothing left behind by the killed writers
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
+    record_property("kills_survived", KILLS)

@@ -118,7 +118,11 @@ def reference(tmp_path_factory):
 # ---- kills -----------------------------------------------------------------------------------
 
 
-def test_killed_writer_resumes_to_the_uninterrupted_store(tmp_path, reference):
+@pytest.mark.reliability(
+    case="store writer SIGKILLed inside a unit, 5 kills in a row",
+    outcome="readers see only whole samples; the resumed store is byte-identical",
+)
+def test_killed_writer_resumes_to_the_uninterrupted_store(tmp_path, reference, record_property):
     path = tmp_path / "s"
     rng = np.random.default_rng(0)
     kills = mid_store = 0
@@ -148,6 +152,7 @@ def test_killed_writer_resumes_to_the_uninterrupted_store(tmp_path, reference):
             mid_store += 0 < seen < 200
     assert kills == KILLS and mid_store >= KILLS - 1
     assert tree(path) == tree(reference)  # byte for byte, no temp files left
+    record_property("kills_survived", kills)
 
 
 # ---- disk full, read-only --------------------------------------------------------------------
@@ -166,7 +171,11 @@ def _failing_put(monkeypatch, err: int, when: str):
     monkeypatch.setattr(local, "_put", put)
 
 
-@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.reliability(
+    case="store write on a full or read-only disk",
+    outcome="error naming the chunk file; unit pending, earlier units intact; a rerun completes",
+)
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS], ids=["disk full", "read-only"])
 def test_disk_full_or_read_only_names_the_path_and_marks_nothing(
     tmp_path, reference, monkeypatch, err
 ):
@@ -192,6 +201,10 @@ def test_disk_full_or_read_only_names_the_path_and_marks_nothing(
     assert tree(path) == tree(reference)
 
 
+@pytest.mark.reliability(
+    case="disk full while marking a store unit complete",
+    outcome="StoreFormatError naming the marker file; the unit is not marked complete",
+)
 def test_marker_write_failure_leaves_the_unit_pending(tmp_path, monkeypatch):
     path = tmp_path / "s"
     w = StoreWriter.create_or_open(path, small_meta())
@@ -208,6 +221,10 @@ def test_marker_write_failure_leaves_the_unit_pending(tmp_path, monkeypatch):
     assert w.complete_units() == set()
 
 
+@pytest.mark.reliability(
+    case="store path below a file, or a folder that is not a store",
+    outcome="StoreFormatError naming the path",
+)
 def test_unwritable_location_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -225,6 +242,10 @@ def test_unwritable_location_is_a_clear_error(tmp_path):
         StoreWriter.create_or_open(other, small_meta())
 
 
+@pytest.mark.reliability(
+    case="store creation killed before its metadata was written",
+    outcome="the next run starts the store afresh; equals a clean store",
+)
 def test_interrupted_creation_starts_again(tmp_path, reference):
     import zarr
 
@@ -238,6 +259,10 @@ def test_interrupted_creation_starts_again(tmp_path, reference):
 # ---- untrusted or bad content ----------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="store of a newer schema version than the code",
+    outcome="reader and writer refuse it naming the version",
+)
 def test_newer_schema_is_refused(tmp_path):
     from store import StoreReader
 
@@ -253,7 +278,11 @@ def test_newer_schema_is_refused(tmp_path):
         StoreWriter.create_or_open(path, small_meta(views=1))
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e6])
+@pytest.mark.reliability(
+    case="non-finite teacher output written to the store",
+    outcome="refused at write time naming slot, instance, view and array; nothing marked complete",
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e6], ids=["NaN", "Inf", "1e6 overflows fp16"])
 def test_nonfinite_teacher_outputs_are_refused_at_write_time(tmp_path, bad):
     w = StoreWriter.create_or_open(tmp_path / "s", small_meta())
     arrays = unit_arrays(w, 1)
@@ -271,6 +300,10 @@ def test_nonfinite_teacher_outputs_are_refused_at_write_time(tmp_path, bad):
 # ---- concurrent readers ----------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="two training readers while another process adds views",
+    outcome="readers only ever see whole, correct samples",
+)
 def test_readers_never_see_partial_samples_while_views_are_added(tmp_path):
     path = tmp_path / "s"
     fill(StoreWriter.create_or_open(path, small_meta(views=1)))
