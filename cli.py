@@ -685,7 +685,7 @@ class DemoPlan:
 
     num_train: int = 2000
     num_val: int = 300
-    teacher_epochs: int = 30
+    teacher_epochs: int = 60
     views: int = 4
     student_epochs: int = 40
     batch_size: int = 32

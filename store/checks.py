@@ -194,3 +194,31 @@ def store_verify(
         "keypoints_mismatched": bad_kp,
         "mismatched_slots": bad_slots,
     }
+
+
+def format_store_info(info: dict) -> str:
+    """The readable form of `store_info`: one fact per line, per-joint confidence as a table."""
+    from distilpose.data.keypoints import KEYPOINT_NAMES
+
+    mib = info["bytes_on_disk"] / 2**20
+    lines = [
+        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']})",
+        f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
+        f"samples complete {info['samples_complete']:,} / {info['samples']:,} "
+        f"({info['num_instances']:,} people x {info['views']} views; "
+        f"views complete: {info['views_complete']})",
+        f"on disk          {mib:,.1f} MiB, {info['bytes_per_sample'] / 1e3:,.1f} kB/sample, "
+        f"compression x{info['compression_ratio']:.2f} "
+        f"(x{info['ratio_vs_float32']:.2f} vs float32)",
+    ]
+    if "nonfinite_total" in info:
+        lines.append(f"NaN/Inf values   {info['nonfinite_total']}")
+    conf = info.get("confidence")
+    if conf:
+        lines.append("teacher confidence (heatmap peak) per joint: mean / p5 / p50 / p95")
+        for k, name in enumerate(KEYPOINT_NAMES):
+            lines.append(
+                f"  {name:<15} {conf['mean'][k]:.3f} / {conf['p5'][k]:.3f} / "
+                f"{conf['p50'][k]:.3f} / {conf['p95'][k]:.3f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""The CLI end to end on tiny models, each stage as its own command (STYLE.md point 10):
+make-demo-data -> train-teacher -> dump-teacher -> store-info/verify -> train-student -> eval."""
+
+import json
+
+from typer.testing import CliRunner
+
+import cli
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}"
+    return result.output
+
+
+def test_every_stage_from_the_command_line(tmp_path):
+    data = tmp_path / "data"
+    invoke("make-demo-data", data, "--num-train", 24, "--num-val", 8, "--seed", 3)
+    train_ann = data / "annotations" / "person_keypoints_train.json"
+    val_ann = data / "annotations" / "person_keypoints_val.json"
+    invoke(
+        "train-teacher",
+        "--ann",
+        train_ann,
+        "--images",
+        data / "train" / "images",
+        "--out",
+        tmp_path / "teacher",
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+    )
+    teacher = tmp_path / "teacher" / "teacher.pth"
+    assert "tokenpose_tiny" in invoke("checkpoint-info", teacher)
+
+    store = tmp_path / "store"
+    summary = json.loads(
+        invoke(
+            "dump-teacher",
+            "--teacher",
+            teacher,
+            "--ann",
+            train_ann,
+            "--images",
+            data / "train" / "images",
+            "--out",
+            store,
+            "--views",
+            2,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        ).splitlines()[-1]
+    )
+    assert summary["views"] == 2
+    info = json.loads(invoke("store-info", store, "--json"))
+    assert info["complete"] if "complete" in info else True
+    verify = json.loads(invoke("store-verify", store, "--sample", 4))
+    assert verify["mismatched"] == 0
+
+    run = tmp_path / "student"
+    invoke(
+        "train-student",
+        "--store",
+        store,
+        "--model",
+        "distilpose_tiny",
+        "--out",
+        run,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+    )
+    config = json.loads((run / "config.json").read_text())
+    assert "reg" in json.dumps(config)
+    for ckpt in (teacher, run / "student.pth"):
+        out = invoke(
+            "eval",
+            "--checkpoint",
+            ckpt,
+            "--ann",
+            val_ann,
+            "--images",
+            data / "val" / "images",
+            "--dets",
+            data / "annotations" / "person_detections_val.json",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            tmp_path / f"{ckpt.stem}.json",
+        )
+        result = json.loads(out[out.index("{") :])
+        assert 0.0 <= result["AP"] <= 1.0 and result["samples_per_s"] > 0
+        assert (tmp_path / f"{ckpt.stem}.json").exists()
