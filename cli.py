@@ -155,6 +155,26 @@ class FlipMode(str, Enum):
     official = "official"
 
 
+class Augment(str, Enum):
+    paper = "paper"
+    mild = "mild"
+
+
+def _recipe(augment: Augment):
+    """None keeps each stage's paper default; 'mild' is for data that varies pose itself."""
+    from distilpose.data import MILD_RECIPE
+
+    return MILD_RECIPE if augment == Augment.mild else None
+
+
+def _size_overrides(input_size: str | None) -> dict | None:
+    """--input-size WxH -> model overrides; the heatmap / feature map is a quarter of it."""
+    if input_size is None:
+        return None
+    w, h = _parse_size(input_size, "--input-size")
+    return {"input_size": (w, h), "heatmap_size": (w // 4, h // 4)}
+
+
 class StoreMode(str, Enum):
     fp16 = "fp16"
     lossy = "lossy"
@@ -277,9 +297,16 @@ def train_teacher(
     seed: Annotated[int, typer.Option(help="Seed of augmentation and initialisation.")] = 0,
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth.")] = False,
+    input_size: Annotated[
+        str | None, typer.Option(help="Crop size WxH instead of the model's (e.g. 48x64).")
+    ] = None,
+    augment: Annotated[
+        Augment, typer.Option(help="paper (the teacher recipe) or mild (flip, small scale).")
+    ] = Augment.paper,
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
+    overrides = _size_overrides(input_size)
     from teacher_dump.train import train_teacher as train
 
     summary = _run(
@@ -296,6 +323,8 @@ def train_teacher(
         seed=seed,
         workers=workers,
         resume=resume,
+        model_overrides=overrides,
+        recipe=_recipe(augment),
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -323,6 +352,9 @@ def dump_teacher(
         StoreMode, typer.Option(help="fp16 (exact half) or lossy (smaller).")
     ] = StoreMode.fp16,
     chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk.")] = 64,
+    augment: Annotated[
+        Augment, typer.Option(help="paper (the student recipe) or mild (flip, small scale).")
+    ] = Augment.paper,
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
@@ -344,6 +376,7 @@ def dump_teacher(
         model=model,
         mode=mode.value,
         chunk_samples=chunk_samples,
+        recipe=_recipe(augment),
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -414,9 +447,13 @@ def train_student(
     official_sh_weight: Annotated[
         bool, typer.Option(help="Reproduce the official batch-averaged simulated-heatmap weight.")
     ] = False,
+    input_size: Annotated[
+        str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
+    overrides = _size_overrides(input_size)
     from student_train.train import train_student as train
 
     summary = _run(
@@ -435,6 +472,7 @@ def train_student(
         resume=resume,
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
+        model_overrides=overrides,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -681,19 +719,30 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one fits 15 minutes on 2 CPU cores, --quick about 3."""
+    """Sizes of a demo run: the full one fits 15 minutes on 2 CPU cores, --quick about 3.
+
+    The tiny models run at 48x64 crops here: on 2 CPU cores a TokenPose-style model needs a few
+    thousand steps before its keypoint tokens leave the mean pose, and the small crop makes steps
+    cheap enough to afford them (measured: at 96x128 neither model left the mean pose within the
+    demo's time).
+    """
 
     num_train: int = 2000
     num_val: int = 300
-    teacher_epochs: int = 60
+    teacher_epochs: int = 64
     views: int = 4
-    student_epochs: int = 40
-    batch_size: int = 32
-    warmup_iters: int = 100
+    student_epochs: int = 48
+    batch_size: int = 16
+    warmup_iters: int = 200
+    input_size: tuple[int, int] = (48, 64)
+    heatmap_size: tuple[int, int] = (12, 16)
+
+    def overrides(self) -> dict:
+        return {"input_size": self.input_size, "heatmap_size": self.heatmap_size}
 
 
 QUICK_DEMO = DemoPlan(
-    num_train=500, num_val=120, teacher_epochs=12, views=2, student_epochs=16, warmup_iters=30
+    num_train=600, num_val=150, teacher_epochs=12, views=2, student_epochs=12, warmup_iters=50
 )
 
 
@@ -701,9 +750,10 @@ def run_demo(
     out: Path, *, quick: bool = False, device: str = "auto", seed: int = 0, log: bool = True
 ) -> list[dict]:
     """The mission end to end on demo data, through the very functions the commands call."""
+    from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
     from distilpose.eval_run import run_eval
-    from distilpose.models import model_info
+    from distilpose.models import build_model, model_info
     from student_train.train import train_student as train_s
     from teacher_dump.dump import dump_teacher as dump
     from teacher_dump.train import train_teacher as train_t
@@ -719,57 +769,36 @@ def run_demo(
     data = make(out / "data", num_train=plan.num_train, num_val=plan.num_val, seed=seed)
     step(f"train teacher tokenpose_tiny, {plan.teacher_epochs} epochs -> {out / 'teacher'}")
     train_t(
-        "tokenpose_tiny",
-        data["train_ann"],
-        data["train_images"],
-        out / "teacher",
-        epochs=plan.teacher_epochs,
-        batch_size=plan.batch_size,
-        warmup_iters=plan.warmup_iters,
-        device=device,
-        seed=seed,
-        resume=(out / "teacher" / "last.pth").exists(),
-    )
+        "tokenpose_tiny", data["train_ann"], data["train_images"], out / "teacher",
+        epochs=plan.teacher_epochs, batch_size=plan.batch_size, warmup_iters=plan.warmup_iters,
+        device=device, seed=seed, resume=(out / "teacher" / "last.pth").exists(),
+        model_overrides=plan.overrides(), recipe=MILD_RECIPE,
+    )  # fmt: skip
     teacher_ckpt = out / "teacher" / "teacher.pth"
     step(f"dump teacher, {plan.views} views -> {out / 'store'}")
     dump(
-        teacher_ckpt,
-        data["train_ann"],
-        data["train_images"],
-        str(out / "store"),
-        views=plan.views,
-        seed=seed,
-        device=device,
-    )
+        teacher_ckpt, data["train_ann"], data["train_images"], str(out / "store"),
+        views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE,
+    )  # fmt: skip
     runs = {"student_distilled": "reg,kt,vt,sh,cs", "student_baseline": "reg"}
     for role, losses in runs.items():
         step(f"train distilpose_tiny from the store, losses {losses} -> {out / role}")
         train_s(
-            str(out / "store"),
-            "distilpose_tiny",
-            out / role,
-            losses=losses,
-            epochs=plan.student_epochs,
-            batch_size=plan.batch_size,
-            warmup_iters=plan.warmup_iters,
-            device=device,
-            seed=seed,
-            resume=(out / role / "last.pth").exists(),
-        )
+            str(out / "store"), "distilpose_tiny", out / role, losses=losses,
+            epochs=plan.student_epochs, batch_size=plan.batch_size,
+            warmup_iters=plan.warmup_iters, device=device, seed=seed,
+            resume=(out / role / "last.pth").exists(), model_overrides=plan.overrides(),
+        )  # fmt: skip
     rows = []
     checkpoints = {"teacher": teacher_ckpt, **{r: out / r / "student.pth" for r in runs}}
     for role, ckpt in checkpoints.items():
         step(f"eval {role} on the val split (detections, flip test)")
         result = run_eval(
-            ckpt,
-            data["val_ann"],
-            data["val_images"],
-            dets_file=data["val_dets"],
-            device=device,
-            out_json=out / "results" / f"{role}.json",
-        )
+            ckpt, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
+            device=device, out_json=out / "results" / f"{role}.json",
+        )  # fmt: skip
         name = "tokenpose_tiny" if role == "teacher" else "distilpose_tiny"
-        info = model_info(name)
+        info = model_info(build_model(name, **plan.overrides()))
         rows.append(
             {
                 "model": name,

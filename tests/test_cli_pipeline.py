@@ -10,6 +10,11 @@ import cli
 runner = CliRunner()
 
 
+def last_json(output: str) -> dict:
+    """The JSON summary line a command prints (logs may come before or after it)."""
+    return next(json.loads(x) for x in reversed(output.splitlines()) if x.startswith("{"))
+
+
 def invoke(*args: str) -> str:
     result = runner.invoke(cli.app, [str(a) for a in args])
     assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}"
@@ -42,7 +47,7 @@ def test_every_stage_from_the_command_line(tmp_path):
     assert "tokenpose_tiny" in invoke("checkpoint-info", teacher)
 
     store = tmp_path / "store"
-    summary = json.loads(
+    summary = last_json(
         invoke(
             "dump-teacher",
             "--teacher",
@@ -59,12 +64,13 @@ def test_every_stage_from_the_command_line(tmp_path):
             0,
             "--device",
             "cpu",
-        ).splitlines()[-1]
+        )
     )
     assert summary["views"] == 2
     info = json.loads(invoke("store-info", store, "--json"))
-    assert info["complete"] if "complete" in info else True
-    verify = json.loads(invoke("store-verify", store, "--sample", 4))
+    assert info["complete"] and info["samples_complete"] == 2 * info["num_instances"]
+    assert "teacher confidence" in invoke("store-info", store)
+    verify = last_json(invoke("store-verify", store, "--sample", 4))
     assert verify["mismatched"] == 0
 
     run = tmp_path / "student"

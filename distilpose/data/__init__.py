@@ -8,6 +8,7 @@ from distilpose.data.coco import (
     resolve_image_path,
 )
 from distilpose.data.crop import (
+    MILD_RECIPE,
     AugmentRecipe,
     CropSpec,
     RenderedCrop,
@@ -36,6 +37,7 @@ __all__ = [
     "KEYPOINT_NAMES",
     "NUM_KEYPOINTS",
     "OKS_SIGMAS",
+    "MILD_RECIPE",
     "SKELETON",
     "AugmentRecipe",
     "CropSpec",
