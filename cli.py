@@ -543,9 +543,13 @@ def ablate(
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Same seed for every run.")] = 0,
     parallel: Annotated[int, typer.Option(help="Runs at a time (one per CUDA device).")] = 1,
+    input_size: Annotated[
+        str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
+    overrides = _size_overrides(input_size)
     from student_train.ablate import ablate as run
 
     table = _run(
@@ -562,6 +566,7 @@ def ablate(
         device=device.value,
         seed=seed,
         parallel=parallel,
+        model_overrides=overrides,
     )
     typer.echo(Path(table).read_text())
 

@@ -110,6 +110,7 @@ def _run_one(job: dict) -> dict:
         workers=s["workers"],
         warmup_iters=s["warmup_iters"],
         resume=(run_dir / "last.pth").is_file(),
+        model_overrides=s.get("model_overrides"),
     )
     metrics = run_eval(
         summary["checkpoint"],
@@ -176,6 +177,7 @@ def ablate(
     parallel: int = 1,
     workers: int = 2,
     warmup_iters: int | None = None,
+    model_overrides: dict | None = None,
 ) -> Path:
     """Train + evaluate one student per combination of `grid`; returns out_dir/ablation.md.
 
@@ -194,6 +196,7 @@ def ablate(
         "seed": seed,
         "workers": workers,
         "warmup_iters": warmup_iters,
+        "model_overrides": model_overrides,
         "val_ann": str(val_ann),
         "val_images": str(val_images),
         "val_dets": str(val_dets) if val_dets else None,
