@@ -113,3 +113,19 @@ def test_every_stage_from_the_command_line(tmp_path):
         result = json.loads(out[out.index("{") :])
         assert 0.0 <= result["AP"] <= 1.0 and result["samples_per_s"] > 0
         assert (tmp_path / f"{ckpt.stem}.json").exists()
+
+
+def test_demo_json_contract(tmp_path, monkeypatch):
+    """`distilpose demo --json`: a list of rows with the documented keys and roles."""
+    tiny = cli.DemoPlan(
+        num_train=24, num_val=8, teacher_epochs=1, views=2, student_epochs=2, warmup_iters=2
+    )
+    monkeypatch.setattr(cli, "QUICK_DEMO", tiny)
+    out = invoke("demo", "--quick", "--json", "--out", tmp_path / "demo", "--device", "cpu")
+    lines = out.splitlines()  # the runner mixes in stderr log lines before the JSON
+    rows = json.loads("\n".join(lines[lines.index("[") :]))
+    assert [r["role"] for r in rows] == ["teacher", "student_distilled", "student_baseline"]
+    keys = {"model", "role", "params", "gflops", "ap", "ap50", "ap75", "samples_per_s"}
+    assert all(set(r) == keys for r in rows)
+    assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"] > 0
+    assert (tmp_path / "demo" / "demo_table.json").exists()
