@@ -33,6 +33,7 @@ from distilpose.errors import StoreFormatError, StoreMismatchError
 from store.schema import (
     COMPLETE_DIR,
     META_KEY,
+    READ_FIELDS,
     TEACHER_OUTPUTS,
     StoreLayout,
     StoreLocation,
@@ -47,17 +48,8 @@ from store.schema import (
     syncfs,
 )
 
-REQUIRED = (
-    "spec",
-    "image_id",
-    "ann_id",
-    "keypoints",
-    "weights",
-    "crop_digest",
-    "heatmaps",
-    "keypoint_tokens",
-    "visual_tokens",
-)
+# what a writer must hand over per unit: every readable field except those the layout derives
+REQUIRED = tuple(f for f in READ_FIELDS if f not in ("slot", "view", "instance"))
 
 
 class StoreWriter:
