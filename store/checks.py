@@ -9,9 +9,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from distilpose.errors import StoreMismatchError
 from distilpose.progress import progress
-from store.reader import StoreReader
+from store.reader import StoreReader, load_store_instances
 from store.schema import TEACHER_OUTPUTS, digest_hex
 
 
@@ -134,30 +133,12 @@ def store_verify(
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
     keypoints/weights differ from the re-rendered ones), and the first mismatched slots.
     """
-    from distilpose.data import (
-        CropSpec,
-        annotation_digest,
-        load_coco_instances,
-        read_image,
-        render_crop,
-    )
+    from distilpose.data import CropSpec, read_image, render_crop
     from distilpose.data import crop_digest as digest_of
 
     reader = StoreReader.open(path, storage_options)
     m = reader.meta
-    ann = str(ann_file or m.ann_file)
-    root = str(image_root or m.image_root)
-    if m.ann_digest and annotation_digest(ann) != m.ann_digest:
-        raise StoreMismatchError(
-            f"{ann}: sha256 differs from the store's annotation digest {m.ann_digest[:12]}...; "
-            "expected the annotation file the store was dumped from"
-        )
-    w, h = m.input_size
-    instances = load_coco_instances(ann, root, train=True, aspect_ratio=w / h)
-    if len(instances) != m.num_instances:
-        raise StoreMismatchError(
-            f"{ann}: {len(instances)} training instances; the store has {m.num_instances}"
-        )
+    instances = load_store_instances(m, path, ann_file, image_root)
     slots = _complete_slots(reader)
     if sample is not None and sample < len(slots):
         slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
@@ -175,7 +156,7 @@ def store_verify(
             row = {k: v[slot - c * chunk] for k, v in data.items()}
             inst = instances[int(row["instance"])]
             spec = CropSpec.from_array(row["spec"])
-            crop = render_crop(load(inst), spec, inst.keypoints, (w, h))
+            crop = render_crop(load(inst), spec, inst.keypoints, tuple(m.input_size))
             same = digest_of(crop.image) == digest_hex(row["crop_digest"])
             same = same and inst.image_id == int(row["image_id"])
             kp_same = np.array_equal(crop.keypoints, row["keypoints"]) and np.array_equal(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -527,3 +528,36 @@ def _store_dataset_class() -> type:
 
     StoreDataset.__module__ = __name__
     return StoreDataset
+
+
+def load_store_instances(
+    meta: StoreMeta, store: object, ann_file: str | None = None, images: str | None = None
+) -> list:
+    """The dataset instances (PersonInstance) the store's slots index, checked against its meta.
+
+    ann_file / images override the paths recorded in the store (a store moved to another
+    machine); the annotation file must still be byte-identical (same digest).
+    """
+    from distilpose.data import annotation_digest, load_coco_instances
+
+    ann = str(ann_file or meta.ann_file)
+    root = str(images or meta.image_root)
+    if not Path(ann).is_file():
+        raise StoreMismatchError(
+            f"{store}: annotation file '{ann}' named by the store does not exist; "
+            "expected it in place, or pass ann_file=/--ann"
+        )
+    digest = annotation_digest(ann)
+    if meta.ann_digest and digest != meta.ann_digest:
+        raise StoreMismatchError(
+            f"{ann}: sha256 {digest[:12]}... differs from the store's {meta.ann_digest[:12]}...; "
+            "expected the annotation file the teacher was dumped with"
+        )
+    w, h = meta.input_size
+    instances = load_coco_instances(ann, root, train=True, aspect_ratio=w / h)
+    if len(instances) != meta.num_instances:
+        raise StoreMismatchError(
+            f"{ann}: {len(instances)} training instances, the store {store} has "
+            f"{meta.num_instances}; expected the same annotation file and filters"
+        )
+    return instances

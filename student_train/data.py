@@ -34,7 +34,6 @@ from distilpose.data import (
     AugmentRecipe,
     CropSpec,
     PersonInstance,
-    annotation_digest,
     crop_digest,
     load_coco_instances,
     normalize,
@@ -45,6 +44,7 @@ from distilpose.data import (
 from distilpose.engine import world
 from distilpose.errors import StoreMismatchError
 from store import StoreReader
+from store.reader import load_store_instances
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -287,37 +287,6 @@ class _OnlineSource(IterableDataset):
                 return
             idx = order[starts[i] : starts[i] + self.batch_size]
             yield {"instance": idx, "view": np.full(len(idx), self.epoch, dtype=np.int64)}
-
-
-def load_store_instances(
-    meta: object, store: str, ann_file: str | None = None, images: str | None = None
-) -> list[PersonInstance]:
-    """The dataset instances the store's slots index, checked against the store's meta.
-
-    ann_file / images override the paths recorded in the store (a store moved to another
-    machine); the annotation file must still be byte-identical (same digest).
-    """
-    ann = str(ann_file or meta.ann_file)
-    root = str(images or meta.image_root)
-    if not Path(ann).is_file():
-        raise StoreMismatchError(
-            f"{store}: annotation file '{ann}' named by the store does not exist; "
-            "expected it in place, or pass ann_file=/--ann"
-        )
-    digest = annotation_digest(ann)
-    if meta.ann_digest and digest != meta.ann_digest:
-        raise StoreMismatchError(
-            f"{ann}: sha256 {digest[:12]}... differs from the store's {meta.ann_digest[:12]}...; "
-            "expected the annotation file the teacher was dumped with"
-        )
-    w, h = meta.input_size
-    instances = load_coco_instances(ann, root, train=True, aspect_ratio=w / h)
-    if len(instances) != meta.num_instances:
-        raise StoreMismatchError(
-            f"{ann}: {len(instances)} training instances, the store {store} has "
-            f"{meta.num_instances}; expected the same annotation file and filters"
-        )
-    return instances
 
 
 class StudentBatches:
