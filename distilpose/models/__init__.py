@@ -36,6 +36,9 @@ from distilpose.models.distilpose import DistilPose, StudentOutput
 from distilpose.models.layers import ModelConfig
 from distilpose.models.tokenpose import TeacherOutput, TokenPose
 
+# demo models: 96x128 crops, 24x32 heatmaps, 2x2 patches -> 12x16 = 192 visual tokens
+_DEMO = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(2, 2), dim=64, heads=4,
+             depth=2, mlp_ratio=2)  # fmt: skip
 _TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
 
 # name -> ModelConfig fields that differ from the defaults (the full DistilPose-S)
@@ -46,6 +49,8 @@ _MODELS: dict[str, dict] = {
     "distilpose_l": dict(role="student", backbone="hrnet_w48_s3"),
     "tokenpose_tiny": dict(role="teacher", backbone="stemnet_tiny", depth=4, **_TINY),
     "distilpose_tiny": dict(role="student", backbone="stemnet_tiny", depth=2, **_TINY),
+    "tokenpose_demo": dict(role="teacher", backbone="encdec_demo", head="similarity", **_DEMO),
+    "distilpose_demo": dict(role="student", backbone="stemlite_demo", head="similarity", **_DEMO),
 }
 MODEL_NAMES = list(_MODELS)
 

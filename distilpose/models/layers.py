@@ -23,7 +23,8 @@ from torch import nn
 from distilpose.errors import BadConfigError
 
 ROLES = ("teacher", "student")
-BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny")
+BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "encdec_demo", "stemlite_demo")
+HEADS = ("mlp", "similarity")  # teacher heatmap heads: tokenpose.HeatmapHead, SimilarityHead
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ModelConfig:
     num_keypoints: int = 17  # COCO-17
     single_sigma: bool = False  # student: one sigma for both axes (paper Table B, out dim 4)
     teacher_dim: int | None = None  # student: if set and != dim, project tokens to this width
+    head: str = "mlp"  # teacher: "mlp" (TokenPose's) or "similarity" (keypoint x visual tokens)
 
     def __post_init__(self) -> None:
         for key in ("input_size", "heatmap_size", "patch_size"):
@@ -58,6 +60,8 @@ class ModelConfig:
             raise BadConfigError(
                 f"model config 'backbone' is {self.backbone!r}; expected one of {BACKBONES}"
             )
+        if self.head not in HEADS:
+            raise BadConfigError(f"model config 'head' is {self.head!r}; expected one of {HEADS}")
         (wh, hh), (pw, ph) = self.heatmap_size, self.patch_size
         if wh % pw or hh % ph:
             raise BadConfigError(
@@ -396,3 +400,26 @@ class TokenEncoder(nn.Module):
         kpt = self.keypoint_token.expand(x.shape[0], -1, -1)  # [B, K, D]
         x = self.transformer(torch.cat((kpt, x), dim=1), self.pos_embedding)  # [B, K+P, D]
         return x[:, : self.num_keypoints], x[:, self.num_keypoints :]
+
+
+def similarity_projections(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """`query` (keypoint token -> [D]) and `key` (visual token -> one [D] key per pixel of its
+    patch) of the demo heads, which lay heatmaps out by the visual tokens (`similarity_maps`)."""
+    d, (pw, ph) = config.dim, config.patch_size
+    query = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+    key = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d * pw * ph))
+    return query, key
+
+
+def similarity_maps(
+    q: torch.Tensor, keys: torch.Tensor, heatmap_size: tuple[int, int], patch_size: tuple[int, int]
+) -> torch.Tensor:
+    """q [B, K, D], keys [B, P, ph*pw*D] -> maps [B, K, Hh, Wh]: the scaled dot product of each
+    keypoint's query with the key of every heatmap pixel (pixel s of patch p: key s of token p)."""
+    (wh, hh), (pw, ph) = heatmap_size, patch_size
+    b, k, d = q.shape
+    keys = keys.reshape(b, -1, ph * pw, d)  # [B, P, ph*pw, D], pixels row-major in the patch
+    sim = torch.einsum("bkd,bpsd->bkps", q, keys) * d**-0.5  # [B, K, P, ph*pw]
+    # patches are row-major over (hh/ph, wh/pw); put each patch's pixels back in place
+    sim = sim.reshape(b, k, hh // ph, wh // pw, ph, pw).permute(0, 1, 2, 4, 3, 5)
+    return sim.reshape(b, k, hh, wh)
