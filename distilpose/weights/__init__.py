@@ -16,7 +16,7 @@ from pathlib import Path
 from distilpose.errors import BadCheckpointError
 
 DEMO_TEACHER_FILE = Path(__file__).with_name("demo_teacher.pth")
-DEMO_TEACHER_SHA256 = "5bd5ba5a7d7e3fe0f713a4bd926085924e1dacca4c4bdfac86869755da3d9b02"
+DEMO_TEACHER_SHA256 = "c8b6671e045746e40c956c0f536f8c291c10a13d47cdbe8d21e47434fa6d1352"
 
 # How demo_teacher.pth was made: `distilpose make-demo-data` then `distilpose train-teacher`.
 DEMO_TEACHER_RECIPE = {
@@ -24,7 +24,7 @@ DEMO_TEACHER_RECIPE = {
     "data_seed": 1000,  # its own synthetic people: no overlap with any demo split
     "num_train": 10000,
     "num_val": 600,
-    "epochs": 12,
+    "epochs": 6,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_iters": 300,
