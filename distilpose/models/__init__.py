@@ -11,12 +11,21 @@
 | `distilpose_l`    | student | HRNet-W48, stages 1-3     | 192 x 12    | 21.27M, 10.33 GMACs |
 | `tokenpose_tiny`  | teacher | tiny stem (32 ch)         | 64 x 4      | demo and tests      |
 | `distilpose_tiny` | student | tiny stem (32 ch)         | 64 x 2      | demo and tests      |
+| `simplebaseline_r50` | teacher | ResNet-50 + 3 deconvs  | none        | Table 6 teacher     |
+| `deeppose_r50`    | student | ResNet-50, pooled Linear  | none        | Table 6 student     |
+| `simplebaseline_tiny` | teacher | tiny ResNet + 2 deconvs | none      | demo and tests      |
+| `deeppose_tiny`   | student | tiny ResNet, pooled Linear | none       | demo and tests      |
 
-Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3).
+Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3). The tiny ResNet has three
+stages of one BasicBlock (32, 64, 128 channels, stride 16); its deconvolutions have 64
+channels. Models without tokens
+(SimpleBaseline, DeepPose) accept `weights=PATH` in `build_model`: a local torchvision ResNet
+state dict (ImageNet) for the trunk.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from torch import nn
@@ -28,12 +37,15 @@ from distilpose.models.checkpoint import (
     build_from_checkpoint,
     checkpoint_filter_fn,
     identify_checkpoint,
+    load_backbone_weights,
     load_checkpoint,
     save_checkpoint,
 )
 from distilpose.models.complexity import count_macs, count_params, list_model_infos, model_info
+from distilpose.models.deeppose import DeepPose
 from distilpose.models.distilpose import DistilPose, StudentOutput
 from distilpose.models.layers import ModelConfig
+from distilpose.models.simplebaseline import SimpleBaseline
 from distilpose.models.tokenpose import TeacherOutput, TokenPose
 
 _TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
@@ -46,6 +58,13 @@ _MODELS: dict[str, dict] = {
     "distilpose_l": dict(role="student", backbone="hrnet_w48_s3"),
     "tokenpose_tiny": dict(role="teacher", backbone="stemnet_tiny", depth=4, **_TINY),
     "distilpose_tiny": dict(role="student", backbone="stemnet_tiny", depth=2, **_TINY),
+    # the paper's CNN pair (Table 6); token fields (dim, patch_size, ...) are unused by them
+    "simplebaseline_r50": dict(role="teacher", backbone="resnet50", head="deconv"),
+    "deeppose_r50": dict(role="student", backbone="resnet50", head="fc"),
+    "simplebaseline_tiny": dict(
+        role="teacher", backbone="resnet_tiny", head="deconv", head_channels=64, **_TINY
+    ),
+    "deeppose_tiny": dict(role="student", backbone="resnet_tiny", head="fc", **_TINY),
 }
 MODEL_NAMES = list(_MODELS)
 
@@ -64,19 +83,30 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 def create_model(config: ModelConfig) -> nn.Module:
-    """A fresh (randomly initialised) model for a config: TokenPose or DistilPose by role."""
+    """A fresh (randomly initialised) model for a config: by head, then by role."""
+    if config.head == "deconv":
+        return SimpleBaseline(config)
+    if config.head == "fc":
+        return DeepPose(config)
     return TokenPose(config) if config.role == "teacher" else DistilPose(config)
 
 
-def build_model(name: str, **overrides) -> nn.Module:
-    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6)."""
-    return create_model(model_config(name, **overrides))
+def build_model(name: str, weights: str | os.PathLike | None = None, **overrides) -> nn.Module:
+    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6).
+    `weights`: a local backbone state dict (e.g. torchvision's ImageNet ResNet-50 file) loaded
+    strictly into `model.backbone` (a classifier `fc.*` in it is dropped)."""
+    model = create_model(model_config(name, **overrides))
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    return model
 
 
 __all__ = [
     "MODEL_NAMES",
+    "DeepPose",
     "DistilPose",
     "ModelConfig",
+    "SimpleBaseline",
     "StudentOutput",
     "TeacherOutput",
     "TokenPose",
@@ -88,6 +118,7 @@ __all__ = [
     "create_model",
     "identify_checkpoint",
     "list_model_infos",
+    "load_backbone_weights",
     "load_checkpoint",
     "model_config",
     "model_info",

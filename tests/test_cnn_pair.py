@@ -1,0 +1,185 @@
+"""The paper's CNN pair (Table 6): SimpleBaseline teacher, DeepPose student.
+
+Sizes are checked against MMPose 0.x's model zoo, docs/en/inference_speed_summary.md of
+open-mmlab/mmpose (0.x, measured with mmpose 0.20.0 / mmcv-full 1.3.17), rows
+`topdown_heatmap | ResNet-50 | res50_coco_256x192` (5.46 GFLOPs, 34 M params) and
+`DeepPose | ResNet-50 | deeppose/coco/res50_coco_256x192` (4.04 GFLOPs, 23.58 M params).
+MMPose-layout state dicts are written here from MMPose 0.x's module names (ResNet backbone,
+TopdownHeatmapSimpleHead `deconv_layers` / `final_layer`, DeepposeRegressionHead `fc`), not
+derived from our models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.models import (
+    build_from_checkpoint,
+    build_model,
+    identify_checkpoint,
+    load_checkpoint,
+    model_config,
+    model_info,
+)
+
+MMPOSE_ZOO = {  # name: (params, GFLOPs) from MMPose 0.x's inference_speed_summary.md
+    "simplebaseline_r50": (34.0e6, 5.46),
+    "deeppose_r50": (23.58e6, 4.04),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MMPOSE_ZOO))
+def test_sizes_within_1_5_percent_of_mmpose(name):
+    info = model_info(name)
+    params, gflops = MMPOSE_ZOO[name]
+    assert info["input_size"] == [192, 256]
+    assert abs(info["params"] / params - 1) < 0.015, info
+    assert abs(info["gflops"] / gflops - 1) < 0.015, info
+
+
+def test_tiny_pair_outputs():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 128, 96)
+    teacher = build_model("simplebaseline_tiny").eval()
+    out = teacher(images)
+    assert out.heatmaps.shape == (2, 17, 32, 24)
+    assert out.keypoint_tokens is None and out.visual_tokens is None
+    small = build_model("simplebaseline_tiny", input_size=(48, 64), heatmap_size=(12, 16))
+    assert small(torch.randn(1, 3, 64, 48)).heatmaps.shape == (1, 17, 16, 12)
+    student = build_model("deeppose_tiny").eval()
+    s = student(images)
+    assert s.coords.shape == (2, 17, 2) and s.scores.shape == (2, 17)
+    assert s.sigmas.shape == (2, 17, 2) and bool((s.sigmas > 0).all())
+    assert s.keypoint_tokens is None and s.visual_tokens is None
+    # a fresh student starts near the crop centre with the teacher's sigma and a unit score
+    assert abs(float(s.coords.detach().mean()) - 0.5) < 0.1
+    assert torch.allclose(s.sigmas, torch.full_like(s.sigmas, 2.0))
+    assert torch.allclose(s.scores, torch.ones_like(s.scores))
+    with pytest.raises(ValueError, match="heatmap_size"):
+        teacher(torch.randn(1, 3, 64, 48))
+
+
+def test_config_refuses_mixed_heads():
+    with pytest.raises(BadConfigError, match="'head' 'deconv' is a teacher's head"):
+        model_config("deeppose_tiny", head="deconv")
+    with pytest.raises(BadConfigError, match="does not fit 'head'"):
+        model_config("distilpose_tiny", backbone="resnet_tiny")
+    assert not model_config("deeppose_r50").has_tokens
+    assert model_config("distilpose_s").has_tokens
+
+
+# --------------------------------------------------------------------------- MMPose layouts
+
+
+def _bn(prefix: str, c: int) -> dict:
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def mmpose_resnet50_keys() -> dict:
+    """MMPose 0.x `ResNet(depth=50)` under `backbone.`: {key: shape}."""
+    keys = {"backbone.conv1.weight": (64, 3, 7, 7), **_bn("backbone.bn1", 64)}
+    inplanes = 64
+    for stage, (blocks, planes) in enumerate(
+        zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True), start=1
+    ):
+        for j in range(blocks):
+            p = f"backbone.layer{stage}.{j}"
+            keys[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            keys.update(_bn(f"{p}.bn1", planes))
+            keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            keys.update(_bn(f"{p}.bn2", planes))
+            keys[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            keys.update(_bn(f"{p}.bn3", planes * 4))
+            if j == 0:
+                keys[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                keys.update(_bn(f"{p}.downsample.1", planes * 4))
+            inplanes = planes * 4
+    return keys
+
+
+def mmpose_simplebaseline_keys() -> dict:
+    keys = mmpose_resnet50_keys()
+    in_ch = 2048
+    for i in range(3):  # ConvTranspose2d (no bias), BN, ReLU
+        keys[f"keypoint_head.deconv_layers.{3 * i}.weight"] = (in_ch, 256, 4, 4)
+        keys.update(_bn(f"keypoint_head.deconv_layers.{3 * i + 1}", 256))
+        in_ch = 256
+    keys["keypoint_head.final_layer.weight"] = (17, 256, 1, 1)
+    keys["keypoint_head.final_layer.bias"] = (17,)
+    return keys
+
+
+def mmpose_deeppose_keys() -> dict:
+    return {
+        **mmpose_resnet50_keys(),
+        "keypoint_head.fc.weight": (34, 2048),
+        "keypoint_head.fc.bias": (34,),
+    }
+
+
+def mmpose_file(keys: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    state = {
+        k: torch.randint(0, 9, s, dtype=torch.int64)
+        if k.endswith("num_batches_tracked")
+        else torch.rand(s, generator=g).half() + 0.5  # half: smaller files, faster tests
+        for k, s in keys.items()
+    }
+    return {"meta": {"epoch": 210}, "state_dict": state, "optimizer": {}}
+
+
+@pytest.mark.parametrize(
+    "name, keys",
+    [("simplebaseline_r50", mmpose_simplebaseline_keys), ("deeppose_r50", mmpose_deeppose_keys)],
+)
+def test_mmpose_layout_loads_strictly(tmp_path, name, keys):
+    obj = mmpose_file(keys())
+    path = tmp_path / f"{name}_mmpose.pth"
+    torch.save(obj, path)
+    info = identify_checkpoint(path)
+    assert (
+        info["model"] == name and info["fits"] and info["official_head_prefix"] == "keypoint_head"
+    )
+    model, meta = build_from_checkpoint(path)
+    assert model.config.name == name and meta == {"epoch": 210}
+    state = model.state_dict()
+    for key, value in obj["state_dict"].items():
+        ours = key.replace("keypoint_head.", "head.")
+        assert torch.equal(state[ours], value.to(state[ours].dtype)), key
+    if name == "deeppose_r50":  # MMPose's DeepPose has no score/sigma head: it keeps its init
+        fresh = build_model(name).head.confidence
+        assert torch.equal(model.head.confidence.weight, fresh.weight)
+        assert torch.equal(model.head.confidence.bias, fresh.bias)
+
+
+def test_mismatched_mmpose_file_gives_the_one_line_key_report():
+    with pytest.raises(BadCheckpointError) as err:
+        load_checkpoint(build_model("deeppose_r50"), mmpose_file(mmpose_simplebaseline_keys()))
+    message = str(err.value)
+    assert "\n" not in message and "'deeppose_r50'" in message
+    assert "missing keys [head.fc.weight, head.fc.bias]" in message
+    assert "unexpected keys [head.deconv_layers.0.weight" in message
+    assert "the keys fit built-in model 'simplebaseline_r50'" in message
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("deeppose_tiny")
+    state = {k: v + 1 for k, v in source.backbone.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 128)  # a classifier, as in torchvision's files
+    torch.save(state, tmp_path / "trunk.pth")
+    model = build_model("simplebaseline_tiny", weights=tmp_path / "trunk.pth")
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(BadCheckpointError, match=r"1 missing keys \[layer1.0.conv1.weight\]"):
+        build_model("deeppose_tiny", weights=tmp_path / "bad.pth")
