@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
 from distilpose.models import (
     build_from_checkpoint,
     build_model,
@@ -183,3 +183,87 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(BadCheckpointError, match=r"1 missing keys \[layer1.0.conv1.weight\]"):
         build_model("deeppose_tiny", weights=tmp_path / "bad.pth")
+
+
+# --------------------------------------------------------------------------- heatmap-only stores
+
+
+def _invoke(*args: object, code: int = 0) -> str:
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == code, f"{args[0]} exited {result.exit_code}:\n{result.output}"
+    return result.output
+
+
+@pytest.mark.reliability(
+    case="train-student with a loss whose target the store lacks (kt on a SimpleBaseline store)",
+    outcome="one-line error naming the loss, the missing output and the teacher; nothing written",
+)
+def test_simplebaseline_store_trains_and_evaluates_a_deeppose_student(tmp_path):
+    """dump-teacher (simplebaseline_tiny) -> heatmap-only store -> train-student deeppose_tiny
+    with reg,sh,cs -> eval, all from the command line; kt/vt are refused by name."""
+    import json
+
+    from distilpose.data import make_demo_data
+    from distilpose.models import save_checkpoint
+    from store import StoreReader
+
+    torch.set_num_threads(1)
+    data = make_demo_data(tmp_path / "data", num_train=12, num_val=4, seed=1)
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    meta = {"role": "teacher", "model": "simplebaseline_tiny"}
+    save_checkpoint(teacher, build_model("simplebaseline_tiny"), meta=meta)
+    store = tmp_path / "store"
+    _invoke(
+        "dump-teacher", "--teacher", teacher, "--ann", data["train_ann"],
+        "--images", data["train_images"], "--out", store, "--workers", 0, "--device", "cpu",
+    )  # fmt: skip
+    reader = StoreReader.open(store)
+    assert reader.meta.teacher_outputs == ("heatmaps",) and reader.meta.schema_version == 2
+    assert not any("tokens" in name for name in reader.arrays)
+    assert "heatmaps" in reader.read_chunk(0, 2) and "visual_tokens" not in reader.read_chunk(0, 2)
+    with pytest.raises(StoreFormatError, match="teacher .simplebaseline_tiny. has no keypoint tok"):
+        reader.read_chunk(0, 2, ("heatmaps", "keypoint_tokens"))
+    info = json.loads(_invoke("store-info", store, "--json"))
+    assert info["complete"] and info["nonfinite_total"] == 0
+    assert info["teacher_outputs"] == ["heatmaps"]
+
+    run = tmp_path / "student"
+    train = ("train-student", "--store", store, "--model", "deeppose_tiny", "--out", run)
+    opts = ("--epochs", 2, "--batch-size", 4, "--workers", 0, "--device", "cpu")
+    for losses, missing in (("reg,kt", "keypoint tokens"), ("reg,sh,vt", "visual tokens")):
+        out = _invoke(*train, "--losses", losses, *opts, code=1)
+        term = losses.rsplit(",", 1)[1]
+        line = f"{term} needs {missing}; this store's teacher (simplebaseline_tiny) has none"
+        assert line in out and len(out.strip().splitlines()) == 1
+    assert not run.exists()
+    _invoke(*train, "--losses", "reg,sh,cs", *opts)
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"loss_reg", "loss_sh", "loss_cs"} <= set(header) and "loss_kt" not in header
+    out = _invoke(
+        "eval", "--checkpoint", run / "student.pth", "--ann", data["val_ann"],
+        "--images", data["val_images"], "--device", "cpu", "--json",
+    )  # fmt: skip
+    result = json.loads(out[out.index("{") :])
+    assert 0.0 <= result["AP"] <= 1.0 and result["model"] == "deeppose_tiny"
+
+
+def test_schema_records_teacher_outputs_and_reads_version_1_as_all():
+    from store.schema import TEACHER_OUTPUTS, StoreMeta, array_specs, read_fields
+
+    v1 = {"teacher_name": "tokenpose_tiny", "teacher_sha256": "0" * 64, "num_instances": 3}
+    old = StoreMeta.from_dict({**v1, "schema_version": 1})
+    assert old.teacher_outputs == TEACHER_OUTPUTS and old.has("visual_tokens")
+    only = StoreMeta(**v1, teacher_outputs=["heatmaps"], mode="lossy")
+    assert StoreMeta.from_dict(only.to_dict()).teacher_outputs == ("heatmaps",)
+    assert set(array_specs(only)) >= {"heatmaps", "heatmaps_scale"}
+    assert not any("tokens" in name for name in array_specs(only))
+    assert "keypoint_tokens" not in read_fields(only) and "heatmaps" in read_fields(only)
+    assert "teacher_outputs: store=" in old.mismatches(only)[-1]
+    with pytest.raises(StoreFormatError, match="teacher_outputs"):
+        StoreMeta(**v1, teacher_outputs=["keypoint_tokens"])
