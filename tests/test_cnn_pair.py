@@ -267,3 +267,26 @@ def test_schema_records_teacher_outputs_and_reads_version_1_as_all():
     assert "teacher_outputs: store=" in old.mismatches(only)[-1]
     with pytest.raises(StoreFormatError, match="teacher_outputs"):
         StoreMeta(**v1, teacher_outputs=["keypoint_tokens"])
+
+
+def test_table6_grid_and_table_beside_the_paper():
+    from student_train.ablate import TABLE6_COLUMNS, format_table, load_grid
+
+    runs = load_grid("table6")
+    assert [(r["losses"], r["paper_ap"]) for r in runs] == [
+        ("reg", 52.6),
+        ("reg,sh", None),
+        ("reg,sh,cs", 59.7),
+    ]
+    results = [
+        {**r, "losses": dict.fromkeys(r["losses"].split(","), 1.0), "ap": ap}
+        for r, ap in zip(runs, (0.30, 0.33, 0.361), strict=True)
+    ]
+    teacher = {"name": "simplebaseline_tiny", "ap": 0.5, "paper_ap": 70.4}
+    lines = format_table(results, paper=True, columns=TABLE6_COLUMNS, teacher=teacher)
+    lines = lines.splitlines()
+    assert lines[0] == "| Run | L_SH | L_CS | AP | Improv. | Paper AP |"
+    assert lines[2] == "| teacher (simplebaseline_tiny) | - | - | 50.0% | - | 70.4% |"
+    assert lines[3] == "| none | - | - | 30.0% | - | 52.6% |"
+    assert lines[4] == "| sh | ✓ | - | 33.0% | +3.0% | - |"
+    assert lines[5] == "| sh+cs | ✓ | ✓ | 36.1% | +6.1% | 59.7% |"
