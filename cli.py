@@ -196,7 +196,7 @@ def models(
         _echo_json(infos)
         return
     header = (
-        f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} "
+        f"{'name':<19} {'role':<8} {'input (w x h)':<14} {'params':>12} "
         f"{'GFLOPs':>8} {'GFLOPs full':>12}"
     )
     typer.echo(header)
@@ -204,7 +204,7 @@ def models(
     for m in infos:
         w, h = m["input_size"]
         typer.echo(
-            f"{m['name']:<18} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
+            f"{m['name']:<19} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
             f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
         )
     typer.echo(
