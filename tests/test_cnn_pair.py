@@ -290,3 +290,22 @@ def test_table6_grid_and_table_beside_the_paper():
     assert lines[3] == "| none | - | - | 30.0% | - | 52.6% |"
     assert lines[4] == "| sh | ✓ | - | 33.0% | +3.0% | - |"
     assert lines[5] == "| sh+cs | ✓ | ✓ | 36.1% | +6.1% | 59.7% |"
+
+
+def test_losses_are_checked_against_teacher_and_student():
+    from store.schema import TEACHER_OUTPUTS
+    from student_train.data import check_targets
+
+    deeppose, distilpose = model_config("deeppose_tiny"), model_config("distilpose_tiny")
+    check_targets(["reg", "sh", "cs"], ("heatmaps",), "simplebaseline_r50", deeppose)
+    check_targets(["reg", "sh", "cs", "kt", "vt"], TEACHER_OUTPUTS, "tokenpose_tiny", distilpose)
+    with pytest.raises(BadConfigError) as err:
+        check_targets(["reg", "kt"], ("heatmaps",), "simplebaseline_r50", distilpose)
+    assert (
+        str(err.value)
+        == "kt needs keypoint tokens; this store's teacher (simplebaseline_r50) has none"
+    )
+    with pytest.raises(
+        BadConfigError, match=r"^vt needs visual tokens; the student \(deeppose_tiny\)"
+    ):
+        check_targets(["reg", "vt"], TEACHER_OUTPUTS, "tokenpose_tiny", deeppose)
