@@ -28,6 +28,7 @@ from torch import nn
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.models.complexity import count_params
 from distilpose.models.layers import ModelConfig
+from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
 
 FORMAT = "distilpose/1"
 HEAD_PREFIX = "head."
@@ -264,8 +265,6 @@ def save_checkpoint(
 def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
     """A built-in model's ((key, shape), ...) and trainable parameter count, built on the meta
     device (no memory, no init cost), cached."""
-    from distilpose.models import build_model  # the registry imports this module
-
     with torch.device("meta"):
         model = build_model(name)
     keys = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
@@ -274,8 +273,6 @@ def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]
 
 def _identify_state(state: dict) -> dict:
     """Which built-in model a renamed state dict fits: {"model", "closest", "differences"}."""
-    from distilpose.models import MODEL_NAMES
-
     best, best_n = None, None
     for name in MODEL_NAMES:
         keys, _ = _signature(name)
@@ -315,8 +312,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
             raise BadCheckpointError(
                 f"{path}: entry 'model' is not a valid model config: {e}"
             ) from None
-        from distilpose.models import create_model
-
         with torch.device("meta"):
             model = create_model(cfg)
         missing, unexpected, bad = _diff(
@@ -330,8 +325,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
         info["fits"] = found["model"] is not None
         info["closest"], info["differences"] = found["closest"], found["differences"]
         if found["model"]:
-            from distilpose.models import model_config
-
             info["role"] = model_config(found["model"]).role
             info["params"] = _signature(found["model"])[1]
         else:
@@ -356,8 +349,6 @@ def build_from_checkpoint(
     """Rebuild the model a checkpoint was made for and load it strictly -> (model in eval mode on
     `map_location`, meta). Own files rebuild from their saved config (overrides included);
     official files from the built-in model their keys and shapes fit."""
-    from distilpose.models import build_model, create_model
-
     obj = _read(path)
     state, meta, config, _ = _unpack(obj, str(path))
     if config is not None:
