@@ -43,6 +43,7 @@ from distilpose.codecs import HeatmapCodec, RegressionCodec, crop_to_image
 from distilpose.data import PersonInstance, eval_crop_spec, read_image, render_crop
 from distilpose.data.crop import normalize
 from distilpose.data.keypoints import FLIP_INDEX
+from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError
 from distilpose.evaluation import rescore
 from distilpose.progress import progress
@@ -50,13 +51,6 @@ from distilpose.progress import progress
 log = logging.getLogger(__name__)
 
 FLIP_MODES = ("corrected", "official")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_use_scores(role: str, meta: dict | None) -> bool:

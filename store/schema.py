@@ -54,6 +54,7 @@ import numpy as np
 
 from distilpose import __version__
 from distilpose.errors import StoreFormatError
+from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 SCHEMA_VERSION = 1
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
@@ -425,13 +426,8 @@ class StoreLocation:
         for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
             with contextlib.suppress(FileNotFoundError):  # left by a killed writer of this unit
                 os.unlink(stale)
-        tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(d, name))
-        fsync_dir(d)
 
 
 _MARKER = re.compile(r"u(\d+)\.json")
@@ -439,14 +435,6 @@ _MARKER = re.compile(r"u(\d+)\.json")
 
 def marker_name(unit: int) -> str:
     return f"u{unit:07d}.json"
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def syncfs(path: str) -> bool:
@@ -476,10 +464,3 @@ def syncfs(path: str) -> bool:
 
 
 _SYNCFS = None
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fsync_path(path)
-    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
-        pass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.io import atomic_open
 from distilpose.models.complexity import count_params
 from distilpose.models.layers import ModelConfig
 from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
@@ -232,29 +232,10 @@ def save_checkpoint(
     }
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_open(path, "wb", durable=True) as f:
+            torch.save(obj, f)
     except OSError as e:  # read-only or full disk, a file where the folder should be
         raise _unwritable(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _unwritable(path, e) from e
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
