@@ -76,6 +76,13 @@ def oks_nms(
     with an already kept prediction is above `thr`. Uses `keypoints` ([K, 3] or flat [3K]),
     `score` and `area` (the official protocol's `prod(scale * 200)`).
 
+    Ties: among equal scores the prediction LATER in `predictions` is taken first, so of tied
+    duplicates the last one is kept. This is MMPose 0.x's `scores.argsort()[::-1]` as it ran
+    then (numpy's quicksort sorted small arrays by insertion, which is stable); here the sort is
+    stable by request, so the rule holds for any number of people and any numpy (whose newer
+    SIMD sorts leave MMPose's own tie order undefined). Ties are common: with box-score-only
+    ranking every ground-truth box of an image has the same score.
+
     Returns:
         Indices into `predictions` of the kept ones, in ascending order.
     """
@@ -88,7 +95,7 @@ def oks_nms(
         kpts = np.stack([np.asarray(predictions[i]["keypoints"]).reshape(-1, 3) for i in indices])
         scores = np.array([float(predictions[i]["score"]) for i in indices])
         areas = np.array([float(predictions[i]["area"]) for i in indices])
-        order = np.argsort(-scores, kind="stable")
+        order = np.argsort(scores, kind="stable")[::-1]  # ties: the later one first
         while order.size > 0:
             best = order[0]
             keep.append(indices[best])
