@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
-from distilpose.io import atomic_open, atomic_path, write_text_atomic
+from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
 
 log = logging.getLogger("distilpose.engine")
@@ -261,28 +261,9 @@ class MetricsLog:
 
 def plot_losses(rows: list[dict], out_png: Path) -> None:
     """loss_curves.png: every loss column of the step rows against the step, log y."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from distilpose.viz.curves import draw_loss_curves, metrics_columns  # matplotlib on demand
 
-    rows = [r for r in rows if r.get("kind") == "step"]
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    names = [k for k in (rows[0] if rows else {}) if k.startswith("loss")]
-    for name in names:
-        pts = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
-        pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]  # log axis: positives only
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=name, lw=1.2)
-    if ax.lines:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (log)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    draw_loss_curves(metrics_columns(rows), out_png)
 
 
 class _NoBar:

@@ -29,6 +29,23 @@ from distilpose.data.keypoints import OKS_SIGMAS
 COCO_KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
+def keypoint_similarity(
+    d2: np.ndarray, area: float | np.ndarray, sigmas: np.ndarray = OKS_SIGMAS
+) -> np.ndarray:
+    """COCO's per-keypoint OKS term exp(-d^2 / (2 s^2 k^2)), s^2 = area, k = 2 sigma.
+
+    Args:
+        d2: [..., K] squared distances (pixels^2).
+        area: the object area (pixels^2), a number or an array broadcasting against `d2`.
+        sigmas: [K] per-keypoint OKS sigmas (COCO's by default).
+
+    Returns:
+        [..., K] similarities in (0, 1].
+    """
+    variances = (2.0 * np.asarray(sigmas, dtype=np.float64)) ** 2  # [K]
+    return np.exp(-(d2 / variances / (np.asarray(area, dtype=np.float64) + np.spacing(1)) / 2.0))
+
+
 def oks_iou(
     kpts: np.ndarray,
     others: np.ndarray,
@@ -52,15 +69,14 @@ def oks_iou(
     """
     kpts = np.asarray(kpts, dtype=np.float64)
     others = np.asarray(others, dtype=np.float64).reshape(-1, *kpts.shape)
-    variances = (2.0 * np.asarray(sigmas, dtype=np.float64)) ** 2  # [K]
     d2 = ((others[:, :, :2] - kpts[None, :, :2]) ** 2).sum(-1)  # [N, K]
     mean_area = (area + np.asarray(other_areas, dtype=np.float64)) / 2.0  # [N]
-    e = d2 / variances[None] / (mean_area[:, None] + np.spacing(1)) / 2.0  # [N, K]
+    similarity = keypoint_similarity(d2, mean_area[:, None], sigmas)  # [N, K]
     if vis_thr is None:
-        return np.exp(-e).mean(axis=1)
+        return similarity.mean(axis=1)
     valid = (kpts[None, :, 2] > vis_thr) & (others[:, :, 2] > vis_thr)  # [N, K]
     counts = valid.sum(axis=1)
-    total = (np.exp(-e) * valid).sum(axis=1)
+    total = (similarity * valid).sum(axis=1)
     return np.where(counts > 0, total / np.maximum(counts, 1), 0.0)
 
 
