@@ -54,6 +54,7 @@ import numpy as np
 
 from distilpose import __version__
 from distilpose.errors import StoreFormatError
+from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 SCHEMA_VERSION = 1
@@ -94,8 +95,8 @@ class StoreMeta:
     num_instances: int
     views: int = 1
     seed: int = 0
-    input_size: tuple[int, int] = (192, 256)
-    heatmap_size: tuple[int, int] = (48, 64)
+    input_size: tuple[int, int] = PAPER.input_size
+    heatmap_size: tuple[int, int] = PAPER.heatmap_size
     token_dim: int = 192
     patch_grid: tuple[int, int] = (16, 16)  # (W_hm / patch_w, H_hm / patch_h)
     num_patches: int = 0  # 0: patch_grid[0] * patch_grid[1]

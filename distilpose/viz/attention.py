@@ -86,8 +86,7 @@ def keypoint_attention(
     b, _, n, _ = weights.shape
     config = model.config
     num_kpt = int(config.num_keypoints)
-    gw = config.heatmap_size[0] // config.patch_size[0]
-    gh = config.heatmap_size[1] // config.patch_size[1]
+    gw, gh = config.patch_grid
     if n != num_kpt + gw * gh:
         raise BadConfigError(
             f"{config.name}: {n} tokens; expected {num_kpt} keypoint + {gw * gh} visual tokens"
