@@ -509,8 +509,8 @@ class Trainer:
             log.setLevel(logging.INFO)
         try:
             if resume:
-                if self.is_main:  # temp files of checkpoint saves a kill cut short
-                    for tmp in self.run_dir.glob(".*.pth.*.tmp"):
+                if self.is_main:  # temp files of atomic writes (distilpose.io) a kill cut short
+                    for tmp in self.run_dir.glob(".*.tmp"):
                         tmp.unlink(missing_ok=True)
                 self._resume()
             if self.is_main:

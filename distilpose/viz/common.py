@@ -85,11 +85,19 @@ def bgr_to_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def load_model(checkpoint: str | Path | nn.Module, device: str = "cpu") -> nn.Module:
-    """A checkpoint path (this project's or an official one) or an already built model."""
+def load_model(
+    checkpoint: str | Path | nn.Module, device: str = "cpu", role: str | None = None
+) -> nn.Module:
+    """A checkpoint path (this project's or an official one) or an already built model; with
+    `role`, one of that role ("student" or "teacher") or BadConfigError."""
     if isinstance(checkpoint, nn.Module):
-        return checkpoint.to(device).eval()
-    model, _ = build_from_checkpoint(checkpoint, map_location=device)
+        model = checkpoint
+    else:
+        model, _ = build_from_checkpoint(checkpoint, map_location=device)
+    found = getattr(model.config, "role", role)
+    if role is not None and found != role:
+        name = model_label(model) if checkpoint is model else checkpoint
+        raise BadConfigError(f"{name}: a {found} checkpoint; expected a {role}")
     return model.to(device).eval()
 
 

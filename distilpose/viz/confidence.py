@@ -126,10 +126,8 @@ def viz_confidence(
     device: str = "cpu",
 ) -> Path:
     """Paper Fig. 6 for one annotated person: predicted joints, scores and OKS correctness."""
-    model = load_model(student_ckpt, device)
+    model = load_model(student_ckpt, device, role="student")
     config = model.config
-    if getattr(config, "role", "student") != "student":
-        raise BadConfigError(f"{student_ckpt}: a {config.role} checkpoint; expected a student")
     from distilpose.data import eval_crop_spec, render_crop
 
     input_size = tuple(config.input_size)

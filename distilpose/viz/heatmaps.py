@@ -149,10 +149,8 @@ def viz_heatmaps(
         )
     reader = store
     meta = reader.meta
-    model = load_model(student_ckpt, device)
+    model = load_model(student_ckpt, device, role="student")
     config = model.config
-    if getattr(config, "role", "student") != "student":
-        raise BadConfigError(f"{student_ckpt}: a {config.role} checkpoint; expected a student")
     input_size, heatmap_size = tuple(meta.input_size), tuple(meta.heatmap_size)
     if tuple(config.input_size) != input_size or tuple(config.heatmap_size) != heatmap_size:
         raise StoreMismatchError(
