@@ -83,14 +83,16 @@ def plot_losses(ax, metrics: dict[str, np.ndarray]) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (log)")
     ax.grid(alpha=0.3, which="both")
 
 
 def draw_loss_curves(metrics: dict[str, np.ndarray], out_png: str | Path) -> Path:
     """A run's loss_curves.png (the trainer redraws it at checkpoints): `plot_losses` alone."""
     fig = new_figure(LOSS_CURVES_SIZE)
-    plot_losses(fig.add_axes((0.10, 0.12, 0.86, 0.83)), metrics)
+    ax = fig.add_subplot()
+    plot_losses(ax, metrics)
+    ax.set_ylabel("loss (log)")
+    fig.tight_layout()
     return save_figure(fig, out_png)
 
 
