@@ -23,8 +23,10 @@ each of `milestones` (fractions of `epochs`: 2/3 and 13/15 of 300 are epochs 200
 is a pure function of (epoch, step), so the "scheduler" needs no state beyond those two numbers.
 
 Several processes: launched by torchrun (env RANK / WORLD_SIZE / LOCAL_RANK) the trainer joins
-the process group (nccl on CUDA, gloo otherwise) and wraps the model in DistributedDataParallel;
-only rank 0 writes files. `batches` finds its part of the data with `world()`.
+the process group (nccl on CUDA, gloo otherwise), makes BatchNorm cross-rank (`sync_bn`) and
+wraps the model in DistributedDataParallel; only rank 0 writes files. `batches` gives this
+rank's slice of each global batch (`distilpose.distributed`: R ranks x batch B train the same
+run as one process with batch R x B, up to rounding; tested under torchrun on CPU).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distilpose.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.progress import ProgressCounter
 
@@ -69,6 +72,7 @@ class TrainConfig:
     device: str = "auto"  # CUDA when available, else CPU
     amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
     channels_last: bool = False  # CUDA only: NHWC layout, faster convolutions on tensor cores
+    sync_bn: bool = True  # several processes: BatchNorm statistics over the global batch
     seed: int = 0  # each epoch reseeds from (seed, epoch): reproducible and exactly resumable
     num_workers: int = 2  # DataLoader worker processes (used by the batches callable)
     log_every: int = (
@@ -93,12 +97,6 @@ def lr_at(config: TrainConfig, epoch: int, step: int) -> float:
     if step < config.warmup_iters:  # MMCV linear warmup
         lr *= 1 - (1 - step / config.warmup_iters) * (1 - config.warmup_ratio)
     return lr
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) of this process, from torchrun's environment."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -311,6 +309,7 @@ class Trainer:
         run_dir: str | Path,
         meta: dict | None = None,
         on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
@@ -325,8 +324,13 @@ class Trainer:
         if self.world_size > 1:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if config.sync_bn:  # same state-dict keys: checkpoints do not change
+                self.model = sync_batchnorm(self.model, self.device)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # find_unused_parameters: a loss subset may leave heads without gradients.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.params, lr=config.lr, weight_decay=config.weight_decay
@@ -422,10 +426,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = to_device(batch, self.device, self.channels_last)
-        with torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.bfloat16,
-            enabled=self.amp_dtype is not None,
+        with (
+            torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.bfloat16,
+                enabled=self.amp_dtype is not None,
+            ),
+            across_ranks(self.world_size > 1),  # normalisers and BatchNorm over the global batch
         ):
             losses = self.task(self.train_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -435,6 +442,9 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.world_size > 1:  # log the global batch's losses, not rank 0's slice
+            scalars = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
+            losses = {**losses, **mean_over_ranks(scalars)}
         return losses
 
     def _log_row(self, kind: str, meter: Meter, extra: dict | None = None) -> dict:
