@@ -226,9 +226,7 @@ class DistillationLoss(nn.Module):
                     f"got {tuple(heatmaps.shape)}"
                 )
             if "sh" in self.weights:
-                terms["sh"] = self._sh(
-                    coords, student.sigmas.float(), heatmaps, weights, valid
-                )
+                terms["sh"] = self._sh(coords, student.sigmas.float(), heatmaps, weights, valid)
             if "cs" in self.weights:
                 terms["cs"] = self._cs(coords, student.scores.float(), heatmaps, weights, samples)
 
