@@ -71,6 +71,7 @@ class TrainConfig:
     clip_grad: float | None = None  # official configs: grad_clip=None
     device: str = "auto"  # CUDA when available, else CPU
     amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
+    amp_dtype: str = "auto"  # "auto", "bf16" or "fp16"
     channels_last: bool = False  # CUDA only: NHWC layout, faster convolutions on tensor cores
     sync_bn: bool = True  # several processes: BatchNorm statistics over the global batch
     seed: int = 0  # each epoch reseeds from (seed, epoch): reproducible and exactly resumable
@@ -109,11 +110,20 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), fp16 otherwise; None on CPU."""
+def amp_dtype(
+    device: torch.device, enabled: bool = True, prefer: str = "auto"
+) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 otherwise; None on CPU.
+
+    prefer: "auto", or "bf16" / "fp16" to choose (fp16 trains with a GradScaler).
+    """
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if prefer == "fp16":
+        return torch.float16
+    if prefer == "bf16" or (prefer == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -315,7 +325,7 @@ class Trainer:
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
-        self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)
         self.channels_last = config.channels_last and self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.channels_last:

@@ -110,6 +110,8 @@ def train_student(
     log_every: int = 20,
     ckpt_every_steps: int = 0,
     sync_bn: bool = True,
+    channels_last: bool = False,
+    amp_dtype: str = "auto",
 ) -> dict:
     """Train `model` from the teacher store `store`; returns the run summary.
 
@@ -179,6 +181,8 @@ def train_student(
         num_workers=workers,
         log_every=log_every,
         sync_bn=sync_bn,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
         ckpt_every_steps=ckpt_every_steps,
     )
     meta = {
