@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu [--dry-run] [--out FILE]
 
-On a CUDA machine (one GPU or more; about 5 minutes on one) it runs, and records in
+On a CUDA machine (one GPU or more; sized for under 8 minutes on one) it runs, and records in
 benchmarks/results/gpu.md:
 
 1. inference FPS of DistilPose-S and its teacher TokenPose-L/W48 at batch 1 and 32, in fp32 (the
