@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +24,7 @@ from test_student_train import build_tiny_store  # noqa: E402
 
 from distilpose.distributed import (  # noqa: E402
     CrossRankBatchNorm2d,
+    across_ranks,
     global_mean,
     rank_rows,
     rank_share,
@@ -157,3 +160,73 @@ def test_global_mean_and_cross_rank_batchnorm_in_one_process():
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(model.train()(x), ref.train()(x))  # one process: plain BN
     torch.testing.assert_close(model.state_dict(), ref.state_dict())
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """6 samples whose visible joints differ a lot between the halves (masks matter)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = build_model("distilpose_tiny").config
+    k, (wh, hh), (w, h) = cfg.num_keypoints, cfg.heatmap_size, cfg.input_size
+    weights = (torch.rand(6, k, generator=g) > 0.2).float()
+    weights[3:, 4:] = 0  # the second rank's samples have few visible joints
+    patches = (wh // cfg.patch_size[0]) * (hh // cfg.patch_size[1])
+    targets = {
+        "coords": torch.rand(6, k, 2, generator=g),
+        "weights": weights,
+        "heatmaps": torch.rand(6, k, hh, wh, generator=g),
+        "keypoint_tokens": torch.randn(6, k, cfg.dim, generator=g),
+        "visual_tokens": torch.randn(6, patches, cfg.dim, generator=g),
+    }
+    return torch.randn(6, 3, h, w, generator=g), targets
+
+
+def _gradients(images: torch.Tensor, targets: dict, sync: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model("distilpose_tiny").train()
+    if sync:
+        sync_batchnorm(model, torch.device("cpu"))
+    loss_fn = DistillationLoss("reg,kt,vt,sh,cs", heatmap_size=model.config.heatmap_size)
+    with across_ranks():
+        loss_fn(model(images), targets)["loss"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rank(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    images, targets = _batch()
+    start, stop = rank_share(len(images), rank, 2)
+    grads = _gradients(images[start:stop], {k: v[start:stop] for k, v in targets.items()}, True)
+    for g in grads.values():  # what DDP does: the mean over ranks
+        dist.all_reduce(g)
+        g /= 2
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_gradient_of_the_global_batch(tmp_path):
+    """2 gloo processes, 3 samples each, masks unequal: DDP's averaged gradient equals one
+    process's on all 6 samples (global normalisers and cross-rank BatchNorm); per-rank means
+    would not."""
+    ctx = mp.get_context("fork")
+    out = tmp_path / "grads.pt"
+    procs = [
+        ctx.Process(target=_rank, args=(r, f"file://{tmp_path / 'rdzv'}", str(out))) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    two = torch.load(out, weights_only=True)
+    images, targets = _batch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _gradients(images, targets, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
