@@ -871,9 +871,19 @@ def demo(
 def bench(
     quick: Annotated[bool, typer.Option(help="Fewer iterations.")] = False,
     only: Annotated[str | None, typer.Option(help="Comma list: model,store,dump,train.")] = None,
+    gpu: Annotated[
+        bool, typer.Option(help="Run the GPU check instead (python -m benchmarks.gpu).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="With --gpu: the same code on CPU with tiny models.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Run every benchmark and write benchmarks/results/latest.md."""
+    """Run every benchmark and write benchmarks/results/latest.md (--gpu: the GPU check)."""
+    if gpu:
+        from benchmarks.gpu import main as gpu_check
+
+        raise typer.Exit(gpu_check(["--dry-run"] if dry_run else []))
     from benchmarks.__main__ import main as run_benchmarks
 
     args = (["--quick"] if quick else []) + (["--only", only] if only else [])

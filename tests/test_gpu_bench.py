@@ -26,3 +26,14 @@ def test_gpu_check_without_a_gpu_says_so(capsys, monkeypatch):
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
     assert gpu.main([]) == 1
     assert capsys.readouterr().err.startswith("error: no CUDA device; `--dry-run`")
+
+
+def test_bench_gpu_from_the_cli_without_a_gpu(monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(cli.app, ["bench", "--gpu"])
+    assert result.exit_code == 1
+    assert "error: no CUDA device" in result.output
