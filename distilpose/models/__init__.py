@@ -1,4 +1,4 @@
-"""The paper's models by name: TokenPose teachers and DistilPose students.
+"""The paper's models by name: TokenPose teachers, DistilPose students and the CNN pair.
 
     model = build_model("distilpose_s")            # model.config: ModelConfig
     out = model(images)                            # images [B, 3, 256, 192] -> StudentOutput
@@ -11,77 +11,41 @@
 | `distilpose_l`    | student | HRNet-W48, stages 1-3     | 192 x 12    | 21.27M, 10.33 GMACs |
 | `tokenpose_tiny`  | teacher | tiny stem (32 ch)         | 64 x 4      | demo and tests      |
 | `distilpose_tiny` | student | tiny stem (32 ch)         | 64 x 2      | demo and tests      |
+| `simplebaseline_r50` | teacher | ResNet-50 + 3 deconvs  | none        | Table 6 teacher     |
+| `deeppose_r50`    | student | ResNet-50, pooled Linear  | none        | Table 6 student     |
+| `simplebaseline_tiny` | teacher | tiny ResNet + 2 deconvs | none      | demo and tests      |
+| `deeppose_tiny`   | student | tiny ResNet, pooled Linear | none       | demo and tests      |
 
-Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3).
+Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3). The tiny ResNet has three
+stages of one BasicBlock (32, 64, 128 channels, stride 16); its deconvolutions have 64
+channels. Models without tokens (SimpleBaseline, DeepPose) accept `weights=PATH` in
+`build_model`: a local torchvision ResNet state dict (ImageNet) for the trunk.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from torch import nn
-
-from distilpose.errors import BadConfigError
-
-# checkpoint and complexity import the registry below lazily, inside their functions
 from distilpose.models.checkpoint import (
     build_from_checkpoint,
     checkpoint_filter_fn,
     identify_checkpoint,
+    load_backbone_weights,
     load_checkpoint,
     save_checkpoint,
 )
 from distilpose.models.complexity import count_macs, count_params, list_model_infos, model_info
+from distilpose.models.deeppose import DeepPose
 from distilpose.models.distilpose import DistilPose, StudentOutput
 from distilpose.models.layers import ModelConfig
+from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
+from distilpose.models.simplebaseline import SimpleBaseline
 from distilpose.models.tokenpose import TeacherOutput, TokenPose
-
-# demo models: 96x128 crops, 24x32 heatmaps, 2x2 patches -> 12x16 = 192 visual tokens
-_DEMO = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(2, 2), dim=64, heads=4,
-             depth=2, mlp_ratio=2)  # fmt: skip
-_TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
-
-# name -> ModelConfig fields that differ from the defaults (the full DistilPose-S)
-_MODELS: dict[str, dict] = {
-    "tokenpose_l_w48": dict(role="teacher", backbone="hrnet_w48"),
-    "tokenpose_s": dict(role="teacher", backbone="stemnet"),
-    "distilpose_s": dict(role="student", backbone="stemnet"),
-    "distilpose_l": dict(role="student", backbone="hrnet_w48_s3"),
-    "tokenpose_tiny": dict(role="teacher", backbone="stemnet_tiny", depth=4, **_TINY),
-    "distilpose_tiny": dict(role="student", backbone="stemnet_tiny", depth=2, **_TINY),
-    "tokenpose_demo": dict(role="teacher", backbone="encdec_demo", head="similarity", **_DEMO),
-    "distilpose_demo": dict(role="student", backbone="stemlite_demo", head="similarity", **_DEMO),
-}
-MODEL_NAMES = list(_MODELS)
-
-
-def model_config(name: str, **overrides) -> ModelConfig:
-    """The built-in config `name` with `overrides` (ModelConfig fields) applied."""
-    if name not in _MODELS:
-        raise BadConfigError(f"model name {name!r} is unknown; expected one of {MODEL_NAMES}")
-    known = {f.name for f in fields(ModelConfig)} - {"name"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise BadConfigError(
-            f"model overrides {unknown} are unknown; expected among {sorted(known)}"
-        )
-    return ModelConfig(name=name, **{**_MODELS[name], **overrides})
-
-
-def create_model(config: ModelConfig) -> nn.Module:
-    """A fresh (randomly initialised) model for a config: TokenPose or DistilPose by role."""
-    return TokenPose(config) if config.role == "teacher" else DistilPose(config)
-
-
-def build_model(name: str, **overrides) -> nn.Module:
-    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6)."""
-    return create_model(model_config(name, **overrides))
-
 
 __all__ = [
     "MODEL_NAMES",
+    "DeepPose",
     "DistilPose",
     "ModelConfig",
+    "SimpleBaseline",
     "StudentOutput",
     "TeacherOutput",
     "TokenPose",
@@ -93,6 +57,7 @@ __all__ = [
     "create_model",
     "identify_checkpoint",
     "list_model_infos",
+    "load_backbone_weights",
     "load_checkpoint",
     "model_config",
     "model_info",

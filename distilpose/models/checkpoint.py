@@ -8,7 +8,10 @@ Two file layouts are read, both with `torch.load(path, map_location="cpu", weigh
 - official MMPose 0.x (yshMars/DistilPose): `{"state_dict", "meta", "optimizer"}` with keys
   `backbone.*` and `keypoint_head.tokenpose.*` (teachers) or `keypoint_head.tokenhead.*`
   (students), optionally behind `module.`; a bare state dict works too. The model is identified
-  from the keys and shapes.
+  from the keys and shapes. MMPose 0.x SimpleBaseline / DeepPose files (`backbone.*` ResNet,
+  `keypoint_head.deconv_layers.*` + `keypoint_head.final_layer.*`, or `keypoint_head.fc.*`)
+  load the same way; DeepPose's `head.confidence.*` (scores, sigmas: not in MMPose) may be
+  absent from them and then keeps its initial values (`OPTIONAL_KEYS`).
 
 `checkpoint_filter_fn` is the one place foreign keys are renamed to ours (`head.*`).
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,19 +28,25 @@ import torch
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.io import atomic_open
 from distilpose.models.complexity import count_params
 from distilpose.models.layers import ModelConfig
+from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
 
 FORMAT = "distilpose/1"
 HEAD_PREFIX = "head."
-OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.")
+# most specific first: the MMPose CNN heads sit directly under `keypoint_head.`
+OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.", "keypoint_head.")
+# our keys a foreign file may lack: DeepPose's score/sigma head exists only in this project
+OPTIONAL_KEYS = ("head.confidence.",)
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _SHOW = 5  # keys listed per kind in an error message before "(+N more)"
 
 
 def checkpoint_filter_fn(state_dict: dict) -> dict:
     """Rename official keys to this package's: strip a leading `module.` (DataParallel/DDP) and
-    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` to `head.`. Other keys unchanged."""
+    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` / `keypoint_head.` to `head.`.
+    Other keys unchanged."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith("module."):
@@ -109,8 +117,14 @@ def _short(keys: list) -> str:
 
 def _diff(state: dict, reference: dict) -> tuple[list, list, list]:
     """Compare a (renamed) state dict with a model's {key: shape}: missing, unexpected, mismatched.
-    BN `num_batches_tracked` may be absent (older files): it is not reported missing."""
-    missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
+    BN `num_batches_tracked` (older files) and `OPTIONAL_KEYS` may be absent: not reported."""
+    missing = [
+        k
+        for k in reference
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and not k.startswith(OPTIONAL_KEYS)
+    ]
     unexpected = [k for k in state if k not in reference]
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(reference[k])}"
@@ -168,6 +182,26 @@ def load_checkpoint(
     state, meta, _, _ = _unpack(obj, source)
     _load_state(_unwrap(model), state, source, strict)
     return dict(meta)
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local backbone file strictly into `model.backbone`: a bare state dict or a
+    checkpoint whose keys are the trunk's (torchvision's ResNet files: their classifier `fc.*` is
+    dropped) or `backbone.*` (an MMPose checkpoint: other keys are ignored)."""
+    obj = _read(path)
+    state, _, _, _ = _unpack(obj, str(path))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = _unwrap(model).backbone
+    missing, unexpected, bad = _diff(state, {k: v.shape for k, v in backbone.state_dict().items()})
+    if missing or unexpected or bad:
+        name = getattr(getattr(_unwrap(model), "config", None), "name", type(model).__name__)
+        raise BadCheckpointError(
+            _mismatch_message(str(path), f"{name}'s backbone", missing, unexpected, bad)
+        )
+    backbone.load_state_dict(state, strict=False)  # num_batches_tracked may be absent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,29 +265,10 @@ def save_checkpoint(
     }
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_open(path, "wb", durable=True) as f:
+            torch.save(obj, f)
     except OSError as e:  # read-only or full disk, a file where the folder should be
         raise _unwritable(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _unwritable(path, e) from e
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +279,6 @@ def save_checkpoint(
 def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
     """A built-in model's ((key, shape), ...) and trainable parameter count, built on the meta
     device (no memory, no init cost), cached."""
-    from distilpose.models import build_model  # the registry imports this module
-
     with torch.device("meta"):
         model = build_model(name)
     keys = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
@@ -274,8 +287,6 @@ def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]
 
 def _identify_state(state: dict) -> dict:
     """Which built-in model a renamed state dict fits: {"model", "closest", "differences"}."""
-    from distilpose.models import MODEL_NAMES
-
     best, best_n = None, None
     for name in MODEL_NAMES:
         keys, _ = _signature(name)
@@ -315,8 +326,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
             raise BadCheckpointError(
                 f"{path}: entry 'model' is not a valid model config: {e}"
             ) from None
-        from distilpose.models import create_model
-
         with torch.device("meta"):
             model = create_model(cfg)
         missing, unexpected, bad = _diff(
@@ -330,8 +339,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
         info["fits"] = found["model"] is not None
         info["closest"], info["differences"] = found["closest"], found["differences"]
         if found["model"]:
-            from distilpose.models import model_config
-
             info["role"] = model_config(found["model"]).role
             info["params"] = _signature(found["model"])[1]
         else:
@@ -356,8 +363,6 @@ def build_from_checkpoint(
     """Rebuild the model a checkpoint was made for and load it strictly -> (model in eval mode on
     `map_location`, meta). Own files rebuild from their saved config (overrides included);
     official files from the built-in model their keys and shapes fit."""
-    from distilpose.models import build_model, create_model
-
     obj = _read(path)
     state, meta, config, _ = _unpack(obj, str(path))
     if config is not None:

@@ -21,10 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilpose.errors import BadConfigError
+from distilpose.geometry import PAPER, Geometry
 
 ROLES = ("teacher", "student")
-BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "encdec_demo", "stemlite_demo")
-HEADS = ("mlp", "similarity")  # teacher heatmap heads: tokenpose.HeatmapHead, SimilarityHead
+BACKBONES = (
+    "stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny",
+    "encdec_demo", "stemlite_demo",
+)  # fmt: skip
+# "token": TokenPose / DistilPose token encoder; "similarity": the same encoder, heatmaps (demo
+# teacher) or soft-argmax coordinates (demo student) from keypoint x visual token similarity;
+# "deconv": SimpleBaseline's deconvolution heatmap head (teacher); "fc": DeepPose's pooled
+# linear regression (student). Only the token heads have tokens.
+HEADS = ("token", "similarity", "deconv", "fc")
+TOKEN_HEADS = ("token", "similarity")
+_HEAD_ROLE = {"deconv": "teacher", "fc": "student"}
+_RESNETS = ("resnet50", "resnet_tiny")  # output stride 32 / 16: only the CNN heads fit them
 
 
 @dataclass
@@ -39,9 +50,9 @@ class ModelConfig:
     name: str = "distilpose_s"
     role: str = "student"  # "teacher" predicts heatmaps, "student" regresses coordinates
     backbone: str = "stemnet"  # one of BACKBONES; its output stride must be input / heatmap size
-    input_size: tuple[int, int] = (192, 256)  # crop (width, height), the paper's 256x192
-    heatmap_size: tuple[int, int] = (48, 64)  # backbone feature map = teacher heatmap, stride 4
-    patch_size: tuple[int, int] = (3, 4)  # 3 wide, 4 high on the feature map (official [4, 3])
+    input_size: tuple[int, int] = PAPER.input_size  # crop (width, height), the paper's 256x192
+    heatmap_size: tuple[int, int] = PAPER.heatmap_size  # backbone feature map = teacher heatmap
+    patch_size: tuple[int, int] = PAPER.patch_size  # on the feature map (official [4, 3])
     dim: int = 192  # token width of TokenPose-L / DistilPose
     depth: int = 12  # encoder layers (official 12 for teacher and students)
     heads: int = 8  # attention heads, head width dim / heads = 24
@@ -49,7 +60,8 @@ class ModelConfig:
     num_keypoints: int = 17  # COCO-17
     single_sigma: bool = False  # student: one sigma for both axes (paper Table B, out dim 4)
     teacher_dim: int | None = None  # student: if set and != dim, project tokens to this width
-    head: str = "mlp"  # teacher: "mlp" (TokenPose's) or "similarity" (keypoint x visual tokens)
+    head: str = "token"  # one of HEADS; configs saved before it existed are token models
+    head_channels: int = 256  # "deconv": width of each deconvolution (SimpleBaseline: 256)
 
     def __post_init__(self) -> None:
         for key in ("input_size", "heatmap_size", "patch_size"):
@@ -62,8 +74,17 @@ class ModelConfig:
             )
         if self.head not in HEADS:
             raise BadConfigError(f"model config 'head' is {self.head!r}; expected one of {HEADS}")
-        (wh, hh), (pw, ph) = self.heatmap_size, self.patch_size
-        if wh % pw or hh % ph:
+        if _HEAD_ROLE.get(self.head, self.role) != self.role:
+            raise BadConfigError(
+                f"model config 'head' {self.head!r} is a {_HEAD_ROLE[self.head]}'s head; "
+                f"'role' is {self.role!r}"
+            )
+        if (self.head in TOKEN_HEADS) == (self.backbone in _RESNETS):
+            raise BadConfigError(
+                f"model config 'backbone' {self.backbone!r} does not fit 'head' {self.head!r}; "
+                f"expected one of {_RESNETS} for the CNN heads, another backbone for 'token'"
+            )
+        if not self.geometry.tiles:
             raise BadConfigError(
                 f"model config 'patch_size' {self.patch_size} does not tile 'heatmap_size' "
                 f"{self.heatmap_size}; expected divisors of the heatmap width and height"
@@ -75,16 +96,23 @@ class ModelConfig:
             )
 
     @property
+    def geometry(self) -> Geometry:
+        """Crop, heatmap and patch sizes as one object (`distilpose.geometry`)."""
+        return Geometry(self.input_size, self.heatmap_size, self.patch_size)
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         """Number of patches (across, down): (16, 16) for the full models."""
-        return (
-            self.heatmap_size[0] // self.patch_size[0],
-            self.heatmap_size[1] // self.patch_size[1],
-        )
+        return self.geometry.patch_grid
 
     @property
     def num_patches(self) -> int:
-        return self.patch_grid[0] * self.patch_grid[1]
+        return self.geometry.num_patches
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the model outputs keypoint and visual tokens (TokenPose / DistilPose)."""
+        return self.head in TOKEN_HEADS
 
     @property
     def token_dim(self) -> int:
