@@ -259,7 +259,10 @@ def ablate(
     devices = _devices(device, parallel)
     threads = 0
     if parallel > 1 and not devices[0].startswith("cuda"):
+        # several runs share the CPU: each gets its share of the cores and renders its own
+        # crops (loader workers on top would oversubscribe the cores)
         threads = max(1, (os.cpu_count() or 1) // parallel)
+        settings["workers"] = 0
     jobs = [
         {
             "name": r["name"],
