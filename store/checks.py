@@ -9,9 +9,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from distilpose.errors import StoreCorruptError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
-from store.schema import TEACHER_OUTPUTS, digest_hex
+from store.schema import READ_FIELDS, TEACHER_OUTPUTS, digest_hex
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -125,13 +126,20 @@ def store_verify(
     seed: int = 0,
     storage_options: dict | None = None,
 ) -> dict:
-    """Re-render crops from their stored specs and compare their sha256 with the stored digest.
+    """Check a store's sampled slots through every array, and re-render their crops.
 
     sample: check this many complete samples drawn at random (seeded), or all if None.
+    For each chunk holding a sampled slot, every array is read and checked: chunk crc32c,
+    instances and specs against the slot layout, finite values (any failure is recorded as a
+    `problems` line naming array and chunk, and counted in `corrupt`); each touched unit's shard
+    files are compared with its manifest (size and whole-file crc32c). Then the crops are
+    re-rendered from their specs and their sha256 compared with the stored digest.
     ann_file / image_root override the paths recorded in the store (its digest must match);
     images(instance) -> uint8 BGR image overrides reading `instance.image_path`.
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
-    keypoints/weights differ from the re-rendered ones), and the first mismatched slots.
+    keypoints/weights differ from the re-rendered ones), corrupt (chunks or units failing an
+    integrity check), the first problems and mismatched slots, and whether the store has
+    checksums and manifests (version-1 stores have neither). `ok_all` is False on any failure.
     """
     from distilpose.data import CropSpec, read_image, render_crop
     from distilpose.data import crop_digest as digest_of
@@ -142,18 +150,34 @@ def store_verify(
     slots = _complete_slots(reader)
     if sample is not None and sample < len(slots):
         slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
-    fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
+    everything = tuple(f for f in READ_FIELDS if f not in ("slot", "view"))
     ok = bad = bad_kp = 0
     bad_slots: list[int] = []
+    problems: list[str] = []
     load = images or (lambda inst: read_image(inst.image_path))
     chunk = m.chunk_samples
     by_chunk: dict[int, list[int]] = {}
     for slot in slots.tolist():
         by_chunk.setdefault(slot // chunk, []).append(slot)
-    for c in progress(list(by_chunk), desc="verify", unit="chunks"):
-        data = reader.read_chunk(c * chunk, (c + 1) * chunk, fields)
+    units = sorted({c * chunk // reader.layout.unit_samples for c in by_chunk})
+    manifests = False
+    for unit in progress(units, desc="verify shards", unit="units"):
+        try:
+            manifests |= reader.unit_manifest(unit) is not None
+            reader.check_unit_files(unit, crc=True)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+    for c in progress(list(by_chunk), desc="verify chunks", unit="chunks"):
+        start = c * chunk
+        stop = min(start + chunk, reader.layout.num_slots(m.views))
+        try:
+            data = reader.read_chunk(start, stop, ("slot", *everything), np.float32)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            bad_slots.extend(by_chunk[c][: max(0, 20 - len(bad_slots))])
+            continue
         for slot in by_chunk[c]:
-            row = {k: v[slot - c * chunk] for k, v in data.items()}
+            row = {k: v[slot - start] for k, v in data.items()}
             inst = instances[int(row["instance"])]
             spec = CropSpec.from_array(row["spec"])
             crop = render_crop(load(inst), spec, inst.keypoints, tuple(m.input_size))
@@ -173,8 +197,28 @@ def store_verify(
         "ok": ok,
         "mismatched": bad,
         "keypoints_mismatched": bad_kp,
+        "corrupt": len(problems),
         "mismatched_slots": bad_slots,
+        "problems": problems[:20],
+        "checksums": reader.checksums,
+        "manifests": manifests,
+        "ok_all": not (bad or bad_kp or problems),
     }
+
+
+def verify_failure(result: dict) -> str | None:
+    """The one line a failed `store_verify` result deserves (None if it passed)."""
+    if result["ok_all"]:
+        return None
+    if result["problems"]:
+        more = len(result["problems"]) - 1
+        return result["problems"][0] + (f" (and {more} more problem(s))" if more else "")
+    return (
+        f"{result['path']}: {result['mismatched']} of {result['checked']} crops and "
+        f"{result['keypoints_mismatched']} keypoint rows differ from what the teacher saw "
+        f"(first slots {result['mismatched_slots'][:5]}); expected the store's images and "
+        "annotation file unchanged"
+    )
 
 
 def format_store_info(info: dict) -> str:

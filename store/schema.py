@@ -200,8 +200,10 @@ def check_meta_sane(meta: StoreMeta) -> None:
 
     for name, limit in META_LIMITS.items():
         value = getattr(meta, name)
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or not (
-            0 < value <= limit
+        if (
+            not isinstance(value, int | np.integer)
+            or isinstance(value, bool)
+            or not (0 < value <= limit)
         ):
             raise bad(name, value, f"1..{limit}")
     for name in ("input_size", "heatmap_size", "patch_grid"):
@@ -212,9 +214,9 @@ def check_meta_sane(meta: StoreMeta) -> None:
     if slots > MAX_SLOTS:
         raise bad("views x slots per view", slots, f"1..{MAX_SLOTS}")
     wh, hh = meta.heatmap_size
-    per_sample = max(
-        meta.num_keypoints * wh * hh, meta.num_patches * meta.token_dim
-    ) * 4  # the largest per-sample array, decoded to float32
+    per_sample = (
+        max(meta.num_keypoints * wh * hh, meta.num_patches * meta.token_dim) * 4
+    )  # the largest per-sample array, decoded to float32
     if per_sample * meta.chunk_samples > MAX_CHUNK_BYTES:
         raise bad("chunk_samples", meta.chunk_samples, f"chunks of at most {MAX_CHUNK_BYTES} bytes")
 
@@ -569,7 +571,6 @@ class StoreLocation:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(d, name))
         fsync_dir(d)
-
 
     def read_marker(self, unit: int) -> dict:
         """A unit's marker payload ({} for a legacy empty one); StoreFormatError if unreadable."""
