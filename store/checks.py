@@ -9,7 +9,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from distilpose.errors import StoreCorruptError
+from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
 from store.schema import READ_FIELDS, TEACHER_OUTPUTS, digest_hex
@@ -36,6 +36,16 @@ def _dask(reader: StoreReader, name: str, chunks: list[tuple[int, int]]) -> da.A
     arr = reader.arrays[name]
     full = da.from_array(arr, chunks=(reader.meta.chunk_samples, *arr.shape[1:]))
     return da.concatenate([full[a:b] for a, b in chunks]) if chunks else full[:0]
+
+
+def _culprit(reader: StoreReader, chunks: list[tuple[int, int]]) -> Exception | None:
+    """The named error of the first chunk that fails a checked read (None: none fails)."""
+    for a, b in chunks:
+        try:
+            reader.read_chunk(a, b, tuple(n for n in READ_FIELDS if n not in ("slot", "view")))
+        except StoreFormatError as e:
+            return e
+    return None
 
 
 def store_info(path: object, storage_options: dict | None = None) -> dict:
@@ -103,7 +113,10 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
                 x = _dask(reader, name, chunks)
                 checks[f"nan:{name}"] = da.isnan(x).sum()
                 checks[f"inf:{name}"] = da.isinf(x).sum()
-        (res,) = dask.compute(checks)
+        try:
+            (res,) = dask.compute(checks)
+        except Exception as e:  # a damaged chunk: find it and name it
+            raise _culprit(reader, chunks) or e from None
     peak = np.asarray(res.pop("peak"), dtype=np.float64)
     info["nonfinite"] = {k: int(v) for k, v in res.items()}
     info["nonfinite_total"] = int(sum(res.values()))
