@@ -26,16 +26,16 @@ from distilpose.errors import BadConfigError, DistilPoseError
 
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
-_LIBRARIES = {
-    "zarr": "the zarr store library",
-    "numcodecs": "the store's codecs (numcodecs)",
-    "fsspec": "remote file access (fsspec)",
-    "aiohttp": "the HTTP client (aiohttp)",
-    "botocore": "the S3 client",
-    "cv2": "OpenCV",
-    "PIL": "the image header reader (Pillow)",
-    "json": "the JSON parser",
-    "numpy": "numpy",
+_LIBRARIES = {  # module -> (what failed, what to do)
+    "zarr": ("the zarr store library", "an intact store (run store-verify on it)"),
+    "numcodecs": ("the store's codecs (numcodecs)", "an intact store (run store-verify on it)"),
+    "fsspec": ("remote file access (fsspec)", "a valid, reachable store path or URL"),
+    "aiohttp": ("the HTTP client (aiohttp)", "a reachable http(s) store"),
+    "botocore": ("the S3 client", "a reachable s3 store and valid credentials"),
+    "cv2": ("OpenCV", "readable images of ordinary size"),
+    "PIL": ("the image header reader (Pillow)", "readable images"),
+    "json": ("the JSON parser", "valid JSON files"),
+    "numpy": ("numpy", "input arrays of the documented shapes"),
 }
 
 
@@ -57,7 +57,7 @@ def _worker_error(e: BaseException) -> tuple[str, str, str] | None:
     return worker, kind.rsplit(".", 1)[-1], message or kind
 
 
-def _library(e: BaseException) -> str | None:
+def _library(e: BaseException) -> tuple[str, str] | None:
     """The library (from `_LIBRARIES`) the exception was raised in, from its type or frames."""
     names = [type(e).__module__.split(".")[0]]
     tb = e.__traceback__
@@ -108,7 +108,7 @@ def describe_error(e: BaseException, command: str) -> str:
         return f"{e.filename}: {e.strerror or message} {where}; expected a readable file ({debug})"
     library = _library(e)
     if library is not None:
-        return f"{library} failed ({message}) {where}; expected intact input files ({debug})"
+        return f"{library[0]} failed ({message}) {where}; expected {library[1]} ({debug})"
     if isinstance(e, OSError | TimeoutError):
         return f"{message} {where}; expected a reachable, readable location ({debug})"
     return f"unexpected {message} {where}; this may be a bug: {debug} and report it"

@@ -319,8 +319,13 @@ class StoreReader:
             )
         if isinstance(e, MemoryError):
             return StoreCorruptError(f"{where}: decoding needs more memory than there is")
+        why = (
+            "crc32c checksum mismatch"
+            if "checksum" in str(e)
+            else f"{type(e).__name__}: {first_line(e)[:120]}"
+        )
         return StoreCorruptError(
-            f"{where}: stored bytes are damaged ({type(e).__name__}: {first_line(e)}); "
+            f"{where}: stored bytes are damaged ({why}); "
             "expected intact data: restore the store from a copy or rerun the dump into a new one"
         )
 

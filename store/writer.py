@@ -252,6 +252,24 @@ class StoreWriter:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._claim_path(u))
 
+    def wait_for(self, units: list[int], poll_s: float = 0.2) -> None:
+        """Wait until units other live writers claimed are complete; a claimer that died leaves
+        its units pending (StoreFormatError: rerunning the dump resumes them)."""
+        import time
+
+        waiting = set(units)
+        while waiting:
+            dead = [u for u in waiting if not self.claim_holder(u)]
+            waiting -= self.complete_units()  # after the claims: a finisher marks, then releases
+            dead = [u for u in dead if u in waiting]
+            if dead:
+                raise StoreFormatError(
+                    f"{self.path}: the writer that took unit {min(dead)} stopped before "
+                    "finishing it; expected it to complete (rerun the same dump to resume)"
+                )
+            if waiting:
+                time.sleep(poll_s)
+
     def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
         missing = [k for k in REQUIRED if k not in arrays]
         if missing:

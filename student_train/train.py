@@ -171,6 +171,9 @@ def train_student(
     if store is not None:
         reader = StoreReader.open(str(store))
         reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
+        identity = store_identity(reader.meta)
+        if resume and not allow_store_change:
+            check_store_unchanged(out, str(store), identity)
         if not allow_incomplete and not bool(reader.complete_mask().all()):
             raise StoreFormatError(
                 f"{store}: store is incomplete (dump still running or interrupted); "
@@ -189,9 +192,7 @@ def train_student(
             allow_incomplete=allow_incomplete,
         )
         store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
-        identity = store_identity(data.meta)
-        if resume and not allow_store_change:
-            check_store_unchanged(out, str(store), identity)
+
     elif teacher is not None and ann_file and images:
         data = OnlineBatches(
             str(ann_file),

@@ -51,12 +51,7 @@ from distilpose.data import (
     sample_crop_spec,
 )
 from distilpose.engine import amp_dtype, resolve_device, world
-from distilpose.errors import (
-    BadCheckpointError,
-    BadConfigError,
-    BadImageError,
-    StoreFormatError,
-)
+from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
 from store.schema import StoreMeta
@@ -190,23 +185,6 @@ class UnitWriter(threading.Thread):
 
 def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def wait_for_units(writer: StoreWriter, units: list[int], poll_s: float = 0.2) -> None:
-    """Wait until units another live writer claimed are complete (this run's result includes
-    them); a claimer that died leaves them pending: rerunning the dump resumes them."""
-    waiting = set(units)
-    while waiting:
-        dead = [u for u in waiting if not writer.claim_holder(u)]
-        waiting -= writer.complete_units()  # after the claims: a finisher marks, then releases
-        dead = [u for u in dead if u in waiting]
-        if dead:
-            raise StoreFormatError(
-                f"{writer.path}: the writer that took unit {min(dead)} stopped before finishing "
-                "it; expected it to complete (rerun the same dump-teacher command to resume)"
-            )
-        if waiting:
-            time.sleep(poll_s)
 
 
 def _open_store(out: Path, meta: StoreMeta, world_size: int, rank: int) -> StoreWriter:
@@ -363,7 +341,7 @@ def dump_teacher(
     finally:
         unit_writer.close()
         writer.release()
-    wait_for_units(writer, elsewhere)
+    writer.wait_for(elsewhere)  # units another dump of this store took: done when they are
     loop_s = time.perf_counter() - loop_start
     if world_size > 1:
         dist.barrier()  # the store is finished when every rank is
