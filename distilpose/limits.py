@@ -21,10 +21,12 @@ import io
 import json
 import os
 import sys
+import threading
 import warnings
 
 from distilpose.errors import BadImageError, BadInputError
 
+_PIL_LOCK = threading.Lock()  # Pillow's own pixel guard is a global we lift while reading
 DEFAULT_MAX_JSON_MB = 2048
 DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's decompression-bomb guard
 
@@ -94,15 +96,16 @@ def image_size_from_header(data: bytes | memoryview, source: object) -> tuple[in
     format is one Pillow does not know (OpenCV may still decode it)."""
     from PIL import Image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's own bomb warning: we judge the size here
+    with _PIL_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we judge the size
+        try:
             with Image.open(io.BytesIO(data)) as im:
                 return int(im.width), int(im.height)
-    except Image.DecompressionBombError as e:
-        raise BadImageError(f"{source}: {e}") from None
-    except Exception:  # noqa: BLE001 - unknown format or broken header: let the decoder judge
-        return None
+        except Exception:  # noqa: BLE001 - unknown format or broken header: the decoder judges
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
 
 
 def check_image_pixels(width: int, height: int, source: object) -> None:

@@ -174,15 +174,20 @@ def store_verify(
         by_chunk.setdefault(slot // chunk, []).append(slot)
     units = sorted({c * chunk // reader.layout.unit_samples for c in by_chunk})
     manifests = False
+    damaged: set[int] = set()  # units whose files fail their manifest: their chunks are skipped
     for unit in progress(units, desc="verify shards", unit="units"):
         try:
             manifests |= reader.unit_manifest(unit) is not None
             reader.check_unit_files(unit, crc=True)
         except StoreCorruptError as e:
             problems.append(str(e))
+            damaged.add(unit)
     for c in progress(list(by_chunk), desc="verify chunks", unit="chunks"):
         start = c * chunk
         stop = min(start + chunk, reader.layout.num_slots(m.views))
+        if start // reader.layout.unit_samples in damaged:
+            bad_slots.extend(by_chunk[c][: max(0, 20 - len(bad_slots))])
+            continue
         try:
             data = reader.read_chunk(start, stop, ("slot", *everything), np.float32)
         except StoreCorruptError as e:
