@@ -501,7 +501,9 @@ class StoreLocation:
             )
         if "error" in box:
             e = box["error"]
-            if isinstance(e, FileNotFoundError) or not is_connection_error(e):
+            if isinstance(e, FileNotFoundError) and is_connection_error(e.__cause__):
+                e = e.__cause__  # fsspec's http reports a refused connection as "not found"
+            elif isinstance(e, FileNotFoundError) or not is_connection_error(e):
                 raise e
             raise StoreConnectionError(
                 f"{self}: cannot reach the store ({type(e).__name__}: {first_line(e)}) during "
@@ -619,8 +621,10 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def is_connection_error(e: BaseException) -> bool:
+def is_connection_error(e: BaseException | None) -> bool:
     """Network trouble (refused, reset, DNS, timeouts, HTTP client errors), not bad data."""
+    if e is None:
+        return False
     if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
         return False
     module = type(e).__module__.split(".")[0]

@@ -572,6 +572,19 @@ def test_local_http_server_that_never_answers(monkeypatch):
 
 
 @pytest.mark.reliability(
+    case="http store on a port nobody listens on (connection refused)",
+    outcome="one line 'cannot reach the store' (was 'no store here')",
+)
+def test_http_connection_refused():
+    pytest.importorskip("aiohttp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free, and closed again: nothing listens there
+    line = one_line_error(invoke("store-info", f"http://127.0.0.1:{port}/store"))
+    assert "cannot reach the store (ClientConnectorError" in line
+
+
+@pytest.mark.reliability(
     case="http:// and s3:// store URLs without the fsspec extras installed",
     outcome="one line naming pip install 'distilpose[remote]' (was ImportError)",
 )
