@@ -158,6 +158,7 @@ def store_verify(
     from distilpose.data import crop_digest as digest_of
 
     reader = StoreReader.open(path, storage_options)
+    reader.check_finite = True
     m = reader.meta
     instances = load_store_instances(m, path, ann_file, image_root)
     slots = _complete_slots(reader)
