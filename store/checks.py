@@ -79,6 +79,7 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
     info = {
         "path": str(path),
         "schema_version": m.schema_version,
+        "checksums": reader.checksums,
         "teacher": m.teacher_name,
         "teacher_sha256": m.teacher_sha256,
         "mode": m.mode,
@@ -246,7 +247,8 @@ def format_store_info(info: dict) -> str:
 
     mib = info["bytes_on_disk"] / 2**20
     lines = [
-        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']})",
+        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']}, "
+        f"{'crc32c per chunk' if info.get('checksums') else 'no checksums'})",
         f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
         f"samples complete {info['samples_complete']:,} / {info['samples']:,} "
         f"({info['num_instances']:,} people x {info['views']} views; "

@@ -124,8 +124,8 @@ def test_flipped_bytes_in_any_array_are_caught(stores, tmp_path, mode):
 
 
 @pytest.mark.reliability(
-    case="store-verify on a store with one flipped byte in its heatmaps",
-    outcome="JSON counts, then one line naming array and chunk; exit 1",
+    case="store-verify and store-info on a store with one flipped byte in its heatmaps",
+    outcome="one line naming array and chunk, exit 1 (verify prints its JSON counts first)",
 )
 def test_store_verify_cli_exits_1_on_a_flipped_byte(stores, tmp_path):
     store, reader = copy_store(stores["fp16"], tmp_path)
@@ -135,6 +135,7 @@ def test_store_verify_cli_exits_1_on_a_flipped_byte(stores, tmp_path):
     err = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "array 'heatmaps' chunk 0" in err[0], result.output
     assert "Traceback" not in result.output
+    assert "array 'heatmaps' chunk 0" in one_line_error(invoke("store-info", store))
 
 
 @pytest.mark.reliability(
