@@ -47,8 +47,11 @@ def max_image_pixels() -> int:
     return _env_int("DISTILPOSE_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
-def loads_json(data: bytes | str, source: object, error: type[Exception] = BadInputError):
-    """Parse JSON text from `source` (named in errors) within the limits; `error` is raised."""
+def loads_json(
+    data: bytes | str, source: object, error: type[Exception] = BadInputError, what: str = ""
+):
+    """Parse JSON text from `source` (named in errors) within the limits; `error` is raised,
+    saying "not a JSON <what> file" for text that is not JSON."""
     limit = max_json_bytes()
     if len(data) > limit:
         raise error(
@@ -63,7 +66,8 @@ def loads_json(data: bytes | str, source: object, error: type[Exception] = BadIn
             "expected a flat document"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{source}: not valid JSON ({str(e).splitlines()[0]})") from None
+        kind = f"JSON {what}" if what else "JSON"
+        raise error(f"{source}: not a {kind} file ({str(e).splitlines()[0]})") from None
     except ValueError as e:  # int() of a number longer than Python's digit limit
         raise error(
             f"{source}: JSON holds a number too long to read ({str(e).splitlines()[0]}); "
@@ -71,7 +75,7 @@ def loads_json(data: bytes | str, source: object, error: type[Exception] = BadIn
         ) from None
 
 
-def load_json(path: object, error: type[Exception] = BadInputError):
+def load_json(path: object, error: type[Exception] = BadInputError, what: str = ""):
     """Read and parse a JSON file within the limits (the size is checked before reading)."""
     path = os.fspath(path)
     try:
@@ -88,7 +92,7 @@ def load_json(path: object, error: type[Exception] = BadInputError):
         raise error(f"{path}: file not found") from None
     except IsADirectoryError:
         raise error(f"{path}: is a folder; expected a JSON file") from None
-    return loads_json(data, path, error)
+    return loads_json(data, path, error, what)
 
 
 def image_size_from_header(data: bytes | memoryview, source: object) -> tuple[int, int] | None:

@@ -102,7 +102,7 @@ def read_image(path) -> np.ndarray:
 def _load_json(path, what: str):
     if not os.path.exists(path):
         raise BadAnnotationError(f"{path}: {what} file not found")
-    return load_json(path, BadAnnotationError)
+    return load_json(path, BadAnnotationError, what)
 
 
 def _number_list(value, n: int, path, record: str, field: str) -> list[float]:
