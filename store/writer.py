@@ -12,7 +12,8 @@ The marker holds the unit's manifest (per array: shard file size and crc32c), wh
 check, so a shard deleted or truncated later is an error, never zeros.
 Writers started together on one store never work on the same unit: each takes a unit by
 creating `complete/.u<unit>.claim` (exclusive create, holding its pid) and skips units a live
-process holds; temp files carry the writer's pid and only dead writers' ones are removed.
+writer holds (live = it holds the flock on its `complete/.writer.<pid>.lock`, which the kernel
+drops when it dies); temp files carry the writer's pid and only dead writers' ones are removed.
 A killed writer leaves finished units marked and at most its current unit unmarked; a rerun
 rewrites exactly the pending units, and zstd output is deterministic, so the resumed store is
 byte-for-byte the uninterrupted one. Store metadata changes (creation, more views) happen under
@@ -49,7 +50,6 @@ from store.schema import (
     fsync_path,
     heatmap_bits,
     marker_name,
-    pid_alive,
     quantize_heatmaps,
     quantize_tokens,
     shard_key,
@@ -207,13 +207,40 @@ class StoreWriter:
     def _claim_path(self, unit: int) -> str:
         return os.path.join(self.location.root, COMPLETE_DIR, f".{marker_name(unit)}.claim")
 
+    def _writer_lock(self, pid: int) -> str:
+        return os.path.join(self.location.root, COMPLETE_DIR, f".writer.{pid}.lock")
+
+    def _alive(self, pid: int) -> bool:
+        """Whether writer `pid` still runs: it holds an flock on its writer file for its whole
+        life (the kernel drops it when the process dies, so a reused pid is never mistaken)."""
+        if pid == os.getpid():
+            return getattr(self, "_lock_fd", None) is not None
+        import fcntl
+
+        try:
+            fd = os.open(self._writer_lock(pid), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def claim(self, units: list[int]) -> tuple[list[int], list[int]]:
         """Take the units no live process holds; returns (mine, held by others). Local stores
         only (a remote store's writers split the work with `shard=(i, n)`)."""
         if not self.location.is_local:
             return list(units), []
+        import fcntl
+
         mine, others = [], []
         os.makedirs(os.path.join(self.location.root, COMPLETE_DIR), exist_ok=True)
+        if getattr(self, "_lock_fd", None) is None:
+            self._lock_fd = os.open(self._writer_lock(os.getpid()), os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         for unit in units:
             (mine if self._take(unit) else others).append(unit)
         self._claimed = set(mine)
@@ -226,7 +253,7 @@ class StoreWriter:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _claim_holder(path)
-                if holder == os.getpid() or (holder and pid_alive(holder)):
+                if holder and self._alive(holder):
                     return holder == os.getpid()
                 if not holder and _age_s(path) < 10:  # just created, its pid not written yet
                     return False
@@ -241,7 +268,7 @@ class StoreWriter:
     def claim_holder(self, unit: int) -> int:
         """pid of the live process holding `unit` (0: none)."""
         pid = _claim_holder(self._claim_path(unit))
-        return pid if pid and pid_alive(pid) else 0
+        return pid if pid and self._alive(pid) else 0
 
     def release(self, unit: int | None = None) -> None:
         """Drop our claim on `unit` (None: on every unit we still hold)."""
@@ -251,6 +278,11 @@ class StoreWriter:
             if _claim_holder(self._claim_path(u)) == os.getpid():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._claim_path(u))
+        if unit is None and getattr(self, "_lock_fd", None) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._writer_lock(os.getpid()))
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
 
     def wait_for(self, units: list[int], poll_s: float = 0.2) -> None:
         """Wait until units other live writers claimed are complete; a claimer that died leaves

@@ -688,3 +688,24 @@ def test_resume_refuses_a_store_that_gained_views(tmp_path):
         allow_store_change=True, allow_incomplete=True, **kw,
     )  # fmt: skip
     assert summary["epochs"] == 1
+
+
+@pytest.mark.reliability(
+    case="claims left by a killed writer, one naming a pid now reused by another process",
+    outcome="taken over by the next writer, which completes the store",
+)
+def test_stale_claims_are_taken_over(tmp_path):
+    w = StoreWriter.create_or_open(tmp_path / "s", small_meta(views=1, n=32))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        d = tmp_path / "s" / "complete"
+        (d / ".u0000000.json.claim").write_text(str(sleeper.pid))  # live pid, not a writer
+        (d / ".u0000001.json.claim").write_text("999999999")  # a dead one
+        mine, others = w.claim(w.pending_units())
+        assert mine == [0, 1] and others == []
+        fill(w, mine)
+        w.release()
+        assert check_complete_samples(tmp_path / "s") == 32
+    finally:
+        sleeper.kill()
+        sleeper.wait()
