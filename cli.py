@@ -2,8 +2,11 @@
 
 Every command takes `--config FILE` (TOML, or YAML when PyYAML is installed): its keys are the
 command's option names (dashes or underscores), optionally inside a table named after the
-command; options given on the command line win over the file. Errors caused by input (bad files,
-mismatched stores or checkpoints, bad options) print one line `error: ...` and exit with code 1.
+command; options given on the command line win over the file. Every command runs inside one
+error handler (`_OneLineErrors`): whatever fails (bad files, mismatched or damaged stores, a
+library such as zarr, OpenCV or the JSON parser, a DataLoader worker, memory) prints one line
+`error: <what>, <where>, <what to do>` and exits with code 1; `--debug` or DISTILPOSE_DEBUG=1
+adds the traceback.
 """
 
 from __future__ import annotations
@@ -152,9 +155,6 @@ class _OneLineErrors(typer.core.TyperGroup):
             if _debug(ctx):
                 traceback.print_exc()
             command = ctx.invoked_subcommand or ctx.info_name or "distilpose"
-            sub = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None)
-            if sub and ctx.invoked_subcommand == "viz":
-                command = f"viz {sub[-1]}" if len(sub) > 1 else command
             typer.echo(f"error: {describe_error(e, command)}", err=True)
             raise typer.Exit(1) from None
 

@@ -49,6 +49,7 @@ from distilpose.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
+from distilpose.limits import max_json_bytes
 from store.schema import (
     META_KEY,
     READ_FIELDS,
@@ -109,6 +110,11 @@ class StoreReader:
         loc = StoreLocation(path_or_url, storage_options)
         if not loc.exists("zarr.json"):
             raise StoreFormatError(f"{loc}: no store here (zarr.json missing)")
+        if loc.is_local and loc.file_size("zarr.json") > max_json_bytes():
+            raise StoreFormatError(
+                f"{loc}: zarr.json of {loc.file_size('zarr.json'):,} bytes exceeds the JSON limit "
+                f"of {max_json_bytes():,}; expected a store written by distilpose"
+            )
         try:
             if loc.is_local:
                 group = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")

@@ -245,7 +245,8 @@ def array_compressors(spec: ArraySpec) -> list:
     a crc32c of the compressed chunk, so any flipped byte fails the read (see the docstring)."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return [ZstdCodec(level=spec.zstd_level), Crc32cCodec()]
+    zstd = [ZstdCodec(level=spec.zstd_level)] if spec.zstd_level else []  # 0: compressed already
+    return [*zstd, Crc32cCodec()]
 
 
 def has_checksums(array: object) -> bool:
