@@ -94,6 +94,16 @@ def invoke(*args) -> object:
     return runner.invoke(cli.app, [str(a) for a in args])
 
 
+def cli_train(store: Path, out: Path, *extra) -> str:
+    """The one error line of a tiny `train-student` run on `store`."""
+    return one_line_error(
+        invoke(
+            "train-student", "--store", store, "--model", "distilpose_tiny", "--out", out,
+            "--batch-size", 8, "--device", "cpu", "--epochs", 1, *extra,
+        )
+    )  # fmt: skip
+
+
 # ---- damaged and missing store data ---------------------------------------------------------
 
 
@@ -190,13 +200,7 @@ def test_missing_instance_chunk_in_view_1_fails_training(stores, tmp_path):
 def test_deleted_spec_shard_train_student_cli(stores, tmp_path):
     store, reader = copy_store(stores["fp16"], tmp_path)
     shard(reader, "spec").unlink()
-    line = one_line_error(
-        invoke(
-            "train-student", "--store", store, "--model", "distilpose_tiny", "--out",
-            tmp_path / "run", "--batch-size", 8, "--device", "cpu", "--workers", 0,
-            "--epochs", 1,
-        )
-    )  # fmt: skip
+    line = cli_train(store, tmp_path / "run", "--workers", 0)
     assert "array 'spec'" in line and "is missing" in line
 
 
@@ -207,13 +211,7 @@ def test_deleted_spec_shard_train_student_cli(stores, tmp_path):
 def test_dataloader_worker_error_is_one_line(stores, tmp_path):
     store, reader = copy_store(stores["fp16"], tmp_path)
     flip_bytes(shard(reader, "heatmaps"))
-    line = one_line_error(
-        invoke(
-            "train-student", "--store", store, "--model", "distilpose_tiny", "--out",
-            tmp_path / "run", "--batch-size", 8, "--device", "cpu", "--workers", 1,
-            "--epochs", 1,
-        )
-    )  # fmt: skip
+    line = cli_train(store, tmp_path / "run", "--workers", 1)
     assert "array 'heatmaps' chunk 0" in line and "DataLoader worker process 0" in line
 
 
@@ -675,13 +673,7 @@ def test_resume_refuses_a_store_that_gained_views(tmp_path):
     StoreWriter.create_or_open(paths["store"], meta)  # the store now has room for view 1
     with pytest.raises(StoreMismatchError, match=r"views: run=1 store=2.*--allow-store-change"):
         train_student(paths["store"], "distilpose_tiny", tmp_path / "run", resume=True, **kw)
-    line = one_line_error(
-        invoke(
-            "train-student", "--store", paths["store"], "--model", "distilpose_tiny", "--out",
-            tmp_path / "run", "--batch-size", 8, "--device", "cpu", "--workers", 0,
-            "--epochs", 1, "--resume",
-        )
-    )  # fmt: skip
+    line = cli_train(paths["store"], tmp_path / "run", "--workers", 0, "--resume")
     assert "views: run=1 store=2" in line
     summary = train_student(
         paths["store"], "distilpose_tiny", tmp_path / "run", resume=True,
