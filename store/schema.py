@@ -194,8 +194,8 @@ def check_meta_sane(meta: StoreMeta) -> None:
 
     def bad(what: str, value: object, limit: str) -> StoreFormatError:
         return StoreFormatError(
-            f"store metadata {what}={value!r} is outside {limit}; expected a store written by "
-            "distilpose (is the store's zarr.json damaged?)"
+            f"store metadata {what}={value!r} is outside {limit}; expected a value within the "
+            "limits (for an existing store: is its zarr.json damaged?)"
         )
 
     for name, limit in META_LIMITS.items():
