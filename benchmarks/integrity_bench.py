@@ -8,7 +8,8 @@ only, no manifests: what it wrote before). Samples have DistilPose-S's real per-
 (K=17 heatmaps of 64x48, 17 keypoint + 256 visual tokens of D=192, fp16); crop specs, crop
 digests and keypoints are real (demo images, the paper's augmentation); teacher outputs are
 synthetic (a Gaussian peak per joint on a noise floor, normal tokens), which compress like real
-ones. Three paths are timed, each store alternately, `repeats` times, the best run reported.
+ones. Three paths are timed, the two stores in adjacent pairs (ABBA order), `repeats` pairs;
+the cost is the median of the pairs' costs.
 Throughput is samples per CPU second (process time, all threads), so that neighbours on a
 shared machine do not decide the comparison:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -168,8 +170,8 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
 
     torch.set_num_threads(1)  # one data-loading core, as one DataLoader worker has
     people = people or (128 if quick else 512)
-    repeats = repeats or (5 if quick else 7)
-    min_s = 0.5 if quick else 2.0
+    repeats = repeats or (6 if quick else 12)
+    min_s = 0.4 if quick else 1.0
     with tempfile.TemporaryDirectory(prefix="integrity_bench_") as tmp:
         root = Path(tmp)
         paths, instances, rows = _samples(root, people)
@@ -178,33 +180,43 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
             _write(path, paths, instances, rows, checksums)
         rates: dict[tuple[str, bool], list[float]] = {}
         epoch = [0]
-        for _ in range(repeats):  # alternate the stores, so drifting machine load hits both
-            for name, fn in (
-                ("train", _train_path),
-                ("read", _read_path),
-                ("targets", _targets_only),
-            ):
-                for checksums, path in stores.items():
+        names = (("train", _train_path), ("read", _read_path), ("targets", _targets_only))
+        for i in range(repeats):  # pairs, in ABBA order, so drifting machine load hits both
+            for name, fn in names:
+                for checksums in (True, False) if i % 2 == 0 else (False, True):
+                    path = stores[checksums]
                     rate = _timed(lambda p=path, f=fn: f(p, epoch), min_s)
                     rates.setdefault((name, checksums), []).append(rate)
         disk = {
             c: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for c, p in stores.items()
         }
-    # best of the runs: interference from neighbours only ever adds CPU time (cache misses,
-    # clock changes), so the fastest run is the closest to the true cost
-    med = {k: max(v) for k, v in rates.items()}
+    # the cost is judged pair by pair (the two runs of a pair are adjacent in time, so they saw
+    # nearly the same neighbours): median and quartiles of the pairs' costs
+    costs = {
+        name: sorted(
+            100 * (1 - a / b)
+            for a, b in zip(rates[(name, True)], rates[(name, False)], strict=True)
+        )
+        for name, _ in names
+    }
+
+    def quartiles(xs: list[float]) -> tuple[float, float, float]:
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        return q[0], statistics.median(xs), q[2]
+
     load = os.getloadavg()[0]
     lines = [
         "## Store checksums (integrity_bench)",
         "",
         f"{len(instances)} samples of DistilPose-S size, batches of 64, in-process (torch 1 "
-        f"thread, workers=0); samples per CPU second of the process (all its threads), best "
-        f"of {repeats} alternating runs of >= {min_s:g} CPU s each. "
-        f"Machine load average at the end: {load:.1f} on {os.cpu_count()} cores (shared "
-        "machine: the ratios, measured side by side, are the result).",
+        f"thread, workers=0); samples per CPU second of the process (all its threads), median "
+        f"of {repeats} pairs of adjacent runs (ABBA order) of >= {min_s:g} CPU s each; the cost "
+        "is the median of the pairs' costs, with its quartiles. Machine load average at the "
+        f"end: {load:.1f} on {os.cpu_count()} cores (a shared machine: pairs, not absolute "
+        "rates, carry the result).",
         "",
         "| path, samples/s per core | schema 2: crc32c + manifests + checks | schema 1: none "
-        "| cost of the checks |",
+        "| cost of the checks (quartiles) |",
         "|---|---:|---:|---:|",
     ]
     for name, label in (
@@ -212,9 +224,12 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
         ("read", "store read alone (iter_batches, training's fields)"),
         ("targets", "teacher arrays alone (read_chunk of heatmaps and tokens)"),
     ):
-        on, off = med[(name, True)], med[(name, False)]
-        lines.append(f"| {label} | {on:,.0f} | {off:,.0f} | {100 * (1 - on / off):+.1f}% |")
-    cost = 100 * (1 - med[("train", True)] / med[("train", False)])
+        on, off = statistics.median(rates[(name, True)]), statistics.median(rates[(name, False)])
+        q1, med, q3 = quartiles(costs[name])
+        lines.append(
+            f"| {label} | {on:,.0f} | {off:,.0f} | {med:+.1f}% ({q1:+.1f}% .. {q3:+.1f}%) |"
+        )
+    cost = quartiles(costs["train"])[1]
     lines += [
         "",
         f"Bytes on disk: {disk[True] / len(instances) / 1e3:.1f} kB/sample with checksums, "
@@ -235,7 +250,7 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.integrity_bench")
     parser.add_argument("--quick", action="store_true", help="short run (the default)")
-    parser.add_argument("--full", action="store_true", help="512 people, 5 repeats of 3 s")
+    parser.add_argument("--full", action="store_true", help="512 people, 12 pairs of 1 CPU s")
     parser.add_argument("--people", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
