@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from distilpose.geometry import PAPER
+
 RESULTS = Path(__file__).resolve().parent / "results"
-K, HH, WH, D, P = 17, 64, 48, 192, 256
-INPUT = (192, 256)
+K, D = 17, 192  # COCO joints, DistilPose-S token dim
+INPUT, (WH, HH), P = PAPER.input_size, PAPER.heatmap_size, PAPER.num_patches
 LOSSES = ("reg", "kt", "vt", "sh", "cs")
 
 
@@ -86,7 +88,7 @@ def _write(path: Path, paths: dict, instances: list, rows: dict, checksums: bool
 
     meta = StoreMeta(
         teacher_name="synthetic", teacher_sha256="0" * 64, num_instances=len(instances),
-        input_size=INPUT, heatmap_size=(WH, HH), token_dim=D, patch_grid=(16, 16),
+        input_size=INPUT, heatmap_size=(WH, HH), token_dim=D, patch_grid=PAPER.patch_grid,
         num_keypoints=K, recipe=rows["recipe"], ann_digest=annotation_digest(paths["train_ann"]),
         ann_file=str(paths["train_ann"]), image_root=str(paths["train_images"]),
         schema_version=2 if checksums else 1,

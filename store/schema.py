@@ -52,8 +52,6 @@ Reader rule for version-1 stores (no chunk checksums, no manifests): they still 
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import math
 import os
@@ -66,6 +64,8 @@ import numpy as np
 
 from distilpose import __version__
 from distilpose.errors import StoreConnectionError, StoreFormatError
+from distilpose.geometry import PAPER
+from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 SCHEMA_VERSION = 2
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
@@ -122,8 +122,8 @@ class StoreMeta:
     num_instances: int
     views: int = 1
     seed: int = 0
-    input_size: tuple[int, int] = (192, 256)
-    heatmap_size: tuple[int, int] = (48, 64)
+    input_size: tuple[int, int] = PAPER.input_size
+    heatmap_size: tuple[int, int] = PAPER.heatmap_size
     token_dim: int = 192
     patch_grid: tuple[int, int] = (16, 16)  # (W_hm / patch_w, H_hm / patch_h)
     num_patches: int = 0  # 0: patch_grid[0] * patch_grid[1]
@@ -563,17 +563,10 @@ class StoreLocation:
             return
         d = self.join(COMPLETE_DIR)
         os.makedirs(d, exist_ok=True)
-        for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
-            if not pid_alive(_tmp_pid(stale)):  # left by a killed writer; a live one's is its own
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stale)
-        tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # temp markers a killed writer left are removed by the writer that holds the unit
+        # (StoreWriter._clear_partials): never here, where another live writer's could be hit
+        with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(d, name))
-        fsync_dir(d)
 
     def read_marker(self, unit: int) -> dict:
         """A unit's marker payload ({} for a legacy empty one); StoreFormatError if unreadable."""
@@ -637,35 +630,8 @@ def is_connection_error(e: BaseException | None) -> bool:
     )
 
 
-def _tmp_pid(path: str) -> int:
-    """The writer pid in a temp marker's name `.u<unit>.json.<pid>.tmp` (0 if none)."""
-    parts = os.path.basename(path).split(".")
-    return int(parts[-2]) if len(parts) >= 2 and parts[-2].isdigit() else 0
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine with this pid exists (temp files name their writer)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def marker_name(unit: int) -> str:
     return f"u{unit:07d}.json"
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def syncfs(path: str) -> bool:
@@ -695,10 +661,3 @@ def syncfs(path: str) -> bool:
 
 
 _SYNCFS = None
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fsync_path(path)
-    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
-        pass

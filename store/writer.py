@@ -395,15 +395,20 @@ class StoreWriter:
         return os.path.join(self.location.root, *self.shard_key(name, unit).split("/"))
 
     def _clear_partials(self, unit: int) -> None:
-        """Remove temp files a killed writer left for this unit's shards. Only while we hold the
-        unit's claim (or no other writer is live on it): a live writer's temp file is its own."""
+        """Remove temp files (shards, marker) a killed writer left for this unit. Only while we
+        hold the unit's claim (or no other writer is live on it): a live writer's are its own."""
         if not self.location.is_local or self.claim_holder(unit) not in (0, os.getpid()):
             return
-        for name in self.arrays:
-            f = self._shard_file(name, unit)
-            for tmp in glob.glob(glob.escape(f) + ".*.partial"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        stale = [
+            tmp
+            for name in self.arrays
+            for tmp in glob.glob(glob.escape(self._shard_file(name, unit)) + ".*.partial")
+        ]
+        marker = os.path.join(self.location.root, COMPLETE_DIR, f".{marker_name(unit)}.")
+        stale += glob.glob(glob.escape(marker) + "*.tmp")
+        for tmp in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _fsync_unit(self, unit: int) -> None:
         if syncfs(self.location.root):

@@ -29,7 +29,7 @@ from distilpose.errors import (
     StoreMismatchError,
 )
 from distilpose.limits import load_json
-from distilpose.losses import DistillationLoss, parse_losses
+from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
 from store.schema import IDENTITY_FIELDS
@@ -146,6 +146,9 @@ def train_student(
     log_every: int = 20,
     ckpt_every_steps: int = 0,
     allow_store_change: bool = False,
+    sync_bn: bool = True,
+    channels_last: bool = False,
+    amp_dtype: str = "auto",
 ) -> dict:
     """Train `model` from the teacher store `store`; returns the run summary.
 
@@ -221,6 +224,9 @@ def train_student(
         seed=seed,
         num_workers=workers,
         log_every=log_every,
+        sync_bn=sync_bn,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
         ckpt_every_steps=ckpt_every_steps,
     )
     meta = {
@@ -247,7 +253,15 @@ def train_student(
         },
     }
     trainer = Trainer(
-        student, build_task(loss_fn, teacher), data, config, out, meta, on_epoch_end=eval_fn
+        student,
+        build_task(loss_fn, teacher),
+        data,
+        config,
+        out,
+        meta,
+        on_epoch_end=eval_fn,
+        # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
+        find_unused_parameters=set(weights) != set(LOSS_NAMES),
     )
     summary = trainer.fit(resume=resume)
 

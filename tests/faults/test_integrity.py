@@ -638,23 +638,45 @@ def test_concurrent_starters_share_a_new_store(tmp_path):
     assert not list((tmp_path / "s" / "complete").glob(".*"))  # no claims or temp files left
 
 
+_HOLDER = """
+import sys, time
+sys.path[:0] = [{root!r}, {faults!r}]
+from test_store_faults import small_meta
+from store import StoreWriter
+w = StoreWriter.create_or_open(sys.argv[1], small_meta(views=1, n=16))
+print(w.claim([0])[0], flush=True)
+time.sleep(30)
+"""
+
+
 @pytest.mark.reliability(
-    case="a live writer's temporary marker beside another writer of the same unit",
-    outcome="left alone (only a dead writer's temp file is removed)",
+    case="temp files (shard partials, temp marker) of a unit a live writer holds",
+    outcome="left alone by another writer of that unit; removed once their writer is dead",
 )
-def test_temp_markers_of_live_writers_are_left_alone(tmp_path):
+def test_temp_files_of_a_live_writer_are_left_alone(tmp_path):
     w = StoreWriter.create_or_open(tmp_path / "s", small_meta(views=1, n=16))
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    code = _HOLDER.format(root=str(ROOT), faults=str(Path(__file__).resolve().parent))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True
+    )
     try:
-        d = tmp_path / "s" / "complete"
-        live, dead = d / f".u0000000.json.{sleeper.pid}.tmp", d / ".u0000000.json.999999999.tmp"
-        live.write_text("x")
-        dead.write_text("x")
-        fill(w)
-        assert live.exists() and not dead.exists()
+        assert holder.stdout.readline().strip() == "[0]"  # it holds unit 0
+        temps = [
+            tmp_path / "s" / "complete" / ".u0000000.json.k3j2.tmp",
+            Path(w._shard_file("heatmaps", 0) + ".5d1f.partial"),
+        ]
+        for t in temps:
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.write_text("in progress")
+        assert w.claim([0]) == ([], [0])
+        w._clear_partials(0)
+        assert all(t.exists() for t in temps)
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
+    assert w.claim([0]) == ([0], [])  # its writer died: the unit and its leftovers are ours
+    w._clear_partials(0)
+    assert not any(t.exists() for t in temps)
 
 
 # ---- resume on a changed store ---------------------------------------------------------------
