@@ -59,6 +59,7 @@ from distilpose.errors import (
 from distilpose.geometry import Geometry
 from distilpose.limits import max_json_bytes
 from store.schema import (
+    CHECKSUMS_SINCE,
     META_KEY,
     READ_FIELDS,
     TEACHER_OUTPUTS,
@@ -109,6 +110,12 @@ class StoreReader:
         self._units_checked: set[int] = set()
         # version-1 stores have neither: they read, and store-verify says so
         self.checksums = all(has_checksums(a) for a in self.arrays.values())
+        if meta.schema_version >= CHECKSUMS_SINCE and not self.checksums:
+            bare = [n for n, a in self.arrays.items() if not has_checksums(a)]
+            raise StoreCorruptError(
+                f"{self.path}: schema {meta.schema_version} store whose array(s) {bare} lack the "
+                "crc32c codec; expected every array checksummed (its zarr.json was edited?)"
+            )
         # NaN/Inf were refused at write time, so with checksums intact bytes are finite values:
         # reads check finiteness only without checksums; store-verify always does
         self.check_finite = not self.checksums

@@ -373,6 +373,20 @@ def test_array_shape_inconsistent_with_layout(stores, tmp_path):
         StoreReader.open(store)
 
 
+@pytest.mark.reliability(
+    case="schema-2 store whose array metadata had its crc32c codec removed",
+    outcome="refused at open, naming the array (checksums cannot be switched off silently)",
+)
+def test_checksum_codec_removed_from_a_schema_2_store(stores, tmp_path):
+    store, _ = copy_store(stores["fp16"], tmp_path)
+    meta = json.loads((store / "heatmaps" / "zarr.json").read_text())
+    inner = meta["codecs"][0]["configuration"]["codecs"]
+    meta["codecs"][0]["configuration"]["codecs"] = [c for c in inner if c["name"] != "crc32c"]
+    (store / "heatmaps" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreCorruptError, match=r"array\(s\) \['heatmaps'\] lack the crc32c"):
+        StoreReader.open(store)
+
+
 # ---- the one error handler ------------------------------------------------------------------
 
 
