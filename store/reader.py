@@ -61,6 +61,7 @@ from distilpose.limits import max_json_bytes
 from store.schema import (
     CHECKSUMS_SINCE,
     META_KEY,
+    OUTPUT_WORDS,
     READ_FIELDS,
     TEACHER_OUTPUTS,
     StoreLayout,
@@ -72,6 +73,7 @@ from store.schema import (
     first_line,
     has_checksums,
     is_connection_error,
+    read_fields,
     shard_key,
 )
 
@@ -88,6 +90,7 @@ class StoreReader:
         self.meta = meta
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
+        self.fields = read_fields(meta)  # what DEFAULT_FIELDS means for this store
         slots = self.layout.num_slots(meta.views)
         self.arrays = {}
         for name, spec in self.specs.items():
@@ -213,9 +216,9 @@ class StoreReader:
     def check_student(self, model_config: object) -> None:
         """Refuse (StoreMismatchError) a store whose sizes do not fit a student ModelConfig.
 
-        Checks input_size, heatmap_size, num_keypoints, the token dim (teacher_dim if the
-        student projects its tokens, else dim) and the patch count from
-        heatmap_size / patch_size.
+        Checks input_size, heatmap_size, num_keypoints, and where both store and student have
+        tokens, the token dim (teacher_dim if the student projects its tokens, else dim) and the
+        patch count from heatmap_size / patch_size.
         """
         cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
         m = self.meta
@@ -230,9 +233,12 @@ class StoreReader:
         check("input_size", list(m.input_size), list(cfg.get("input_size") or m.input_size))
         check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
         check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
-        dim = cfg.get("teacher_dim") or cfg.get("dim")
+        # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
+        both = m.has("keypoint_tokens") and cfg.get("head", "token") == "token"
+        tok = cfg if both else {}
+        dim = tok.get("teacher_dim") or tok.get("dim")
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
-        hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
+        hs, ps = tok.get("heatmap_size"), tok.get("patch_size")
         if hs and ps:
             grid = list(Geometry(m.input_size, hs, ps).patch_grid)
             check("patch grid", list(m.patch_grid), grid)
@@ -244,6 +250,18 @@ class StoreReader:
             )
 
     # ---- reading --------------------------------------------------------------------------
+
+    def _fields(self, fields: Sequence[str]) -> tuple[str, ...]:
+        """DEFAULT_FIELDS -> the fields this store has; a teacher output it lacks is refused."""
+        if fields is DEFAULT_FIELDS:
+            return self.fields
+        for f in fields:
+            if f in TEACHER_OUTPUTS and not self.meta.has(f):
+                raise StoreFormatError(
+                    f"{self.path}: no field '{f}': this store's teacher ({self.meta.teacher_name}) "
+                    f"has no {OUTPUT_WORDS[f]}; it holds {list(self.meta.teacher_outputs)}"
+                )
+        return tuple(fields)
 
     def _stored_names(self, fields: Sequence[str]) -> list[str]:
         names = []
@@ -276,6 +294,7 @@ class StoreReader:
         cheap consistency of what was read (instances and specs against the slot layout,
         finite values). check=False skips the last two (readers racing a writer).
         """
+        fields = self._fields(fields)
         names = self._stored_names(fields)
         units = range(start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples + 1)
         done = set(self.complete_units().tolist())
@@ -506,12 +525,13 @@ class StoreReader:
         )
         i, n = part
         plan = plan[i::n]
+        fields = self._fields(fields)
         if rank[1] == 1:
-            yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+            yield from run_plan(self, chunks, plan, fields, num_threads, dtype, shared)
             return
         shares = [rank_rows(b, *rank) for b in plan]
         batches = run_plan(
-            self, chunks, [rows for rows, _ in shares], tuple(fields), num_threads, dtype, shared
+            self, chunks, [rows for rows, _ in shares], fields, num_threads, dtype, shared
         )
         for (_, valid), batch in zip(shares, batches, strict=True):
             yield {**batch, "valid": valid}
@@ -689,6 +709,7 @@ def _store_dataset_class() -> type:
             self.same_order_any_workers, self.dtype = same_order_any_workers, dtype
             reader = StoreReader.open(self.path, storage_options)  # fail early, in the main process
             self.meta = reader.meta
+            self.fields = reader._fields(fields)
             reader.chunks(self._view(epoch), allow_incomplete)
 
         def set_epoch(self, epoch: int) -> None:

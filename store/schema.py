@@ -33,6 +33,10 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
 
+Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
+teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
+Reader rule: a version-1 store has no such field and holds all three outputs.
+
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
@@ -67,6 +71,8 @@ from distilpose.errors import StoreConnectionError, StoreFormatError
 from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
+# 2: teacher_outputs (heatmap-only stores), crc32c per chunk and unit manifests; version-1
+# stores read as before (without checksums)
 SCHEMA_VERSION = 2
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
@@ -90,7 +96,14 @@ IDENTITY_FIELDS = (
     "num_keypoints",
     "recipe",
     "mode",
+    "teacher_outputs",
 )
+# what each teacher output is called in messages ("kt needs keypoint tokens; ...")
+OUTPUT_WORDS = {
+    "heatmaps": "heatmaps",
+    "keypoint_tokens": "keypoint tokens",
+    "visual_tokens": "visual tokens",
+}
 
 
 # Metadata sanity limits, checked before anything is allocated from the metadata: a damaged or
@@ -139,8 +152,19 @@ class StoreMeta:
     created: str = ""  # ISO time, set when the store is created
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
+    # the teacher outputs stored, in TEACHER_OUTPUTS order; absent in version 1 = all three
+    teacher_outputs: tuple[str, ...] = TEACHER_OUTPUTS
 
     def __post_init__(self) -> None:
+        self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
+        if "heatmaps" not in self.teacher_outputs or not set(self.teacher_outputs) <= set(
+            TEACHER_OUTPUTS
+        ):
+            raise StoreFormatError(
+                f"StoreMeta.teacher_outputs: {list(self.teacher_outputs)}; expected 'heatmaps' "
+                f"and any of {list(TEACHER_OUTPUTS[1:])}"
+            )
+        self.teacher_outputs = tuple(o for o in TEACHER_OUTPUTS if o in self.teacher_outputs)
         self.input_size = tuple(int(v) for v in self.input_size)
         self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
         self.patch_grid = tuple(int(v) for v in self.patch_grid)
@@ -161,7 +185,7 @@ class StoreMeta:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("input_size", "heatmap_size", "patch_grid"):
+        for k in ("input_size", "heatmap_size", "patch_grid", "teacher_outputs"):
             d[k] = list(d[k])
         return d
 
@@ -178,6 +202,10 @@ class StoreMeta:
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def has(self, output: str) -> bool:
+        """Whether the store holds teacher output `output` (e.g. "keypoint_tokens")."""
+        return output in self.teacher_outputs
 
     def mismatches(self, other: StoreMeta) -> list[str]:
         """Identity fields whose values differ, as 'name: store=... requested=...'."""
@@ -198,18 +226,20 @@ def check_meta_sane(meta: StoreMeta) -> None:
             "limits (for an existing store: is its zarr.json damaged?)"
         )
 
+    token_sizes = ("token_dim", "num_patches", "patch_grid")  # 0 in heatmap-only stores
     for name, limit in META_LIMITS.items():
         value = getattr(meta, name)
+        low = 0 if name in token_sizes else 1
         if (
             not isinstance(value, int | np.integer)
             or isinstance(value, bool)
-            or not (0 < value <= limit)
+            or not (low <= value <= limit)
         ):
-            raise bad(name, value, f"1..{limit}")
+            raise bad(name, value, f"{low}..{limit}")
     for name in ("input_size", "heatmap_size", "patch_grid"):
-        sides = getattr(meta, name)
-        if len(sides) != 2 or not all(0 < v <= MAX_SIDE for v in sides):
-            raise bad(name, list(sides), f"two sides in 1..{MAX_SIDE}")
+        sides, low = getattr(meta, name), 0 if name in token_sizes else 1
+        if len(sides) != 2 or not all(low <= v <= MAX_SIDE for v in sides):
+            raise bad(name, list(sides), f"two sides in {low}..{MAX_SIDE}")
     slots = StoreLayout(meta).num_slots(int(meta.views))
     if slots > MAX_SLOTS:
         raise bad("views x slots per view", slots, f"1..{MAX_SLOTS}")
@@ -289,7 +319,8 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
-    return {s.name: s for s in specs}
+    absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales
+    return {s.name: s for s in specs if s.name.removesuffix("_scale") not in absent}
 
 
 # Fields a reader can return; "slot" and "view" are derived from the layout, never stored.
@@ -307,6 +338,12 @@ READ_FIELDS = (
     "keypoint_tokens",
     "visual_tokens",
 )
+
+
+def read_fields(meta: StoreMeta) -> tuple[str, ...]:
+    """READ_FIELDS of a store made with `meta`: without the teacher outputs it lacks."""
+    absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)
+    return tuple(f for f in READ_FIELDS if f not in absent)
 
 
 class StoreLayout:
