@@ -160,45 +160,22 @@ def store_verify(
     from distilpose.data import crop_digest as digest_of
 
     reader = StoreReader.open(path, storage_options)
-    reader.check_finite = True
     m = reader.meta
     instances = load_store_instances(m, path, ann_file, image_root)
-    slots = _complete_slots(reader)
-    if sample is not None and sample < len(slots):
-        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
-    everything = tuple(f for f in READ_FIELDS if f not in ("slot", "view"))
+    by_chunk = _sample_slots(reader, sample, seed)
+    integrity = check_integrity(reader, by_chunk)
+    fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
     ok = bad = bad_kp = 0
     bad_slots: list[int] = []
-    problems: list[str] = []
     load = images or (lambda inst: read_image(inst.image_path))
     chunk = m.chunk_samples
-    by_chunk: dict[int, list[int]] = {}
-    for slot in slots.tolist():
-        by_chunk.setdefault(slot // chunk, []).append(slot)
-    units = sorted({c * chunk // reader.layout.unit_samples for c in by_chunk})
-    manifests = False
-    damaged: set[int] = set()  # units whose files fail their manifest: their chunks are skipped
-    for unit in progress(units, desc="verify shards", unit="units"):
-        try:
-            manifests |= reader.unit_manifest(unit) is not None
-            reader.check_unit_files(unit, crc=True)
-        except StoreCorruptError as e:
-            problems.append(str(e))
-            damaged.add(unit)
-    for c in progress(list(by_chunk), desc="verify chunks", unit="chunks"):
-        start = c * chunk
-        stop = min(start + chunk, reader.layout.num_slots(m.views))
-        if start // reader.layout.unit_samples in damaged:
+    for c in progress(list(by_chunk), desc="verify", unit="chunks"):
+        if c in integrity["bad_chunks"]:  # counted as corrupt already
             bad_slots.extend(by_chunk[c][: max(0, 20 - len(bad_slots))])
             continue
-        try:
-            data = reader.read_chunk(start, stop, ("slot", *everything), np.float32)
-        except StoreCorruptError as e:
-            problems.append(str(e))
-            bad_slots.extend(by_chunk[c][: max(0, 20 - len(bad_slots))])
-            continue
+        data = reader.read_chunk(c * chunk, (c + 1) * chunk, fields)
         for slot in by_chunk[c]:
-            row = {k: v[slot - start] for k, v in data.items()}
+            row = {k: v[slot - c * chunk] for k, v in data.items()}
             inst = instances[int(row["instance"])]
             spec = CropSpec.from_array(row["spec"])
             crop = render_crop(load(inst), spec, inst.keypoints, tuple(m.input_size))
@@ -212,9 +189,10 @@ def store_verify(
             bad_kp += not kp_same
             if not (same and kp_same) and len(bad_slots) < 20:
                 bad_slots.append(int(slot))
+    problems = integrity["problems"]
     return {
         "path": str(path),
-        "checked": len(slots),
+        "checked": sum(len(v) for v in by_chunk.values()),
         "ok": ok,
         "mismatched": bad,
         "keypoints_mismatched": bad_kp,
@@ -222,9 +200,54 @@ def store_verify(
         "mismatched_slots": bad_slots,
         "problems": problems[:20],
         "checksums": reader.checksums,
-        "manifests": manifests,
+        "manifests": integrity["manifests"],
         "ok_all": not (bad or bad_kp or problems),
     }
+
+
+def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[int, list[int]]:
+    """Complete slots (a seeded random sample, or all), grouped by chunk."""
+    slots = _complete_slots(reader)
+    if sample is not None and sample < len(slots):
+        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
+    by_chunk: dict[int, list[int]] = {}
+    for slot in slots.tolist():
+        by_chunk.setdefault(slot // reader.meta.chunk_samples, []).append(slot)
+    return by_chunk
+
+
+def check_integrity(reader: StoreReader, by_chunk: dict[int, list[int]]) -> dict:
+    """Every array of the given chunks, read and checked (crc32c, layout, finite values), and
+    their units' shard files against the manifests (size and whole-file crc32c).
+
+    Returns problems (one line each, naming array and chunk), bad_chunks (chunk ids not to use
+    further) and manifests (whether the units have any: version-1 stores have none).
+    """
+    lay = reader.layout
+    everything = tuple(f for f in READ_FIELDS if f not in ("slot", "view"))
+    reader.check_finite = True
+    problems: list[str] = []
+    manifests = False
+    damaged: set[int] = set()  # units whose files fail their manifest
+    units = sorted({c * lay.chunk_samples // lay.unit_samples for c in by_chunk})
+    for unit in progress(units, desc="verify shards", unit="units"):
+        try:
+            manifests |= reader.unit_manifest(unit) is not None
+            reader.check_unit_files(unit, crc=True)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            damaged.add(unit)
+    bad_chunks = {c for c in by_chunk if c * lay.chunk_samples // lay.unit_samples in damaged}
+    for c in progress([c for c in by_chunk if c not in bad_chunks], desc="verify arrays"):
+        start = c * lay.chunk_samples
+        try:
+            reader.read_chunk(
+                start, min(start + lay.chunk_samples, lay.num_slots(reader.meta.views)), everything
+            )
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            bad_chunks.add(c)
+    return {"problems": problems, "bad_chunks": bad_chunks, "manifests": manifests}
 
 
 def verify_failure(result: dict) -> str | None:
