@@ -180,6 +180,18 @@ class StoreMode(str, Enum):
     lossy = "lossy"
 
 
+class Pixels(str, Enum):
+    jpeg = "jpeg"
+    lossless = "lossless"
+    none = "none"
+
+
+class Decode(str, Enum):
+    auto = "auto"
+    gpu = "gpu"
+    cpu = "cpu"
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -355,6 +367,14 @@ def dump_teacher(
     augment: Annotated[
         Augment, typer.Option(help="paper (the student recipe) or mild (flip, small scale).")
     ] = Augment.paper,
+    pixels: Annotated[
+        Pixels,
+        typer.Option(
+            help="Keep each crop in the store (jpeg, lossless) so students train without the "
+            "images; the teacher sees the decoded crop. none: re-render from the images."
+        ),
+    ] = Pixels.jpeg,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of kept crops (1-100).")] = 95,
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
@@ -377,6 +397,8 @@ def dump_teacher(
         mode=mode.value,
         chunk_samples=chunk_samples,
         recipe=_recipe(augment),
+        pixels=pixels.value,
+        jpeg_quality=jpeg_quality,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -450,6 +472,10 @@ def train_student(
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
     ] = None,
+    decode: Annotated[
+        Decode,
+        typer.Option(help="Where a JPEG pixel store's crops are decoded; auto = gpu on CUDA."),
+    ] = Decode.auto,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
@@ -473,6 +499,7 @@ def train_student(
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
         model_overrides=overrides,
+        decode=decode.value,
     )
     typer.echo(json.dumps(summary, default=str))
 

@@ -32,10 +32,19 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | keypoint_tokens_scale | [K]     | -         | float32 per token                                 |
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
+| pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
 
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
+
+Pixels (schema version 2). `StoreMeta.pixels` is "jpeg", "lossless" or "none": with pixels, the
+`pixels` array holds each slot's encoded crop (store/pixels.py: the formats and why) as zarr's
+variable-length bytes, chunked and sharded like every other array (the `vlen-bytes` codec runs
+inside the sharding codec; zarr-python marks this data type as not yet in the v3 spec, so
+another zarr implementation may not read that one array), without zstd (JPEG and the lossless
+format are compressed already). `crop_digest` is then the sha256 of the decoded pixels.
+Reader rule: a store of schema version 1 has no pixels: it reads as `pixels = "none"`.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -55,7 +65,7 @@ import numpy as np
 from distilpose import __version__
 from distilpose.errors import StoreFormatError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crop pixels (`pixels`, `jpeg_quality`, array `pixels`)
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 MODES = ("fp16", "lossy", "lossy16")
@@ -77,7 +87,11 @@ IDENTITY_FIELDS = (
     "num_keypoints",
     "recipe",
     "mode",
+    "pixels",
+    "jpeg_quality",
 )
+PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
+JPEG_QUALITY = 95  # default quality of JPEG pixels
 
 
 @dataclass
@@ -110,8 +124,20 @@ class StoreMeta:
     created: str = ""  # ISO time, set when the store is created
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
+    pixels: str = "none"  # crop pixels kept in the store: "jpeg", "lossless" or "none"
+    jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
 
     def __post_init__(self) -> None:
+        if self.pixels not in PIXEL_FORMATS:
+            raise StoreFormatError(
+                f"StoreMeta.pixels: '{self.pixels}'; expected one of {PIXEL_FORMATS}"
+            )
+        jpeg = self.pixels == "jpeg"
+        self.jpeg_quality = (int(self.jpeg_quality) or JPEG_QUALITY) if jpeg else 0
+        if self.pixels == "jpeg" and not 1 <= self.jpeg_quality <= 100:
+            raise StoreFormatError(
+                f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
+            )
         self.input_size = tuple(int(v) for v in self.input_size)
         self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
         self.patch_grid = tuple(int(v) for v in self.patch_grid)
@@ -144,6 +170,8 @@ class StoreMeta:
                 "expected an upgrade of distilpose to read it"
             )
         known = {f.name for f in fields(cls)}
+        if version < 2:  # schema 1 predates pixels: its crops are re-rendered from the images
+            d = {**d, "pixels": "none", "jpeg_quality": 0}
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
@@ -174,8 +202,8 @@ class ArraySpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    fill_value: int | float = 0
-    zstd_level: int = ZSTD_LEVEL
+    fill_value: int | float | bytes = 0
+    zstd_level: int = ZSTD_LEVEL  # 0: no zstd (data compressed already)
 
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
@@ -205,7 +233,20 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
+    if meta.pixels != "none":
+        specs.append(ArraySpec(PIXELS, (), "bytes", b"", zstd_level=0))
     return {s.name: s for s in specs}
+
+
+PIXELS = "pixels"  # the array of encoded crops (stores with pixels only)
+# zarr-python warns on every use of variable-length bytes that the type is not in the v3 spec yet;
+# said once in the module docstring instead of on every store opened
+warnings.filterwarnings("ignore", r"The data type \(VariableLengthBytes", FutureWarning)
+
+
+def stored_dtype(spec: ArraySpec) -> str:
+    """The dtype zarr reports for an array of `spec` (variable-length bytes read as object)."""
+    return "object" if spec.dtype == "bytes" else spec.dtype
 
 
 # Fields a reader can return; "slot" and "view" are derived from the layout, never stored.
