@@ -56,6 +56,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -239,9 +240,15 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
 
 
 PIXELS = "pixels"  # the array of encoded crops (stores with pixels only)
-# zarr-python warns on every use of variable-length bytes that the type is not in the v3 spec yet;
-# said once in the module docstring instead of on every store opened
-warnings.filterwarnings("ignore", r"The data type \(VariableLengthBytes", FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet_vlen_bytes() -> Iterator[None]:
+    """Silence zarr-python's warning, on every metadata write of a variable-length bytes array,
+    that the type is not in the v3 spec yet: the module docstring says it once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"The data type \(VariableLengthBytes", FutureWarning)
+        yield
 
 
 def stored_dtype(spec: ArraySpec) -> str:

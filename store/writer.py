@@ -46,6 +46,7 @@ from store.schema import (
     heatmap_bits,
     quantize_heatmaps,
     quantize_tokens,
+    quiet_vlen_bytes,
     syncfs,
 )
 
@@ -385,6 +386,7 @@ def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | N
     return group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc))
 
 
+@quiet_vlen_bytes()  # pixel stores: the one array of variable-length bytes
 def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
     meta = StoreMeta.from_dict(meta.to_dict())
     # a small dataset gets smaller units rather than mostly padding
@@ -412,6 +414,7 @@ def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
     return meta
 
 
+@quiet_vlen_bytes()
 def _add_views(loc: StoreLocation, group: zarr.Group, meta: StoreMeta, views: int) -> StoreMeta:
     """Grow every array to `views` blocks (metadata only), then record the new view count."""
     slots = StoreLayout(meta).num_slots(views)
