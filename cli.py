@@ -375,6 +375,12 @@ def dump_teacher(
         ),
     ] = Pixels.jpeg,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of kept crops (1-100).")] = 95,
+    raw_targets: Annotated[
+        bool,
+        typer.Option(
+            help="fp16 teacher outputs without zstd: 8% more bytes, no decompression on reads."
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
@@ -399,6 +405,7 @@ def dump_teacher(
         recipe=_recipe(augment),
         pixels=pixels.value,
         jpeg_quality=jpeg_quality,
+        targets_zstd=not raw_targets,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -412,7 +419,7 @@ def store_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Samples and views complete, bytes, compression, teacher confidence per joint, NaN/Inf."""
+    """Samples and views complete, bytes (pixels too), compression, teacher confidence, NaN/Inf."""
     from store.checks import format_store_info
     from store.checks import store_info as info
 
@@ -428,7 +435,8 @@ def store_verify(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Re-render crops from their specs and check them against the stored digests."""
+    """Decode the stored crops (or re-render them from their specs, for stores without pixels)
+    and check them against the stored digests."""
     from store.checks import store_verify as verify
 
     result = _run(verify, store, sample=sample)

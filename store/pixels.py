@@ -75,19 +75,24 @@ def decode_crop(data: bytes, pixels: str, input_size: tuple[int, int]) -> np.nda
     raise ValueError(f"pixels '{pixels}': expected 'jpeg' or 'lossless'")
 
 
-def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int]):
+# The CPU decoder of JPEG batches, chosen by benchmarks/store_bench.py ("CPU JPEG decoders"):
+# both are libjpeg-turbo and give the same pixels; torchvision writes the RGB [3, H, W] layout
+# the model wants directly, OpenCV needs a flip and transpose after.
+CPU_JPEG_DECODER = "torchvision"
+
+
+def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int], decoder: str = ""):
     """Stored bytes of a batch -> uint8 RGB torch tensor [B, 3, H, W] on the CPU.
 
-    JPEG through torchvision (libjpeg-turbo, the same pixels as OpenCV, about 10% faster here
-    and already in the layout the model wants); lossless through `decode_crop`.
+    decoder: "torchvision" or "opencv" for JPEG (default `CPU_JPEG_DECODER`); lossless crops
+    always go through `decode_crop`.
     """
     import torch
 
-    if pixels == "jpeg":
+    if pixels == "jpeg" and (decoder or CPU_JPEG_DECODER) == "torchvision":
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        out = decode_jpeg(tensors, mode=ImageReadMode.RGB)
-        return torch.stack(out)
+        return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
     crops = np.stack([decode_crop(d, pixels, input_size) for d in datas])
     return torch.from_numpy(np.ascontiguousarray(crops[..., ::-1].transpose(0, 3, 1, 2)))

@@ -37,6 +37,10 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
+`StoreMeta.targets_zstd = False` (schema 2, `dump-teacher --raw-targets`) stores the fp16
+teacher outputs without zstd: 8% more bytes (209 instead of 193 kB per sample), and no
+decompression, which is 88% of the time of reading them (zstd decodes these near-incompressible
+half floats at about 1 GB/s per core; benchmarks/results/store_bench.md).
 
 Pixels (schema version 2). `StoreMeta.pixels` is "jpeg", "lossless" or "none": with pixels, the
 `pixels` array holds each slot's encoded crop (store/pixels.py: the formats and why) as zarr's
@@ -127,6 +131,7 @@ class StoreMeta:
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
     pixels: str = "none"  # crop pixels kept in the store: "jpeg", "lossless" or "none"
     jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
+    targets_zstd: bool = True  # fp16 teacher outputs zstd-compressed (False: raw, faster reads)
 
     def __post_init__(self) -> None:
         if self.pixels not in PIXEL_FORMATS:
@@ -214,6 +219,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
     mode_fp16 = meta.mode == "fp16"
     tok_dtype = "float16" if mode_fp16 else "int8"
+    target_level = ZSTD_LEVEL if meta.targets_zstd or not mode_fp16 else 0
     specs = [
         ArraySpec("spec", (8,), "float64"),
         ArraySpec("instance", (), "int64", -1),
@@ -223,10 +229,10 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         ArraySpec("weights", (k,), "float32"),
         ArraySpec("crop_digest", (32,), "uint8"),
         ArraySpec(
-            "heatmaps", (k, hh, wh), hm_dtype, 0, ZSTD_LEVEL if mode_fp16 else ZSTD_LEVEL_CODES
+            "heatmaps", (k, hh, wh), hm_dtype, 0, target_level if mode_fp16 else ZSTD_LEVEL_CODES
         ),
-        ArraySpec("keypoint_tokens", (k, d), tok_dtype),
-        ArraySpec("visual_tokens", (p, d), tok_dtype),
+        ArraySpec("keypoint_tokens", (k, d), tok_dtype, 0, target_level),
+        ArraySpec("visual_tokens", (p, d), tok_dtype, 0, target_level),
     ]
     if meta.mode != "fp16":
         specs += [

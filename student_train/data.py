@@ -53,7 +53,7 @@ from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import PIXELS
+from store.schema import PIXELS, TEACHER_OUTPUTS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -182,9 +182,12 @@ class CropRenderer:
         if "view" in raw:
             batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
         if self.online_recipe is None:
-            for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
+            for name in TEACHER_OUTPUTS:
                 if name in raw:  # stored as fp16 (or decoded lossy): train in fp32
-                    batch[name] = torch.from_numpy(np.asarray(raw[name], dtype=np.float32))
+                    t = torch.from_numpy(np.asarray(raw[name]))
+                    # torch's half -> float is ~5x numpy's (it was a third of a pixel-store
+                    # worker's time); CUDA runs ship half floats and cast on the GPU
+                    batch[name] = t.float() if self.output == "images" else t
         return batch
 
 
@@ -243,6 +246,9 @@ def decode_on_device(batch: dict, device: torch.device) -> dict:
         batch["images"] = normalize_rgb(torch.stack(decoded))
     elif "crops" in batch:
         batch["images"] = normalize_rgb(batch.pop("crops").to(device, non_blocking=True))
+    for name in TEACHER_OUTPUTS:
+        if name in batch:
+            batch[name] = batch[name].to(device, non_blocking=True).float()
     return batch
 
 
