@@ -296,43 +296,53 @@ def zstd_share(pool: dict, n: int) -> float:
     return (time.perf_counter() - t) * n / (reps * 128)
 
 
-def cpu_jpeg_decoders(crops: dict, reps: int = 3) -> dict[str, float]:
-    """ms per crop to decode a batch of 64 JPEG crops to uint8 RGB [64, 3, H, W]."""
+def cpu_jpeg_decoders(crops: dict, reps: int = 7) -> dict[str, float]:
+    """CPU ms per crop to decode a batch of 64 JPEG crops to uint8 RGB [64, 3, H, W]
+    (process time, best of `reps`, the two decoders in turn)."""
     datas = [encode_crop(c[1], "jpeg") for c in list(crops.values())[:64]]
-    best = {}
-    for decoder in ("torchvision", "opencv"):
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
+    times: dict[str, list[float]] = {"torchvision": [], "opencv": []}
+    for _ in range(reps):
+        for decoder, got in times.items():
+            t = time.process_time()
             decode_rgb_batch(datas, "jpeg", (192, 256), decoder=decoder)
-            times.append(time.perf_counter() - t)
-        best[decoder] = min(times) / len(datas) * 1e3
-    return best
+            got.append(time.process_time() - t)
+    return {d: min(t) / len(datas) * 1e3 for d, t in times.items()}
 
 
 def dump_rates(root: Path, ann: Path, images: Path, rounds: int, limit: int) -> dict:
-    """dump-teacher samples/s (pipeline loop, best of `rounds`) and bytes per sample, per format."""
+    """Per format: dump-teacher loop samples/s (best of `rounds`), CPU ms per sample (main
+    process, writer thread and the DataLoader workers, reaped at the end of each call; lowest
+    of `rounds`) and store bytes per sample."""
+    import resource
+
     import torch
 
     from distilpose.models import build_model, save_checkpoint
     from teacher_dump.dump import dump_teacher
 
+    def cpu_s() -> float:
+        own, kids = (
+            resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        )
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
     torch.manual_seed(0)
     ckpt = root / "teacher.pth"
     save_checkpoint(ckpt, build_model("tokenpose_tiny"), meta={"role": "teacher"})
-    rates: dict[str, list[float]] = {p: [] for p in ("none", "jpeg", "lossless")}
+    got: dict[str, list[tuple[float, float]]] = {p: [] for p in ("none", "jpeg", "lossless")}
     size: dict[str, float] = {}
     for r in range(rounds):  # formats in turn, so load changes hit all alike
-        for pixels in rates:
+        for pixels in got:
             out = root / f"dump_{pixels}_{r}"
+            c0 = cpu_s()
             s = dump_teacher(
                 ckpt, ann, images, out, pixels=pixels, device="cpu", workers=2, batch_size=32,
                 max_instances=limit,
             )  # fmt: skip
-            rates[pixels].append(s["loop_samples_per_s"])
+            got[pixels].append((s["loop_samples_per_s"], (cpu_s() - c0) / s["samples"] * 1e3))
             size[pixels] = s["bytes"] / s["samples"]
             shutil.rmtree(out)
-    return {p: (max(v), size[p]) for p, v in rates.items()}
+    return {p: (max(r for r, _ in v), min(c for _, c in v), size[p]) for p, v in got.items()}
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -404,7 +414,7 @@ def run(quick: bool = False) -> str:
         zstd_frac = zstd_share(pool, n) / min(times["zstd"][1:])
 
         # 3. dump throughput per format
-        dumps = dump_rates(tmp, ann, images, rounds=1 if quick else 2, limit=256 if quick else 512)
+        dumps = dump_rates(tmp, ann, images, rounds=1 if quick else 3, limit=256 if quick else 384)
         load.append(os.getloadavg()[0])
         write_fp16 = rows[0][2]
     finally:
@@ -446,7 +456,8 @@ def run(quick: bool = False) -> str:
         )
     lines += [
         "",
-        f"CPU JPEG decoders, a batch of 64 crops to uint8 RGB [64, 3, 256, 192]: torchvision "
+        f"CPU JPEG decoders, a batch of 64 crops to uint8 RGB [64, 3, 256, 192], CPU time: "
+        f"torchvision "
         f"{decoders['torchvision']:.3f} ms/crop, OpenCV (+ flip, transpose) "
         f"{decoders['opencv']:.3f} ms/crop.",
         "",
@@ -467,11 +478,15 @@ def run(quick: bool = False) -> str:
         "",
         "### dump-teacher per pixel format (tokenpose_tiny, CPU, 2 workers, batch 32)",
         "",
-        "| --pixels | dump loop samples/s | vs none | store kB/sample |",
-        "|---|---:|---:|---:|",
+        "| --pixels | dump loop samples/s | vs none | CPU ms/sample (all processes) | vs none "
+        "| store kB/sample (tiny teacher) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for p, (rate, b) in dumps.items():
-        lines.append(f"| {p} | {rate:,.0f} | {rate / dumps['none'][0]:.0%} | {b / 1e3:.1f} |")
+    for p, (rate, cpu, b) in dumps.items():
+        lines.append(
+            f"| {p} | {rate:,.0f} | {rate / dumps['none'][0]:.0%} | {cpu:.2f} | "
+            f"{cpu / dumps['none'][1]:.0%} | {b / 1e3:.1f} |"
+        )
     lines += [
         "",
         "The tiny teacher makes the dump data-bound on a CPU (its forward is cheap), the worst "
