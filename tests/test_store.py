@@ -249,6 +249,27 @@ def test_iter_batches_visits_each_sample_once_in_a_seeded_order(full_store):
     assert all(len(x["slot"]) == 16 for x in allv) and len(allv) == 100 // 16
 
 
+def test_schema_1_store_reads_as_without_pixels_and_takes_more_views(tmp_path):
+    """Reader rule (store/schema.py): a schema-1 store predates pixels and reads as 'none'."""
+    import json
+
+    from store import StoreReader
+
+    path = tmp_path / "s"
+    fill(StoreWriter.create_or_open(path, small_meta(views=1)))
+    doc = json.loads((path / "zarr.json").read_text())
+    stored = doc["attributes"]["distilpose_store"]
+    for key in ("pixels", "jpeg_quality", "targets_zstd"):
+        del stored[key]  # the fields schema 2 added
+    stored["schema_version"] = 1
+    (path / "zarr.json").write_text(json.dumps(doc))
+    r = StoreReader.open(path)
+    assert r.meta.pixels == "none" and r.meta.schema_version == 1 and "pixels" not in r.specs
+    assert len(r.read_slots(0, 16)["slot"]) == 16
+    fill(StoreWriter.create_or_open(path, small_meta(views=2)))  # a dump adds a view to it
+    assert StoreReader.open(path).is_complete()
+
+
 def test_training_read_path_same_order_any_workers(full_store):
     """The one read path (what train-student uses): the same batches with 0 or 2 workers."""
     import torch
