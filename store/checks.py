@@ -1,4 +1,5 @@
-"""Whole-store statistics (`store_info`, dask) and crop re-rendering checks (`store_verify`)."""
+"""Whole-store statistics (`store_info`, dask) and crop checks (`store_verify`: stored crops
+decoded, or re-rendered from the images for stores without pixels)."""
 
 from __future__ import annotations
 

@@ -231,9 +231,9 @@ class StoreWriter:
         for name in ("spec", "keypoints", "weights", *(() if fp16 else TEACHER_OUTPUTS)):
             self._check_finite(got[name], name, start, instances, view)
 
-        out: dict[str, np.ndarray] = {} if PIXELS not in self.specs else {
-            PIXELS: self._pixels(arrays[PIXELS], n, where)
-        }
+        out: dict[str, np.ndarray] = (
+            {} if PIXELS not in self.specs else {PIXELS: self._pixels(arrays[PIXELS], n, where)}
+        )
         out |= {
             "spec": spec,
             "instance": instances.astype(np.int64),

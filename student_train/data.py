@@ -190,7 +190,6 @@ class CropRenderer:
                     batch[name] = t.float() if self.output == "images" else t
         return batch
 
-
     def _rendered(self, raw: dict, verify: bool) -> dict:
         """Crops re-rendered from the images (stores without pixels, online mode)."""
         crops, targets = [], []
