@@ -163,20 +163,15 @@ class CropRenderer:
         stored = self.online_recipe is None and PIXELS in raw
         pixels = self._stored_pixels(raw, verify) if stored else self._rendered(raw, verify)
         rendered = pixels.pop("_targets", None)  # (keypoints, weights) of re-rendered crops
-        coords, weights = [], []
-        for i in range(len(index)):
-            if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
-                kpts = np.asarray(raw["keypoints"][i], dtype=np.float32)
-                vis = np.asarray(raw["weights"][i], dtype=np.float32)
-            else:
-                kpts, vis = rendered[i]
-            c, w = self.codec.encode(kpts, vis)
-            coords.append(c)
-            weights.append(w)
+        if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
+            kpts, vis = raw["keypoints"], raw["weights"]
+        else:
+            kpts, vis = np.stack([k for k, _ in rendered]), np.stack([w for _, w in rendered])
+        coords, weights = self.codec.encode(kpts, vis)  # the whole batch at once
         batch = {
             **pixels,  # "images", "crops" or "jpeg" + "jpeg_sizes"
-            "coords": torch.from_numpy(np.stack(coords).astype(np.float32)),  # [B, K, 2]
-            "weights": torch.from_numpy(np.stack(weights).astype(np.float32)),  # [B, K]
+            "coords": torch.from_numpy(coords),  # [B, K, 2]
+            "weights": torch.from_numpy(weights),  # [B, K]
             "instance": torch.from_numpy(index),  # [B]
         }
         if "view" in raw:
