@@ -39,8 +39,8 @@ shuffle gain under 1% on dense half floats and int8 tokens and cost write speed)
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
 `StoreMeta.targets_zstd = False` (schema 2, `dump-teacher --raw-targets`) stores the fp16
 teacher outputs without zstd: 8% more bytes (209 instead of 193 kB per sample), and no
-decompression, which is 88% of the time of reading them (zstd decodes these near-incompressible
-half floats at about 1 GB/s per core; benchmarks/results/store_bench.md).
+decompression, about half the CPU of reading them (zstd decodes these near-incompressible half
+floats at about 1 GB/s per core; benchmarks/results/store_bench.md).
 
 Pixels (schema version 2). `StoreMeta.pixels` is "jpeg", "lossless" or "none": with pixels, the
 `pixels` array holds each slot's encoded crop (store/pixels.py: the formats and why) as zarr's
