@@ -20,6 +20,7 @@ import click
 import typer
 
 from distilpose.errors import BadConfigError, DistilPoseError
+from distilpose.geometry import Geometry
 
 app = typer.Typer(
     help="DistilPose: dump a heatmap teacher once into a zarr store; train regression students.",
@@ -171,8 +172,7 @@ def _size_overrides(input_size: str | None) -> dict | None:
     """--input-size WxH -> model overrides; the heatmap / feature map is a quarter of it."""
     if input_size is None:
         return None
-    w, h = _parse_size(input_size, "--input-size")
-    return {"input_size": (w, h), "heatmap_size": (w // 4, h // 4)}
+    return Geometry(_parse_size(input_size, "--input-size")).size_overrides()
 
 
 class StoreMode(str, Enum):
@@ -315,6 +315,10 @@ def train_teacher(
     augment: Annotated[
         Augment, typer.Option(help="paper (the teacher recipe) or mild (flip, small scale).")
     ] = Augment.paper,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(help="Under torchrun: BatchNorm statistics over all ranks' samples."),
+    ] = True,
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
@@ -337,6 +341,7 @@ def train_teacher(
         resume=resume,
         model_overrides=overrides,
         recipe=_recipe(augment),
+        sync_bn=sync_bn,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -484,6 +489,13 @@ def train_student(
         Decode,
         typer.Option(help="Where a JPEG pixel store's crops are decoded; auto = gpu on CUDA."),
     ] = Decode.auto,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(help="Under torchrun: BatchNorm statistics over all ranks' samples."),
+    ] = True,
+    ckpt_every_steps: Annotated[
+        int, typer.Option(help="Also save last.pth every N steps (0: at epoch ends only).")
+    ] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
@@ -508,6 +520,8 @@ def train_student(
         official_sh_weight=official_sh_weight,
         model_overrides=overrides,
         decode=decode.value,
+        sync_bn=sync_bn,
+        ckpt_every_steps=ckpt_every_steps,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -774,11 +788,10 @@ class DemoPlan:
     student_epochs: int = 48
     batch_size: int = 16
     warmup_iters: int = 200
-    input_size: tuple[int, int] = (48, 64)
-    heatmap_size: tuple[int, int] = (12, 16)
+    input_size: tuple[int, int] = (48, 64)  # heatmaps a quarter of it (Geometry)
 
     def overrides(self) -> dict:
-        return {"input_size": self.input_size, "heatmap_size": self.heatmap_size}
+        return Geometry(self.input_size).size_overrides()
 
 
 QUICK_DEMO = DemoPlan(
@@ -892,9 +905,19 @@ def demo(
 def bench(
     quick: Annotated[bool, typer.Option(help="Fewer iterations.")] = False,
     only: Annotated[str | None, typer.Option(help="Comma list: model,store,dump,train.")] = None,
+    gpu: Annotated[
+        bool, typer.Option(help="Run the GPU check instead (python -m benchmarks.gpu).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="With --gpu: the same code on CPU with tiny models.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Run every benchmark and write benchmarks/results/latest.md."""
+    """Run every benchmark and write benchmarks/results/latest.md (--gpu: the GPU check)."""
+    if gpu:
+        from benchmarks.gpu import main as gpu_check
+
+        raise typer.Exit(gpu_check(["--dry-run"] if dry_run else []))
     from benchmarks.__main__ import main as run_benchmarks
 
     args = (["--quick"] if quick else []) + (["--only", only] if only else [])

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distilpose.geometry import PAPER
 from store import StoreMeta, StoreWriter
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
 from store.schema import (
@@ -196,12 +197,12 @@ def render_all(ann: Path, images: Path, seed: int = 0) -> tuple[list, dict]:
         sample_crop_spec,
     )
 
-    insts = load_coco_instances(ann, images, train=True, aspect_ratio=192 / 256)
+    insts = load_coco_instances(ann, images, train=True, aspect_ratio=PAPER.input_size[0] / PAPER.input_size[1])
     recipe = AugmentRecipe()
     out = {}
     for inst in insts:
-        spec = sample_crop_spec(inst, recipe, seed, 0, (192, 256))
-        crop = render_crop(read_image(inst.image_path), spec, inst.keypoints, (192, 256))
+        spec = sample_crop_spec(inst, recipe, seed, 0, PAPER.input_size)
+        crop = render_crop(read_image(inst.image_path), spec, inst.keypoints, PAPER.input_size)
         out[inst.index] = (spec.to_array(), crop.image, crop.keypoints, crop.weights)
     return insts, out
 
@@ -236,7 +237,7 @@ def write_pixel_store(
         else:
             batch["pixels"] = [encode_crop(r[1], pixels) for r in rows]
             pixel_bytes += sum(len(b) for b in batch["pixels"])
-            seen = [decode_crop(b, pixels, (192, 256)) for b in batch["pixels"]]
+            seen = [decode_crop(b, pixels, PAPER.input_size) for b in batch["pixels"]]
         batch["crop_digest"] = [crop_digest(c) for c in seen]
         w.write_unit(u, batch)
     return pixel_bytes / len(crops) / 1e3
@@ -305,7 +306,7 @@ def cpu_jpeg_decoders(crops: dict, reps: int = 7) -> dict[str, float]:
     for _ in range(reps):
         for decoder, got in times.items():
             t = time.process_time()
-            decode_rgb_batch(datas, "jpeg", (192, 256), decoder=decoder)
+            decode_rgb_batch(datas, "jpeg", PAPER.input_size, decoder=decoder)
             got.append(time.process_time() - t)
     return {d: min(t) / len(datas) * 1e3 for d, t in times.items()}
 

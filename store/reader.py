@@ -24,6 +24,12 @@ training a pose regressor (per-sample losses, BatchNorm statistics over random s
 is indistinguishable from a full shuffle; ImageNet-scale loaders (WebDataset shard shuffling,
 tf.data shuffle buffers) rely on the same argument with far weaker mixing.
 
+Several data-parallel ranks (`iter_batches(rank=(r, R))`, the training path): the plan is made
+for the global batch R x B, exactly as one process with batch R x B would make it, and each
+global batch is cut into R contiguous slices, rank r reading only the chunks its slice needs.
+So every sample is trained exactly once per epoch across ranks, for any R, and the global
+batches do not depend on R (see `distilpose.distributed` for the short last batch).
+
 Determinism: the order depends only on (seed, epoch). `iter_batches(part=(i, n))` yields every
 n-th batch of the single-process order (reading only the chunks those batches need): the same
 global order for any number of workers, at the cost of reading a chunk in up to n workers. This
@@ -41,7 +47,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from distilpose.distributed import rank_rows
 from distilpose.errors import StoreFormatError, StoreMismatchError
+from distilpose.geometry import Geometry
 from store.schema import (
     META_KEY,
     READ_FIELDS,
@@ -181,7 +189,7 @@ class StoreReader:
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
         hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
         if hs and ps:
-            grid = [int(hs[0]) // int(ps[0]), int(hs[1]) // int(ps[1])]
+            grid = list(Geometry(m.input_size, hs, ps).patch_grid)
             check("patch grid", list(m.patch_grid), grid)
             check("num_patches", m.num_patches, grid[0] * grid[1])
         if problems:
@@ -282,6 +290,7 @@ class StoreReader:
         *,
         drop_last: bool = False,
         part: tuple[int, int] = (0, 1),
+        rank: tuple[int, int] = (0, 1),
         num_threads: int = 2,
         dtype=None,
         shared: bool = False,
@@ -289,6 +298,9 @@ class StoreReader:
         """Shuffled batches (dicts of arrays [B, ...]) of one epoch; see the module docstring.
 
         part=(i, n): only batches i, i + n, ... of this order, reading only their chunks.
+        rank=(r, R): `batch_size` is the global batch of R data-parallel ranks, and only rank
+        r's slice of each is read and yielded, with a "valid" [b] bool array
+        (`distilpose.distributed.rank_rows`: a rank left without samples gets one padding row).
         """
         chunks = self.chunks(view, allow_incomplete)
         order = epoch_chunk_order(len(chunks), seed, epoch)
@@ -299,7 +311,15 @@ class StoreReader:
         )
         i, n = part
         plan = plan[i::n]
-        yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+        if rank[1] == 1:
+            yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+            return
+        shares = [rank_rows(b, *rank) for b in plan]
+        batches = run_plan(
+            self, chunks, [rows for rows, _ in shares], tuple(fields), num_threads, dtype, shared
+        )
+        for (_, valid), batch in zip(shares, batches, strict=True):
+            yield {**batch, "valid": valid}
 
 
 def epoch_chunk_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:

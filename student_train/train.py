@@ -22,7 +22,7 @@ from torch import nn
 
 from distilpose.engine import TrainConfig, Trainer, resolve_device, world
 from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
-from distilpose.losses import DistillationLoss, parse_losses
+from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
 from student_train.data import OnlineBatches, StudentBatches
@@ -110,6 +110,9 @@ def train_student(
     log_every: int = 20,
     ckpt_every_steps: int = 0,
     decode: str = "auto",
+    sync_bn: bool = True,
+    channels_last: bool = False,
+    amp_dtype: str = "auto",
 ) -> dict:
     """Train `model` from the teacher store `store`; returns the run summary.
 
@@ -182,6 +185,9 @@ def train_student(
         seed=seed,
         num_workers=workers,
         log_every=log_every,
+        sync_bn=sync_bn,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
         ckpt_every_steps=ckpt_every_steps,
     )
     meta = {
@@ -208,7 +214,15 @@ def train_student(
         },
     }
     trainer = Trainer(
-        student, build_task(loss_fn, teacher), data, config, out, meta, on_epoch_end=eval_fn
+        student,
+        build_task(loss_fn, teacher),
+        data,
+        config,
+        out,
+        meta,
+        on_epoch_end=eval_fn,
+        # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
+        find_unused_parameters=set(weights) != set(LOSS_NAMES),
     )
     summary = trainer.fit(resume=resume)
 
