@@ -197,7 +197,9 @@ def render_all(ann: Path, images: Path, seed: int = 0) -> tuple[list, dict]:
         sample_crop_spec,
     )
 
-    insts = load_coco_instances(ann, images, train=True, aspect_ratio=PAPER.input_size[0] / PAPER.input_size[1])
+    insts = load_coco_instances(
+        ann, images, train=True, aspect_ratio=PAPER.input_size[0] / PAPER.input_size[1]
+    )
     recipe = AugmentRecipe()
     out = {}
     for inst in insts:
