@@ -28,7 +28,7 @@ from distilpose.models import build_from_checkpoint, build_model, save_checkpoin
 from store import StoreMeta, StoreReader, store_info, store_verify
 from store.checks import format_store_info
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
-from student_train.data import StudentBatches, decode_on_device
+from student_train.data import OnDevice, StudentBatches, decode_on_device
 from teacher_dump.dump import dump_teacher
 
 COCO = Path(__file__).parent / "data" / "coco_mini"
@@ -186,6 +186,23 @@ def test_training_batches_carry_the_stored_pixels(dumped):
         assert torch.equal(b["images"], ref)
     two = list(StudentBatches(dumped["store"], batch_size=8, workers=2)(1))
     assert all(torch.equal(a["images"], c["images"]) for a, c in zip(batches, two, strict=True))
+
+
+def test_cuda_run_hand_offs_give_the_same_batches(dumped):
+    """What a CUDA run's workers hand over (uint8 crops, or the JPEG bytes of the batch in one
+    buffer) and `OnDevice` turns into model input, run here with the CPU as the device: the
+    same images and targets as a CPU run's batches, bit for bit."""
+    ref = list(StudentBatches(dumped["store"], batch_size=8, workers=0)(0))
+    for output in ("crops", "jpeg"):
+        data = StudentBatches(dumped["store"], batch_size=8, workers=0)
+        data.renderer.output = output
+        loader = data(0)  # the DataLoader wrapped in OnDevice (device: the CPU here)
+        assert isinstance(loader, OnDevice)
+        got = list(loader)
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got, strict=True):
+            assert set(a) == set(b) and b["heatmaps"].dtype == torch.float32
+            assert all(torch.equal(a[k], b[k]) for k in a), output
 
 
 def test_gpu_decode_option_needs_cuda(dumped):
