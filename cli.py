@@ -208,7 +208,7 @@ def models(
         _echo_json(infos)
         return
     header = (
-        f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} "
+        f"{'name':<19} {'role':<8} {'input (w x h)':<14} {'params':>12} "
         f"{'GFLOPs':>8} {'GFLOPs full':>12}"
     )
     typer.echo(header)
@@ -216,7 +216,7 @@ def models(
     for m in infos:
         w, h = m["input_size"]
         typer.echo(
-            f"{m['name']:<18} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
+            f"{m['name']:<19} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
             f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
         )
     typer.echo(
@@ -581,12 +581,21 @@ def ablate(
         Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)
     ],
     grid: Annotated[
-        str, typer.Option(help="'table4' (the paper's Table 4) or a TOML/JSON file.")
+        str,
+        typer.Option(
+            help="'table4' (the paper's Table 4), 'table6' (Table 6: reg / reg,sh / reg,sh,cs "
+            "for a token-free student, the store's teacher as first row) or a TOML/JSON file."
+        ),
     ] = "table4",
     val_dets: Annotated[
         Path | None, typer.Option(help="Val detections; GT boxes if unset.")
     ] = None,
-    model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_tiny",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Student model name [default: deeppose_tiny for table6, else distilpose_tiny]."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 32,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
@@ -599,6 +608,7 @@ def ablate(
 ) -> None:
     """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
     overrides = _size_overrides(input_size)
+    model = model or ("deeppose_tiny" if grid == "table6" else "distilpose_tiny")
     from student_train.ablate import ablate as run
 
     table = _run(

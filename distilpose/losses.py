@@ -208,8 +208,13 @@ class DistillationLoss(nn.Module):
             terms["reg"] = regression_loss(coords, gt, weights, beta=self.reg_beta)
         for name, attr in (("kt", "keypoint_tokens"), ("vt", "visual_tokens")):
             if name in self.weights:
+                mine = getattr(student, attr)
+                if mine is None:  # DeepPose: nothing to match the teacher's tokens with
+                    raise BadConfigError(
+                        f"{name} needs {attr.replace('_', ' ')}; the student has none"
+                    )
                 teacher = self._target(targets, attr, device)
-                mine = getattr(student, attr).float()
+                mine = mine.float()
                 if mine.shape != teacher.shape:
                     raise BadConfigError(
                         f"targets[{attr!r}]: teacher shape {tuple(teacher.shape)} differs from "

@@ -52,6 +52,7 @@ from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.geometry import Geometry
 from store.schema import (
     META_KEY,
+    OUTPUT_WORDS,
     READ_FIELDS,
     TEACHER_OUTPUTS,
     StoreLayout,
@@ -60,6 +61,7 @@ from store.schema import (
     array_specs,
     dequantize_heatmaps,
     dequantize_tokens,
+    read_fields,
     stored_dtype,
 )
 
@@ -76,6 +78,7 @@ class StoreReader:
         self.meta = meta
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
+        self.fields = read_fields(meta)  # what DEFAULT_FIELDS means for this store
         slots = self.layout.num_slots(meta.views)
         self.arrays = {}
         for name, spec in self.specs.items():
@@ -168,9 +171,9 @@ class StoreReader:
     def check_student(self, model_config: object) -> None:
         """Refuse (StoreMismatchError) a store whose sizes do not fit a student ModelConfig.
 
-        Checks input_size, heatmap_size, num_keypoints, the token dim (teacher_dim if the
-        student projects its tokens, else dim) and the patch count from
-        heatmap_size / patch_size.
+        Checks input_size, heatmap_size, num_keypoints, and where both store and student have
+        tokens, the token dim (teacher_dim if the student projects its tokens, else dim) and the
+        patch count from heatmap_size / patch_size.
         """
         cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
         m = self.meta
@@ -185,9 +188,12 @@ class StoreReader:
         check("input_size", list(m.input_size), list(cfg.get("input_size") or m.input_size))
         check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
         check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
-        dim = cfg.get("teacher_dim") or cfg.get("dim")
+        # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
+        both = m.has("keypoint_tokens") and cfg.get("head", "token") == "token"
+        tok = cfg if both else {}
+        dim = tok.get("teacher_dim") or tok.get("dim")
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
-        hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
+        hs, ps = tok.get("heatmap_size"), tok.get("patch_size")
         if hs and ps:
             grid = list(Geometry(m.input_size, hs, ps).patch_grid)
             check("patch grid", list(m.patch_grid), grid)
@@ -199,6 +205,18 @@ class StoreReader:
             )
 
     # ---- reading --------------------------------------------------------------------------
+
+    def _fields(self, fields: Sequence[str]) -> tuple[str, ...]:
+        """DEFAULT_FIELDS -> the fields this store has; a teacher output it lacks is refused."""
+        if fields is DEFAULT_FIELDS:
+            return self.fields
+        for f in fields:
+            if f in TEACHER_OUTPUTS and not self.meta.has(f):
+                raise StoreFormatError(
+                    f"{self.path}: no field '{f}': this store's teacher ({self.meta.teacher_name}) "
+                    f"has no {OUTPUT_WORDS[f]}; it holds {list(self.meta.teacher_outputs)}"
+                )
+        return tuple(fields)
 
     def _stored_names(self, fields: Sequence[str]) -> list[str]:
         names = []
@@ -222,6 +240,7 @@ class StoreReader:
         Teacher outputs come back as float16 in fp16 mode (bit-exact) and as float32 in lossy
         modes, unless `dtype` says otherwise. All arrays of the range are read concurrently.
         """
+        fields = self._fields(fields)
         names = self._stored_names(fields)
 
         async def read_all():
@@ -311,12 +330,13 @@ class StoreReader:
         )
         i, n = part
         plan = plan[i::n]
+        fields = self._fields(fields)
         if rank[1] == 1:
-            yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+            yield from run_plan(self, chunks, plan, fields, num_threads, dtype, shared)
             return
         shares = [rank_rows(b, *rank) for b in plan]
         batches = run_plan(
-            self, chunks, [rows for rows, _ in shares], tuple(fields), num_threads, dtype, shared
+            self, chunks, [rows for rows, _ in shares], fields, num_threads, dtype, shared
         )
         for (_, valid), batch in zip(shares, batches, strict=True):
             yield {**batch, "valid": valid}

@@ -63,7 +63,7 @@ from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import PIXELS, TEACHER_OUTPUTS
+from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -73,6 +73,7 @@ TARGET_FIELDS: dict[str, tuple[str, ...]] = {
     "kt": ("keypoint_tokens",),
     "vt": ("visual_tokens",),
 }
+TOKEN_FIELDS = ("keypoint_tokens", "visual_tokens")
 # Always read: where the sample comes from and its regression target.
 INDEX_FIELDS = ("spec", "instance", "view", "keypoints", "weights")
 
@@ -82,6 +83,24 @@ def view_for_epoch(epoch: int, views: int) -> int:
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     return epoch % views
+
+
+def check_targets(
+    losses: Iterable[str], outputs: Sequence[str], teacher_name: str, student: object
+) -> None:
+    """Refuse, by name, a loss term whose target the teacher's `outputs` lack (a store of a
+    teacher without tokens) or whose output the student lacks (DeepPose has no tokens)."""
+    for name in losses:
+        for f in TARGET_FIELDS.get(name, ()):
+            if f not in outputs:
+                raise BadConfigError(
+                    f"{name} needs {OUTPUT_WORDS[f]}; this store's teacher ({teacher_name}) "
+                    "has none"
+                )
+            if f in TOKEN_FIELDS and not student.has_tokens:
+                raise BadConfigError(
+                    f"{name} needs {OUTPUT_WORDS[f]}; the student ({student.name}) has none"
+                )
 
 
 def target_fields(losses: Iterable[str]) -> tuple[str, ...]:

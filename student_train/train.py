@@ -25,7 +25,8 @@ from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatErr
 from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
-from student_train.data import OnlineBatches, StudentBatches
+from store.schema import TEACHER_OUTPUTS
+from student_train.data import OnlineBatches, StudentBatches, check_targets
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
 
@@ -38,14 +39,12 @@ def resolve_warmup(warmup_iters: int | None, total_iters: int) -> int:
 
 
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the teacher (online mode): heatmaps [B,K,Hh,Wh] and tokens [B,K,D], [B,P,D]."""
+    """Run the teacher (online mode): heatmaps [B,K,Hh,Wh] and, if it has them, tokens
+    [B,K,D], [B,P,D]."""
     with torch.no_grad():
         out = teacher(images)
-    return {
-        "heatmaps": out.heatmaps.float(),
-        "keypoint_tokens": out.keypoint_tokens.float(),
-        "visual_tokens": out.visual_tokens.float(),
-    }
+    names = ("heatmaps", "keypoint_tokens", "visual_tokens")
+    return {n: getattr(out, n).float() for n in names if getattr(out, n) is not None}
 
 
 def build_task(
@@ -133,9 +132,14 @@ def train_student(
     cfg = student.config
 
     teacher = load_teacher(teacher_online, cfg) if teacher_online else None
+    if teacher is not None:
+        outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
+        check_targets(weights, outputs, teacher.config.name, cfg)
     store_meta: dict = {}
     if store is not None:
         reader = StoreReader.open(str(store))
+        if teacher is None:  # a loss the store has no target for fails before anything runs
+            check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
         reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
         if not allow_incomplete and not bool(reader.complete_mask().all()):
             raise StoreFormatError(

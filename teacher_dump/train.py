@@ -162,7 +162,9 @@ def train_teacher(
     net = build_model(model, **(model_overrides or {}))
     cfg = net.config
     if cfg.role != "teacher":
-        raise BadConfigError(f"model: {model!r} is a {cfg.role}; expected a teacher (tokenpose_*)")
+        raise BadConfigError(
+            f"model: {model!r} is a {cfg.role}; expected a teacher (tokenpose_*, simplebaseline_*)"
+        )
     dataset = HeatmapCrops(instances, recipe, seed, tuple(cfg.input_size), tuple(cfg.heatmap_size))
     batches = TeacherBatches(dataset, batch_size, seed, workers)
     config = TrainConfig(
