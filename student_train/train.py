@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distilpose.engine import TrainConfig, Trainer, world
+from distilpose.engine import TrainConfig, Trainer, resolve_device, world
 from distilpose.errors import (
     BadCheckpointError,
     BadConfigError,
@@ -144,6 +144,7 @@ def train_student(
     log_every: int = 20,
     ckpt_every_steps: int = 0,
     allow_store_change: bool = False,
+    decode: str = "auto",
     sync_bn: bool = True,
     channels_last: bool = False,
     amp_dtype: str = "auto",
@@ -156,7 +157,9 @@ def train_student(
     student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
     `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
-    each epoch draws a fresh augmentation (no store at all). `resume` refuses a store whose
+    each epoch draws a fresh augmentation (no store at all). A store with pixels needs neither
+    (its crops are read from it); `decode` says where its JPEG crops are decoded on a CUDA run
+    ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers). `resume` refuses a store whose
     identity (teacher, seed, dataset, sizes, mode, views) changed since the run started, unless
     `allow_store_change`.
     """
@@ -196,6 +199,8 @@ def train_student(
             images=str(images) if images else None,
             verify_digest=verify_digest,
             allow_incomplete=allow_incomplete,
+            device=resolve_device(device, world()[2]),
+            decode=decode,
         )
         store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
 
@@ -251,6 +256,7 @@ def train_student(
             "images": str(images) if images else None,
             "views": store_meta.get("views"),
             "store_identity": identity,
+            "decode": decode,
             "view_rule": "view = epoch mod views",
             "train": asdict(config),
         },

@@ -48,7 +48,7 @@ from student_train.train import train_student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-MODES = ("fp16", "lossy")  # a pixel store joins here once stores carry pixels
+MODES = ("fp16", "lossy", "pixels")  # pixels: a fp16 store with JPEG crops, by dump-teacher
 ALL_LOSSES = ("reg", "kt", "vt", "sh", "cs")
 
 
@@ -57,11 +57,29 @@ def stores(tmp_path_factory) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
-    for mode in MODES:
+    for mode in ("fp16", "lossy"):
         root = tmp_path_factory.mktemp(mode)
         out[mode] = build_tiny_store(root, views=2, num_train=8, num_val=2, mode=mode)
+    out["pixels"] = pixel_store(tmp_path_factory.mktemp("pixels"))
     yield out
     torch.set_num_threads(n)
+
+
+def pixel_store(root: Path) -> dict:
+    """8 demo people, 2 views, through `dump_teacher` with JPEG crops kept in the store."""
+    from distilpose.data import make_demo_data
+    from distilpose.models import build_model, save_checkpoint
+    from teacher_dump.dump import dump_teacher
+
+    data = make_demo_data(root / "data", num_train=8, num_val=2, seed=0)
+    torch.manual_seed(0)
+    ckpt = root / "teacher.pth"
+    save_checkpoint(ckpt, build_model("tokenpose_tiny"), meta={"role": "teacher"})
+    dump_teacher(
+        ckpt, data["train_ann"], data["train_images"], root / "store.zarr", views=2,
+        batch_size=8, workers=0, device="cpu", chunk_samples=8, shard_chunks=1, pixels="jpeg",
+    )  # fmt: skip
+    return {**data, "store": str(root / "store.zarr")}
 
 
 def copy_store(paths: dict, tmp_path: Path) -> tuple[Path, StoreReader]:
