@@ -1,4 +1,5 @@
-"""Whole-store statistics (`store_info`, dask) and crop re-rendering checks (`store_verify`)."""
+"""Whole-store statistics (`store_info`, dask) and crop checks (`store_verify`: stored crops
+decoded, or re-rendered from the images for stores without pixels)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
-from store.schema import TEACHER_OUTPUTS, digest_hex
+from store.schema import PIXELS, TEACHER_OUTPUTS, digest_hex, read_fields
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -21,6 +23,17 @@ def _disk_bytes(reader: StoreReader) -> int:
             os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(loc.root) for f in files
         )
     return int(loc.fs.du(loc.root, total=True))
+
+
+def _array_bytes(reader: StoreReader, name: str) -> int:
+    """Bytes on disk of one array's files."""
+    loc = reader.location
+    root = loc.join(name)
+    if loc.is_local:
+        return sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
+        )
+    return int(loc.fs.du(root, total=True)) if loc.fs.exists(root) else 0
 
 
 def _complete_slots(reader: StoreReader) -> np.ndarray:
@@ -35,6 +48,16 @@ def _dask(reader: StoreReader, name: str, chunks: list[tuple[int, int]]) -> da.A
     arr = reader.arrays[name]
     full = da.from_array(arr, chunks=(reader.meta.chunk_samples, *arr.shape[1:]))
     return da.concatenate([full[a:b] for a, b in chunks]) if chunks else full[:0]
+
+
+def _culprit(reader: StoreReader, chunks: list[tuple[int, int]]) -> Exception | None:
+    """The named error of the first chunk that fails a checked read (None: none fails)."""
+    for a, b in chunks:
+        try:
+            reader.read_chunk(a, b, _stored_fields(reader))
+        except StoreFormatError as e:
+            return e
+    return None
 
 
 def store_info(path: object, storage_options: dict | None = None) -> dict:
@@ -55,19 +78,20 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
     chunks = reader.chunks(None, allow_incomplete=True)
     samples = sum(b - a for a, b in chunks)
     disk = _disk_bytes(reader)
-    stored = sum(
-        int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
-        for s in reader.specs.values()
-    )
+    fixed = [s for s in reader.specs.values() if s.name != PIXELS]
+    stored = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in fixed)
     fp32 = sum(
         int(np.prod(s.shape, dtype=np.int64))
         * (4 if s.name in TEACHER_OUTPUTS else np.dtype(s.dtype).itemsize)
-        for s in reader.specs.values()
+        for s in fixed
         if not s.name.endswith("_scale")
     )
+    pixel_bytes = _array_bytes(reader, PIXELS) if PIXELS in reader.specs else 0
+    disk_targets = disk - pixel_bytes  # compression ratios are of the fixed-size arrays
     info = {
         "path": str(path),
         "schema_version": m.schema_version,
+        "checksums": reader.checksums,
         "teacher": m.teacher_name,
         "teacher_outputs": list(m.teacher_outputs),
         "teacher_sha256": m.teacher_sha256,
@@ -83,8 +107,16 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
         "bytes_on_disk": disk,
         "bytes_per_sample": disk / samples if samples else float("nan"),
         "raw_bytes_per_sample": stored,
-        "compression_ratio": stored * samples / disk if samples and disk else float("nan"),
-        "ratio_vs_float32": fp32 * samples / disk if samples and disk else float("nan"),
+        "compression_ratio": (
+            stored * samples / disk_targets if samples and disk_targets else float("nan")
+        ),
+        "ratio_vs_float32": fp32 * samples / disk_targets
+        if samples and disk_targets
+        else float("nan"),
+        "pixels": m.pixels,
+        "jpeg_quality": m.jpeg_quality,
+        "pixel_bytes": pixel_bytes,
+        "pixel_bytes_per_sample": pixel_bytes / samples if samples else float("nan"),
     }
     if not samples:
         info.update(nonfinite={}, confidence={})
@@ -103,7 +135,10 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
                 x = _dask(reader, name, chunks)
                 checks[f"nan:{name}"] = da.isnan(x).sum()
                 checks[f"inf:{name}"] = da.isinf(x).sum()
-        (res,) = dask.compute(checks)
+        try:
+            (res,) = dask.compute(checks)
+        except Exception as e:  # a damaged chunk: find it and name it
+            raise _culprit(reader, chunks) or e from None
     peak = np.asarray(res.pop("peak"), dtype=np.float64)
     info["nonfinite"] = {k: int(v) for k, v in res.items()}
     info["nonfinite_total"] = int(sum(res.values()))
@@ -126,31 +161,64 @@ def store_verify(
     seed: int = 0,
     storage_options: dict | None = None,
 ) -> dict:
-    """Re-render crops from their stored specs and compare their sha256 with the stored digest.
+    """Check a store's sampled slots through every array, then their crops against the stored
+    digests: decode them (stores with pixels), or re-render them from their specs and the
+    images (stores without).
 
     sample: check this many complete samples drawn at random (seeded), or all if None.
+    First `check_integrity`: every array of each chunk holding a sampled slot is read and
+    checked (chunk crc32c, instances and specs against the slot layout, finite values), and
+    each touched unit's shard files are compared with its manifest (size and whole-file
+    crc32c); each failure is a `problems` line naming array and chunk, counted in `corrupt`.
     ann_file / image_root override the paths recorded in the store (its digest must match);
     images(instance) -> uint8 BGR image overrides reading `instance.image_path`.
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
-    keypoints/weights differ from the re-rendered ones), and the first mismatched slots.
+    keypoints/weights differ from the re-rendered ones; not checked for stores with pixels,
+    which need no images), skipped (samples the dump could not read, all-zero digest), corrupt,
+    the first problems and mismatched slots, how the crops were checked ("decoded" or
+    "re-rendered"), and whether the store has checksums and manifests (version-1 stores have
+    neither). `ok_all` is False on any failure of any kind.
     """
+    reader = StoreReader.open(path, storage_options)
+    m = reader.meta
+    by_chunk = _sample_slots(reader, sample, seed)
+    integrity = check_integrity(reader, by_chunk)
+    readable = {c: v for c, v in by_chunk.items() if c not in integrity["bad_chunks"]}
+    if m.pixels != "none":
+        result = _verify_pixels(reader, path, readable)
+    else:
+        result = _verify_rendered(reader, path, readable, ann_file, image_root, images)
+    problems = integrity["problems"]
+    failed = result["mismatched"] or result["keypoints_mismatched"] or problems
+    return {
+        **result,
+        "corrupt": len(problems),
+        "problems": problems[:20],
+        "checksums": reader.checksums,
+        "manifests": integrity["manifests"],
+        "ok_all": not failed,
+    }
+
+
+def _verify_rendered(
+    reader: StoreReader,
+    path: object,
+    by_chunk: dict[int, list[int]],
+    ann_file: str | None,
+    image_root: str | None,
+    images: Callable[[object], np.ndarray] | None,
+) -> dict:
+    """Re-render crops from their specs and compare their sha256 with the stored digest."""
     from distilpose.data import CropSpec, read_image, render_crop
     from distilpose.data import crop_digest as digest_of
 
-    reader = StoreReader.open(path, storage_options)
     m = reader.meta
     instances = load_store_instances(m, path, ann_file, image_root)
-    slots = _complete_slots(reader)
-    if sample is not None and sample < len(slots):
-        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
     fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
     ok = bad = bad_kp = 0
     bad_slots: list[int] = []
     load = images or (lambda inst: read_image(inst.image_path))
     chunk = m.chunk_samples
-    by_chunk: dict[int, list[int]] = {}
-    for slot in slots.tolist():
-        by_chunk.setdefault(slot // chunk, []).append(slot)
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
         data = reader.read_chunk(c * chunk, (c + 1) * chunk, fields)
         for slot in by_chunk[c]:
@@ -170,12 +238,118 @@ def store_verify(
                 bad_slots.append(int(slot))
     return {
         "path": str(path),
-        "checked": len(slots),
+        "checked": ok + bad,
         "ok": ok,
         "mismatched": bad,
         "keypoints_mismatched": bad_kp,
         "mismatched_slots": bad_slots,
+        "skipped": 0,
+        "crops": "re-rendered",
     }
+
+
+def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[int, list[int]]:
+    """Complete slots (a seeded random sample, or all), grouped by chunk."""
+    slots = _complete_slots(reader)
+    if sample is not None and sample < len(slots):
+        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
+    by_chunk: dict[int, list[int]] = {}
+    for slot in slots.tolist():
+        by_chunk.setdefault(slot // reader.meta.chunk_samples, []).append(slot)
+    return by_chunk
+
+
+def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[int]]) -> dict:
+    """Decode stored crops and compare the sha256 of the pixels with the stored digest."""
+    from distilpose.data import crop_digest as digest_of
+    from store.pixels import decode_crop
+
+    m = reader.meta
+    chunk = m.chunk_samples
+    ok = bad = skipped = 0
+    bad_slots: list[int] = []
+    for c in progress(list(by_chunk), desc="verify", unit="chunks"):
+        data = reader.read_chunk(c * chunk, (c + 1) * chunk, ("crop_digest", "weights", PIXELS))
+        for slot in by_chunk[c]:
+            i = slot - c * chunk
+            stored = digest_hex(data["crop_digest"][i])
+            if stored == "0" * 64 and not data["weights"][i].any():
+                skipped += 1  # the dump could not read this image: marked invalid, not a crop
+                continue
+            try:
+                same = digest_of(decode_crop(data[PIXELS][i], m.pixels, m.input_size)) == stored
+            except ValueError:  # bytes that do not decode are a mismatch, not a crash
+                same = False
+            ok += same
+            bad += not same
+            if not same and len(bad_slots) < 20:
+                bad_slots.append(int(slot))
+    return {
+        "path": str(path),
+        "checked": ok + bad + skipped,
+        "ok": ok,
+        "mismatched": bad,
+        "keypoints_mismatched": 0,
+        "mismatched_slots": bad_slots,
+        "skipped": skipped,
+        "crops": "decoded",
+    }
+
+
+def _stored_fields(reader: StoreReader) -> tuple[str, ...]:
+    """Every field the store keeps (scales are read with their arrays), pixels included."""
+    return tuple(f for f in (*read_fields(reader.meta), PIXELS) if f in reader.specs)
+
+
+def check_integrity(reader: StoreReader, by_chunk: dict[int, list[int]]) -> dict:
+    """Every array of the given chunks, read and checked (crc32c, layout, finite values), and
+    their units' shard files against the manifests (size and whole-file crc32c).
+
+    Returns problems (one line each, naming array and chunk), bad_chunks (chunk ids that cannot
+    be read: not to use further) and manifests (whether the units have any: version-1 stores
+    have none). A shard that differs from its manifest but still reads is a problem, and its
+    chunks are checked on as well.
+    """
+    lay = reader.layout
+    reader.check_finite = True
+    problems: list[str] = []
+    manifests = False
+    units = sorted({c * lay.chunk_samples // lay.unit_samples for c in by_chunk})
+    for unit in progress(units, desc="verify shards", unit="units"):
+        try:
+            manifests |= reader.unit_manifest(unit) is not None
+            reader.check_unit_files(unit, crc=True)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+    bad_chunks: set[int] = set()
+    end = lay.num_slots(reader.meta.views)
+    for c in progress(list(by_chunk), desc="verify arrays", unit="chunks"):
+        start = c * lay.chunk_samples
+        try:
+            reader.read_chunk(start, min(start + lay.chunk_samples, end), _stored_fields(reader))
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            bad_chunks.add(c)
+    return {
+        "problems": list(dict.fromkeys(problems)),
+        "bad_chunks": bad_chunks,
+        "manifests": manifests,
+    }
+
+
+def verify_failure(result: dict) -> str | None:
+    """The one line a failed `store_verify` result deserves (None if it passed)."""
+    if result["ok_all"]:
+        return None
+    if result["problems"]:
+        more = len(result["problems"]) - 1
+        return result["problems"][0] + (f" (and {more} more problem(s))" if more else "")
+    return (
+        f"{result['path']}: {result['mismatched']} of {result['checked']} crops and "
+        f"{result['keypoints_mismatched']} keypoint rows differ from what the teacher saw "
+        f"(first slots {result['mismatched_slots'][:5]}); expected the store's images and "
+        "annotation file unchanged"
+    )
 
 
 def format_store_info(info: dict) -> str:
@@ -184,7 +358,8 @@ def format_store_info(info: dict) -> str:
 
     mib = info["bytes_on_disk"] / 2**20
     lines = [
-        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']})",
+        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']}, "
+        f"{'crc32c per chunk' if info.get('checksums') else 'no checksums'})",
         f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
         f"teacher outputs  {', '.join(info.get('teacher_outputs', []))}",
         f"samples complete {info['samples_complete']:,} / {info['samples']:,} "
@@ -194,6 +369,15 @@ def format_store_info(info: dict) -> str:
         f"compression x{info['compression_ratio']:.2f} "
         f"(x{info['ratio_vs_float32']:.2f} vs float32)",
     ]
+    if info.get("pixels", "none") != "none":
+        quality = f" quality {info['jpeg_quality']}" if info["pixels"] == "jpeg" else ""
+        lines.append(
+            f"pixels           {info['pixels']}{quality}: "
+            f"{info['pixel_bytes_per_sample'] / 1e3:,.1f} kB/sample, "
+            f"{info['pixel_bytes'] / 2**20:,.1f} MiB in all"
+        )
+    else:
+        lines.append("pixels           none (crops are re-rendered from the images)")
     if "nonfinite_total" in info:
         lines.append(f"NaN/Inf values   {info['nonfinite_total']}")
     conf = info.get("confidence")

@@ -32,6 +32,7 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | keypoint_tokens_scale | [K]     | -         | float32 per token                                 |
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
+| pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
 
 Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
 teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
@@ -40,16 +41,41 @@ Reader rule: a version-1 store has no such field and holds all three outputs.
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
+`StoreMeta.targets_zstd = False` (schema 2, `dump-teacher --raw-targets`) stores the fp16
+teacher outputs without zstd: 8% more bytes (209 instead of 193 kB per sample), and no
+decompression, about half the CPU of reading them (zstd decodes these near-incompressible half
+floats at about 1 GB/s per core; benchmarks/results/store_bench.md).
+
+Pixels (schema version 2). `StoreMeta.pixels` is "jpeg", "lossless" or "none": with pixels, the
+`pixels` array holds each slot's encoded crop (store/pixels.py: the formats and why) as zarr's
+variable-length bytes, chunked and sharded like every other array (the `vlen-bytes` codec runs
+inside the sharding codec; zarr-python marks this data type as not yet in the v3 spec, so
+another zarr implementation may not read that one array), without zstd (JPEG and the lossless
+format are compressed already). `crop_digest` is then the sha256 of the decoded pixels.
+Reader rule: a store of schema version 1 has no pixels: it reads as `pixels = "none"`.
+
+Integrity (schema version 2). Every chunk of every array ends with a crc32c of its compressed
+bytes (zarr v3's `crc32c` codec, built by `array_compressors`, the one place codecs are made):
+crc32c because zarr ships it, it runs at several GB/s (hardware instruction) and catches any
+flipped byte, where zstd's own optional checksum covers only decompressed frames and sha256
+would cost about 20x more per read. The shard index carries its own crc32c (zarr's default).
+Each completion marker also holds the unit's *manifest*: per array, the byte size and crc32c
+of its shard file (size 0 = not stored because every value is the fill value). A reader refuses
+a complete unit whose shard file is missing or of another size, so a deleted shard never reads
+back as zeros; `store-verify` also compares the whole file's crc32c.
+Reader rule for version-1 stores (no chunk checksums, no manifests): they still read, and
+`store-verify` reports `checksums: false` / `manifests: false` for them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -57,11 +83,14 @@ from functools import lru_cache
 import numpy as np
 
 from distilpose import __version__
-from distilpose.errors import StoreFormatError
+from distilpose.errors import StoreConnectionError, StoreFormatError
 from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
-SCHEMA_VERSION = 2  # 2: teacher_outputs (heatmap-only stores); version-1 stores read as before
+# 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
+# unit manifests. Version-1 stores read as before (no pixels, no checksums).
+SCHEMA_VERSION = 2
+CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 MODES = ("fp16", "lossy", "lossy16")
@@ -84,6 +113,8 @@ IDENTITY_FIELDS = (
     "recipe",
     "mode",
     "teacher_outputs",
+    "pixels",
+    "jpeg_quality",
 )
 # what each teacher output is called in messages ("kt needs keypoint tokens; ...")
 OUTPUT_WORDS = {
@@ -91,6 +122,24 @@ OUTPUT_WORDS = {
     "keypoint_tokens": "keypoint tokens",
     "visual_tokens": "visual tokens",
 }
+PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
+JPEG_QUALITY = 95  # default quality of JPEG pixels
+
+
+# Metadata sanity limits, checked before anything is allocated from the metadata: a damaged or
+# hostile zarr.json claiming 2^40 samples must fail with a message, never with a MemoryError.
+META_LIMITS = {
+    "num_instances": 1 << 26,  # 67M people; COCO train has 150k
+    "views": 1 << 12,
+    "chunk_samples": 1 << 16,
+    "shard_chunks": 1 << 16,
+    "num_keypoints": 1 << 10,
+    "token_dim": 1 << 14,
+    "num_patches": 1 << 16,
+}
+MAX_SIDE = 1 << 14  # input / heatmap side, pixels
+MAX_SLOTS = 1 << 32  # views x view block
+MAX_CHUNK_BYTES = 1 << 31  # one decoded chunk of one array
 
 
 @dataclass
@@ -125,6 +174,9 @@ class StoreMeta:
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
     # the teacher outputs stored, in TEACHER_OUTPUTS order; absent in version 1 = all three
     teacher_outputs: tuple[str, ...] = TEACHER_OUTPUTS
+    pixels: str = "none"  # crop pixels kept in the store: "jpeg", "lossless" or "none"
+    jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
+    targets_zstd: bool = True  # fp16 teacher outputs zstd-compressed (False: raw, faster reads)
 
     def __post_init__(self) -> None:
         self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
@@ -136,6 +188,16 @@ class StoreMeta:
                 f"and any of {list(TEACHER_OUTPUTS[1:])}"
             )
         self.teacher_outputs = tuple(o for o in TEACHER_OUTPUTS if o in self.teacher_outputs)
+        if self.pixels not in PIXEL_FORMATS:
+            raise StoreFormatError(
+                f"StoreMeta.pixels: '{self.pixels}'; expected one of {PIXEL_FORMATS}"
+            )
+        jpeg = self.pixels == "jpeg"
+        self.jpeg_quality = (int(self.jpeg_quality) or JPEG_QUALITY) if jpeg else 0
+        if self.pixels == "jpeg" and not 1 <= self.jpeg_quality <= 100:
+            raise StoreFormatError(
+                f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
+            )
         self.input_size = tuple(int(v) for v in self.input_size)
         self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
         self.patch_grid = tuple(int(v) for v in self.patch_grid)
@@ -148,6 +210,7 @@ class StoreMeta:
         for name in ("num_instances", "views", "chunk_samples", "shard_chunks"):
             if int(getattr(self, name)) < 1:
                 raise StoreFormatError(f"StoreMeta.{name}: {getattr(self, name)}; expected >= 1")
+        check_meta_sane(self)
 
     @property
     def unit_samples(self) -> int:
@@ -168,6 +231,9 @@ class StoreMeta:
                 "expected an upgrade of distilpose to read it"
             )
         known = {f.name for f in fields(cls)}
+        if version < 2:  # schema 1 predates pixels (crops re-rendered from the images); its
+            # teacher_outputs, absent, default to all three
+            d = {**d, "pixels": "none", "jpeg_quality": 0}
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
@@ -187,6 +253,40 @@ class StoreMeta:
         return out
 
 
+def check_meta_sane(meta: StoreMeta) -> None:
+    """Refuse metadata whose sizes would make a reader allocate absurd amounts (before it does)."""
+
+    def bad(what: str, value: object, limit: str) -> StoreFormatError:
+        return StoreFormatError(
+            f"store metadata {what}={value!r} is outside {limit}; expected a value within the "
+            "limits (for an existing store: is its zarr.json damaged?)"
+        )
+
+    token_sizes = ("token_dim", "num_patches", "patch_grid")  # 0 in heatmap-only stores
+    for name, limit in META_LIMITS.items():
+        value = getattr(meta, name)
+        low = 0 if name in token_sizes else 1
+        if (
+            not isinstance(value, int | np.integer)
+            or isinstance(value, bool)
+            or not (low <= value <= limit)
+        ):
+            raise bad(name, value, f"{low}..{limit}")
+    for name in ("input_size", "heatmap_size", "patch_grid"):
+        sides, low = getattr(meta, name), 0 if name in token_sizes else 1
+        if len(sides) != 2 or not all(low <= v <= MAX_SIDE for v in sides):
+            raise bad(name, list(sides), f"two sides in {low}..{MAX_SIDE}")
+    slots = StoreLayout(meta).num_slots(int(meta.views))
+    if slots > MAX_SLOTS:
+        raise bad("views x slots per view", slots, f"1..{MAX_SLOTS}")
+    wh, hh = meta.heatmap_size
+    per_sample = (
+        max(meta.num_keypoints * wh * hh, meta.num_patches * meta.token_dim) * 4
+    )  # the largest per-sample array, decoded to float32
+    if per_sample * meta.chunk_samples > MAX_CHUNK_BYTES:
+        raise bad("chunk_samples", meta.chunk_samples, f"chunks of at most {MAX_CHUNK_BYTES} bytes")
+
+
 def _norm(v: object) -> object:
     if isinstance(v, tuple | list):
         return [_norm(x) for x in v]
@@ -202,8 +302,30 @@ class ArraySpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    fill_value: int | float = 0
-    zstd_level: int = ZSTD_LEVEL
+    fill_value: int | float | bytes = 0
+    zstd_level: int = ZSTD_LEVEL  # 0: no zstd (data compressed already)
+
+
+def array_compressors(spec: ArraySpec) -> list:
+    """The bytes-to-bytes codecs of every store array (inside each shard, per chunk): zstd, then
+    a crc32c of the compressed chunk, so any flipped byte fails the read (see the docstring)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    zstd = [ZstdCodec(level=spec.zstd_level)] if spec.zstd_level else []  # 0: compressed already
+    return [*zstd, Crc32cCodec()]
+
+
+def has_checksums(array: object) -> bool:
+    """Whether a zarr array's chunks carry a crc32c (schema >= 2) or not (version-1 stores)."""
+    codecs = getattr(array.metadata, "codecs", ())
+    inner = [c for s in codecs for c in getattr(s, "codecs", ())] or list(codecs)
+    return any(type(c).__name__ == "Crc32cCodec" for c in inner)
+
+
+def shard_key(array: object, name: str, unit: int) -> str:
+    """Store-relative path of a zarr array's shard file for write unit `unit`."""
+    key = array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+    return f"{name}/{key}"
 
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
@@ -213,6 +335,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
     mode_fp16 = meta.mode == "fp16"
     tok_dtype = "float16" if mode_fp16 else "int8"
+    target_level = ZSTD_LEVEL if meta.targets_zstd or not mode_fp16 else 0
     specs = [
         ArraySpec("spec", (8,), "float64"),
         ArraySpec("instance", (), "int64", -1),
@@ -222,10 +345,10 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         ArraySpec("weights", (k,), "float32"),
         ArraySpec("crop_digest", (32,), "uint8"),
         ArraySpec(
-            "heatmaps", (k, hh, wh), hm_dtype, 0, ZSTD_LEVEL if mode_fp16 else ZSTD_LEVEL_CODES
+            "heatmaps", (k, hh, wh), hm_dtype, 0, target_level if mode_fp16 else ZSTD_LEVEL_CODES
         ),
-        ArraySpec("keypoint_tokens", (k, d), tok_dtype),
-        ArraySpec("visual_tokens", (p, d), tok_dtype),
+        ArraySpec("keypoint_tokens", (k, d), tok_dtype, 0, target_level),
+        ArraySpec("visual_tokens", (p, d), tok_dtype, 0, target_level),
     ]
     if meta.mode != "fp16":
         specs += [
@@ -233,8 +356,27 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
+    if meta.pixels != "none":
+        specs.append(ArraySpec(PIXELS, (), "bytes", b"", zstd_level=0))
     absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales
     return {s.name: s for s in specs if s.name.removesuffix("_scale") not in absent}
+
+
+PIXELS = "pixels"  # the array of encoded crops (stores with pixels only)
+
+
+@contextlib.contextmanager
+def quiet_vlen_bytes() -> Iterator[None]:
+    """Silence zarr-python's warning, on every metadata write of a variable-length bytes array,
+    that the type is not in the v3 spec yet: the module docstring says it once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"The data type \(VariableLengthBytes", FutureWarning)
+        yield
+
+
+def stored_dtype(spec: ArraySpec) -> str:
+    """The dtype zarr reports for an array of `spec` (variable-length bytes read as object)."""
+    return "object" if spec.dtype == "bytes" else spec.dtype
 
 
 # Fields a reader can return; "slot" and "view" are derived from the layout, never stored.
@@ -405,6 +547,12 @@ class StoreLocation:
     def __init__(self, path_or_url: object, storage_options: dict | None = None) -> None:
         self.text = str(path_or_url)
         self.storage_options = dict(storage_options or {})
+        # seconds a remote read may take before it is an error (not a hang)
+        self.timeout = float(
+            self.storage_options.pop("timeout", None)
+            or os.environ.get("DISTILPOSE_REMOTE_TIMEOUT")
+            or DEFAULT_REMOTE_TIMEOUT_S
+        )
         self.is_local = "://" not in self.text
         if self.is_local:
             self.root = os.path.abspath(os.path.expanduser(self.text))
@@ -412,8 +560,50 @@ class StoreLocation:
         else:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
+            except ImportError as e:
+                protocol = self.text.split("://", 1)[0]
+                raise StoreFormatError(
+                    f"{self.text}: {protocol}:// stores need the remote extra ({e}); "
+                    "expected it installed: pip install 'distilpose[remote]'"
+                ) from None
+            except ValueError as e:
+                raise StoreFormatError(f"{self.text}: not a store URL fsspec knows ({e})") from None
             self.root = self.root.rstrip("/")
+
+    def remote(self, fn, *args, what: str = "read"):
+        """Call `fn(*args)` against a remote store within `timeout`; connection failures and
+        silence become StoreConnectionError (FileNotFoundError passes through)."""
+        import threading
+
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        t = threading.Thread(target=target, daemon=True, name="store_remote")
+        t.start()
+        t.join(self.timeout)
+        if t.is_alive():
+            raise StoreConnectionError(
+                f"{self}: no answer within {self.timeout:g} s ({what}); expected a reachable "
+                "store (check the network, or raise DISTILPOSE_REMOTE_TIMEOUT)"
+            )
+        if "error" in box:
+            e = box["error"]
+            if isinstance(e, FileNotFoundError) and is_connection_error(e.__cause__):
+                e = e.__cause__  # fsspec's http reports a refused connection as "not found"
+            elif isinstance(e, FileNotFoundError) or not is_connection_error(e):
+                raise e
+            raise StoreConnectionError(
+                f"{self}: cannot reach the store ({type(e).__name__}: {first_line(e)}) during "
+                f"{what}; expected a reachable store (check the URL and the network)"
+            ) from e
+        return box.get("value")
 
     def __str__(self) -> str:
         return self.text
@@ -432,7 +622,13 @@ class StoreLocation:
 
     def exists(self, *parts: str) -> bool:
         p = self.join(*parts)
-        return os.path.exists(p) if self.is_local else self.fs.exists(p)
+        if self.is_local:
+            return os.path.exists(p)
+        try:  # not fs.exists: it reads a dropped connection as "no such file"
+            self.remote(self.fs.info, p, what=f"looking up {'/'.join(parts)}")
+        except FileNotFoundError:
+            return False
+        return True
 
     def list_markers(self) -> list[int]:
         """Units whose completion marker exists."""
@@ -441,7 +637,10 @@ class StoreLocation:
             names = (
                 os.listdir(d)
                 if self.is_local
-                else [n.rsplit("/", 1)[-1] for n in self.fs.ls(d, detail=False)]
+                else [
+                    n.rsplit("/", 1)[-1]
+                    for n in self.remote(self.fs.ls, d, False, what="listing markers")
+                ]
             )
         except (FileNotFoundError, NotADirectoryError):
             return []
@@ -457,14 +656,71 @@ class StoreLocation:
             return
         d = self.join(COMPLETE_DIR)
         os.makedirs(d, exist_ok=True)
-        for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
-            with contextlib.suppress(FileNotFoundError):  # left by a killed writer of this unit
-                os.unlink(stale)
+        # temp markers a killed writer left are removed by the writer that holds the unit
+        # (StoreWriter._clear_partials): never here, where another live writer's could be hit
         with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
             f.write(data)
 
+    def read_marker(self, unit: int) -> dict:
+        """A unit's marker payload ({} for a legacy empty one); StoreFormatError if unreadable."""
+        from distilpose.limits import loads_json
+
+        path = self.join(COMPLETE_DIR, marker_name(unit))
+        try:
+            data = self._read_bytes(path)
+        except FileNotFoundError:
+            raise StoreFormatError(f"{self}: marker of unit {unit} vanished ({path})") from None
+        return loads_json(data, path) if data.strip() else {}
+
+    def _read_bytes(self, path: str) -> bytes:
+        if self.is_local:
+            with open(path, "rb") as f:
+                return f.read()
+        return self.remote(self.fs.cat_file, path, what=f"reading {path}")
+
+    def file_size(self, relpath: str) -> int:
+        """Size in bytes of a file of the store; 0 if it does not exist."""
+        path = self.join(relpath)
+        try:
+            if self.is_local:
+                return os.path.getsize(path)
+            return int(self.remote(self.fs.size, path, what=f"sizing {path}") or 0)
+        except FileNotFoundError:
+            return 0
+
+    def file_crc32c(self, relpath: str) -> tuple[int, int]:
+        """(size, crc32c) of a file of the store; (0, 0) if it does not exist."""
+        import google_crc32c
+
+        try:
+            data = self._read_bytes(self.join(relpath))
+        except FileNotFoundError:
+            return 0, 0
+        return len(data), int(google_crc32c.value(data)) if data else 0
+
 
 _MARKER = re.compile(r"u(\d+)\.json")
+DEFAULT_REMOTE_TIMEOUT_S = 60.0
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_connection_error(e: BaseException | None) -> bool:
+    """Network trouble (refused, reset, DNS, timeouts, HTTP client errors), not bad data."""
+    if e is None:
+        return False
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError | TimeoutError | ConnectionError) or module in (
+        "aiohttp",
+        "botocore",
+        "requests",
+        "urllib3",
+    )
 
 
 def marker_name(unit: int) -> str:
