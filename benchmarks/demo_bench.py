@@ -57,7 +57,7 @@ def checks(full: list[dict], quick: list[dict]) -> list[tuple[str, bool, str]]:
             mean = sum(aps) / len(aps)
             dev = max(abs(a - mean) for a in aps)
             out.append(
-                (f"{role} AP within +-0.03 of its mean", dev <= 0.03, f"max |dev| {dev:.3f}")
+                (f"{role} AP within +-0.03 of its mean", dev <= 0.03, f"max deviation {dev:.3f}")
             )
     for run in quick:
         t, d, b = (by_role(run)[r]["ap"] for r in ROLES)
