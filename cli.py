@@ -946,7 +946,8 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one fits 10 minutes on 2 CPU cores, --quick about 3.
+    """Sizes of a demo run: the full one is sized for 10 minutes on 2 quiet CPU cores (measured
+    22-23 min on a machine shared with other jobs, where steps ran ~3x slower), --quick ~3 min.
 
     The teacher is the shipped `tokenpose_demo` (trained once, `distilpose.weights`); it is
     dumped to a store, and two `distilpose_demo` students train from that store with the same
