@@ -95,7 +95,7 @@ def launch(argv: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def run(argv: list[str], cwd: Path, timeout: float = 120) -> str:
+def run(argv: list[str], cwd: Path, timeout: float = 400) -> str:
     proc = launch(argv, cwd)
     try:
         out, _ = proc.communicate(timeout=timeout)
