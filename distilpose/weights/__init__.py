@@ -10,10 +10,10 @@ loads it into float32), which keeps the file small enough to ship.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from distilpose.errors import BadCheckpointError
+from distilpose.io import file_sha256 as sha256_of
 
 DEMO_TEACHER_FILE = Path(__file__).with_name("demo_teacher.pth")
 DEMO_TEACHER_SHA256 = "c8b6671e045746e40c956c0f536f8c291c10a13d47cdbe8d21e47434fa6d1352"
@@ -31,14 +31,6 @@ DEMO_TEACHER_RECIPE = {
     "seed": 0,
     "augment": "mild",
 }
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def demo_teacher_path() -> Path:
