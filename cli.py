@@ -946,8 +946,8 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one is sized for 10 minutes on 2 quiet CPU cores (measured
-    22-23 min on a machine shared with other jobs, where steps ran ~3x slower), --quick ~3 min.
+    """Sizes of a demo run: the full one took 233 s on 2 quiet CPU cores (22-23 min with three
+    demos at once on cores shared with other jobs), --quick under 3 min.
 
     The teacher is the shipped `tokenpose_demo` (trained once, `distilpose.weights`); it is
     dumped to a store, and two `distilpose_demo` students train from that store with the same
