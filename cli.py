@@ -946,8 +946,8 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one took 233 s on 2 quiet CPU cores (22-23 min with three
-    demos at once on cores shared with other jobs), --quick under 3 min.
+    """Sizes of a demo run: the full one took 521 s on 2 quiet CPU cores (at 20 student epochs
+    233 s there, 22-23 min with three demos at once on shared cores), --quick under 3 min.
 
     The teacher is the shipped `tokenpose_demo` (trained once, `distilpose.weights`); it is
     dumped to a store, and two `distilpose_demo` students train from that store with the same
@@ -961,7 +961,7 @@ class DemoPlan:
     num_train: int = 2000
     num_val: int = 600
     views: int = 2
-    student_epochs: int = 20  # 2,500 steps of 16: many cheap steps beat fewer big ones here
+    student_epochs: int = 50  # 6,250 steps of 16: many cheap steps beat fewer big ones here
     batch_size: int = 16
     lr: float = 1e-3
     losses: str = "reg,kt=1,vt=0.05,sh,cs"  # token terms weighted for this teacher's token scale
