@@ -17,6 +17,7 @@ import torch
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reliability.md"
 
 os.environ.setdefault("DISTILPOSE_NO_PROGRESS", "1")
+os.environ["DISTILPOSE_OFFLINE"] = "1"  # no test may download detector weights
 
 
 def pytest_configure(config: pytest.Config) -> None:
