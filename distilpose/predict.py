@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from distilpose.data.keypoints import SKELETON
-from distilpose.detector import DEFAULT_DETECTOR, BoxesFile
+from distilpose.detector import DEFAULT_DETECTOR, BoxesFile, Detector
 from distilpose.errors import BadImageError
 from distilpose.eval_run import write_json_atomic
 from distilpose.progress import ProgressCounter
@@ -81,7 +81,7 @@ def predict_source(
     checkpoint: str | Path,
     sources: str | Path | int | list[str | Path | int],
     *,
-    detector: str | None = DEFAULT_DETECTOR,
+    detector: str | Detector | None = DEFAULT_DETECTOR,
     detector_weights: str | Path | None = None,
     det_thr: float = 0.5,
     det_size: int | None = None,
@@ -102,8 +102,8 @@ def predict_source(
     Args:
         checkpoint: a student or teacher checkpoint.
         sources: images, folders, globs, or one video file or camera index.
-        detector: a torchvision detector name or None/"none" (whole image = one person);
-            ignored when `boxes_json` is given.
+        detector: a torchvision detector name, None/"none" (whole image = one person) or a
+            detector callable (`distilpose.detector`); ignored when `boxes_json` is given.
         boxes_json: person boxes (format in `distilpose.detector`) instead of a detector.
         max_frames: stop a video or camera after this many frames.
         Others: as `Inferencer`.
