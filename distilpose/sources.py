@@ -120,7 +120,7 @@ class VideoSource:
         self.name = f"camera{target}" if self.camera else Path(target).name
         self.stem = self.name if self.camera else Path(target).stem
         what = f"camera {target}" if self.camera else str(target)
-        capture = cv2.VideoCapture(target if self.camera else str(target))
+        capture = self._open()
         if not capture.isOpened():
             raise BadImageError(f"{what}: OpenCV cannot open this video source")
         self.fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -134,8 +134,18 @@ class VideoSource:
     def __len__(self) -> int:
         return self.total or 0
 
+    def _open(self) -> cv2.VideoCapture:
+        """OpenCV's capture, its backends' warnings silenced (the failure is reported once, as
+        one error line)."""
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        try:
+            return cv2.VideoCapture(self.target if self.camera else str(self.target))
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+
     def __iter__(self) -> Iterator[Frame]:
-        capture = cv2.VideoCapture(self.target if self.camera else str(self.target))
+        capture = self._open()
         try:
             index = 0
             while self.max_frames is None or index < self.max_frames:
