@@ -11,8 +11,9 @@ randomly initialised, since no released weights can be downloaded here: it runs 
 forward pass on every frame, but its random boxes are replaced by the frame's ground-truth
 boxes, so that both pose models see the same people (a trained detector finds about the same).
 Detector, pose and drawing + video writing are timed apart; a second table times the detectors
-alone (the accurate `fasterrcnn_resnet50_fpn_v2` too). Writes benchmarks/results/predict_bench.md;
-`run(quick)` returns that Markdown section. The machine may be shared with other work: compare
+alone (the accurate `fasterrcnn_resnet50_fpn_v2` too). Writes benchmarks/results/predict_bench.md
+and the short table between the README's `<!-- predict-bench -->` markers; `run(quick)` returns
+the Markdown section. The machine may be shared with other work: compare
 the columns of one run, not runs.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import update_readme_block
 from distilpose.data.demo import make_demo_video
 from distilpose.detector import BoxesFile, TorchvisionDetector
 from distilpose.models import build_model, save_checkpoint
@@ -128,7 +130,25 @@ def run(quick: bool = False, frames: int | None = None) -> str:
     section = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict_bench.md").write_text(section + "\n")
+    update_readme_block("predict-bench", readme_table(rows, frames))
     return section
+
+
+def readme_table(rows: list[tuple], frames: int) -> str:
+    """The README's short version: end-to-end frames/s and where the time goes."""
+    lines = [
+        f"| pose model (CPU, {torch.get_num_threads()} threads) | frames/s end to end | detector "
+        "| pose | drawing, I/O |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, _, fps, det, pose, rest in rows:
+        lines.append(f"| `{name}` | {fps:.2f} | {det:.0f} ms | {pose:.0f} ms | {rest:.0f} ms |")
+    lines.append(
+        f"\n_Written by `python -m benchmarks.predict_bench` ({frames} frames of a 640x480 video, "
+        "flip test on; full record: [benchmarks/results/predict_bench.md]"
+        "(benchmarks/results/predict_bench.md))._"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
