@@ -128,6 +128,8 @@ def predict_source(
         flip_mode=flip_mode,
         use_scores=use_scores,
     )
+    if isinstance(source, VideoSource) and source.camera:
+        inferencer.frames_per_batch = 1  # live: answer every frame as it comes
     overlay = Path(overlay_dir) if overlay_dir is not None else None
     if overlay is not None:
         overlay.mkdir(parents=True, exist_ok=True)

@@ -335,3 +335,16 @@ def test_sources_and_boxes_file(tmp_path, video):
     assert found[0][0].tolist() == [[280.0, 44.0, 218.0, 346.0], [10.0, 10.0, 100.0, 200.0]]
     assert found[0][1].tolist() == [pytest.approx(0.9), 1.0]
     assert len(found[1][0]) == 0 and found[2][0].tolist() == [[1.0, 1.0, 5.0, 5.0]]
+
+
+def test_benchmark_tables_are_written_into_the_readme_block(tmp_path):
+    from benchmarks import update_readme_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- predict-bench -->\nold\n<!-- /predict-bench -->\nend\n")
+    assert update_readme_block("predict-bench", "| new |\n", readme)
+    assert (
+        readme.read_text() == "top\n<!-- predict-bench -->\n| new |\n<!-- /predict-bench -->\nend\n"
+    )
+    assert not update_readme_block("other", "x", readme)
+    assert "<!-- predict-bench -->" in (ROOT / "README.md").read_text()  # the block is there
