@@ -317,14 +317,9 @@ def test_sources_and_boxes_file(tmp_path, video):
     boxes.write_text(
         json.dumps(
             [
-                {
-                    "file_name": "000000000785.jpg",
-                    "bbox": [280.0, 44.0, 218.0, 346.0],
-                    "score": 0.9,
-                },
+                {"file_name": "people.mp4", "bbox": [9, 9, 9, 9]},  # names no frame
+                {"image_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.5},  # frame 1
                 {"image_id": 785, "bbox": [10.0, 10.0, 100.0, 200.0]},
-                {"image_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0]},  # frame 1 of a video
-                {"file_name": "000000000785.jpg", "bbox": [0, 0, 5, 5], "category_id": 2},
             ]
         )
     )
@@ -332,9 +327,9 @@ def test_sources_and_boxes_file(tmp_path, video):
         [Frame(np.zeros((4, 4, 3), np.uint8), "000000000785.jpg", 785)]
         + frames[:2]  # frames are matched by index, never by the video's name
     )
-    assert found[0][0].tolist() == [[280.0, 44.0, 218.0, 346.0], [10.0, 10.0, 100.0, 200.0]]
-    assert found[0][1].tolist() == [pytest.approx(0.9), 1.0]
+    assert found[0][0].tolist() == [[10.0, 10.0, 100.0, 200.0]] and found[0][1].tolist() == [1.0]
     assert len(found[1][0]) == 0 and found[2][0].tolist() == [[1.0, 1.0, 5.0, 5.0]]
+    assert found[2][1].tolist() == [0.5]
 
 
 def test_benchmark_tables_are_written_into_the_readme_block(tmp_path):
