@@ -20,6 +20,7 @@ import click
 import typer
 
 from distilpose.errors import BadConfigError, DistilPoseError
+from distilpose.geometry import Geometry
 
 app = typer.Typer(
     help="DistilPose: dump a heatmap teacher once into a zarr store; train regression students.",
@@ -171,8 +172,7 @@ def _size_overrides(input_size: str | None) -> dict | None:
     """--input-size WxH -> model overrides; the heatmap / feature map is a quarter of it."""
     if input_size is None:
         return None
-    w, h = _parse_size(input_size, "--input-size")
-    return {"input_size": (w, h), "heatmap_size": (w // 4, h // 4)}
+    return Geometry(_parse_size(input_size, "--input-size")).size_overrides()
 
 
 class StoreMode(str, Enum):
@@ -786,11 +786,10 @@ class DemoPlan:
     student_epochs: int = 48
     batch_size: int = 16
     warmup_iters: int = 200
-    input_size: tuple[int, int] = (48, 64)
-    heatmap_size: tuple[int, int] = (12, 16)
+    input_size: tuple[int, int] = (48, 64)  # heatmaps a quarter of it (Geometry)
 
     def overrides(self) -> dict:
-        return {"input_size": self.input_size, "heatmap_size": self.heatmap_size}
+        return Geometry(self.input_size).size_overrides()
 
 
 QUICK_DEMO = DemoPlan(

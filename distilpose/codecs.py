@@ -8,7 +8,7 @@ Coordinate convention (the project's one convention; every module follows it):
 
 - *image px*: pixels of the original image.
 - *crop px*: pixels of the crop after the affine warp; the crop is ``input_size = (W_in, H_in)``,
-  e.g. (192, 256). Keypoints in the store and in rendered crops are in crop px.
+  e.g. 192 wide and 256 high. Keypoints in the store and in rendered crops are in crop px.
 - *normalized*: ``u = x_crop / W_in``, ``v = y_crop / H_in``. Student ``coords`` and regression
   targets live here; the visible crop is ``[0, 1]``.
 - *heatmap px*: ``x_hm = x_crop / stride`` with ``stride = W_in / W_hm`` (4 for 192 -> 48), so a
@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 import torch
 
-Size = tuple[int, int]  # (width, height), like OpenCV and MMPose's image_size
+from distilpose.geometry import PAPER, Size
+
 Array = np.ndarray | torch.Tensor
 
 PIXEL_STD = 200.0  # MMPose 0.x expresses box scales in units of 200 px
@@ -58,7 +59,10 @@ class HeatmapCodec:
     """
 
     def __init__(
-        self, input_size: Size = (192, 256), heatmap_size: Size = (48, 64), sigma: float = 2.0
+        self,
+        input_size: Size = PAPER.input_size,
+        heatmap_size: Size = PAPER.heatmap_size,
+        sigma: float = 2.0,
     ) -> None:
         self.input_size = _check_size("input_size", input_size)
         self.heatmap_size = _check_size("heatmap_size", heatmap_size)
@@ -242,7 +246,7 @@ class RegressionCodec:
         input_size: crop ``(W_in, H_in)`` in pixels; normalized ``u = x / W_in``, ``v = y / H_in``.
     """
 
-    def __init__(self, input_size: Size = (192, 256)) -> None:
+    def __init__(self, input_size: Size = PAPER.input_size) -> None:
         self.input_size = _check_size("input_size", input_size)
 
     def encode(self, keypoints: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +313,7 @@ def image_to_crop(coords_img: Array, centers: Array, scales: Array, input_size: 
 
 
 def simulated_heatmaps(
-    coords: torch.Tensor, sigmas: torch.Tensor, heatmap_size: Size = (48, 64)
+    coords: torch.Tensor, sigmas: torch.Tensor, heatmap_size: Size = PAPER.heatmap_size
 ) -> torch.Tensor:
     """Simulated heatmaps of paper Eq. 2 from predicted positions and deviations.
 
@@ -336,7 +340,9 @@ def simulated_heatmaps(
     return torch.exp(-0.5 * (ey[..., :, None] + ex[..., None, :]))  # [B, K, H, W]
 
 
-def heatmap_lookup_index(coords: torch.Tensor, heatmap_size: Size = (48, 64)) -> torch.Tensor:
+def heatmap_lookup_index(
+    coords: torch.Tensor, heatmap_size: Size = PAPER.heatmap_size
+) -> torch.Tensor:
     """Normalized ``[B, K, 2]`` -> integer heatmap px ``[B, K, 2]``: ``round(u * W_hm)`` clipped."""
     wh, hh = _check_size("heatmap_size", heatmap_size)
     idx = torch.round(coords.detach() * coords.new_tensor([wh, hh])).long()

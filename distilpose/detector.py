@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distilpose.engine import resolve_device
 from distilpose.errors import BadAnnotationError, BadCheckpointError, BadConfigError
-from distilpose.inference import resolve_device
 from distilpose.sources import Frame
 
 Boxes = tuple[np.ndarray, np.ndarray]  # ([N, 4] x, y, w, h image px, [N] scores)

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
 
 log = logging.getLogger("distilpose.engine")
@@ -101,9 +102,10 @@ def world() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """ "auto" -> this rank's CUDA device when there is one, else CPU."""
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """ "auto" -> this rank's CUDA device when there is one, else CPU; a bare "cuda" -> this
+    rank's CUDA device. The one device resolver (training, dumping, inference)."""
+    if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -236,12 +238,10 @@ class MetricsLog:
             return list(csv.DictReader(f))
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, self.fields, restval="")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
 
     def keep(self, keep: Callable[[dict], bool]) -> None:
         """Drop the rows a killed run logged after its last checkpoint."""
@@ -261,29 +261,9 @@ class MetricsLog:
 
 def plot_losses(rows: list[dict], out_png: Path) -> None:
     """loss_curves.png: every loss column of the step rows against the step, log y."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from distilpose.viz.curves import draw_loss_curves, metrics_columns  # matplotlib on demand
 
-    rows = [r for r in rows if r.get("kind") == "step"]
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    names = [k for k in (rows[0] if rows else {}) if k.startswith("loss")]
-    for name in names:
-        pts = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
-        pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]  # log axis: positives only
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=name, lw=1.2)
-    if ax.lines:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (log)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out_png)
+    draw_loss_curves(metrics_columns(rows), out_png)
 
 
 class _NoBar:
@@ -529,8 +509,8 @@ class Trainer:
             log.setLevel(logging.INFO)
         try:
             if resume:
-                if self.is_main:  # temp files of checkpoint saves a kill cut short
-                    for tmp in self.run_dir.glob(".*.pth.*.tmp"):
+                if self.is_main:  # temp files of atomic writes (distilpose.io) a kill cut short
+                    for tmp in self.run_dir.glob(".*.tmp"):
                         tmp.unlink(missing_ok=True)
                 self._resume()
             if self.is_main:
@@ -570,7 +550,6 @@ class Trainer:
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
             "torch": torch.__version__,
         }
-        path = self.run_dir / "config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(
+            self.run_dir / "config.json", json.dumps(doc, indent=2, default=str) + "\n"
+        )

@@ -8,30 +8,18 @@ the checkpoint) so that other tools can score or draw them.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from distilpose.data import load_coco_instances
 from distilpose.evaluation import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
 from distilpose.inference import default_use_scores, predict_instances, resolve_device
+from distilpose.io import write_json_atomic
 from distilpose.models import build_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 OKS_NMS_THR = 0.9  # MMPose 0.x / official DistilPose test config
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-    return path
 
 
 def run_eval(

@@ -29,6 +29,23 @@ from distilpose.data.keypoints import OKS_SIGMAS
 COCO_KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
+def keypoint_similarity(
+    d2: np.ndarray, area: float | np.ndarray, sigmas: np.ndarray = OKS_SIGMAS
+) -> np.ndarray:
+    """COCO's per-keypoint OKS term exp(-d^2 / (2 s^2 k^2)), s^2 = area, k = 2 sigma.
+
+    Args:
+        d2: [..., K] squared distances (pixels^2).
+        area: the object area (pixels^2), a number or an array broadcasting against `d2`.
+        sigmas: [K] per-keypoint OKS sigmas (COCO's by default).
+
+    Returns:
+        [..., K] similarities in (0, 1].
+    """
+    variances = (2.0 * np.asarray(sigmas, dtype=np.float64)) ** 2  # [K]
+    return np.exp(-(d2 / variances / (np.asarray(area, dtype=np.float64) + np.spacing(1)) / 2.0))
+
+
 def oks_iou(
     kpts: np.ndarray,
     others: np.ndarray,
@@ -52,15 +69,14 @@ def oks_iou(
     """
     kpts = np.asarray(kpts, dtype=np.float64)
     others = np.asarray(others, dtype=np.float64).reshape(-1, *kpts.shape)
-    variances = (2.0 * np.asarray(sigmas, dtype=np.float64)) ** 2  # [K]
     d2 = ((others[:, :, :2] - kpts[None, :, :2]) ** 2).sum(-1)  # [N, K]
     mean_area = (area + np.asarray(other_areas, dtype=np.float64)) / 2.0  # [N]
-    e = d2 / variances[None] / (mean_area[:, None] + np.spacing(1)) / 2.0  # [N, K]
+    similarity = keypoint_similarity(d2, mean_area[:, None], sigmas)  # [N, K]
     if vis_thr is None:
-        return np.exp(-e).mean(axis=1)
+        return similarity.mean(axis=1)
     valid = (kpts[None, :, 2] > vis_thr) & (others[:, :, 2] > vis_thr)  # [N, K]
     counts = valid.sum(axis=1)
-    total = (np.exp(-e) * valid).sum(axis=1)
+    total = (similarity * valid).sum(axis=1)
     return np.where(counts > 0, total / np.maximum(counts, 1), 0.0)
 
 
@@ -76,6 +92,13 @@ def oks_nms(
     with an already kept prediction is above `thr`. Uses `keypoints` ([K, 3] or flat [3K]),
     `score` and `area` (the official protocol's `prod(scale * 200)`).
 
+    Ties: among equal scores the prediction LATER in `predictions` is taken first, so of tied
+    duplicates the last one is kept. This is MMPose 0.x's `scores.argsort()[::-1]` as it ran
+    then (numpy's quicksort sorted small arrays by insertion, which is stable); here the sort is
+    stable by request, so the rule holds for any number of people and any numpy (whose newer
+    SIMD sorts leave MMPose's own tie order undefined). Ties are common: with box-score-only
+    ranking every ground-truth box of an image has the same score.
+
     Returns:
         Indices into `predictions` of the kept ones, in ascending order.
     """
@@ -88,7 +111,7 @@ def oks_nms(
         kpts = np.stack([np.asarray(predictions[i]["keypoints"]).reshape(-1, 3) for i in indices])
         scores = np.array([float(predictions[i]["score"]) for i in indices])
         areas = np.array([float(predictions[i]["area"]) for i in indices])
-        order = np.argsort(-scores, kind="stable")
+        order = np.argsort(scores, kind="stable")[::-1]  # ties: the later one first
         while order.size > 0:
             best = order[0]
             keep.append(indices[best])

@@ -17,7 +17,6 @@ is not a dependency; the model is plain tensor code, so both give the same graph
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.io import atomic_path
 
 STUDENT_OUTPUTS = ("coords", "scores", "sigmas")
 TEACHER_OUTPUTS = ("heatmaps",)
@@ -91,9 +91,7 @@ def export_onnx(
     dynamic_axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
 
     out = Path(out_onnx)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with warnings.catch_warnings():
+    with atomic_path(out) as tmp, warnings.catch_warnings():
         # The legacy exporter's deprecation notice and shape-tracing notes say nothing actionable.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -110,8 +108,7 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-    _write_metadata(tmp, config, names)
-    os.replace(tmp, out)
+        _write_metadata(tmp, config, names)
     return out
 
 

@@ -43,6 +43,7 @@ from distilpose.codecs import HeatmapCodec, RegressionCodec, crop_to_image
 from distilpose.data import PersonInstance, eval_crop_spec, read_image, render_crop
 from distilpose.data.crop import normalize
 from distilpose.data.keypoints import FLIP_INDEX
+from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError
 from distilpose.evaluation import rescore
 from distilpose.progress import progress
@@ -50,13 +51,6 @@ from distilpose.progress import progress
 log = logging.getLogger(__name__)
 
 FLIP_MODES = ("corrected", "official")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_use_scores(role: str, meta: dict | None) -> bool:
@@ -177,7 +171,7 @@ def predict_instances(
 
     Args:
         model: a built model; `model.config.input_size` / `heatmap_size` give the crop and heatmap
-            sizes (defaults (192, 256) / (48, 64) without a config).
+            sizes.
         instances: `PersonInstance` records (GT boxes or detections).
         batch_size: crops per forward pass.
         device: "cpu", "cuda", "cuda:1" or "auto". The model is moved there and put in eval mode
@@ -204,8 +198,12 @@ def predict_instances(
         raise BadConfigError(f"flip_mode: got {flip_mode!r}; expected one of {FLIP_MODES}")
     dev = resolve_device(device)
     config = getattr(model, "config", None)
-    input_size = tuple(getattr(config, "input_size", (192, 256)))
-    heatmap_size = tuple(getattr(config, "heatmap_size", (48, 64)))
+    if config is None:
+        raise BadConfigError(
+            "model: no 'config' with its input and heatmap sizes; expected a model built by "
+            "distilpose.models (build_model, build_from_checkpoint)"
+        )
+    input_size, heatmap_size = tuple(config.input_size), tuple(config.heatmap_size)
     regression = RegressionCodec(input_size=input_size)
     heatmap_codec = HeatmapCodec(input_size=input_size, heatmap_size=heatmap_size)
     use_amp = amp and dev.type == "cuda"

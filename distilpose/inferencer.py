@@ -28,11 +28,13 @@ from distilpose.data import PersonInstance
 from distilpose.data.crop import box_to_center_scale
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.detector import DEFAULT_DETECTOR, Detector, build_detector
+from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError, BadImageError
 from distilpose.evaluation import to_coco_results
-from distilpose.inference import default_use_scores, predict_instances, resolve_device
+from distilpose.inference import default_use_scores, predict_instances
 from distilpose.models import build_from_checkpoint
 from distilpose.sources import IMAGE_SUFFIXES, Frame, open_source
+from distilpose.viz.skeleton import draw_pose
 
 
 @dataclass
@@ -86,8 +88,6 @@ class PoseResult:
 
     def draw(self, image: np.ndarray, kpt_thr: float = 0.3) -> np.ndarray:
         """A copy of `image` (uint8 BGR) with every person's box and skeleton drawn."""
-        from distilpose.predict import draw_pose
-
         canvas = image.copy()
         for i in range(len(self)):
             kpts = np.concatenate([self.keypoints[i], self.keypoint_scores[i, :, None]], 1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from distilpose.codecs import Size, heatmap_values_at, simulated_heatmaps
 from distilpose.errors import BadConfigError
+from distilpose.geometry import PAPER
 
 if TYPE_CHECKING:
     from distilpose.models import StudentOutput
@@ -155,7 +156,7 @@ class DistillationLoss(nn.Module):
     def __init__(
         self,
         weights: dict[str, float] | str,
-        heatmap_size: Size = (48, 64),
+        heatmap_size: Size = PAPER.heatmap_size,
         official_sh_weight: bool = False,
         reg_beta: float = 1.0,
     ) -> None:

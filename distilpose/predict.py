@@ -20,53 +20,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from distilpose.data.keypoints import SKELETON
 from distilpose.detector import DEFAULT_DETECTOR, BoxesFile, Detector
 from distilpose.errors import BadImageError
-from distilpose.eval_run import write_json_atomic
+from distilpose.io import write_json_atomic
 from distilpose.progress import ProgressCounter
 from distilpose.sources import VideoSource, open_source
 
 KPT_DRAW_THR = 0.3
 VIDEO_FOURCC = "mp4v"  # in every OpenCV FFmpeg build; H.264 encoders often are not
-
-# BGR colours: left joints/limbs orange, right ones blue, the rest (nose, torso across) green.
-_LEFT, _RIGHT, _MIDDLE = (0, 140, 255), (255, 120, 0), (60, 200, 60)
-
-
-def draw_pose(
-    image: np.ndarray,
-    keypoints: np.ndarray,
-    bbox: tuple[float, float, float, float] | None = None,
-    kpt_thr: float = KPT_DRAW_THR,
-) -> np.ndarray:
-    """Draw one person on `image` (uint8 BGR, in place, also returned).
-
-    Args:
-        keypoints: [K, 3] image px and keypoint score; joints scoring <= `kpt_thr` are skipped,
-            and so are limbs touching them.
-        bbox: optional [x, y, w, h] box, drawn thin and grey.
-    """
-    kpts = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
-    thick = max(1, round(min(image.shape[:2]) / 250))
-    if bbox is not None:
-        x, y, w, h = bbox
-        cv2.rectangle(image, (round(x), round(y)), (round(x + w), round(y + h)), (160, 160, 160), 1)
-
-    def colour(k: int) -> tuple[int, int, int]:
-        return _MIDDLE if k == 0 else (_LEFT if k % 2 == 1 else _RIGHT)
-
-    for a, b in SKELETON:
-        if kpts[a, 2] > kpt_thr and kpts[b, 2] > kpt_thr:
-            c = colour(a) if colour(a) == colour(b) else _MIDDLE
-            pa = (round(kpts[a, 0]), round(kpts[a, 1]))
-            pb = (round(kpts[b, 0]), round(kpts[b, 1]))
-            cv2.line(image, pa, pb, c, thick + 1, cv2.LINE_AA)
-    for k in range(len(kpts)):
-        if kpts[k, 2] > kpt_thr:
-            p = (round(kpts[k, 0]), round(kpts[k, 1]))
-            cv2.circle(image, p, thick + 2, colour(k), -1, cv2.LINE_AA)
-    return image
 
 
 def _video_writer(path: Path, fps: float, image: np.ndarray) -> cv2.VideoWriter:

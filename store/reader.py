@@ -44,6 +44,7 @@ import zarr
 from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
+from distilpose.geometry import Geometry
 from store.schema import (
     META_KEY,
     READ_FIELDS,
@@ -181,7 +182,7 @@ class StoreReader:
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
         hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
         if hs and ps:
-            grid = [int(hs[0]) // int(ps[0]), int(hs[1]) // int(ps[1])]
+            grid = list(Geometry(m.input_size, hs, ps).patch_grid)
             check("patch grid", list(m.patch_grid), grid)
             check("num_patches", m.num_patches, grid[0] * grid[1])
         if problems:

@@ -54,6 +54,8 @@ import numpy as np
 
 from distilpose import __version__
 from distilpose.errors import StoreFormatError
+from distilpose.geometry import PAPER
+from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 SCHEMA_VERSION = 1
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
@@ -93,8 +95,8 @@ class StoreMeta:
     num_instances: int
     views: int = 1
     seed: int = 0
-    input_size: tuple[int, int] = (192, 256)
-    heatmap_size: tuple[int, int] = (48, 64)
+    input_size: tuple[int, int] = PAPER.input_size
+    heatmap_size: tuple[int, int] = PAPER.heatmap_size
     token_dim: int = 192
     patch_grid: tuple[int, int] = (16, 16)  # (W_hm / patch_w, H_hm / patch_h)
     num_patches: int = 0  # 0: patch_grid[0] * patch_grid[1]
@@ -425,13 +427,8 @@ class StoreLocation:
         for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
             with contextlib.suppress(FileNotFoundError):  # left by a killed writer of this unit
                 os.unlink(stale)
-        tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(d, name))
-        fsync_dir(d)
 
 
 _MARKER = re.compile(r"u(\d+)\.json")
@@ -439,14 +436,6 @@ _MARKER = re.compile(r"u(\d+)\.json")
 
 def marker_name(unit: int) -> str:
     return f"u{unit:07d}.json"
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def syncfs(path: str) -> bool:
@@ -476,10 +465,3 @@ def syncfs(path: str) -> bool:
 
 
 _SYNCFS = None
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fsync_path(path)
-    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
-        pass

@@ -241,7 +241,6 @@ def dump_teacher(
     instances = load_coco_instances(ann_file, image_root, train=True)[:max_instances]
     if not instances:
         raise BadConfigError(f"{ann_file}: no trainable person instances; expected at least one")
-    grid = (cfg.heatmap_size[0] // cfg.patch_size[0], cfg.heatmap_size[1] // cfg.patch_size[1])
     meta = StoreMeta(
         teacher_name=cfg.name,
         teacher_sha256=file_sha256(teacher_ckpt),
@@ -251,7 +250,7 @@ def dump_teacher(
         input_size=tuple(cfg.input_size),
         heatmap_size=tuple(cfg.heatmap_size),
         token_dim=cfg.dim,
-        patch_grid=grid,
+        patch_grid=cfg.patch_grid,
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
         ann_digest=annotation_digest(ann_file),

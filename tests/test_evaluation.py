@@ -82,6 +82,26 @@ def test_oks_nms_suppresses_duplicates_keeps_distinct_people():
     assert oks_nms([]) == []
 
 
+def test_oks_nms_ties_keep_the_last_duplicate_as_mmpose():
+    """Equal scores: MMPose 0.x's `argsort()[::-1]` takes the later prediction first, so of
+    tied duplicates the last one survives; distinct people with tied scores all survive."""
+    rng = np.random.default_rng(4)
+    a = _pose(100, 100, rng)
+    b = _pose(400, 100, rng)
+    dups = [a.copy() for _ in range(3)]
+    for i, d in enumerate(dups):
+        d[:, :2] += 0.5 * i
+    preds = [_pred(1, dups[0], 1.0), _pred(1, b, 1.0), _pred(1, dups[1], 1.0)]
+    preds.append(_pred(1, dups[2], 1.0))
+    assert oks_nms(preds) == [1, 3]
+    # the rule holds beyond numpy's small-array insertion sort (> 16 per image)
+    many = [_pred(7, a.copy(), 1.0) for _ in range(40)]
+    assert oks_nms(many) == [39]
+    # a strictly higher score still wins wherever it stands
+    preds[0]["score"] = 1.5
+    assert oks_nms(preds) == [0, 1]
+
+
 def test_oks_nms_uses_area_for_tolerance():
     rng = np.random.default_rng(3)
     a = _pose(0, 0, rng)

@@ -41,3 +41,51 @@ def test_top_level_layout():
         assert (ROOT / name).is_dir(), name
     for name in ("cli.py", "pyproject.toml", "README.md"):
         assert (ROOT / name).is_file(), name
+
+
+# ---- each fact once (issue: one geometry, one home for each helper) ---------------------------
+
+PACKAGES = ("distilpose", *STAGES)
+REGISTRY_NAMES = {"MODEL_NAMES", "build_model", "create_model", "model_config"}
+# The paper's crop size is written once, as the geometry's default; builders read it from there.
+PAPER_SIZE_HOMES = {"distilpose/geometry.py", "distilpose/models/registry.py"}
+
+
+def source_files(*roots: str) -> list[Path]:
+    files: list[Path] = []
+    for root in roots:
+        path = ROOT / root
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return files
+
+
+def test_no_paper_size_literal_outside_the_geometry():
+    found = []
+    for path in source_files(*PACKAGES, "cli.py", "benchmarks", "docs"):
+        rel = str(path.relative_to(ROOT))
+        if rel in PAPER_SIZE_HOMES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if isinstance(node, ast.Tuple | ast.List) and len(node.elts) == 2:
+                values = [getattr(e, "value", None) for e in node.elts]
+                if values == [192, 256]:
+                    found.append(f"{rel}:{node.lineno}")
+    assert not found, f"(192, 256) written outside distilpose/geometry.py: {found}"
+
+
+def test_registry_is_imported_at_module_top():
+    found = []
+    for path in source_files(*PACKAGES):
+        rel = str(path.relative_to(ROOT))
+        for func in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(func):
+                if not isinstance(node, ast.ImportFrom) or not node.module:
+                    continue
+                names = {alias.name for alias in node.names}
+                if node.module == "distilpose.models.registry" or (
+                    node.module == "distilpose.models" and names & REGISTRY_NAMES
+                ):
+                    found.append(f"{rel}:{node.lineno}")
+    assert not found, f"function-local imports of the model registry: {found}"

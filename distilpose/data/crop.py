@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from distilpose.data.keypoints import FLIP_INDEX, LOWER_BODY_IDS, UPPER_BODY_IDS
+from distilpose.geometry import PAPER
 
 if TYPE_CHECKING:  # torch is imported lazily: loaders and dataset workers never need it
     import torch
@@ -152,7 +153,7 @@ def sample_crop_spec(
     recipe: AugmentRecipe,
     seed: int,
     view: int,
-    input_size: tuple[int, int] = (192, 256),
+    input_size: tuple[int, int] = PAPER.input_size,
 ) -> CropSpec:
     """Draw one training crop spec for `inst`.
 
@@ -240,7 +241,7 @@ def _flip_matrix(width: int) -> np.ndarray:
     return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
-def spec_affine(spec: CropSpec, input_size: tuple[int, int] = (192, 256)) -> np.ndarray:
+def spec_affine(spec: CropSpec, input_size: tuple[int, int] = PAPER.input_size) -> np.ndarray:
     """[2, 3] float64 image px -> crop px for `spec`, flip included."""
     m = get_affine_transform(spec.center, spec.scale, spec.rotation, input_size)
     if spec.flip:
@@ -273,7 +274,7 @@ def render_crop(
     image: np.ndarray,
     spec: CropSpec,
     keypoints: np.ndarray,
-    input_size: tuple[int, int] = (192, 256),
+    input_size: tuple[int, int] = PAPER.input_size,
 ) -> RenderedCrop:
     """Warp `image` (uint8 BGR [H, W, 3]) to the crop of `spec`; pure and deterministic.
 

@@ -18,6 +18,7 @@ from distilpose.data.coco import load_coco_instances, read_image
 from distilpose.data.crop import AugmentRecipe, render_crop, sample_crop_spec
 from distilpose.data.keypoints import KEYPOINT_NAMES, SKELETON
 from distilpose.errors import BadAnnotationError
+from distilpose.geometry import PAPER
 
 CAPTION_HEIGHT = 14  # px of caption strip under each tile
 GROUP_GAP = 6  # px between instances
@@ -64,7 +65,7 @@ def show_crops(
     num: int = 16,
     views: int = 2,
     seed: int = 0,
-    input_size: tuple[int, int] = (192, 256),
+    input_size: tuple[int, int] = PAPER.input_size,
     recipe: AugmentRecipe | None = None,
 ) -> Path:
     """Write a PNG grid of `views` augmented crops of `num` training instances; returns its path.

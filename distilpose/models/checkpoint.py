@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,8 +25,10 @@ import torch
 from torch import nn
 
 from distilpose.errors import BadCheckpointError, BadConfigError
+from distilpose.io import atomic_open
 from distilpose.models.complexity import count_params
 from distilpose.models.layers import ModelConfig
+from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
 
 FORMAT = "distilpose/1"
 HEAD_PREFIX = "head."
@@ -231,29 +232,10 @@ def save_checkpoint(
     }
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_open(path, "wb", durable=True) as f:
+            torch.save(obj, f)
     except OSError as e:  # read-only or full disk, a file where the folder should be
         raise _unwritable(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _unwritable(path, e) from e
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +246,6 @@ def save_checkpoint(
 def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
     """A built-in model's ((key, shape), ...) and trainable parameter count, built on the meta
     device (no memory, no init cost), cached."""
-    from distilpose.models import build_model  # the registry imports this module
-
     with torch.device("meta"):
         model = build_model(name)
     keys = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
@@ -274,8 +254,6 @@ def _signature(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]
 
 def _identify_state(state: dict) -> dict:
     """Which built-in model a renamed state dict fits: {"model", "closest", "differences"}."""
-    from distilpose.models import MODEL_NAMES
-
     best, best_n = None, None
     for name in MODEL_NAMES:
         keys, _ = _signature(name)
@@ -315,8 +293,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
             raise BadCheckpointError(
                 f"{path}: entry 'model' is not a valid model config: {e}"
             ) from None
-        from distilpose.models import create_model
-
         with torch.device("meta"):
             model = create_model(cfg)
         missing, unexpected, bad = _diff(
@@ -330,8 +306,6 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
         info["fits"] = found["model"] is not None
         info["closest"], info["differences"] = found["closest"], found["differences"]
         if found["model"]:
-            from distilpose.models import model_config
-
             info["role"] = model_config(found["model"]).role
             info["params"] = _signature(found["model"])[1]
         else:
@@ -356,8 +330,6 @@ def build_from_checkpoint(
     """Rebuild the model a checkpoint was made for and load it strictly -> (model in eval mode on
     `map_location`, meta). Own files rebuild from their saved config (overrides included);
     official files from the built-in model their keys and shapes fit."""
-    from distilpose.models import build_model, create_model
-
     obj = _read(path)
     state, meta, config, _ = _unpack(obj, str(path))
     if config is not None:

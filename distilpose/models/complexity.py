@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distilpose.models.layers import Attention
+from distilpose.models.registry import MODEL_NAMES, build_model
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
@@ -98,8 +99,6 @@ def _info(model: nn.Module) -> dict:
 
 @functools.cache
 def _info_by_name(name: str) -> tuple:
-    from distilpose.models import build_model  # the registry imports this module
-
     # counted on the meta device: shapes flow through the hooks without any arithmetic
     with torch.device("meta"):
         model = build_model(name)
@@ -117,6 +116,4 @@ def model_info(name_or_model: str | nn.Module) -> dict:
 
 def list_model_infos() -> list[dict]:
     """`model_info` of every built-in model, in MODEL_NAMES order."""
-    from distilpose.models import MODEL_NAMES
-
     return [model_info(name) for name in MODEL_NAMES]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilpose.errors import BadConfigError
+from distilpose.geometry import PAPER, Geometry
 
 ROLES = ("teacher", "student")
 BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny")
@@ -38,9 +39,9 @@ class ModelConfig:
     name: str = "distilpose_s"
     role: str = "student"  # "teacher" predicts heatmaps, "student" regresses coordinates
     backbone: str = "stemnet"  # one of BACKBONES; its output stride must be input / heatmap size
-    input_size: tuple[int, int] = (192, 256)  # crop (width, height), the paper's 256x192
-    heatmap_size: tuple[int, int] = (48, 64)  # backbone feature map = teacher heatmap, stride 4
-    patch_size: tuple[int, int] = (3, 4)  # 3 wide, 4 high on the feature map (official [4, 3])
+    input_size: tuple[int, int] = PAPER.input_size  # crop (width, height), the paper's 256x192
+    heatmap_size: tuple[int, int] = PAPER.heatmap_size  # backbone feature map = teacher heatmap
+    patch_size: tuple[int, int] = PAPER.patch_size  # on the feature map (official [4, 3])
     dim: int = 192  # token width of TokenPose-L / DistilPose
     depth: int = 12  # encoder layers (official 12 for teacher and students)
     heads: int = 8  # attention heads, head width dim / heads = 24
@@ -58,8 +59,7 @@ class ModelConfig:
             raise BadConfigError(
                 f"model config 'backbone' is {self.backbone!r}; expected one of {BACKBONES}"
             )
-        (wh, hh), (pw, ph) = self.heatmap_size, self.patch_size
-        if wh % pw or hh % ph:
+        if not self.geometry.tiles:
             raise BadConfigError(
                 f"model config 'patch_size' {self.patch_size} does not tile 'heatmap_size' "
                 f"{self.heatmap_size}; expected divisors of the heatmap width and height"
@@ -71,16 +71,18 @@ class ModelConfig:
             )
 
     @property
+    def geometry(self) -> Geometry:
+        """Crop, heatmap and patch sizes as one object (`distilpose.geometry`)."""
+        return Geometry(self.input_size, self.heatmap_size, self.patch_size)
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         """Number of patches (across, down): (16, 16) for the full models."""
-        return (
-            self.heatmap_size[0] // self.patch_size[0],
-            self.heatmap_size[1] // self.patch_size[1],
-        )
+        return self.geometry.patch_grid
 
     @property
     def num_patches(self) -> int:
-        return self.patch_grid[0] * self.patch_grid[1]
+        return self.geometry.num_patches
 
     @property
     def token_dim(self) -> int:

@@ -1,0 +1,51 @@
+"""The name -> builder table: each built-in model is a name and the ModelConfig fields that
+differ from the defaults (the full DistilPose-S). See `distilpose.models` for the table of
+models. Imports only the model files, so checkpoint loading and the complexity counter import
+it at their top."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from torch import nn
+
+from distilpose.errors import BadConfigError
+from distilpose.models.distilpose import DistilPose
+from distilpose.models.layers import ModelConfig
+from distilpose.models.tokenpose import TokenPose
+
+_TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
+
+# name -> ModelConfig fields that differ from the defaults (the full DistilPose-S)
+_MODELS: dict[str, dict] = {
+    "tokenpose_l_w48": dict(role="teacher", backbone="hrnet_w48"),
+    "tokenpose_s": dict(role="teacher", backbone="stemnet"),
+    "distilpose_s": dict(role="student", backbone="stemnet"),
+    "distilpose_l": dict(role="student", backbone="hrnet_w48_s3"),
+    "tokenpose_tiny": dict(role="teacher", backbone="stemnet_tiny", depth=4, **_TINY),
+    "distilpose_tiny": dict(role="student", backbone="stemnet_tiny", depth=2, **_TINY),
+}
+MODEL_NAMES = list(_MODELS)
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The built-in config `name` with `overrides` (ModelConfig fields) applied."""
+    if name not in _MODELS:
+        raise BadConfigError(f"model name {name!r} is unknown; expected one of {MODEL_NAMES}")
+    known = {f.name for f in fields(ModelConfig)} - {"name"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise BadConfigError(
+            f"model overrides {unknown} are unknown; expected among {sorted(known)}"
+        )
+    return ModelConfig(name=name, **{**_MODELS[name], **overrides})
+
+
+def create_model(config: ModelConfig) -> nn.Module:
+    """A fresh (randomly initialised) model for a config: TokenPose or DistilPose by role."""
+    return TokenPose(config) if config.role == "teacher" else DistilPose(config)
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6)."""
+    return create_model(model_config(name, **overrides))
