@@ -343,3 +343,29 @@ def test_benchmark_tables_are_written_into_the_readme_block(tmp_path):
     )
     assert not update_readme_block("other", "x", readme)
     assert "<!-- predict-bench -->" in (ROOT / "README.md").read_text()  # the block is there
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('the pickle ran')",))
+
+
+@pytest.mark.reliability(
+    case="detector weights file that is not a state dict, or carries code",
+    outcome="BadCheckpointError naming the file; the code never runs (weights_only=True)",
+)
+def test_detector_weights_are_never_unpickled(tmp_path):
+    from distilpose.detector import load_detector_state
+    from distilpose.errors import BadCheckpointError
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _RunsCode()}, evil)
+    with pytest.raises(BadCheckpointError, match="evil.pth: not a loadable"):
+        load_detector_state(evil, DETECTOR)
+    nested = tmp_path / "nested.pth"
+    torch.save({"meta": {"a": 1}}, nested)
+    with pytest.raises(BadCheckpointError, match="expected a .* state dict of tensors"):
+        load_detector_state(nested, DETECTOR)
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
+    assert list(load_detector_state(plain, DETECTOR)) == ["w"]
