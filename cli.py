@@ -196,7 +196,7 @@ def models(
         _echo_json(infos)
         return
     header = (
-        f"{'name':<18} {'role':<8} {'input (w x h)':<14} {'params':>12} "
+        f"{'name':<19} {'role':<8} {'input (w x h)':<14} {'params':>12} "
         f"{'GFLOPs':>8} {'GFLOPs full':>12}"
     )
     typer.echo(header)
@@ -204,7 +204,7 @@ def models(
     for m in infos:
         w, h = m["input_size"]
         typer.echo(
-            f"{m['name']:<18} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
+            f"{m['name']:<19} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
             f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
         )
     typer.echo(
@@ -303,6 +303,10 @@ def train_teacher(
     augment: Annotated[
         Augment, typer.Option(help="paper (the teacher recipe) or mild (flip, small scale).")
     ] = Augment.paper,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(help="Under torchrun: BatchNorm statistics over all ranks' samples."),
+    ] = True,
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
@@ -325,6 +329,7 @@ def train_teacher(
         resume=resume,
         model_overrides=overrides,
         recipe=_recipe(augment),
+        sync_bn=sync_bn,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -450,6 +455,13 @@ def train_student(
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
     ] = None,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(help="Under torchrun: BatchNorm statistics over all ranks' samples."),
+    ] = True,
+    ckpt_every_steps: Annotated[
+        int, typer.Option(help="Also save last.pth every N steps (0: at epoch ends only).")
+    ] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
@@ -473,6 +485,8 @@ def train_student(
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
         model_overrides=overrides,
+        sync_bn=sync_bn,
+        ckpt_every_steps=ckpt_every_steps,
     )
     typer.echo(json.dumps(summary, default=str))
 
@@ -532,12 +546,21 @@ def ablate(
         Path, typer.Option(help="Val image folder.", exists=True, file_okay=False)
     ],
     grid: Annotated[
-        str, typer.Option(help="'table4' (the paper's Table 4) or a TOML/JSON file.")
+        str,
+        typer.Option(
+            help="'table4' (the paper's Table 4), 'table6' (Table 6: reg / reg,sh / reg,sh,cs "
+            "for a token-free student, the store's teacher as first row) or a TOML/JSON file."
+        ),
     ] = "table4",
     val_dets: Annotated[
         Path | None, typer.Option(help="Val detections; GT boxes if unset.")
     ] = None,
-    model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_tiny",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Student model name [default: deeppose_tiny for table6, else distilpose_tiny]."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 32,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
@@ -550,6 +573,7 @@ def ablate(
 ) -> None:
     """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
     overrides = _size_overrides(input_size)
+    model = model or ("deeppose_tiny" if grid == "table6" else "distilpose_tiny")
     from student_train.ablate import ablate as run
 
     table = _run(
@@ -903,9 +927,19 @@ def demo(
 def bench(
     quick: Annotated[bool, typer.Option(help="Fewer iterations.")] = False,
     only: Annotated[str | None, typer.Option(help="Comma list: model,store,dump,train.")] = None,
+    gpu: Annotated[
+        bool, typer.Option(help="Run the GPU check instead (python -m benchmarks.gpu).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="With --gpu: the same code on CPU with tiny models.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Run every benchmark and write benchmarks/results/latest.md."""
+    """Run every benchmark and write benchmarks/results/latest.md (--gpu: the GPU check)."""
+    if gpu:
+        from benchmarks.gpu import main as gpu_check
+
+        raise typer.Exit(gpu_check(["--dry-run"] if dry_run else []))
     from benchmarks.__main__ import main as run_benchmarks
 
     args = (["--quick"] if quick else []) + (["--only", only] if only else [])

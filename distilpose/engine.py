@@ -23,8 +23,10 @@ each of `milestones` (fractions of `epochs`: 2/3 and 13/15 of 300 are epochs 200
 is a pure function of (epoch, step), so the "scheduler" needs no state beyond those two numbers.
 
 Several processes: launched by torchrun (env RANK / WORLD_SIZE / LOCAL_RANK) the trainer joins
-the process group (nccl on CUDA, gloo otherwise) and wraps the model in DistributedDataParallel;
-only rank 0 writes files. `batches` finds its part of the data with `world()`.
+the process group (nccl on CUDA, gloo otherwise), makes BatchNorm cross-rank (`sync_bn`) and
+wraps the model in DistributedDataParallel; only rank 0 writes files. `batches` gives this
+rank's slice of each global batch (`distilpose.distributed`: R ranks x batch B train the same
+run as one process with batch R x B, up to rounding; tested under torchrun on CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distilpose.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
@@ -69,7 +71,9 @@ class TrainConfig:
     clip_grad: float | None = None  # official configs: grad_clip=None
     device: str = "auto"  # CUDA when available, else CPU
     amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
+    amp_dtype: str = "auto"  # "auto", "bf16" or "fp16"
     channels_last: bool = False  # CUDA only: NHWC layout, faster convolutions on tensor cores
+    sync_bn: bool = True  # several processes: BatchNorm statistics over the global batch
     seed: int = 0  # each epoch reseeds from (seed, epoch): reproducible and exactly resumable
     num_workers: int = 2  # DataLoader worker processes (used by the batches callable)
     log_every: int = (
@@ -96,12 +100,6 @@ def lr_at(config: TrainConfig, epoch: int, step: int) -> float:
     return lr
 
 
-def world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) of this process, from torchrun's environment."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> this rank's CUDA device when there is one, else CPU; a bare "cuda" -> this
     rank's CUDA device. The one device resolver (training, dumping, inference)."""
@@ -113,11 +111,20 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     return dev
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), fp16 otherwise; None on CPU."""
+def amp_dtype(
+    device: torch.device, enabled: bool = True, prefer: str = "auto"
+) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 otherwise; None on CPU.
+
+    prefer: "auto", or "bf16" / "fp16" to choose (fp16 trains with a GradScaler).
+    """
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if prefer == "fp16":
+        return torch.float16
+    if prefer == "bf16" or (prefer == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -291,12 +298,13 @@ class Trainer:
         run_dir: str | Path,
         meta: dict | None = None,
         on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
-        self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)
         self.channels_last = config.channels_last and self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.channels_last:
@@ -305,8 +313,13 @@ class Trainer:
         if self.world_size > 1:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if config.sync_bn:  # same state-dict keys: checkpoints do not change
+                self.model = sync_batchnorm(self.model, self.device)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # find_unused_parameters: a loss subset may leave heads without gradients.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.params, lr=config.lr, weight_decay=config.weight_decay
@@ -402,10 +415,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = to_device(batch, self.device, self.channels_last)
-        with torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.bfloat16,
-            enabled=self.amp_dtype is not None,
+        with (
+            torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.bfloat16,
+                enabled=self.amp_dtype is not None,
+            ),
+            across_ranks(self.world_size > 1),  # normalisers and BatchNorm over the global batch
         ):
             losses = self.task(self.train_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -415,6 +431,9 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.world_size > 1:  # log the global batch's losses, not rank 0's slice
+            scalars = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
+            losses = {**losses, **mean_over_ranks(scalars)}
         return losses
 
     def _log_row(self, kind: str, meter: Meter, extra: dict | None = None) -> dict:

@@ -8,6 +8,11 @@ detached, for logging (so curves of different runs compare even when weights dif
 Coordinates follow :mod:`distilpose.codecs`: normalized crop coordinates, heatmap position
 ``u * W_hm``. All terms are computed in float32 (also under AMP) and are vectorized over samples
 and joints.
+
+Every mean is a sum over a count (`distilpose.distributed.global_mean`): in one process it is
+the plain mean; in a multi-process run the count is the global batch's, so R ranks x B samples
+give the loss and gradients of one process with R x B. Samples with `targets["valid"] = False`
+(padding of a short last batch under DDP) add to no sum and no count.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilpose.codecs import Size, heatmap_values_at, simulated_heatmaps
+from distilpose.distributed import global_mean, global_total
 from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER
 
@@ -105,7 +111,7 @@ def regression_loss(
     counted = (weights > 0) & _inside_unit(coords.detach())  # [B, K]
     per_coord = F.smooth_l1_loss(coords, target, reduction="none", beta=beta)  # [B, K, 2]
     w = (weights * counted)[..., None]
-    return (per_coord * w).sum() / (2 * counted.sum()).clamp(min=1)
+    return global_mean((per_coord * w).sum(), 2 * counted.sum())
 
 
 def simulated_heatmap_mask(
@@ -123,6 +129,14 @@ def simulated_heatmap_mask(
     ul, br = mu - radius, mu + radius + 1
     size = coords.new_tensor([wh, hh])
     return ((ul < size) & (br >= 0)).all(-1)
+
+
+def _valid(targets: dict, like: torch.Tensor) -> torch.Tensor:
+    """[N] float: 1 for the batch's real samples, 0 for DDP padding (`targets["valid"]`)."""
+    valid = targets.get("valid")
+    if valid is None:
+        return like.new_ones(like.shape[0])
+    return torch.as_tensor(valid).to(device=like.device, dtype=torch.float32).reshape(-1)
 
 
 class DistillationLoss(nn.Module):
@@ -184,21 +198,30 @@ class DistillationLoss(nn.Module):
         """
         coords = student.coords.float()
         device = coords.device
+        valid = _valid(targets, coords)  # [N] 1.0 for real samples, 0.0 for padding
         weights = self._target(targets, "weights", device).reshape(coords.shape[:2])
+        weights = weights * valid[:, None]
+        samples = valid.sum()
         terms: dict[str, torch.Tensor] = {}
         if "reg" in self.weights:
             gt = self._target(targets, "coords", device)
             terms["reg"] = regression_loss(coords, gt, weights, beta=self.reg_beta)
         for name, attr in (("kt", "keypoint_tokens"), ("vt", "visual_tokens")):
             if name in self.weights:
+                mine = getattr(student, attr)
+                if mine is None:  # DeepPose: nothing to match the teacher's tokens with
+                    raise BadConfigError(
+                        f"{name} needs {attr.replace('_', ' ')}; the student has none"
+                    )
                 teacher = self._target(targets, attr, device)
-                mine = getattr(student, attr).float()
+                mine = mine.float()
                 if mine.shape != teacher.shape:
                     raise BadConfigError(
                         f"targets[{attr!r}]: teacher shape {tuple(teacher.shape)} differs from "
                         f"the student's {tuple(mine.shape)}; set the model's teacher_dim"
                     )
-                terms[name] = F.mse_loss(mine, teacher)
+                sq = (mine - teacher).pow(2) * valid.reshape(-1, *([1] * (mine.dim() - 1)))
+                terms[name] = global_mean(sq.sum(), samples * mine[0].numel())
         if "sh" in self.weights or "cs" in self.weights:
             heatmaps = self._target(targets, "heatmaps", device)
             wh, hh = self.heatmap_size
@@ -209,9 +232,9 @@ class DistillationLoss(nn.Module):
                     f"got {tuple(heatmaps.shape)}"
                 )
             if "sh" in self.weights:
-                terms["sh"] = self._sh(coords, student.sigmas.float(), heatmaps, weights)
+                terms["sh"] = self._sh(coords, student.sigmas.float(), heatmaps, weights, valid)
             if "cs" in self.weights:
-                terms["cs"] = self._cs(coords, student.scores.float(), heatmaps, weights)
+                terms["cs"] = self._cs(coords, student.scores.float(), heatmaps, weights, samples)
 
         total = sum(self.weights[name] * value for name, value in terms.items())
         out = {"loss": total}
@@ -230,27 +253,36 @@ class DistillationLoss(nn.Module):
         sigmas: torch.Tensor,
         heatmaps: torch.Tensor,
         weights: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
         simulated = simulated_heatmaps(coords, sigmas, self.heatmap_size)  # [N, K, H, W]
         in_bounds = simulated_heatmap_mask(coords, sigmas, self.heatmap_size).float()  # [N, K]
-        w = weights * in_bounds
+        w = weights * in_bounds  # weights are already 0 for padding samples
+        per_sample = heatmaps[0].numel()  # K * H * W
         if not self.official_sh_weight:
             err = (simulated - heatmaps) * w[..., None, None]
-            return err.pow(2).mean()
+            return global_mean(err.pow(2).sum(), valid.sum() * per_sample)
         # Official: the simulated map is zeroed by the bounds mask, and the error of every sample
-        # is weighted by the batch mean of w^2 for its joint.
-        err = (simulated * in_bounds[..., None, None] - heatmaps).pow(2).mean(dim=(0, 2, 3))  # [K]
-        return (err * w.pow(2).mean(0)).mean()
+        # is weighted by the batch mean of w^2 for its joint (a global-batch mean, a constant).
+        err = (simulated * in_bounds[..., None, None] - heatmaps).pow(2)
+        err = (err * valid[:, None, None, None]).sum(dim=(0, 2, 3))  # [K]
+        w2 = global_total(w.pow(2).sum(0)) / global_total(valid.sum()).clamp(min=1)  # [K]
+        return global_mean((err * w2).sum(), valid.sum() * per_sample)
 
     @staticmethod
     def _cs(
-        coords: torch.Tensor, scores: torch.Tensor, heatmaps: torch.Tensor, weights: torch.Tensor
+        coords: torch.Tensor,
+        scores: torch.Tensor,
+        heatmaps: torch.Tensor,
+        weights: torch.Tensor,
+        samples: torch.Tensor,
     ) -> torch.Tensor:
         scores = scores.reshape(coords.shape[:2])  # also accepts the official [N, K, 1]
         # Values at the rounded prediction; rounding stops gradients into coords by itself, and
         # the teacher heatmap is a constant.
         teacher = heatmap_values_at(heatmaps, coords.detach()) * _inside_unit(coords.detach())
-        return ((scores - teacher) * weights).abs().mean()
+        err = ((scores - teacher) * weights).abs().sum()
+        return global_mean(err, samples * scores.shape[1])
 
 
 class HeatmapLoss(nn.Module):
@@ -286,5 +318,5 @@ class HeatmapLoss(nn.Module):
                 raise BadConfigError("target_weights: required when use_target_weight=True")
             w = target_weights.to(pred).reshape(pred.shape[:2])
             err = err * w[..., None, None]
-        loss = err.pow(2).mean()
+        loss = global_mean(err.pow(2).sum(), err.numel())
         return {"loss": loss, "loss_heatmap": loss.detach()}

@@ -69,6 +69,7 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
         "path": str(path),
         "schema_version": m.schema_version,
         "teacher": m.teacher_name,
+        "teacher_outputs": list(m.teacher_outputs),
         "teacher_sha256": m.teacher_sha256,
         "mode": m.mode,
         "num_instances": m.num_instances,
@@ -96,7 +97,7 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
             scale = _dask(reader, "heatmaps_scale", chunks)
             peak = peak * scale[..., 1] + scale[..., 0]
         checks = {"peak": peak}
-        for name in ("spec", "keypoints", "weights", *TEACHER_OUTPUTS):
+        for name in ("spec", "keypoints", "weights", *m.teacher_outputs):
             s = reader.specs[name]
             if np.dtype(s.dtype).kind == "f":
                 x = _dask(reader, name, chunks)
@@ -185,6 +186,7 @@ def format_store_info(info: dict) -> str:
     lines = [
         f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']})",
         f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
+        f"teacher outputs  {', '.join(info.get('teacher_outputs', []))}",
         f"samples complete {info['samples_complete']:,} / {info['samples']:,} "
         f"({info['num_instances']:,} people x {info['views']} views; "
         f"views complete: {info['views_complete']})",

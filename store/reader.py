@@ -24,6 +24,12 @@ training a pose regressor (per-sample losses, BatchNorm statistics over random s
 is indistinguishable from a full shuffle; ImageNet-scale loaders (WebDataset shard shuffling,
 tf.data shuffle buffers) rely on the same argument with far weaker mixing.
 
+Several data-parallel ranks (`iter_batches(rank=(r, R))`, the training path): the plan is made
+for the global batch R x B, exactly as one process with batch R x B would make it, and each
+global batch is cut into R contiguous slices, rank r reading only the chunks its slice needs.
+So every sample is trained exactly once per epoch across ranks, for any R, and the global
+batches do not depend on R (see `distilpose.distributed` for the short last batch).
+
 Determinism: the order depends only on (seed, epoch) and the split of the chunk list. With
 `StoreDataset`, DataLoader worker w of W (and rank r of R) takes every (R*W)-th chunk of the
 epoch order, so each chunk is read once; the order is fixed for a given number of workers.
@@ -43,10 +49,12 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from distilpose.distributed import rank_rows
 from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.geometry import Geometry
 from store.schema import (
     META_KEY,
+    OUTPUT_WORDS,
     READ_FIELDS,
     TEACHER_OUTPUTS,
     StoreLayout,
@@ -55,6 +63,7 @@ from store.schema import (
     array_specs,
     dequantize_heatmaps,
     dequantize_tokens,
+    read_fields,
 )
 
 DEFAULT_FIELDS = READ_FIELDS
@@ -70,6 +79,7 @@ class StoreReader:
         self.meta = meta
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
+        self.fields = read_fields(meta)  # what DEFAULT_FIELDS means for this store
         slots = self.layout.num_slots(meta.views)
         self.arrays = {}
         for name, spec in self.specs.items():
@@ -161,9 +171,9 @@ class StoreReader:
     def check_student(self, model_config: object) -> None:
         """Refuse (StoreMismatchError) a store whose sizes do not fit a student ModelConfig.
 
-        Checks input_size, heatmap_size, num_keypoints, the token dim (teacher_dim if the
-        student projects its tokens, else dim) and the patch count from
-        heatmap_size / patch_size.
+        Checks input_size, heatmap_size, num_keypoints, and where both store and student have
+        tokens, the token dim (teacher_dim if the student projects its tokens, else dim) and the
+        patch count from heatmap_size / patch_size.
         """
         cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
         m = self.meta
@@ -178,9 +188,12 @@ class StoreReader:
         check("input_size", list(m.input_size), list(cfg.get("input_size") or m.input_size))
         check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
         check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
-        dim = cfg.get("teacher_dim") or cfg.get("dim")
+        # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
+        both = m.has("keypoint_tokens") and cfg.get("head", "token") == "token"
+        tok = cfg if both else {}
+        dim = tok.get("teacher_dim") or tok.get("dim")
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
-        hs, ps = cfg.get("heatmap_size"), cfg.get("patch_size")
+        hs, ps = tok.get("heatmap_size"), tok.get("patch_size")
         if hs and ps:
             grid = list(Geometry(m.input_size, hs, ps).patch_grid)
             check("patch grid", list(m.patch_grid), grid)
@@ -192,6 +205,18 @@ class StoreReader:
             )
 
     # ---- reading --------------------------------------------------------------------------
+
+    def _fields(self, fields: Sequence[str]) -> tuple[str, ...]:
+        """DEFAULT_FIELDS -> the fields this store has; a teacher output it lacks is refused."""
+        if fields is DEFAULT_FIELDS:
+            return self.fields
+        for f in fields:
+            if f in TEACHER_OUTPUTS and not self.meta.has(f):
+                raise StoreFormatError(
+                    f"{self.path}: no field '{f}': this store's teacher ({self.meta.teacher_name}) "
+                    f"has no {OUTPUT_WORDS[f]}; it holds {list(self.meta.teacher_outputs)}"
+                )
+        return tuple(fields)
 
     def _stored_names(self, fields: Sequence[str]) -> list[str]:
         names = []
@@ -215,6 +240,7 @@ class StoreReader:
         Teacher outputs come back as float16 in fp16 mode (bit-exact) and as float32 in lossy
         modes, unless `dtype` says otherwise. All arrays of the range are read concurrently.
         """
+        fields = self._fields(fields)
         names = self._stored_names(fields)
 
         async def read_all():
@@ -283,6 +309,7 @@ class StoreReader:
         *,
         drop_last: bool = False,
         part: tuple[int, int] = (0, 1),
+        rank: tuple[int, int] = (0, 1),
         num_threads: int = 2,
         dtype=None,
         shared: bool = False,
@@ -290,6 +317,9 @@ class StoreReader:
         """Shuffled batches (dicts of arrays [B, ...]) of one epoch; see the module docstring.
 
         part=(i, n): only batches i, i + n, ... of this order, reading only their chunks.
+        rank=(r, R): `batch_size` is the global batch of R data-parallel ranks, and only rank
+        r's slice of each is read and yielded, with a "valid" [b] bool array
+        (`distilpose.distributed.rank_rows`: a rank left without samples gets one padding row).
         """
         chunks = self.chunks(view, allow_incomplete)
         order = epoch_chunk_order(len(chunks), seed, epoch)
@@ -300,7 +330,16 @@ class StoreReader:
         )
         i, n = part
         plan = plan[i::n]
-        yield from run_plan(self, chunks, plan, tuple(fields), num_threads, dtype, shared)
+        fields = self._fields(fields)
+        if rank[1] == 1:
+            yield from run_plan(self, chunks, plan, fields, num_threads, dtype, shared)
+            return
+        shares = [rank_rows(b, *rank) for b in plan]
+        batches = run_plan(
+            self, chunks, [rows for rows, _ in shares], fields, num_threads, dtype, shared
+        )
+        for (_, valid), batch in zip(shares, batches, strict=True):
+            yield {**batch, "valid": valid}
 
 
 def epoch_chunk_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:
@@ -465,6 +504,7 @@ def _store_dataset_class() -> type:
             self.same_order_any_workers, self.dtype = same_order_any_workers, dtype
             reader = StoreReader.open(self.path, storage_options)  # fail early, in the main process
             self.meta = reader.meta
+            self.fields = reader._fields(fields)
             reader.chunks(self._view(epoch), allow_incomplete)
 
         def set_epoch(self, epoch: int) -> None:

@@ -33,6 +33,10 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
 
+Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
+teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
+Reader rule: a version-1 store has no such field and holds all three outputs.
+
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
@@ -57,7 +61,7 @@ from distilpose.errors import StoreFormatError
 from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: teacher_outputs (heatmap-only stores); version-1 stores read as before
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 MODES = ("fp16", "lossy", "lossy16")
@@ -79,7 +83,14 @@ IDENTITY_FIELDS = (
     "num_keypoints",
     "recipe",
     "mode",
+    "teacher_outputs",
 )
+# what each teacher output is called in messages ("kt needs keypoint tokens; ...")
+OUTPUT_WORDS = {
+    "heatmaps": "heatmaps",
+    "keypoint_tokens": "keypoint tokens",
+    "visual_tokens": "visual tokens",
+}
 
 
 @dataclass
@@ -112,8 +123,19 @@ class StoreMeta:
     created: str = ""  # ISO time, set when the store is created
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
+    # the teacher outputs stored, in TEACHER_OUTPUTS order; absent in version 1 = all three
+    teacher_outputs: tuple[str, ...] = TEACHER_OUTPUTS
 
     def __post_init__(self) -> None:
+        self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
+        if "heatmaps" not in self.teacher_outputs or not set(self.teacher_outputs) <= set(
+            TEACHER_OUTPUTS
+        ):
+            raise StoreFormatError(
+                f"StoreMeta.teacher_outputs: {list(self.teacher_outputs)}; expected 'heatmaps' "
+                f"and any of {list(TEACHER_OUTPUTS[1:])}"
+            )
+        self.teacher_outputs = tuple(o for o in TEACHER_OUTPUTS if o in self.teacher_outputs)
         self.input_size = tuple(int(v) for v in self.input_size)
         self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
         self.patch_grid = tuple(int(v) for v in self.patch_grid)
@@ -133,7 +155,7 @@ class StoreMeta:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("input_size", "heatmap_size", "patch_grid"):
+        for k in ("input_size", "heatmap_size", "patch_grid", "teacher_outputs"):
             d[k] = list(d[k])
         return d
 
@@ -150,6 +172,10 @@ class StoreMeta:
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def has(self, output: str) -> bool:
+        """Whether the store holds teacher output `output` (e.g. "keypoint_tokens")."""
+        return output in self.teacher_outputs
 
     def mismatches(self, other: StoreMeta) -> list[str]:
         """Identity fields whose values differ, as 'name: store=... requested=...'."""
@@ -207,7 +233,8 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
-    return {s.name: s for s in specs}
+    absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales
+    return {s.name: s for s in specs if s.name.removesuffix("_scale") not in absent}
 
 
 # Fields a reader can return; "slot" and "view" are derived from the layout, never stored.
@@ -225,6 +252,12 @@ READ_FIELDS = (
     "keypoint_tokens",
     "visual_tokens",
 )
+
+
+def read_fields(meta: StoreMeta) -> tuple[str, ...]:
+    """READ_FIELDS of a store made with `meta`: without the teacher outputs it lacks."""
+    absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)
+    return tuple(f for f in READ_FIELDS if f not in absent)
 
 
 class StoreLayout:

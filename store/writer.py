@@ -34,7 +34,6 @@ from store.schema import (
     COMPLETE_DIR,
     META_KEY,
     READ_FIELDS,
-    TEACHER_OUTPUTS,
     StoreLayout,
     StoreLocation,
     StoreMeta,
@@ -45,11 +44,18 @@ from store.schema import (
     heatmap_bits,
     quantize_heatmaps,
     quantize_tokens,
+    read_fields,
     syncfs,
 )
 
 # what a writer must hand over per unit: every readable field except those the layout derives
+# (and, in a store without tokens, the token arrays: see `required_fields`)
 REQUIRED = tuple(f for f in READ_FIELDS if f not in ("slot", "view", "instance"))
+
+
+def required_fields(meta: StoreMeta) -> tuple[str, ...]:
+    """REQUIRED for a store made with `meta`: only the teacher outputs it holds."""
+    return tuple(f for f in REQUIRED if f in read_fields(meta))
 
 
 class StoreWriter:
@@ -64,6 +70,7 @@ class StoreWriter:
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
         self.arrays = {name: group[name] for name in self.specs}
+        self.required = required_fields(meta)
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -142,7 +149,8 @@ class StoreWriter:
         those, e.g. a padded last batch, are ignored): "spec" [n, 8], "image_id" [n],
         "ann_id" [n], "keypoints" [n, K, 2] crop px, "weights" [n, K], "crop_digest" (n hex
         strings or uint8 [n, 32]), "heatmaps" [n, K, Hh, Wh], "keypoint_tokens" [n, K, D],
-        "visual_tokens" [n, P, D]; optionally "instance" [n] (checked against the layout).
+        "visual_tokens" [n, P, D] (the tokens only if the store holds them: extra arrays are
+        ignored); optionally "instance" [n] (checked against the layout).
         NumPy arrays or CPU tensors.
         """
         if not 0 <= unit < self.layout.num_units(self.meta.views):
@@ -182,7 +190,7 @@ class StoreWriter:
             ) from e
 
     def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
-        missing = [k for k in REQUIRED if k not in arrays]
+        missing = [k for k in self.required if k not in arrays]
         if missing:
             raise StoreFormatError(f"{self.path}: write_unit({unit}) lacks arrays {missing}")
         n = self.layout.unit_valid(unit)
@@ -207,7 +215,7 @@ class StoreWriter:
                 )
             return a[:n]
 
-        got = {name: rows(name) for name in REQUIRED}
+        got = {name: rows(name) for name in self.required}
         if "instance" in arrays:
             given = _numpy(arrays["instance"])[:n].astype(np.int64)
             if not np.array_equal(given, instances):
@@ -225,7 +233,8 @@ class StoreWriter:
                 f"{spec[i, 1]:g}; expected instance {int(instances[i])} view {view}"
             )
         fp16 = self.meta.mode == "fp16"
-        for name in ("spec", "keypoints", "weights", *(() if fp16 else TEACHER_OUTPUTS)):
+        outputs = self.meta.teacher_outputs
+        for name in ("spec", "keypoints", "weights", *(() if fp16 else outputs)):
             self._check_finite(got[name], name, start, instances, view)
 
         out: dict[str, np.ndarray] = {
@@ -238,7 +247,7 @@ class StoreWriter:
             "crop_digest": got["crop_digest"].astype(np.uint8),
         }
         if fp16:
-            for name in TEACHER_OUTPUTS:
+            for name in outputs:
                 half = _half(got[name])  # NaN stays NaN, overflow becomes inf: both refused
                 self._check_finite(half, name, start, instances, view, original=got[name])
                 out[name] = half
@@ -246,7 +255,7 @@ class StoreWriter:
             out["heatmaps"], out["heatmaps_scale"] = quantize_heatmaps(
                 got["heatmaps"], heatmap_bits(self.meta.mode)
             )
-            for name in ("keypoint_tokens", "visual_tokens"):
+            for name in outputs[1:]:  # the tokens, if any
                 out[name], out[name + "_scale"] = quantize_tokens(got[name])
         # pad to the whole unit: padding slots hold the fill values (instance -1)
         for name, a in out.items():

@@ -1,5 +1,9 @@
 """`ablate`: one student per loss combination from one store, evaluated, tabulated (Table 4).
 
+`--grid table6` is the paper's Table 6 (a token-free DeepPose student distilled from a
+SimpleBaseline teacher's heatmaps): `reg` vs `reg,sh` vs `reg,sh,cs`, with the store's teacher
+evaluated as the table's first row when its checkpoint (recorded in the store) is at hand.
+
 Every run uses the same store, model, seed, epochs and batch size, so the only difference
 between rows is the set of distillation terms. The store is opened read-only and never written.
 A finished run (its result.json present and made with the same settings) is reused, so an
@@ -35,15 +39,29 @@ TABLE4: list[tuple[str, str, float]] = [
     ("all", "reg,cs,sh,kt,vt", 71.6),
 ]
 COLUMNS = (("cs", "L_CS"), ("sh", "L_SH"), ("kt", "L_KT"), ("vt", "L_VT"))
+# The paper's Table 6 (DeepPose-R50 student, SimpleBaseline-R50 teacher at 70.4 AP): the
+# student alone and with Simulated Heatmaps (sh, with the confidence loss cs, as the text's
+# "Simulated Heatmaps ... combined with the confidence prediction"); reg,sh alone is not in it.
+TABLE6: list[tuple[str, str, float | None]] = [
+    ("none", "reg", 52.6),
+    ("sh", "reg,sh", None),
+    ("sh+cs", "reg,sh,cs", 59.7),
+]
+TABLE6_TEACHER_AP = 70.4
+TABLE6_COLUMNS = (("sh", "L_SH"), ("cs", "L_CS"))
+PAPER_GRIDS = {"table4": TABLE4, "table6": TABLE6}
 
 
 def load_grid(grid: str | Path) -> list[dict]:
-    """`"table4"` or a TOML/JSON file -> [{"name", "losses", "paper_ap"?}], losses validated."""
-    if str(grid) == "table4":
-        return [{"name": n, "losses": s, "paper_ap": ap} for n, s, ap in TABLE4]
+    """`"table4"`, `"table6"` or a TOML/JSON file -> [{"name", "losses", "paper_ap"?}], losses
+    validated."""
+    if str(grid) in PAPER_GRIDS:
+        return [{"name": n, "losses": s, "paper_ap": ap} for n, s, ap in PAPER_GRIDS[str(grid)]]
     path = Path(grid)
     if not path.is_file():
-        raise BadConfigError(f"{grid}: grid is neither 'table4' nor an existing TOML/JSON file")
+        raise BadConfigError(
+            f"{grid}: grid is neither 'table4', 'table6' nor an existing TOML/JSON file"
+        )
     text = path.read_text()
     try:
         data = _load_toml(text, path) if path.suffix.lower() == ".toml" else json.loads(text)
@@ -143,13 +161,27 @@ def _devices(device: str, parallel: int) -> list[str]:
     return [device] * max(1, parallel)
 
 
-def format_table(results: list[dict], paper: bool = False) -> str:
-    """Markdown table like the paper's Table 4; Improv. = AP points over the reg-only run."""
+def format_table(
+    results: list[dict],
+    paper: bool = False,
+    columns: tuple = COLUMNS,
+    teacher: dict | None = None,
+) -> str:
+    """Markdown table like the paper's Table 4 (or Table 6 with `columns=TABLE6_COLUMNS` and the
+    `teacher` row {"name", "ap", "paper_ap"}); Improv. = AP points over the reg-only run."""
     base = next((r["ap"] for r in results if set(r["losses"]) == {"reg"}), None)
-    head = ["Run", *(c for _, c in COLUMNS), "AP", "Improv."] + (["Paper AP"] if paper else [])
+    head = ["Run", *(c for _, c in columns), "AP", "Improv."] + (["Paper AP"] if paper else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if teacher is not None:
+        row = [
+            f"teacher ({teacher['name']})",
+            *("-" for _ in columns),
+            f"{teacher['ap'] * 100:.1f}%",
+        ]
+        row += ["-"] + ([f"{teacher['paper_ap']:.1f}%"] if paper else [])
+        lines.append("| " + " | ".join(row) + " |")
     for r in results:
-        ticks = ["✓" if k in r["losses"] else "-" for k, _ in COLUMNS]
+        ticks = ["✓" if k in r["losses"] else "-" for k, _ in columns]
         if base is None or set(r["losses"]) == {"reg"}:
             improv = "-"
         else:
@@ -219,7 +251,14 @@ def ablate(
     for r, spec in zip(results, runs, strict=True):
         r["paper_ap"] = spec.get("paper_ap")
 
-    table = format_table(results, paper=str(grid) == "table4")
+    table6 = str(grid) == "table6"
+    teacher = _teacher_row(store, out, devices[0], settings) if table6 else None
+    table = format_table(
+        results,
+        paper=str(grid) in PAPER_GRIDS,
+        columns=TABLE6_COLUMNS if table6 else COLUMNS,
+        teacher=teacher,
+    )
     header = (
         f"# Loss ablation ({model}, {epochs} epochs, batch {batch_size}, seed {seed})\n\n"
         f"Store: `{store}`; evaluated on `{val_ann}`"
@@ -229,6 +268,43 @@ def ablate(
     md = out / "ablation.md"
     md.write_text(header + table)
     (out / "ablation.json").write_text(
-        json.dumps({"settings": settings, "runs": results}, indent=2, default=str)
+        json.dumps(
+            {"settings": settings, "runs": results, "teacher": teacher}, indent=2, default=str
+        )
     )
     return md
+
+
+def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
+    """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
+    evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
+    from distilpose.eval_run import run_eval
+    from store import StoreReader
+
+    meta = StoreReader.open(str(store)).meta
+    ckpt = meta.extra.get("teacher_ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        return None
+    done = out / "teacher" / "result.json"
+    if done.is_file():
+        prev = json.loads(done.read_text())
+        if prev.get("checkpoint") == str(ckpt) and prev.get("val_ann") == settings["val_ann"]:
+            return prev
+    done.parent.mkdir(parents=True, exist_ok=True)
+    metrics = run_eval(
+        ckpt,
+        settings["val_ann"],
+        settings["val_images"],
+        dets_file=settings["val_dets"],
+        device=device,
+        out_json=done.parent / "results.json",
+    )
+    row = {
+        "name": meta.teacher_name,
+        "checkpoint": str(ckpt),
+        "val_ann": settings["val_ann"],
+        "ap": _ap(metrics),
+        "paper_ap": TABLE6_TEACHER_AP,
+    }
+    done.write_text(json.dumps(row, indent=2))
+    return row

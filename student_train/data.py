@@ -10,6 +10,15 @@ reads view `e mod V` (`view_for_epoch`). With V = 1 every epoch replays the same
 with V >= epochs every epoch sees a fresh one. Within an epoch the store's chunk-shuffled reader
 orders the samples, seeded by (seed, epoch), so a run is reproducible for any number of workers.
 
+Several processes (DDP under torchrun, R ranks, `batch_size` B per rank): the epoch's order is
+planned for the global batch R x B, exactly as one process with batch R x B would plan it, and
+rank r trains on slice r of every global batch (`distilpose.distributed.rank_share`). So the
+global batches, and with the trainer's global normalisers the run, do not depend on R; every
+sample is trained exactly once per epoch across all ranks (a short last batch is spread over
+the ranks, padded with a `valid = False` row only where a rank would get nothing); every rank
+takes ceil(N / (R x B)) steps. DataLoader worker w of W takes global batches w, w + W, ... and
+the loader interleaves workers round-robin, so a rank sees its slices in the global order.
+
 Online mode (`online=True`, the official method, kept for comparison): the same samples in the
 same order, but the spec is re-sampled with `sample_crop_spec(instance, recipe, store_seed, view)`
 and no teacher target is read; the trainer's task runs the teacher on each batch instead. Both
@@ -41,10 +50,11 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.engine import world
-from distilpose.errors import StoreMismatchError
+from distilpose.distributed import rank_rows, world
+from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
 from store.reader import load_store_instances
+from store.schema import OUTPUT_WORDS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -54,6 +64,7 @@ TARGET_FIELDS: dict[str, tuple[str, ...]] = {
     "kt": ("keypoint_tokens",),
     "vt": ("visual_tokens",),
 }
+TOKEN_FIELDS = ("keypoint_tokens", "visual_tokens")
 # Always read: where the sample comes from and its regression target.
 INDEX_FIELDS = ("spec", "instance", "view", "keypoints", "weights")
 
@@ -63,6 +74,24 @@ def view_for_epoch(epoch: int, views: int) -> int:
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     return epoch % views
+
+
+def check_targets(
+    losses: Iterable[str], outputs: Sequence[str], teacher_name: str, student: object
+) -> None:
+    """Refuse, by name, a loss term whose target the teacher's `outputs` lack (a store of a
+    teacher without tokens) or whose output the student lacks (DeepPose has no tokens)."""
+    for name in losses:
+        for f in TARGET_FIELDS.get(name, ()):
+            if f not in outputs:
+                raise BadConfigError(
+                    f"{name} needs {OUTPUT_WORDS[f]}; this store's teacher ({teacher_name}) "
+                    "has none"
+                )
+            if f in TOKEN_FIELDS and not student.has_tokens:
+                raise BadConfigError(
+                    f"{name} needs {OUTPUT_WORDS[f]}; the student ({student.name}) has none"
+                )
 
 
 def target_fields(losses: Iterable[str]) -> tuple[str, ...]:
@@ -170,6 +199,8 @@ class CropRenderer:
         }
         if "view" in raw:
             batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
+        if "valid" in raw:  # DDP padding rows count in no loss
+            batch["valid"] = torch.from_numpy(np.asarray(raw["valid"], dtype=bool))  # [B]
         if self.online_recipe is None:
             for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
                 if name in raw:  # stored as fp16 (or decoded lossy): train in fp32
@@ -200,32 +231,24 @@ class _RenderedBatches(IterableDataset):
             yield self.renderer(raw, verify=self.verify_first and i == 0)
 
 
-def _part() -> tuple[int, int]:
-    """(index, count) of this DataLoader worker among all workers of all DDP ranks.
-
-    Part p = w * R + r takes global batches p, p + R*W, ...: rank r then receives batches
-    r, r + R, r + 2R, ... in order (its DataLoader interleaves workers round-robin), whatever
-    the number of workers.
-    """
-    rank, nranks, _ = world()
+def _worker() -> tuple[int, int]:
+    """(index, count) of this DataLoader worker: worker w takes global batches w, w + W, ..."""
     info = get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return wid * nranks + rank, nranks * nw
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _per_rank(num_batches: int) -> int:
-    """Batches each DDP rank trains per epoch: equal counts (DDP hangs otherwise), tail dropped."""
-    nranks = world()[1]
-    return num_batches if nranks == 1 else num_batches // nranks
+def _global_batches(num_samples: int, batch_size: int) -> int:
+    """Steps per epoch on every rank: global batches of world_size x batch_size, tail kept."""
+    return math.ceil(num_samples / (batch_size * world()[1]))
 
 
 class _StoreSource(IterableDataset):
     """One epoch of raw store batches for this rank and worker.
 
-    Uses `StoreReader.iter_batches(part=...)` rather than `StoreDataset`'s per-worker chunk
-    split, so the batch order depends only on (view, seed, epoch) and never on the number of
-    workers (a run resumed with other `workers` stays exact), and every DDP rank gets the same
-    number of batches. The cost: a chunk may be read by several workers.
+    Uses `StoreReader.iter_batches(part=..., rank=...)` rather than `StoreDataset`'s per-worker
+    chunk split, so the global batches depend only on (view, seed, epoch, R x B) and never on
+    the number of workers (a run resumed with other `workers` stays exact) or of ranks. The
+    cost: a chunk may be read by several workers and ranks.
     """
 
     def __init__(
@@ -243,27 +266,23 @@ class _StoreSource(IterableDataset):
         self.store, self.view, self.batch_size = store, view, batch_size
         self.seed, self.epoch, self.fields = seed, epoch, fields
         self.allow_incomplete = allow_incomplete
-        self.per_rank = _per_rank(num_batches)
+        self.num_batches = num_batches
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        part, parts = _part()
-        nranks = world()[1]
-        batches = StoreReader.open(self.store).iter_batches(
+        rank, nranks, _ = world()
+        yield from StoreReader.open(self.store).iter_batches(
             self.view,
-            self.batch_size,
+            self.batch_size * nranks,  # the global batch
             self.seed,
             self.epoch,
             allow_incomplete=self.allow_incomplete,
             fields=self.fields,
-            part=(part, parts),
+            part=_worker(),
+            rank=(rank, nranks),
         )
-        for k, raw in enumerate(batches):
-            if (part + k * parts) // nranks >= self.per_rank:  # this rank's share is done
-                return
-            yield raw
 
 
 class _OnlineSource(IterableDataset):
@@ -272,21 +291,19 @@ class _OnlineSource(IterableDataset):
     def __init__(self, num_instances: int, batch_size: int, seed: int, epoch: int) -> None:
         super().__init__()
         self.n, self.batch_size, self.seed, self.epoch = num_instances, batch_size, seed, epoch
-        self.per_rank = _per_rank(math.ceil(num_instances / batch_size))
 
     def __len__(self) -> int:
-        return self.per_rank
+        return _global_batches(self.n, self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        part, parts = _part()
-        nranks = world()[1]
+        rank, nranks, _ = world()
+        w, nw = _worker()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        starts = range(0, self.n, self.batch_size)
-        for i in range(part, len(starts), parts):
-            if i // nranks >= self.per_rank:
-                return
-            idx = order[starts[i] : starts[i] + self.batch_size]
-            yield {"instance": idx, "view": np.full(len(idx), self.epoch, dtype=np.int64)}
+        step = self.batch_size * nranks  # the global batch, cut into rank slices
+        for start in range(w * step, self.n, nw * step):
+            idx, valid = rank_rows(order[start : start + step], rank, nranks)
+            raw = {"instance": idx, "view": np.full(len(idx), self.epoch, dtype=np.int64)}
+            yield raw if nranks == 1 else {**raw, "valid": valid}
 
 
 class StudentBatches:
@@ -337,8 +354,8 @@ class StudentBatches:
         self.verify_digest = verify_digest and not online
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the last one may be short)."""
-        return _per_rank(math.ceil(self.meta.num_instances / self.batch_size))
+        """Batches per epoch on this rank: the global batches (the last one may be short)."""
+        return _global_batches(self.meta.num_instances, self.batch_size)
 
     def view(self, epoch: int) -> int:
         return view_for_epoch(epoch, self.views)
@@ -352,7 +369,7 @@ class StudentBatches:
             epoch,
             self.fields,
             self.allow_incomplete,
-            math.ceil(self.meta.num_instances / self.batch_size),
+            len(self),
         )
         # Only the first epoch of a process is checked: the pixels cannot change mid-run.
         verify, self.verify_digest = self.verify_digest, False
@@ -396,7 +413,7 @@ class OnlineBatches:
         )
 
     def __len__(self) -> int:
-        return _per_rank(math.ceil(len(self.instances) / self.batch_size))
+        return _global_batches(len(self.instances), self.batch_size)
 
     def __call__(self, epoch: int) -> DataLoader:
         source = _OnlineSource(len(self.instances), self.batch_size, self.seed, epoch)

@@ -22,10 +22,11 @@ from torch import nn
 
 from distilpose.engine import TrainConfig, Trainer, world
 from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
-from distilpose.losses import DistillationLoss, parse_losses
+from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
-from student_train.data import OnlineBatches, StudentBatches
+from store.schema import TEACHER_OUTPUTS
+from student_train.data import OnlineBatches, StudentBatches, check_targets
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
 
@@ -38,14 +39,12 @@ def resolve_warmup(warmup_iters: int | None, total_iters: int) -> int:
 
 
 def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the teacher (online mode): heatmaps [B,K,Hh,Wh] and tokens [B,K,D], [B,P,D]."""
+    """Run the teacher (online mode): heatmaps [B,K,Hh,Wh] and, if it has them, tokens
+    [B,K,D], [B,P,D]."""
     with torch.no_grad():
         out = teacher(images)
-    return {
-        "heatmaps": out.heatmaps.float(),
-        "keypoint_tokens": out.keypoint_tokens.float(),
-        "visual_tokens": out.visual_tokens.float(),
-    }
+    names = ("heatmaps", "keypoint_tokens", "visual_tokens")
+    return {n: getattr(out, n).float() for n in names if getattr(out, n) is not None}
 
 
 def build_task(
@@ -109,6 +108,9 @@ def train_student(
     amp: bool = True,
     log_every: int = 20,
     ckpt_every_steps: int = 0,
+    sync_bn: bool = True,
+    channels_last: bool = False,
+    amp_dtype: str = "auto",
 ) -> dict:
     """Train `model` from the teacher store `store`; returns the run summary.
 
@@ -127,9 +129,14 @@ def train_student(
     cfg = student.config
 
     teacher = load_teacher(teacher_online, cfg) if teacher_online else None
+    if teacher is not None:
+        outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
+        check_targets(weights, outputs, teacher.config.name, cfg)
     store_meta: dict = {}
     if store is not None:
         reader = StoreReader.open(str(store))
+        if teacher is None:  # a loss the store has no target for fails before anything runs
+            check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
         reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
         if not allow_incomplete and not bool(reader.complete_mask().all()):
             raise StoreFormatError(
@@ -177,6 +184,9 @@ def train_student(
         seed=seed,
         num_workers=workers,
         log_every=log_every,
+        sync_bn=sync_bn,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
         ckpt_every_steps=ckpt_every_steps,
     )
     meta = {
@@ -202,7 +212,15 @@ def train_student(
         },
     }
     trainer = Trainer(
-        student, build_task(loss_fn, teacher), data, config, out, meta, on_epoch_end=eval_fn
+        student,
+        build_task(loss_fn, teacher),
+        data,
+        config,
+        out,
+        meta,
+        on_epoch_end=eval_fn,
+        # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
+        find_unused_parameters=set(weights) != set(LOSS_NAMES),
     )
     summary = trainer.fit(resume=resume)
 

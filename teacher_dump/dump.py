@@ -54,7 +54,7 @@ from distilpose.engine import amp_dtype, resolve_device, world
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
-from store.schema import StoreMeta
+from store.schema import TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
 log = logging.getLogger("distilpose.dump")
@@ -241,6 +241,7 @@ def dump_teacher(
     instances = load_coco_instances(ann_file, image_root, train=True)[:max_instances]
     if not instances:
         raise BadConfigError(f"{ann_file}: no trainable person instances; expected at least one")
+    outputs = TEACHER_OUTPUTS if cfg.has_tokens else ("heatmaps",)  # what the teacher gives
     meta = StoreMeta(
         teacher_name=cfg.name,
         teacher_sha256=file_sha256(teacher_ckpt),
@@ -249,8 +250,9 @@ def dump_teacher(
         seed=seed,
         input_size=tuple(cfg.input_size),
         heatmap_size=tuple(cfg.heatmap_size),
-        token_dim=cfg.dim,
-        patch_grid=cfg.patch_grid,
+        token_dim=cfg.dim if cfg.has_tokens else 0,
+        patch_grid=cfg.patch_grid if cfg.has_tokens else (0, 0),  # no tokens: no token sizes
+        teacher_outputs=outputs,
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
         ann_digest=annotation_digest(ann_file),
@@ -316,9 +318,9 @@ def dump_teacher(
                         dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
                     ),
                 ):
-                    outputs = teacher(images)
-                for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
-                    batch[name] = getattr(outputs, name).float().cpu().numpy()
+                    result = teacher(images)
+                for name in outputs:
+                    batch[name] = getattr(result, name).float().cpu().numpy()
                 forward_s += time.perf_counter() - t0  # .cpu() waited for the device
                 errors = batch.pop("error")
                 for i, err in enumerate(errors):
@@ -327,7 +329,7 @@ def dump_teacher(
                         slot, index = int(batch["slot"][i]), int(batch["instance"][i])
                         view = writer.slot_instance(slot)[1]
                         log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
-                        for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
+                        for name in outputs:
                             batch[name][i] = 0
                 parts.append(batch)
                 bar.advance(len(errors))

@@ -30,7 +30,8 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.engine import TrainConfig, Trainer, world
+from distilpose.distributed import rank_share, world
+from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadConfigError
 from distilpose.losses import HeatmapLoss
 from distilpose.models import build_model, save_checkpoint
@@ -77,7 +78,12 @@ class HeatmapCrops(Dataset):
 
 
 class TeacherBatches:
-    """`epoch -> DataLoader`: a (seed, epoch) shuffle, this rank's share, view = epoch."""
+    """`epoch -> DataLoader`: a (seed, epoch) shuffle, this rank's share, view = epoch.
+
+    The shuffle is cut into global batches of world_size x batch_size (whole ones only) and rank
+    r takes slice r of each (`distilpose.distributed.rank_share`), so R ranks x B see the same
+    global batches as one process with R x B.
+    """
 
     def __init__(self, dataset: HeatmapCrops, batch_size: int, seed: int, workers: int) -> None:
         self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
@@ -96,11 +102,13 @@ class TeacherBatches:
         self.dataset.view = epoch
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.dataset), generator=g)
-        order = order[: len(self) * self.batch_size * self.world_size]
+        step = self.batch_size * self.world_size
+        start, stop = rank_share(step, self.rank, self.world_size)
+        mine = [order[k + start : k + stop] for k in range(0, len(self) * step, step)]
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=order[self.rank :: self.world_size].tolist(),
+            sampler=torch.cat(mine).tolist() if mine else [],
             num_workers=self.workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
@@ -138,6 +146,7 @@ def train_teacher(
     log_every: int = 20,
     eval_fn: Callable[[nn.Module], dict] | None = None,
     eval_every: int = 10,
+    sync_bn: bool = True,
 ) -> dict:
     """Train teacher `model` on a COCO keypoints file; returns the run summary.
 
@@ -153,7 +162,9 @@ def train_teacher(
     net = build_model(model, **(model_overrides or {}))
     cfg = net.config
     if cfg.role != "teacher":
-        raise BadConfigError(f"model: {model!r} is a {cfg.role}; expected a teacher (tokenpose_*)")
+        raise BadConfigError(
+            f"model: {model!r} is a {cfg.role}; expected a teacher (tokenpose_*, simplebaseline_*)"
+        )
     dataset = HeatmapCrops(instances, recipe, seed, tuple(cfg.input_size), tuple(cfg.heatmap_size))
     batches = TeacherBatches(dataset, batch_size, seed, workers)
     config = TrainConfig(
@@ -166,6 +177,7 @@ def train_teacher(
         seed=seed,
         num_workers=workers,
         log_every=log_every,
+        sync_bn=sync_bn,
     )
     meta = {
         "role": "teacher",

@@ -1,4 +1,4 @@
-"""The paper's models by name: TokenPose teachers and DistilPose students.
+"""The paper's models by name: TokenPose teachers, DistilPose students and the CNN pair.
 
     model = build_model("distilpose_s")            # model.config: ModelConfig
     out = model(images)                            # images [B, 3, 256, 192] -> StudentOutput
@@ -11,8 +11,15 @@
 | `distilpose_l`    | student | HRNet-W48, stages 1-3     | 192 x 12    | 21.27M, 10.33 GMACs |
 | `tokenpose_tiny`  | teacher | tiny stem (32 ch)         | 64 x 4      | demo and tests      |
 | `distilpose_tiny` | student | tiny stem (32 ch)         | 64 x 2      | demo and tests      |
+| `simplebaseline_r50` | teacher | ResNet-50 + 3 deconvs  | none        | Table 6 teacher     |
+| `deeppose_r50`    | student | ResNet-50, pooled Linear  | none        | Table 6 student     |
+| `simplebaseline_tiny` | teacher | tiny ResNet + 2 deconvs | none      | demo and tests      |
+| `deeppose_tiny`   | student | tiny ResNet, pooled Linear | none       | demo and tests      |
 
-Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3).
+Tiny models take 128x96 crops (heatmaps 32x24, 64 patches of 4x3). The tiny ResNet has three
+stages of one BasicBlock (32, 64, 128 channels, stride 16); its deconvolutions have 64
+channels. Models without tokens (SimpleBaseline, DeepPose) accept `weights=PATH` in
+`build_model`: a local torchvision ResNet state dict (ImageNet) for the trunk.
 """
 
 from __future__ import annotations
@@ -21,19 +28,24 @@ from distilpose.models.checkpoint import (
     build_from_checkpoint,
     checkpoint_filter_fn,
     identify_checkpoint,
+    load_backbone_weights,
     load_checkpoint,
     save_checkpoint,
 )
 from distilpose.models.complexity import count_macs, count_params, list_model_infos, model_info
+from distilpose.models.deeppose import DeepPose
 from distilpose.models.distilpose import DistilPose, StudentOutput
 from distilpose.models.layers import ModelConfig
 from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
+from distilpose.models.simplebaseline import SimpleBaseline
 from distilpose.models.tokenpose import TeacherOutput, TokenPose
 
 __all__ = [
     "MODEL_NAMES",
+    "DeepPose",
     "DistilPose",
     "ModelConfig",
+    "SimpleBaseline",
     "StudentOutput",
     "TeacherOutput",
     "TokenPose",
@@ -45,6 +57,7 @@ __all__ = [
     "create_model",
     "identify_checkpoint",
     "list_model_infos",
+    "load_backbone_weights",
     "load_checkpoint",
     "model_config",
     "model_info",

@@ -8,7 +8,10 @@ Two file layouts are read, both with `torch.load(path, map_location="cpu", weigh
 - official MMPose 0.x (yshMars/DistilPose): `{"state_dict", "meta", "optimizer"}` with keys
   `backbone.*` and `keypoint_head.tokenpose.*` (teachers) or `keypoint_head.tokenhead.*`
   (students), optionally behind `module.`; a bare state dict works too. The model is identified
-  from the keys and shapes.
+  from the keys and shapes. MMPose 0.x SimpleBaseline / DeepPose files (`backbone.*` ResNet,
+  `keypoint_head.deconv_layers.*` + `keypoint_head.final_layer.*`, or `keypoint_head.fc.*`)
+  load the same way; DeepPose's `head.confidence.*` (scores, sigmas: not in MMPose) may be
+  absent from them and then keeps its initial values (`OPTIONAL_KEYS`).
 
 `checkpoint_filter_fn` is the one place foreign keys are renamed to ours (`head.*`).
 """
@@ -32,14 +35,18 @@ from distilpose.models.registry import MODEL_NAMES, build_model, create_model, m
 
 FORMAT = "distilpose/1"
 HEAD_PREFIX = "head."
-OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.")
+# most specific first: the MMPose CNN heads sit directly under `keypoint_head.`
+OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.", "keypoint_head.")
+# our keys a foreign file may lack: DeepPose's score/sigma head exists only in this project
+OPTIONAL_KEYS = ("head.confidence.",)
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _SHOW = 5  # keys listed per kind in an error message before "(+N more)"
 
 
 def checkpoint_filter_fn(state_dict: dict) -> dict:
     """Rename official keys to this package's: strip a leading `module.` (DataParallel/DDP) and
-    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` to `head.`. Other keys unchanged."""
+    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` / `keypoint_head.` to `head.`.
+    Other keys unchanged."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith("module."):
@@ -110,8 +117,14 @@ def _short(keys: list) -> str:
 
 def _diff(state: dict, reference: dict) -> tuple[list, list, list]:
     """Compare a (renamed) state dict with a model's {key: shape}: missing, unexpected, mismatched.
-    BN `num_batches_tracked` may be absent (older files): it is not reported missing."""
-    missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
+    BN `num_batches_tracked` (older files) and `OPTIONAL_KEYS` may be absent: not reported."""
+    missing = [
+        k
+        for k in reference
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and not k.startswith(OPTIONAL_KEYS)
+    ]
     unexpected = [k for k in state if k not in reference]
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(reference[k])}"
@@ -169,6 +182,26 @@ def load_checkpoint(
     state, meta, _, _ = _unpack(obj, source)
     _load_state(_unwrap(model), state, source, strict)
     return dict(meta)
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local backbone file strictly into `model.backbone`: a bare state dict or a
+    checkpoint whose keys are the trunk's (torchvision's ResNet files: their classifier `fc.*` is
+    dropped) or `backbone.*` (an MMPose checkpoint: other keys are ignored)."""
+    obj = _read(path)
+    state, _, _, _ = _unpack(obj, str(path))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = _unwrap(model).backbone
+    missing, unexpected, bad = _diff(state, {k: v.shape for k, v in backbone.state_dict().items()})
+    if missing or unexpected or bad:
+        name = getattr(getattr(_unwrap(model), "config", None), "name", type(model).__name__)
+        raise BadCheckpointError(
+            _mismatch_message(str(path), f"{name}'s backbone", missing, unexpected, bad)
+        )
+    backbone.load_state_dict(state, strict=False)  # num_batches_tracked may be absent
 
 
 # ---------------------------------------------------------------------------------------------

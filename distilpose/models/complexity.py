@@ -1,10 +1,11 @@
 """Parameters and multiply-accumulates (MACs), counted the way the paper did.
 
 The paper's "GFLOPs" come from MMCV's `get_model_complexity_info`, which counts per call of a
-leaf module: convolutions (kernel x in/groups x out per output position, + bias), linear layers
-(input elements x output features), normalisation layers (input elements, x2 with an affine),
-ReLU-family activations (output elements), pooling (input elements) and upsampling (output
-elements). It does NOT count GELU, softmax, additions or attention's two matrix products.
+leaf module: convolutions (kernel x in/groups x out per output position, + bias), transposed
+convolutions (the same per *input* position), linear layers (input elements x output
+features), normalisation layers (input elements, x2 with an affine), ReLU-family activations
+(output elements), pooling (input elements) and upsampling (output elements).
+It does NOT count GELU, softmax, additions or attention's two matrix products.
 The "full" count adds those products (q @ k^T and attn @ v: 2 x B x N^2 x D per attention
 layer), which matter for the token encoder (DistilPose-S: 2.38 paper-style, ~2.7 full).
 
@@ -40,6 +41,11 @@ def _module_macs(m: nn.Module, inputs: tuple, output: torch.Tensor, full: bool) 
         positions = output.numel() // m.out_channels  # B * H_out * W_out
         macs = per_position * m.out_channels * positions
         return macs + (output.numel() if m.bias is not None else 0)
+    if isinstance(m, nn.ConvTranspose2d):  # MMCV: per *input* position
+        per_position = m.kernel_size[0] * m.kernel_size[1] * m.in_channels * m.out_channels
+        positions = x.numel() // m.in_channels
+        macs = per_position // m.groups * positions
+        return macs + (m.out_channels * positions if m.bias is not None else 0)
     if isinstance(m, nn.Linear):
         return x.numel() * m.out_features
     if isinstance(m, _NORMS):
@@ -71,7 +77,8 @@ def count_macs(
         nonlocal total
         total += _module_macs(m, inputs, output, full)
 
-    counted = (nn.Conv2d, nn.Linear, nn.Upsample, Attention) + _NORMS + _ACTIVATIONS + _POOLS
+    counted = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Upsample, Attention)
+    counted += _NORMS + _ACTIVATIONS + _POOLS
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
     was_training = model.training
     device = next(model.parameters()).device

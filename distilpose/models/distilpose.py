@@ -29,13 +29,14 @@ class StudentOutput:
     scores [B, K]: raw confidence (no sigmoid; trained towards the teacher's heatmap value);
     sigmas [B, K, 2]: sigma_x, sigma_y > 0 in heatmap pixels (softplus);
     keypoint_tokens [B, K, D], visual_tokens [B, P, D]: last encoder layer's outputs (no final
-    LayerNorm), projected to `teacher_dim` when the config sets one."""
+    LayerNorm), projected to `teacher_dim` when the config sets one; None for a student without
+    tokens (DeepPose, whose coords are raw regression outputs, not sigmoid)."""
 
     coords: torch.Tensor
     scores: torch.Tensor
     sigmas: torch.Tensor
-    keypoint_tokens: torch.Tensor
-    visual_tokens: torch.Tensor
+    keypoint_tokens: torch.Tensor | None = None
+    visual_tokens: torch.Tensor | None = None
 
 
 class RegressionHead(TokenEncoder):

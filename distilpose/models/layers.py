@@ -24,7 +24,12 @@ from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER, Geometry
 
 ROLES = ("teacher", "student")
-BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny")
+BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny")
+# "token": TokenPose / DistilPose token encoder; "deconv": SimpleBaseline's deconvolution heatmap
+# head (teacher); "fc": DeepPose's pooled linear regression (student). Only "token" has tokens.
+HEADS = ("token", "deconv", "fc")
+_HEAD_ROLE = {"deconv": "teacher", "fc": "student"}
+_RESNETS = ("resnet50", "resnet_tiny")  # output stride 32 / 16: only the CNN heads fit them
 
 
 @dataclass
@@ -49,6 +54,8 @@ class ModelConfig:
     num_keypoints: int = 17  # COCO-17
     single_sigma: bool = False  # student: one sigma for both axes (paper Table B, out dim 4)
     teacher_dim: int | None = None  # student: if set and != dim, project tokens to this width
+    head: str = "token"  # one of HEADS; configs saved before it existed are token models
+    head_channels: int = 256  # "deconv": width of each deconvolution (SimpleBaseline: 256)
 
     def __post_init__(self) -> None:
         for key in ("input_size", "heatmap_size", "patch_size"):
@@ -58,6 +65,18 @@ class ModelConfig:
         if self.backbone not in BACKBONES:
             raise BadConfigError(
                 f"model config 'backbone' is {self.backbone!r}; expected one of {BACKBONES}"
+            )
+        if self.head not in HEADS:
+            raise BadConfigError(f"model config 'head' is {self.head!r}; expected one of {HEADS}")
+        if _HEAD_ROLE.get(self.head, self.role) != self.role:
+            raise BadConfigError(
+                f"model config 'head' {self.head!r} is a {_HEAD_ROLE[self.head]}'s head; "
+                f"'role' is {self.role!r}"
+            )
+        if (self.head == "token") == (self.backbone in _RESNETS):
+            raise BadConfigError(
+                f"model config 'backbone' {self.backbone!r} does not fit 'head' {self.head!r}; "
+                f"expected one of {_RESNETS} for the CNN heads, another backbone for 'token'"
             )
         if not self.geometry.tiles:
             raise BadConfigError(
@@ -83,6 +102,11 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return self.geometry.num_patches
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the model outputs keypoint and visual tokens (TokenPose / DistilPose)."""
+        return self.head == "token"
 
     @property
     def token_dim(self) -> int:

@@ -5,13 +5,16 @@ it at their top."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from torch import nn
 
 from distilpose.errors import BadConfigError
+from distilpose.models.deeppose import DeepPose
 from distilpose.models.distilpose import DistilPose
 from distilpose.models.layers import ModelConfig
+from distilpose.models.simplebaseline import SimpleBaseline
 from distilpose.models.tokenpose import TokenPose
 
 _TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
@@ -24,6 +27,13 @@ _MODELS: dict[str, dict] = {
     "distilpose_l": dict(role="student", backbone="hrnet_w48_s3"),
     "tokenpose_tiny": dict(role="teacher", backbone="stemnet_tiny", depth=4, **_TINY),
     "distilpose_tiny": dict(role="student", backbone="stemnet_tiny", depth=2, **_TINY),
+    # the paper's CNN pair (Table 6); token fields (dim, patch_size, ...) are unused by them
+    "simplebaseline_r50": dict(role="teacher", backbone="resnet50", head="deconv"),
+    "deeppose_r50": dict(role="student", backbone="resnet50", head="fc"),
+    "simplebaseline_tiny": dict(
+        role="teacher", backbone="resnet_tiny", head="deconv", head_channels=64, **_TINY
+    ),
+    "deeppose_tiny": dict(role="student", backbone="resnet_tiny", head="fc", **_TINY),
 }
 MODEL_NAMES = list(_MODELS)
 
@@ -42,10 +52,21 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 def create_model(config: ModelConfig) -> nn.Module:
-    """A fresh (randomly initialised) model for a config: TokenPose or DistilPose by role."""
+    """A fresh (randomly initialised) model for a config: by head, then by role."""
+    if config.head == "deconv":
+        return SimpleBaseline(config)
+    if config.head == "fc":
+        return DeepPose(config)
     return TokenPose(config) if config.role == "teacher" else DistilPose(config)
 
 
-def build_model(name: str, **overrides) -> nn.Module:
-    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6)."""
-    return create_model(model_config(name, **overrides))
+def build_model(name: str, weights: str | os.PathLike | None = None, **overrides) -> nn.Module:
+    """Build a model by the paper's name; overrides change ModelConfig fields (e.g. depth=6).
+    `weights`: a local backbone state dict (e.g. torchvision's ImageNet ResNet-50 file) loaded
+    strictly into `model.backbone` (a classifier `fc.*` in it is dropped)."""
+    model = create_model(model_config(name, **overrides))
+    if weights is not None:
+        from distilpose.models.checkpoint import load_backbone_weights  # it imports this module
+
+        load_backbone_weights(model, weights)
+    return model

@@ -23,11 +23,12 @@ from distilpose.models.layers import ModelConfig, TokenEncoder
 @dataclass
 class TeacherOutput:
     """heatmaps [B, K, Hh, Wh] (raw, not normalised); keypoint_tokens [B, K, D];
-    visual_tokens [B, P, D] (last encoder layer's outputs, no final LayerNorm)."""
+    visual_tokens [B, P, D] (last encoder layer's outputs, no final LayerNorm); tokens are None
+    for a teacher without them (SimpleBaseline)."""
 
     heatmaps: torch.Tensor
-    keypoint_tokens: torch.Tensor
-    visual_tokens: torch.Tensor
+    keypoint_tokens: torch.Tensor | None = None
+    visual_tokens: torch.Tensor | None = None
 
 
 class HeatmapHead(TokenEncoder):
