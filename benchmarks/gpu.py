@@ -250,7 +250,9 @@ def jpeg_decode_check(plan: Plan, store: Path) -> str:
                 "student data path), so there is no JPEG to decode on the GPU")  # fmt: skip
     rates = {}
     for decode in ("cpu", "gpu") if plan.device == "cuda" else ("cpu",):
-        data = StudentBatches(store, batch_size=plan.batch, workers=plan.workers, decode=decode)
+        data = StudentBatches(
+            store, batch_size=plan.batch, workers=plan.workers, decode=decode, device=plan.device
+        )
         start, n = time.perf_counter(), 0
         for batch in data(0):
             n += len(batch["images"])

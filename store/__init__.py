@@ -1,7 +1,7 @@
 """The teacher store: the on-disk cache between teacher dump (stage 1) and student training.
 
 `schema` fixes the format, `writer` fills it (resumable, several writers at once), `reader`
-serves exact slot ranges, shuffled batches and a torch IterableDataset, and `checks` holds
+serves exact slot ranges and shuffled batches (the training path), and `checks` holds
 `store_info` / `store_verify`. The reader (and torch) is imported on first use, so writer
 processes stay light.
 """
@@ -11,7 +11,6 @@ from store.writer import StoreWriter
 
 __all__ = [
     "SCHEMA_VERSION",
-    "StoreDataset",
     "StoreLayout",
     "StoreMeta",
     "StoreReader",
@@ -23,7 +22,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("StoreReader", "StoreDataset"):
+    if name == "StoreReader":
         from store import reader
 
         return getattr(reader, name)

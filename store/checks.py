@@ -1,4 +1,5 @@
-"""Whole-store statistics (`store_info`, dask) and crop re-rendering checks (`store_verify`)."""
+"""Whole-store statistics (`store_info`, dask) and crop checks (`store_verify`: stored crops
+decoded, or re-rendered from the images for stores without pixels)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
-from store.schema import TEACHER_OUTPUTS, digest_hex
+from store.schema import PIXELS, TEACHER_OUTPUTS, digest_hex
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -21,6 +22,17 @@ def _disk_bytes(reader: StoreReader) -> int:
             os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(loc.root) for f in files
         )
     return int(loc.fs.du(loc.root, total=True))
+
+
+def _array_bytes(reader: StoreReader, name: str) -> int:
+    """Bytes on disk of one array's files."""
+    loc = reader.location
+    root = loc.join(name)
+    if loc.is_local:
+        return sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
+        )
+    return int(loc.fs.du(root, total=True)) if loc.fs.exists(root) else 0
 
 
 def _complete_slots(reader: StoreReader) -> np.ndarray:
@@ -55,16 +67,16 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
     chunks = reader.chunks(None, allow_incomplete=True)
     samples = sum(b - a for a, b in chunks)
     disk = _disk_bytes(reader)
-    stored = sum(
-        int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
-        for s in reader.specs.values()
-    )
+    fixed = [s for s in reader.specs.values() if s.name != PIXELS]
+    stored = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in fixed)
     fp32 = sum(
         int(np.prod(s.shape, dtype=np.int64))
         * (4 if s.name in TEACHER_OUTPUTS else np.dtype(s.dtype).itemsize)
-        for s in reader.specs.values()
+        for s in fixed
         if not s.name.endswith("_scale")
     )
+    pixel_bytes = _array_bytes(reader, PIXELS) if PIXELS in reader.specs else 0
+    disk_targets = disk - pixel_bytes  # compression ratios are of the fixed-size arrays
     info = {
         "path": str(path),
         "schema_version": m.schema_version,
@@ -83,8 +95,16 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
         "bytes_on_disk": disk,
         "bytes_per_sample": disk / samples if samples else float("nan"),
         "raw_bytes_per_sample": stored,
-        "compression_ratio": stored * samples / disk if samples and disk else float("nan"),
-        "ratio_vs_float32": fp32 * samples / disk if samples and disk else float("nan"),
+        "compression_ratio": (
+            stored * samples / disk_targets if samples and disk_targets else float("nan")
+        ),
+        "ratio_vs_float32": fp32 * samples / disk_targets
+        if samples and disk_targets
+        else float("nan"),
+        "pixels": m.pixels,
+        "jpeg_quality": m.jpeg_quality,
+        "pixel_bytes": pixel_bytes,
+        "pixel_bytes_per_sample": pixel_bytes / samples if samples else float("nan"),
     }
     if not samples:
         info.update(nonfinite={}, confidence={})
@@ -126,31 +146,31 @@ def store_verify(
     seed: int = 0,
     storage_options: dict | None = None,
 ) -> dict:
-    """Re-render crops from their stored specs and compare their sha256 with the stored digest.
+    """Check stored crops against the stored digests: decode them (stores with pixels), or
+    re-render them from their specs and the images (stores without).
 
     sample: check this many complete samples drawn at random (seeded), or all if None.
     ann_file / image_root override the paths recorded in the store (its digest must match);
     images(instance) -> uint8 BGR image overrides reading `instance.image_path`.
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
-    keypoints/weights differ from the re-rendered ones), and the first mismatched slots.
+    keypoints/weights differ from the re-rendered ones; not checked for stores with pixels,
+    which need no images), skipped (samples the dump could not read, all-zero digest), the
+    first mismatched slots, and how the crops were checked ("decoded" or "re-rendered").
     """
     from distilpose.data import CropSpec, read_image, render_crop
     from distilpose.data import crop_digest as digest_of
 
     reader = StoreReader.open(path, storage_options)
     m = reader.meta
+    if m.pixels != "none":
+        return _verify_pixels(reader, path, sample, seed)
     instances = load_store_instances(m, path, ann_file, image_root)
-    slots = _complete_slots(reader)
-    if sample is not None and sample < len(slots):
-        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
+    by_chunk = _sample_slots(reader, sample, seed)
     fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
     ok = bad = bad_kp = 0
     bad_slots: list[int] = []
     load = images or (lambda inst: read_image(inst.image_path))
     chunk = m.chunk_samples
-    by_chunk: dict[int, list[int]] = {}
-    for slot in slots.tolist():
-        by_chunk.setdefault(slot // chunk, []).append(slot)
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
         data = reader.read_chunk(c * chunk, (c + 1) * chunk, fields)
         for slot in by_chunk[c]:
@@ -170,11 +190,62 @@ def store_verify(
                 bad_slots.append(int(slot))
     return {
         "path": str(path),
-        "checked": len(slots),
+        "checked": ok + bad,
         "ok": ok,
         "mismatched": bad,
         "keypoints_mismatched": bad_kp,
         "mismatched_slots": bad_slots,
+        "skipped": 0,
+        "crops": "re-rendered",
+    }
+
+
+def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[int, list[int]]:
+    """Complete slots (a seeded random sample, or all), grouped by chunk."""
+    slots = _complete_slots(reader)
+    if sample is not None and sample < len(slots):
+        slots = np.sort(np.random.default_rng(seed).choice(slots, size=sample, replace=False))
+    by_chunk: dict[int, list[int]] = {}
+    for slot in slots.tolist():
+        by_chunk.setdefault(slot // reader.meta.chunk_samples, []).append(slot)
+    return by_chunk
+
+
+def _verify_pixels(reader: StoreReader, path: object, sample: int | None, seed: int) -> dict:
+    """Decode stored crops and compare the sha256 of the pixels with the stored digest."""
+    from distilpose.data import crop_digest as digest_of
+    from store.pixels import decode_crop
+
+    m = reader.meta
+    chunk = m.chunk_samples
+    by_chunk = _sample_slots(reader, sample, seed)
+    ok = bad = skipped = 0
+    bad_slots: list[int] = []
+    for c in progress(list(by_chunk), desc="verify", unit="chunks"):
+        data = reader.read_chunk(c * chunk, (c + 1) * chunk, ("crop_digest", "weights", PIXELS))
+        for slot in by_chunk[c]:
+            i = slot - c * chunk
+            stored = digest_hex(data["crop_digest"][i])
+            if stored == "0" * 64 and not data["weights"][i].any():
+                skipped += 1  # the dump could not read this image: marked invalid, not a crop
+                continue
+            try:
+                same = digest_of(decode_crop(data[PIXELS][i], m.pixels, m.input_size)) == stored
+            except ValueError:  # bytes that do not decode are a mismatch, not a crash
+                same = False
+            ok += same
+            bad += not same
+            if not same and len(bad_slots) < 20:
+                bad_slots.append(int(slot))
+    return {
+        "path": str(path),
+        "checked": ok + bad + skipped,
+        "ok": ok,
+        "mismatched": bad,
+        "keypoints_mismatched": 0,
+        "mismatched_slots": bad_slots,
+        "skipped": skipped,
+        "crops": "decoded",
     }
 
 
@@ -194,6 +265,15 @@ def format_store_info(info: dict) -> str:
         f"compression x{info['compression_ratio']:.2f} "
         f"(x{info['ratio_vs_float32']:.2f} vs float32)",
     ]
+    if info.get("pixels", "none") != "none":
+        quality = f" quality {info['jpeg_quality']}" if info["pixels"] == "jpeg" else ""
+        lines.append(
+            f"pixels           {info['pixels']}{quality}: "
+            f"{info['pixel_bytes_per_sample'] / 1e3:,.1f} kB/sample, "
+            f"{info['pixel_bytes'] / 2**20:,.1f} MiB in all"
+        )
+    else:
+        lines.append("pixels           none (crops are re-rendered from the images)")
     if "nonfinite_total" in info:
         lines.append(f"NaN/Inf values   {info['nonfinite_total']}")
     conf = info.get("confidence")

@@ -1,4 +1,4 @@
-"""Read a teacher store: exact slot ranges, shuffled training batches, a torch IterableDataset.
+"""Read a teacher store: exact slot ranges and shuffled training batches.
 
 Why chunks, not samples. A zarr read costs about 1 ms per chunk whatever its size, while
 decompressing one sample costs 0.1-0.2 ms; reading one sample at a time at random would give a
@@ -30,12 +30,10 @@ global batch is cut into R contiguous slices, rank r reading only the chunks its
 So every sample is trained exactly once per epoch across ranks, for any R, and the global
 batches do not depend on R (see `distilpose.distributed` for the short last batch).
 
-Determinism: the order depends only on (seed, epoch) and the split of the chunk list. With
-`StoreDataset`, DataLoader worker w of W (and rank r of R) takes every (R*W)-th chunk of the
-epoch order, so each chunk is read once; the order is fixed for a given number of workers.
-`iter_batches(part=(i, n))` instead yields every n-th batch of the single-process order (reading
-only the chunks those batches need): the same global order for any number of workers, at the
-cost of reading a chunk in up to n workers.
+Determinism: the order depends only on (seed, epoch). `iter_batches(part=(i, n))` yields every
+n-th batch of the single-process order (reading only the chunks those batches need): the same
+global order for any number of workers, at the cost of reading a chunk in up to n workers. This
+is the one read path: training (`student_train.data`) and the store benchmark use it.
 """
 
 from __future__ import annotations
@@ -64,6 +62,7 @@ from store.schema import (
     dequantize_heatmaps,
     dequantize_tokens,
     read_fields,
+    stored_dtype,
 )
 
 DEFAULT_FIELDS = READ_FIELDS
@@ -87,10 +86,11 @@ class StoreReader:
                 arr = group[name]
             except KeyError:
                 raise StoreFormatError(f"{self.path}: array '{name}' is missing") from None
-            if arr.shape[1:] != spec.shape or arr.shape[0] < slots or str(arr.dtype) != spec.dtype:
+            dtype = stored_dtype(spec)
+            if arr.shape[1:] != spec.shape or arr.shape[0] < slots or str(arr.dtype) != dtype:
                 raise StoreFormatError(
                     f"{self.path}: array '{name}' is {arr.dtype} {list(arr.shape)}; expected "
-                    f"{spec.dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
+                    f"{dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
                 )
             self.arrays[name] = arr
         self._complete: np.ndarray | None = None
@@ -435,7 +435,7 @@ def gather_rows(
     for f in fields:
         first = loaded[groups[0][0]][f]
         shape = (len(batch), *first.shape[1:])
-        if shared:
+        if shared and first.dtype != object:  # encoded pixels stay Python bytes
             import torch
 
             tensor = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype).share_memory_()
@@ -444,131 +444,8 @@ def gather_rows(
             arr = np.empty(shape, dtype=first.dtype)
         for c, where in groups:
             arr[where] = loaded[c][f][rows[where]]
-        out[f] = tensor if shared else arr
+        out[f] = tensor if shared and first.dtype != object else arr
     return out
-
-
-def __getattr__(name: str):
-    # StoreDataset needs torch; build it on first use so writers and checks stay light
-    if name == "StoreDataset":
-        global StoreDataset
-        StoreDataset = _store_dataset_class()
-        return StoreDataset
-    raise AttributeError(f"module 'store.reader' has no attribute '{name}'")
-
-
-def _store_dataset_class() -> type:
-    from torch.utils.data import IterableDataset, get_worker_info
-
-    class StoreDataset(IterableDataset):
-        """A torch IterableDataset over a store: shuffled samples (or batches) of one epoch.
-
-        view: an int, a list of views, None (all views) or "epoch" (view = epoch mod views).
-        batch_size=None yields per-sample dicts of numpy arrays (use DataLoader(batch_size=B));
-        an int yields batched dicts [B, ...] (use DataLoader(batch_size=None), the fast path).
-        Call `set_epoch(e)` before each epoch (DataLoader with persistent_workers=False, the
-        default). Chunks are split across DataLoader workers and DDP ranks (rank/world_size,
-        taken from torch.distributed when initialised), each reading its own chunks;
-        same_order_any_workers=True uses `iter_batches(part=...)` instead. Fields: `READ_FIELDS`.
-        """
-
-        def __init__(
-            self,
-            path: object,
-            *,
-            view: Views | str = None,
-            batch_size: int | None = None,
-            seed: int = 0,
-            epoch: int = 0,
-            shuffle_buffer_chunks: int = 4,
-            fields: Sequence[str] = DEFAULT_FIELDS,
-            allow_incomplete: bool = False,
-            num_threads: int = 2,
-            drop_last: bool = False,
-            rank: int | None = None,
-            world_size: int | None = None,
-            same_order_any_workers: bool = False,
-            dtype=None,
-            storage_options: dict | None = None,
-        ) -> None:
-            super().__init__()
-            self.path, self.storage_options = str(path), storage_options
-            self.view, self.batch_size, self.seed, self.epoch = view, batch_size, seed, epoch
-            self.shuffle_buffer_chunks, self.fields = shuffle_buffer_chunks, tuple(fields)
-            self.allow_incomplete, self.num_threads, self.drop_last = (
-                allow_incomplete,
-                num_threads,
-                drop_last,
-            )
-            self.rank, self.world_size = rank, world_size
-            self.same_order_any_workers, self.dtype = same_order_any_workers, dtype
-            reader = StoreReader.open(self.path, storage_options)  # fail early, in the main process
-            self.meta = reader.meta
-            self.fields = reader._fields(fields)
-            reader.chunks(self._view(epoch), allow_incomplete)
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def _view(self, epoch: int) -> Views:
-            return epoch % self.meta.views if self.view == "epoch" else self.view
-
-        def _split(self) -> tuple[int, int]:
-            info = get_worker_info()
-            w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-            rank, world = self.rank, self.world_size
-            if rank is None or world is None:
-                import torch.distributed as dist
-
-                ok = dist.is_available() and dist.is_initialized()
-                rank, world = (dist.get_rank(), dist.get_world_size()) if ok else (0, 1)
-            return rank * nw + w, world * nw
-
-        def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-            reader = StoreReader.open(self.path, self.storage_options)
-            idx, total = self._split()
-            batch = self.batch_size or reader.meta.chunk_samples
-            kw = dict(
-                view=self._view(self.epoch),
-                batch_size=batch,
-                seed=self.seed,
-                epoch=self.epoch,
-                shuffle_buffer_chunks=self.shuffle_buffer_chunks,
-                allow_incomplete=self.allow_incomplete,
-                fields=self.fields,
-                drop_last=self.drop_last and self.batch_size is not None,
-                num_threads=self.num_threads,
-                dtype=self.dtype,
-            )
-            # batches cross to the main process through shared memory; samples are small
-            shared = get_worker_info() is not None and self.batch_size is not None
-            if self.same_order_any_workers or total == 1:
-                batches = reader.iter_batches(**kw, part=(idx, total), shared=shared)
-            else:
-                chunks = reader.chunks(kw["view"], self.allow_incomplete)
-                order = epoch_chunk_order(len(chunks), self.seed, self.epoch)
-                mine = [chunks[i] for i in order[idx::total]]
-                rng = np.random.default_rng([self.seed, self.epoch, idx, total])
-                plan = plan_batches(
-                    [b - a for a, b in mine],
-                    batch,
-                    self.shuffle_buffer_chunks,
-                    rng,
-                    kw["drop_last"],
-                )
-                batches = run_plan(
-                    reader, mine, plan, self.fields, self.num_threads, self.dtype, shared
-                )
-            for b in batches:
-                if self.batch_size is not None:
-                    yield b
-                else:
-                    n = len(next(iter(b.values())))
-                    for i in range(n):
-                        yield {k: v[i] for k, v in b.items()}
-
-    StoreDataset.__module__ = __name__
-    return StoreDataset
 
 
 def load_store_instances(

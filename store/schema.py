@@ -32,6 +32,7 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | keypoint_tokens_scale | [K]     | -         | float32 per token                                 |
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
+| pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
 
 Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
 teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
@@ -40,6 +41,18 @@ Reader rule: a version-1 store has no such field and holds all three outputs.
 All arrays are zstd compressed, level 1 (measured on realistic data, higher levels or blosc
 shuffle gain under 1% on dense half floats and int8 tokens and cost write speed) except the
 quantized heatmap codes, where level 9 saves about 10% (1.4 kB per sample in lossy mode).
+`StoreMeta.targets_zstd = False` (schema 2, `dump-teacher --raw-targets`) stores the fp16
+teacher outputs without zstd: 8% more bytes (209 instead of 193 kB per sample), and no
+decompression, about half the CPU of reading them (zstd decodes these near-incompressible half
+floats at about 1 GB/s per core; benchmarks/results/store_bench.md).
+
+Pixels (schema version 2). `StoreMeta.pixels` is "jpeg", "lossless" or "none": with pixels, the
+`pixels` array holds each slot's encoded crop (store/pixels.py: the formats and why) as zarr's
+variable-length bytes, chunked and sharded like every other array (the `vlen-bytes` codec runs
+inside the sharding codec; zarr-python marks this data type as not yet in the v3 spec, so
+another zarr implementation may not read that one array), without zstd (JPEG and the lossless
+format are compressed already). `crop_digest` is then the sha256 of the decoded pixels.
+Reader rule: a store of schema version 1 has no pixels: it reads as `pixels = "none"`.
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ import json
 import math
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -61,7 +76,7 @@ from distilpose.errors import StoreFormatError
 from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
-SCHEMA_VERSION = 2  # 2: teacher_outputs (heatmap-only stores); version-1 stores read as before
+SCHEMA_VERSION = 2  # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array)
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 MODES = ("fp16", "lossy", "lossy16")
@@ -84,6 +99,8 @@ IDENTITY_FIELDS = (
     "recipe",
     "mode",
     "teacher_outputs",
+    "pixels",
+    "jpeg_quality",
 )
 # what each teacher output is called in messages ("kt needs keypoint tokens; ...")
 OUTPUT_WORDS = {
@@ -91,6 +108,8 @@ OUTPUT_WORDS = {
     "keypoint_tokens": "keypoint tokens",
     "visual_tokens": "visual tokens",
 }
+PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
+JPEG_QUALITY = 95  # default quality of JPEG pixels
 
 
 @dataclass
@@ -125,6 +144,9 @@ class StoreMeta:
     extra: dict = field(default_factory=dict)  # free-form, e.g. the dump's options
     # the teacher outputs stored, in TEACHER_OUTPUTS order; absent in version 1 = all three
     teacher_outputs: tuple[str, ...] = TEACHER_OUTPUTS
+    pixels: str = "none"  # crop pixels kept in the store: "jpeg", "lossless" or "none"
+    jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
+    targets_zstd: bool = True  # fp16 teacher outputs zstd-compressed (False: raw, faster reads)
 
     def __post_init__(self) -> None:
         self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
@@ -136,6 +158,16 @@ class StoreMeta:
                 f"and any of {list(TEACHER_OUTPUTS[1:])}"
             )
         self.teacher_outputs = tuple(o for o in TEACHER_OUTPUTS if o in self.teacher_outputs)
+        if self.pixels not in PIXEL_FORMATS:
+            raise StoreFormatError(
+                f"StoreMeta.pixels: '{self.pixels}'; expected one of {PIXEL_FORMATS}"
+            )
+        jpeg = self.pixels == "jpeg"
+        self.jpeg_quality = (int(self.jpeg_quality) or JPEG_QUALITY) if jpeg else 0
+        if self.pixels == "jpeg" and not 1 <= self.jpeg_quality <= 100:
+            raise StoreFormatError(
+                f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
+            )
         self.input_size = tuple(int(v) for v in self.input_size)
         self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
         self.patch_grid = tuple(int(v) for v in self.patch_grid)
@@ -168,6 +200,9 @@ class StoreMeta:
                 "expected an upgrade of distilpose to read it"
             )
         known = {f.name for f in fields(cls)}
+        if version < 2:  # schema 1 predates pixels (crops re-rendered from the images); its
+            # teacher_outputs, absent, default to all three
+            d = {**d, "pixels": "none", "jpeg_quality": 0}
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
@@ -202,8 +237,8 @@ class ArraySpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    fill_value: int | float = 0
-    zstd_level: int = ZSTD_LEVEL
+    fill_value: int | float | bytes = 0
+    zstd_level: int = ZSTD_LEVEL  # 0: no zstd (data compressed already)
 
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
@@ -213,6 +248,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
     mode_fp16 = meta.mode == "fp16"
     tok_dtype = "float16" if mode_fp16 else "int8"
+    target_level = ZSTD_LEVEL if meta.targets_zstd or not mode_fp16 else 0
     specs = [
         ArraySpec("spec", (8,), "float64"),
         ArraySpec("instance", (), "int64", -1),
@@ -222,10 +258,10 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         ArraySpec("weights", (k,), "float32"),
         ArraySpec("crop_digest", (32,), "uint8"),
         ArraySpec(
-            "heatmaps", (k, hh, wh), hm_dtype, 0, ZSTD_LEVEL if mode_fp16 else ZSTD_LEVEL_CODES
+            "heatmaps", (k, hh, wh), hm_dtype, 0, target_level if mode_fp16 else ZSTD_LEVEL_CODES
         ),
-        ArraySpec("keypoint_tokens", (k, d), tok_dtype),
-        ArraySpec("visual_tokens", (p, d), tok_dtype),
+        ArraySpec("keypoint_tokens", (k, d), tok_dtype, 0, target_level),
+        ArraySpec("visual_tokens", (p, d), tok_dtype, 0, target_level),
     ]
     if meta.mode != "fp16":
         specs += [
@@ -233,8 +269,27 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
+    if meta.pixels != "none":
+        specs.append(ArraySpec(PIXELS, (), "bytes", b"", zstd_level=0))
     absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales
     return {s.name: s for s in specs if s.name.removesuffix("_scale") not in absent}
+
+
+PIXELS = "pixels"  # the array of encoded crops (stores with pixels only)
+
+
+@contextlib.contextmanager
+def quiet_vlen_bytes() -> Iterator[None]:
+    """Silence zarr-python's warning, on every metadata write of a variable-length bytes array,
+    that the type is not in the v3 spec yet: the module docstring says it once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"The data type \(VariableLengthBytes", FutureWarning)
+        yield
+
+
+def stored_dtype(spec: ArraySpec) -> str:
+    """The dtype zarr reports for an array of `spec` (variable-length bytes read as object)."""
+    return "object" if spec.dtype == "bytes" else spec.dtype
 
 
 # Fields a reader can return; "slot" and "view" are derived from the layout, never stored.

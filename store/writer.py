@@ -33,6 +33,7 @@ from distilpose.errors import StoreFormatError, StoreMismatchError
 from store.schema import (
     COMPLETE_DIR,
     META_KEY,
+    PIXELS,
     READ_FIELDS,
     StoreLayout,
     StoreLocation,
@@ -44,6 +45,7 @@ from store.schema import (
     heatmap_bits,
     quantize_heatmaps,
     quantize_tokens,
+    quiet_vlen_bytes,
     read_fields,
     syncfs,
 )
@@ -95,8 +97,8 @@ class StoreWriter:
                     if diff:
                         raise StoreMismatchError(
                             f"{loc}: store was made with other settings ({'; '.join(diff)}); "
-                            "expected the same teacher, seed, annotation file, mode and sizes "
-                            "(write to another path to start a new store)"
+                            "expected the same teacher, seed, annotation file, mode, pixels and "
+                            "sizes (write to another path to start a new store)"
                         )
                     if meta.views > stored.views:
                         stored = _add_views(loc, group, stored, meta.views)
@@ -190,7 +192,8 @@ class StoreWriter:
             ) from e
 
     def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
-        missing = [k for k in self.required if k not in arrays]
+        required = self.required + ((PIXELS,) if PIXELS in self.specs else ())
+        missing = [k for k in required if k not in arrays]
         if missing:
             raise StoreFormatError(f"{self.path}: write_unit({unit}) lacks arrays {missing}")
         n = self.layout.unit_valid(unit)
@@ -237,7 +240,10 @@ class StoreWriter:
         for name in ("spec", "keypoints", "weights", *(() if fp16 else outputs)):
             self._check_finite(got[name], name, start, instances, view)
 
-        out: dict[str, np.ndarray] = {
+        out: dict[str, np.ndarray] = (
+            {} if PIXELS not in self.specs else {PIXELS: self._pixels(arrays[PIXELS], n, where)}
+        )
+        out |= {
             "spec": spec,
             "instance": instances.astype(np.int64),
             "image_id": got["image_id"].astype(np.int64),
@@ -263,6 +269,19 @@ class StoreWriter:
                 spec_ = self.specs[name]
                 pad = np.full((size - len(a), *a.shape[1:]), spec_.fill_value, dtype=a.dtype)
                 out[name] = np.concatenate([a, pad])
+        return out
+
+    def _pixels(self, value: object, n: int, where: str) -> np.ndarray:
+        """n encoded crops (bytes each) as an object array; an empty crop is refused."""
+        rows = list(value)[:n]
+        bad = [i for i, b in enumerate(rows) if not isinstance(b, bytes | bytearray) or not b]
+        if len(rows) < n or bad:
+            raise StoreFormatError(
+                f"{where} 'pixels': {len(rows)} rows, row {bad[:1]} empty or not bytes; expected "
+                f"{n} non-empty encoded crops ({self.meta.pixels})"
+            )
+        out = np.empty(n, dtype=object)
+        out[:] = [bytes(b) for b in rows]
         return out
 
     def _check_finite(self, a, name, start, instances, view, original=None) -> None:
@@ -376,6 +395,7 @@ def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | N
     return group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc))
 
 
+@quiet_vlen_bytes()  # pixel stores: the one array of variable-length bytes
 def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
     meta = StoreMeta.from_dict(meta.to_dict())
     # a small dataset gets smaller units rather than mostly padding
@@ -395,7 +415,7 @@ def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
             shards=(meta.unit_samples, *spec.shape),
             dtype=spec.dtype,
             fill_value=spec.fill_value,
-            compressors=ZstdCodec(level=spec.zstd_level),
+            compressors=ZstdCodec(level=spec.zstd_level) if spec.zstd_level else None,
             overwrite=True,  # only an interrupted creation left anything here
         )
     group.attrs.update({META_KEY: meta.to_dict()})  # last: a store is valid once this exists
@@ -403,6 +423,7 @@ def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
     return meta
 
 
+@quiet_vlen_bytes()
 def _add_views(loc: StoreLocation, group: zarr.Group, meta: StoreMeta, views: int) -> StoreMeta:
     """Grow every array to `views` blocks (metadata only), then record the new view count."""
     slots = StoreLayout(meta).num_slots(views)

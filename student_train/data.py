@@ -1,9 +1,15 @@
-"""Student training batches: the teacher's targets from the store, the pixels re-rendered.
+"""Student training batches: the teacher's targets and the crop's pixels from the store.
 
-The store keeps each sample's crop spec (instance, view, centre, scale, rotation, flip) and the
-teacher's outputs for that crop, never the crop's pixels. DataLoader workers read the image,
-replay the spec with `render_crop` and normalize it, so the student sees exactly the pixels the
-teacher saw when the store was written.
+A store with pixels (`dump-teacher --pixels jpeg|lossless`, the default) keeps each crop as the
+teacher saw it: DataLoader workers read it with the targets and decode it (CPU), or, on CUDA
+with JPEG pixels, hand the JPEG bytes to the main process, which decodes the batch on the GPU
+(`torchvision.io.decode_jpeg(device="cuda")`) and normalizes it there. No image folder, no
+annotation file and no image cache are needed. A store without pixels (`--pixels none`, or
+schema version 1) keeps each sample's crop spec (instance, view, centre, scale, rotation, flip):
+workers read the image, replay the spec with `render_crop` and normalize it. Either way the
+student sees exactly the pixels the teacher saw when the store was written (the crop digest
+proves it; a GPU JPEG decode may differ by a few levels in a few pixels, see store/pixels.py).
+On CUDA, workers ship uint8 crops and the GPU normalizes them: 4x less to copy.
 
 Views and epochs: a store holds V views (augmentations) of every instance, and epoch e (0-based)
 reads view `e mod V` (`view_for_epoch`). With V = 1 every epoch replays the same augmentation;
@@ -46,15 +52,18 @@ from distilpose.data import (
     crop_digest,
     load_coco_instances,
     normalize,
+    normalize_rgb,
     read_image,
     render_crop,
     sample_crop_spec,
 )
 from distilpose.distributed import rank_rows, world
+from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
+from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import OUTPUT_WORDS
+from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -140,12 +149,20 @@ def _hex(digest: object) -> str:
     return str(digest)
 
 
+# What a worker hands the main process as the crops: normalized floats (CPU runs), uint8 RGB
+# crops or JPEG bytes (CUDA runs; `OnDevice` decodes and normalizes them on the GPU).
+OUTPUTS = ("images", "crops", "jpeg")
+
+
 @dataclass
 class CropRenderer:
     """Turns one raw batch of store rows into training tensors (runs in DataLoader workers).
 
     raw: "instance" [B] and either "spec" [B, 8] (store mode) or "view" [B] (online mode), plus
-    "keypoints" [B, K, 2] crop px and "weights" [B, K] in store mode, and any teacher arrays.
+    "keypoints" [B, K, 2] crop px and "weights" [B, K] in store mode, "pixels" [B] (encoded
+    crops) when the store has them, and any teacher arrays.
+    output: "images" -> "images" [B, 3, H, W] float32 normalized; "crops" -> "crops" uint8 RGB
+    [B, 3, H, W]; "jpeg" (JPEG pixel stores) -> "jpeg" uint8 [total bytes] and "jpeg_sizes" [B].
     """
 
     instances: Sequence[PersonInstance]
@@ -154,10 +171,14 @@ class CropRenderer:
     online_seed: int = 0
     cache_bytes: int = 256 << 20
     store_path: str = ""  # for error messages
+    pixels: str = "none"  # the store's pixel format; "none": render from the images
+    output: str = "images"
 
     def __post_init__(self) -> None:
         self.codec = RegressionCodec(self.input_size)
         self.cache = ImageCache(self.cache_bytes)
+        if self.output not in OUTPUTS or (self.output == "jpeg" and self.pixels != "jpeg"):
+            raise ValueError(f"output '{self.output}' with pixels '{self.pixels}'")
 
     def spec_for(self, raw: dict, i: int) -> CropSpec:
         if self.online_recipe is None:
@@ -168,8 +189,37 @@ class CropRenderer:
 
     def __call__(self, raw: dict, verify: bool = False) -> dict[str, torch.Tensor]:
         index = np.asarray(raw["instance"], dtype=np.int64)
-        crops, coords, weights = [], [], []
-        for i, idx in enumerate(index):
+        stored = self.online_recipe is None and PIXELS in raw
+        pixels = self._stored_pixels(raw, verify) if stored else self._rendered(raw, verify)
+        rendered = pixels.pop("_targets", None)  # (keypoints, weights) of re-rendered crops
+        if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
+            kpts, vis = raw["keypoints"], raw["weights"]
+        else:
+            kpts, vis = np.stack([k for k, _ in rendered]), np.stack([w for _, w in rendered])
+        coords, weights = self.codec.encode(kpts, vis)  # the whole batch at once
+        batch = {
+            **pixels,  # "images", "crops" or "jpeg" + "jpeg_sizes"
+            "coords": torch.from_numpy(coords),  # [B, K, 2]
+            "weights": torch.from_numpy(weights),  # [B, K]
+            "instance": torch.from_numpy(index),  # [B]
+        }
+        if "view" in raw:
+            batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
+        if "valid" in raw:  # DDP padding rows count in no loss
+            batch["valid"] = torch.from_numpy(np.asarray(raw["valid"], dtype=bool))  # [B]
+        if self.online_recipe is None:
+            for name in TEACHER_OUTPUTS:
+                if name in raw:  # stored as fp16 (or decoded lossy): train in fp32
+                    t = torch.from_numpy(np.asarray(raw[name]))
+                    # torch's half -> float is ~5x numpy's (it was a third of a pixel-store
+                    # worker's time); CUDA runs ship half floats and cast on the GPU
+                    batch[name] = t.float() if self.output == "images" else t
+        return batch
+
+    def _rendered(self, raw: dict, verify: bool) -> dict:
+        """Crops re-rendered from the images (stores without pixels, online mode)."""
+        crops, targets = [], []
+        for i, idx in enumerate(np.asarray(raw["instance"], dtype=np.int64)):
             inst = self.instances[int(idx)]
             spec = self.spec_for(raw, i)
             image = self.cache.get(inst.image_path)
@@ -183,29 +233,74 @@ class CropRenderer:
                         "expected the store's images and annotation file unchanged"
                     )
             crops.append(crop.image)
-            if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
-                kpts = np.asarray(raw["keypoints"][i], dtype=np.float32)
-                vis = np.asarray(raw["weights"][i], dtype=np.float32)
-            else:
-                kpts, vis = crop.keypoints, crop.weights
-            c, w = self.codec.encode(kpts, vis)
-            coords.append(c)
-            weights.append(w)
-        batch = {
-            "images": normalize(np.stack(crops)),  # [B, 3, H, W]
-            "coords": torch.from_numpy(np.stack(coords).astype(np.float32)),  # [B, K, 2]
-            "weights": torch.from_numpy(np.stack(weights).astype(np.float32)),  # [B, K]
-            "instance": torch.from_numpy(index),  # [B]
-        }
-        if "view" in raw:
-            batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
-        if "valid" in raw:  # DDP padding rows count in no loss
-            batch["valid"] = torch.from_numpy(np.asarray(raw["valid"], dtype=bool))  # [B]
-        if self.online_recipe is None:
-            for name in ("heatmaps", "keypoint_tokens", "visual_tokens"):
-                if name in raw:  # stored as fp16 (or decoded lossy): train in fp32
-                    batch[name] = torch.from_numpy(np.asarray(raw[name], dtype=np.float32))
-        return batch
+            targets.append((crop.keypoints, crop.weights))
+        stack = np.stack(crops)  # [B, H, W, 3] BGR
+        if self.output == "images":
+            return {"images": normalize(stack), "_targets": targets}
+        rgb = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2))
+        return {"crops": torch.from_numpy(rgb), "_targets": targets}
+
+    def _stored_pixels(self, raw: dict, verify: bool) -> dict:
+        """The store's encoded crops: JPEG bytes passed on, or decoded here (CPU)."""
+        datas = list(raw[PIXELS])
+        if self.output == "jpeg":  # one buffer: one shared-memory handle per batch, not B
+            sizes = torch.tensor([len(d) for d in datas], dtype=torch.int64)
+            flat = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
+            return {"jpeg": flat, "jpeg_sizes": sizes}
+        rgb = decode_rgb_batch(datas, self.pixels, self.input_size)  # [B, 3, H, W] uint8
+        if verify and "crop_digest" in raw:
+            for i, image in enumerate(rgb):
+                bgr = image.permute(1, 2, 0).flip(-1).numpy()
+                if crop_digest(bgr) != _hex(raw["crop_digest"][i]):
+                    raise StoreMismatchError(
+                        f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])}"
+                        " decodes to other pixels than the teacher saw; expected an undamaged "
+                        "store (run store-verify)"
+                    )
+        return {"images": normalize_rgb(rgb)} if self.output == "images" else {"crops": rgb}
+
+
+def decode_on_device(batch: dict, device: torch.device) -> dict:
+    """A worker's batch -> model-ready: crops or JPEG bytes decoded and normalized on `device`."""
+    if "jpeg" in batch:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        sizes = batch.pop("jpeg_sizes").tolist()
+        parts = list(torch.split(batch.pop("jpeg"), sizes))
+        decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+        batch["images"] = normalize_rgb(torch.stack(decoded))
+    elif "crops" in batch:
+        batch["images"] = normalize_rgb(batch.pop("crops").to(device, non_blocking=True))
+    for name in TEACHER_OUTPUTS:
+        if name in batch:
+            batch[name] = batch[name].to(device, non_blocking=True).float()
+    return batch
+
+
+class OnDevice:
+    """Batches of a DataLoader made model-ready on `device` in the main process (CUDA runs)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield decode_on_device(batch, self.device)
+
+
+def choose_output(pixels: str, device: torch.device, decode: str) -> str:
+    """What workers hand over: floats on a CPU run; on CUDA uint8 crops, or JPEG bytes for the
+    GPU's decoder (`decode` auto/gpu with JPEG pixels)."""
+    if decode not in ("auto", "gpu", "cpu"):
+        raise BadConfigError(f"decode '{decode}': expected auto, gpu or cpu")
+    if device.type != "cuda":
+        if decode == "gpu":
+            raise BadConfigError(f"decode 'gpu' on device {device}; expected a CUDA device")
+        return "images"
+    return "jpeg" if pixels == "jpeg" and decode in ("auto", "gpu") else "crops"
 
 
 class _RenderedBatches(IterableDataset):
@@ -329,20 +424,32 @@ class StudentBatches:
         allow_incomplete: bool = False,
         cache_mb: int = 256,
         pin_memory: bool = False,
+        device: str | torch.device = "cpu",
+        decode: str = "auto",
     ) -> None:
         self.store = str(store)
         self.reader = StoreReader.open(self.store)
         self.meta = self.reader.meta
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        # a store with pixels needs neither images nor annotations (online mode re-renders)
+        self.pixels = "none" if online else self.meta.pixels
+        output = choose_output(self.pixels, self.device, decode) if not online else "images"
         self.views = int(self.meta.views)
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.online = online
         self.fields = INDEX_FIELDS + (("crop_digest",) if verify_digest and not online else ())
         if not online:
             self.fields += target_fields(losses)
+        if self.pixels != "none":
+            self.fields += (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
         self.input_size = tuple(self.meta.input_size)
-        self.instances = load_store_instances(self.meta, self.store, ann_file, images)
+        self.instances = (
+            load_store_instances(self.meta, self.store, ann_file, images)
+            if self.pixels == "none"
+            else []
+        )
         self.renderer = CropRenderer(
             self.instances,
             self.input_size,
@@ -350,6 +457,8 @@ class StudentBatches:
             online_seed=int(self.meta.seed),
             cache_bytes=cache_mb << 20,
             store_path=self.store,
+            pixels=self.pixels,
+            output=output,
         )
         self.verify_digest = verify_digest and not online
 
@@ -375,13 +484,14 @@ class StudentBatches:
         verify, self.verify_digest = self.verify_digest, False
         return _RenderedBatches(source, self.renderer, verify_first=verify)
 
-    def __call__(self, epoch: int) -> DataLoader:
-        return DataLoader(
+    def __call__(self, epoch: int) -> DataLoader | OnDevice:
+        loader = DataLoader(
             self.dataset(epoch),
             batch_size=None,  # the store reader batches; workers render whole batches
             num_workers=self.workers,
             pin_memory=self.pin_memory,
         )
+        return loader if self.renderer.output == "images" else OnDevice(loader, self.device)
 
 
 class OnlineBatches:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distilpose.engine import TrainConfig, Trainer, world
+from distilpose.engine import TrainConfig, Trainer, resolve_device, world
 from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
 from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
@@ -108,6 +108,7 @@ def train_student(
     amp: bool = True,
     log_every: int = 20,
     ckpt_every_steps: int = 0,
+    decode: str = "auto",
     sync_bn: bool = True,
     channels_last: bool = False,
     amp_dtype: str = "auto",
@@ -120,7 +121,9 @@ def train_student(
     student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
     `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
-    each epoch draws a fresh augmentation (no store at all).
+    each epoch draws a fresh augmentation (no store at all). A store with pixels needs neither
+    (its crops are read from it); `decode` says where its JPEG crops are decoded on a CUDA run
+    ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers).
     """
     out = Path(out_dir)
     weights = parse_losses(losses)
@@ -154,6 +157,8 @@ def train_student(
             images=str(images) if images else None,
             verify_digest=verify_digest,
             allow_incomplete=allow_incomplete,
+            device=resolve_device(device, world()[2]),
+            decode=decode,
         )
         store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
     elif teacher is not None and ann_file and images:
@@ -207,6 +212,7 @@ def train_student(
             "ann_file": str(ann_file) if ann_file else None,
             "images": str(images) if images else None,
             "views": store_meta.get("views"),
+            "decode": decode,
             "view_rule": "view = epoch mod views",
             "train": asdict(config),
         },

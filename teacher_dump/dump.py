@@ -54,7 +54,8 @@ from distilpose.engine import amp_dtype, resolve_device, world
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
-from store.schema import TEACHER_OUTPUTS, StoreMeta
+from store.pixels import decode_crop, encode_crop
+from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
 log = logging.getLogger("distilpose.dump")
@@ -87,7 +88,9 @@ class DumpCrops(Dataset):
 
     Items: "images" [3, H, W] float32 normalized, "keypoints" [K, 2] crop px, "weights" [K],
     "spec" [8] float64, "slot", "instance", "image_id", "ann_id", "crop_digest" [32] uint8,
-    "error" ("" when the image was read).
+    "error" ("" when the image was read), and with `pixels` "jpeg" or "lossless" the encoded
+    crop "pixels" (bytes). The teacher gets the crop decoded from those bytes, and the digest
+    is of the decoded pixels: what the store keeps is exactly what the teacher saw.
     """
 
     def __init__(
@@ -98,9 +101,12 @@ class DumpCrops(Dataset):
         seed: int,
         input_size: tuple[int, int],
         num_keypoints: int,
+        pixels: str = "none",
+        jpeg_quality: int = JPEG_QUALITY,
     ) -> None:
         self.instances, self.plan, self.recipe, self.seed = instances, plan, recipe, seed
         self.input_size, self.num_keypoints = input_size, num_keypoints
+        self.pixels, self.jpeg_quality = pixels, jpeg_quality
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -122,6 +128,8 @@ class DumpCrops(Dataset):
         except BadImageError as e:
             w, h = self.input_size
             k = self.num_keypoints
+            if self.pixels != "none":  # a black crop keeps the row well-formed; weights say invalid
+                item["pixels"] = encode_crop(np.zeros((h, w, 3), np.uint8), self.pixels)
             return {
                 **item,
                 "images": torch.zeros(3, h, w),
@@ -130,23 +138,27 @@ class DumpCrops(Dataset):
                 "crop_digest": np.zeros(32, np.uint8),  # no crop was seen
                 "error": str(e),
             }
+        image = crop.image
+        if self.pixels != "none":  # the teacher sees the pixels the store will give students
+            item["pixels"] = encode_crop(image, self.pixels, self.jpeg_quality)
+            image = decode_crop(item["pixels"], self.pixels, self.input_size)
         return {
             **item,
-            "images": normalize(crop.image),
+            "images": normalize(image),
             "keypoints": crop.keypoints.astype(np.float32),
             "weights": crop.weights.astype(np.float32),
-            "crop_digest": np.frombuffer(bytes.fromhex(crop_digest(crop.image)), np.uint8),
+            "crop_digest": np.frombuffer(bytes.fromhex(crop_digest(image)), np.uint8),
         }
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack tensors, numpy arrays and numbers; keep strings as lists."""
+    """Stack tensors, numpy arrays and numbers; keep strings and bytes as lists."""
     out = {}
     for k, first in items[0].items():
         vals = [it[k] for it in items]
         if isinstance(first, torch.Tensor):
             out[k] = torch.stack(vals)
-        elif isinstance(first, str):
+        elif isinstance(first, str | bytes):
             out[k] = vals
         else:
             out[k] = np.stack([np.asarray(v) for v in vals])
@@ -183,6 +195,13 @@ class UnitWriter(threading.Thread):
             raise self.error
 
 
+def _concat(parts: list) -> object:
+    """Batches of one field joined: arrays concatenated, lists (encoded crops) chained."""
+    if isinstance(parts[0], list):
+        return [x for p in parts for x in p]
+    return np.concatenate(parts)
+
+
 def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -214,8 +233,15 @@ def dump_teacher(
     shard_chunks: int = 8,
     max_instances: int | None = None,
     recipe: AugmentRecipe | None = None,
+    pixels: str = "jpeg",
+    jpeg_quality: int = JPEG_QUALITY,
+    targets_zstd: bool = True,
 ) -> dict:
     """Fill store `out` with the teacher's outputs on `views` seeded crops of every instance.
+
+    pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
+    runs on the decoded crop) so students train without the images; "none" keeps only specs.
+    targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
 
     Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
     loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every
@@ -261,6 +287,9 @@ def dump_teacher(
         mode=mode,
         chunk_samples=chunk_samples,
         shard_chunks=shard_chunks,
+        pixels=pixels,
+        jpeg_quality=jpeg_quality,
+        targets_zstd=targets_zstd,
         extra={"teacher_ckpt": str(teacher_ckpt), "batch_size": batch_size},
     )
     own_group = world_size > 1 and not dist.is_initialized()
@@ -291,7 +320,10 @@ def dump_teacher(
     teacher = teacher.to(dev)
     if cuda:
         teacher = teacher.to(memory_format=torch.channels_last)
-    dataset = DumpCrops(instances, plan, recipe, seed, tuple(cfg.input_size), cfg.num_keypoints)
+    dataset = DumpCrops(
+        instances, plan, recipe, seed, tuple(cfg.input_size), cfg.num_keypoints,
+        pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
+    )  # fmt: skip
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -334,7 +366,7 @@ def dump_teacher(
                 parts.append(batch)
                 bar.advance(len(errors))
                 if sum(len(p["slot"]) for p in parts) == unit_size[unit]:
-                    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                    arrays = {k: _concat([p[k] for p in parts]) for k in parts[0]}
                     unit_writer.put(unit, arrays)
                     written += unit_size[unit]
                     parts = []
@@ -364,6 +396,7 @@ def dump_teacher(
         "skipped": skipped,
         "teacher": cfg.name,
         "device": str(dev),
+        "pixels": writer.meta.pixels,
     }
     print(
         f"dump-teacher: {written} samples ({len(units)} units, views={views}, shard "

@@ -69,9 +69,11 @@ def test_every_stage_from_the_command_line(tmp_path):
     assert summary["views"] == 2
     info = json.loads(invoke("store-info", store, "--json"))
     assert info["complete"] and info["samples_complete"] == 2 * info["num_instances"]
-    assert "teacher confidence" in invoke("store-info", store)
+    assert info["pixels"] == "jpeg" and info["pixel_bytes_per_sample"] > 0  # the default
+    text = invoke("store-info", store)
+    assert "teacher confidence" in text and "pixels           jpeg quality 95" in text
     verify = last_json(invoke("store-verify", store, "--sample", 4))
-    assert verify["mismatched"] == 0
+    assert verify["mismatched"] == 0 and verify["crops"] == "decoded"
 
     run = tmp_path / "student"
     invoke(
@@ -129,3 +131,7 @@ def test_demo_json_contract(tmp_path, monkeypatch):
     assert all(set(r) == keys for r in rows)
     assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"] > 0
     assert (tmp_path / "demo" / "demo_table.json").exists()
+    # the demo's students trained from a store that keeps the crops (JPEG), not the images
+    from store import StoreReader
+
+    assert StoreReader.open(tmp_path / "demo" / "store").meta.pixels == "jpeg"

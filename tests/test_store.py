@@ -249,34 +249,46 @@ def test_iter_batches_visits_each_sample_once_in_a_seeded_order(full_store):
     assert all(len(x["slot"]) == 16 for x in allv) and len(allv) == 100 // 16
 
 
-def test_store_dataset_splits_chunks_across_workers(full_store):
+def test_schema_1_store_reads_as_without_pixels_and_takes_more_views(tmp_path):
+    """Reader rule (store/schema.py): a schema-1 store predates pixels and reads as 'none'."""
+    import json
+
+    from store import StoreReader
+
+    path = tmp_path / "s"
+    fill(StoreWriter.create_or_open(path, small_meta(views=1)))
+    doc = json.loads((path / "zarr.json").read_text())
+    stored = doc["attributes"]["distilpose_store"]
+    for key in ("pixels", "jpeg_quality", "targets_zstd"):
+        del stored[key]  # the fields schema 2 added
+    stored["schema_version"] = 1
+    (path / "zarr.json").write_text(json.dumps(doc))
+    r = StoreReader.open(path)
+    assert r.meta.pixels == "none" and r.meta.schema_version == 1 and "pixels" not in r.specs
+    assert len(r.read_slots(0, 16)["slot"]) == 16
+    fill(StoreWriter.create_or_open(path, small_meta(views=2)))  # a dump adds a view to it
+    assert StoreReader.open(path).is_complete()
+
+
+def test_training_read_path_same_order_any_workers(full_store):
+    """The one read path (what train-student uses): the same batches with 0 or 2 workers."""
     import torch
     from torch.utils.data import DataLoader
 
-    from store import StoreDataset
+    from store import StoreReader
+    from student_train.data import _StoreSource
 
-    def slots(workers, epoch=0, **kw):
-        ds = StoreDataset(
-            full_store, view=None, batch_size=10, seed=1, fields=("slot", "heatmaps"), **kw
-        )
-        ds.set_epoch(epoch)
-        dl = DataLoader(ds, batch_size=None, num_workers=workers)
-        batches = list(dl)
+    def slots(workers, epoch=0):
+        src = _StoreSource(str(full_store), 1, 10, 1, epoch, ("slot", "heatmaps"), False, 5)
+        batches = list(DataLoader(src, batch_size=None, num_workers=workers))
         assert isinstance(batches[0]["heatmaps"], torch.Tensor)
-        return np.concatenate([b["slot"].numpy() for b in batches])
+        return np.concatenate([np.asarray(b["slot"]) for b in batches])
 
-    one, two, two_again = slots(0), slots(2), slots(2)
-    assert sorted(one.tolist()) == sorted(two.tolist())
-    assert len(set(one.tolist())) == 100  # 2 views x 50 instances, no padding
-    assert np.array_equal(two, two_again)  # deterministic for a given worker count
-    assert not np.array_equal(two, slots(2, epoch=1))
-    same = slots(2, same_order_any_workers=True)
-    assert np.array_equal(same, one)  # worker-count independent order on request
-    # per-sample mode with DataLoader batching, and view="epoch"
-    ds = StoreDataset(full_store, view="epoch", seed=1, fields=("slot", "view", "keypoints"))
-    ds.set_epoch(3)
-    batch = next(iter(DataLoader(ds, batch_size=7)))
-    assert batch["keypoints"].shape == (7, K, 2) and set(batch["view"].tolist()) == {1}
+    one, two = slots(0), slots(2)
+    assert np.array_equal(one, two)  # the order depends on (seed, epoch), not on workers
+    views = StoreReader.open(full_store).layout.slot_views(one)
+    assert len(set(one.tolist())) == 50 and set(views.tolist()) == {1}  # view 1, each once
+    assert not np.array_equal(one, slots(0, epoch=1))
 
 
 @pytest.mark.reliability(
@@ -284,7 +296,7 @@ def test_store_dataset_splits_chunks_across_workers(full_store):
     outcome="StoreFormatError counting complete units, unless allow_incomplete",
 )
 def test_incomplete_store_refused_unless_asked(tmp_path):
-    from store import StoreDataset, StoreReader
+    from store import StoreReader
 
     w = StoreWriter.create_or_open(tmp_path / "s", small_meta())
     fill(w, [0, 2, 5])
@@ -294,8 +306,6 @@ def test_incomplete_store_refused_unless_asked(tmp_path):
         list(r.iter_batches())
     with pytest.raises(StoreFormatError, match="not complete"):
         r.read_slots(0, 40)
-    with pytest.raises(StoreFormatError):
-        StoreDataset(tmp_path / "s")
     got = np.concatenate([b["slot"] for b in r.iter_batches(allow_incomplete=True)])
     assert sorted(got.tolist()) == list(range(0, 16)) + list(range(32, 48)) + list(range(80, 96))
     mask = r.complete_mask()
@@ -436,7 +446,8 @@ def test_two_writer_processes_on_disjoint_shards_equal_one(tmp_path):
 
 
 def test_fsspec_urls_read_like_local_paths(full_store):
-    from store import StoreDataset, StoreReader
+    from store import StoreReader
+    from student_train.data import _StoreSource
 
     local = StoreReader.open(full_store)
     url = StoreReader.open(f"file://{full_store}")
@@ -449,7 +460,7 @@ def test_fsspec_urls_read_like_local_paths(full_store):
     fill(StoreWriter.create_or_open(mem, small_meta(views=1)))
     r = StoreReader.open(mem)
     assert r.is_complete() and r.location.list_markers() == [0, 1, 2, 3]
-    got = np.concatenate([x["slot"] for x in StoreDataset(mem, batch_size=16)])
+    got = np.concatenate([x["slot"] for x in _StoreSource(mem, 0, 16, 0, 0, ("slot",), False, 4)])
     assert sorted(got.tolist()) == list(range(50))
     m = r.read_slots(0, 64)
     assert all(np.array_equal(m[k], a[k]) for k in a)  # same bytes as the local store's view 0

@@ -14,6 +14,7 @@ import torch
 
 from distilpose.data import (
     AugmentRecipe,
+    crop_digest,
     load_coco_instances,
     make_demo_data,
     normalize,
@@ -25,7 +26,8 @@ from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadCheckpointError, StoreMismatchError
 from distilpose.losses import HeatmapLoss
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from store import StoreReader, array_specs
+from store import StoreReader, array_specs, store_verify
+from store.pixels import decode_crop
 from teacher_dump.dump import dump_teacher
 from teacher_dump.train import TEACHER_RECIPE, HeatmapCrops, heatmap_task, train_teacher
 
@@ -128,8 +130,10 @@ def test_dump_contents(reference, data):
 
 
 def test_dump_matches_the_teacher_forward(reference, teacher, data):
-    """Spot check: stored heatmaps are the teacher's output on the re-rendered crop."""
+    """Spot check: the store keeps the crop's JPEG, and its heatmaps are the teacher's output on
+    the decoded crop; the digest is of those decoded pixels."""
     x = read_all(reference)
+    assert StoreReader.open(reference).meta.pixels == "jpeg"  # the default
     slot = int(np.flatnonzero(x["instance"] >= 0)[7])
     inst = load_coco_instances(data["train_ann"], data["train_images"], train=True)[
         int(x["instance"][slot])
@@ -138,9 +142,12 @@ def test_dump_matches_the_teacher_forward(reference, teacher, data):
         inst, AugmentRecipe(), seed=1, view=int(x["spec"][slot, 1]), input_size=(96, 128)
     )
     crop = render_crop(read_image(inst.image_path), spec, inst.keypoints, (96, 128))
+    seen = decode_crop(x["pixels"][slot], "jpeg", (96, 128))
+    assert crop_digest(seen) == x["crop_digest"][slot].tobytes().hex()
+    assert np.abs(seen.astype(int) - crop.image).mean() < 3  # a JPEG of the rendered crop
     model, _ = build_from_checkpoint(teacher)
     with torch.no_grad():
-        hm = model(normalize(crop.image)[None]).heatmaps[0].numpy()
+        hm = model(normalize(seen)[None]).heatmaps[0].numpy()
     np.testing.assert_allclose(x["heatmaps"][slot].astype(np.float32), hm, atol=2e-3, rtol=1e-2)
     np.testing.assert_array_equal(x["keypoints"][slot], crop.keypoints)
 
@@ -163,7 +170,9 @@ def test_killed_dump_resumes_to_the_same_store(tmp_path, reference, teacher, dat
     assert 3 <= done < 10, f"expected a partial store, found {done} complete units"
     summary = dump(teacher, data, out)
     assert summary["units"] == 10 - done  # only the pending units were computed
-    assert_same_store(out, reference)
+    assert_same_store(out, reference)  # pixels included
+    check = store_verify(out)  # every stored crop decodes to the pixels the teacher saw
+    assert check["crops"] == "decoded" and check["ok"] == check["checked"] == 80
     record_property("kills_survived", 1)
 
 

@@ -17,6 +17,7 @@ from distilpose.data.crop import (
     eval_crop_spec,
     get_affine_transform,
     normalize,
+    normalize_rgb,
     render_crop,
     sample_crop_spec,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "load_coco_instances",
     "make_demo_data",
     "normalize",
+    "normalize_rgb",
     "read_image",
     "render_crop",
     "resolve_image_path",

@@ -308,7 +308,7 @@ def crop_digest(crop_image: np.ndarray) -> str:
 
 def normalize(crops: np.ndarray) -> torch.Tensor:
     """uint8 BGR `[H, W, 3]` or `[N, H, W, 3]` -> float32 RGB `[3, H, W]` or `[N, 3, H, W]`,
-    ImageNet mean/std. The one place model inputs are normalized."""
+    ImageNet mean/std. The one place model inputs are normalized (via `normalize_rgb`)."""
     import torch
 
     arr = np.asarray(crops)
@@ -317,8 +317,16 @@ def normalize(crops: np.ndarray) -> torch.Tensor:
             f"normalize expects uint8 [H, W, 3] or [N, H, W, 3]; got {arr.dtype} {arr.shape}"
         )
     t = torch.from_numpy(np.ascontiguousarray(arr[..., ::-1]))  # BGR -> RGB
-    t = t.permute(*range(t.ndim - 3), t.ndim - 1, t.ndim - 3, t.ndim - 2).float().div_(255.0)
+    return normalize_rgb(t.permute(*range(t.ndim - 3), t.ndim - 1, t.ndim - 3, t.ndim - 2))
+
+
+def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB tensor `[..., 3, H, W]` on any device -> float32, ImageNet mean/std (so a
+    GPU run can ship uint8 crops and normalize them on the GPU)."""
+    import torch
+
+    t = rgb.float().div_(255.0)
     shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN_RGB).view(shape)
-    std = torch.tensor(IMAGENET_STD_RGB).view(shape)
+    mean = torch.tensor(IMAGENET_MEAN_RGB, device=t.device).view(shape)
+    std = torch.tensor(IMAGENET_STD_RGB, device=t.device).view(shape)
     return (t - mean) / std

@@ -1,0 +1,98 @@
+"""Crop pixels in the store: how a crop is encoded at dump time and decoded for training.
+
+Formats (`StoreMeta.pixels`), one variable-length byte string per slot in the `pixels` array:
+
+- `jpeg`: baseline JPEG of the uint8 BGR crop at `StoreMeta.jpeg_quality` (95 by default),
+  OpenCV's libjpeg-turbo, 4:4:4 (no chroma subsampling): about 28 kB for a 192x256 COCO crop,
+  0.3 ms to decode on one core, mean error 1.4 levels. The usual 4:2:0 saves a fifth of the
+  bytes but nearly doubles the error (2.3 levels; 3.5 at the tiny models' 96x128), and the
+  student is evaluated on crops that were never re-encoded.
+- `lossless`: the crop's rows delta-coded along x (uint8, wrapping: PNG's "Sub" filter), then
+  zstd level 1 (about 79 kB, 0.2 ms to decode). Measured on the COCO crops of the tests (see
+  benchmarks/results/store_bench.md): PNG at level 1 is the same size (77 kB) but decodes 5x
+  slower (1.1 ms), and plain zstd on the raw crop is 40% larger (111 kB).
+- `none`: no pixels; training re-renders the crop from the image files, as in schema version 1.
+
+The dump encodes the rendered crop, decodes it again and runs the teacher on the decoded pixels,
+and the store's `crop_digest` is the sha256 of those decoded pixels (uint8 BGR [H, W, 3], C
+order), so a student reading the store sees exactly what the teacher saw, and the digest proves
+it. Decoding is deterministic for a given decoder; the reference decoders are OpenCV and
+torchvision on the CPU, which agree byte for byte (both libjpeg-turbo; tested). A GPU decode
+(nvJPEG) may differ from them by a few levels in a few pixels; the digest is not checked there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from store.schema import JPEG_QUALITY, PIXEL_FORMATS
+
+LOSSLESS_ZSTD_LEVEL = 1
+__all__ = ["PIXEL_FORMATS", "decode_crop", "decode_rgb_batch", "encode_crop"]
+
+
+def _zstd():
+    from numcodecs import Zstd
+
+    return Zstd(level=LOSSLESS_ZSTD_LEVEL)
+
+
+def encode_crop(image: np.ndarray, pixels: str, quality: int = JPEG_QUALITY) -> bytes:
+    """uint8 BGR [H, W, 3] -> the stored bytes of format `pixels` ('jpeg' or 'lossless')."""
+    import cv2
+
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if pixels == "jpeg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        ok, buf = cv2.imencode(".jpg", image, params)
+        if not ok:
+            raise ValueError(f"JPEG encoding of a {image.shape} crop failed")
+        return buf.tobytes()
+    if pixels == "lossless":
+        delta = image.copy()
+        delta[:, 1:] -= image[:, :-1]  # uint8 wraps: exact, and cumsum undoes it
+        return bytes(_zstd().encode(delta))
+    raise ValueError(f"pixels '{pixels}': expected 'jpeg' or 'lossless'")
+
+
+def decode_crop(data: bytes, pixels: str, input_size: tuple[int, int]) -> np.ndarray:
+    """Stored bytes -> uint8 BGR [H, W, 3] (the layout `crop_digest` hashes)."""
+    import cv2
+
+    w, h = int(input_size[0]), int(input_size[1])
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if pixels == "jpeg":
+        image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if image is None or image.shape != (h, w, 3):
+            raise ValueError(f"stored JPEG crop does not decode to {w}x{h}x3")
+        return image
+    if pixels == "lossless":
+        raw = np.frombuffer(_zstd().decode(buf), dtype=np.uint8)
+        if raw.size != h * w * 3:
+            raise ValueError(f"stored lossless crop holds {raw.size} bytes; expected {w}x{h}x3")
+        return np.cumsum(raw.reshape(h, w, 3), axis=1, dtype=np.uint8)
+    raise ValueError(f"pixels '{pixels}': expected 'jpeg' or 'lossless'")
+
+
+# The CPU decoder of JPEG batches, chosen by benchmarks/store_bench.py ("CPU JPEG decoders"):
+# both are libjpeg-turbo and give the same pixels; torchvision writes the RGB [3, H, W] layout
+# the model wants directly, OpenCV needs a flip and transpose after.
+CPU_JPEG_DECODER = "torchvision"
+
+
+def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int], decoder: str = ""):
+    """Stored bytes of a batch -> uint8 RGB torch tensor [B, 3, H, W] on the CPU.
+
+    decoder: "torchvision" or "opencv" for JPEG (default `CPU_JPEG_DECODER`); lossless crops
+    always go through `decode_crop`.
+    """
+    import torch
+
+    if pixels == "jpeg" and (decoder or CPU_JPEG_DECODER) == "torchvision":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
+    crops = np.stack([decode_crop(d, pixels, input_size) for d in datas])
+    return torch.from_numpy(np.ascontiguousarray(crops[..., ::-1].transpose(0, 3, 1, 2)))
