@@ -2,15 +2,20 @@
 
 Every command takes `--config FILE` (TOML, or YAML when PyYAML is installed): its keys are the
 command's option names (dashes or underscores), optionally inside a table named after the
-command; options given on the command line win over the file. Errors caused by input (bad files,
-mismatched stores or checkpoints, bad options) print one line `error: ...` and exit with code 1.
+command; options given on the command line win over the file. Every command runs inside one
+error handler (`_OneLineErrors`): whatever fails (bad files, mismatched or damaged stores, a
+library such as zarr, OpenCV or the JSON parser, a DataLoader worker, memory) prints one line
+`error: <what>, <where>, <what to do>` and exits with code 1; `--debug` or DISTILPOSE_DEBUG=1
+adds the traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,16 +23,161 @@ from typing import Annotated, Any
 
 import click
 import typer
+import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
 
+DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
+# libraries whose exceptions mean "your data or environment", named in the error line
+_LIBRARIES = {  # module -> (what failed, what to do)
+    "zarr": ("the zarr store library", "an intact store (run store-verify on it)"),
+    "numcodecs": ("the store's codecs (numcodecs)", "an intact store (run store-verify on it)"),
+    "fsspec": ("remote file access (fsspec)", "a valid, reachable store path or URL"),
+    "aiohttp": ("the HTTP client (aiohttp)", "a reachable http(s) store"),
+    "botocore": ("the S3 client", "a reachable s3 store and valid credentials"),
+    "cv2": ("OpenCV", "readable images of ordinary size"),
+    "PIL": ("the image header reader (Pillow)", "readable images"),
+    "json": ("the JSON parser", "valid JSON files"),
+    "numpy": ("numpy", "input arrays of the documented shapes"),
+}
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _worker_error(e: BaseException) -> tuple[str, str, str] | None:
+    """(worker, exception type, message) of an error torch re-raised from a DataLoader worker,
+    whose text carries the worker's whole traceback; None otherwise."""
+    text = str(e)
+    if "in DataLoader worker process" not in text:
+        return None
+    head = _first_line(text)
+    worker = head.split(" in ", 1)[1].rstrip(".") if " in " in head else "DataLoader worker"
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, _, message = last.partition(": ")
+    return worker, kind.rsplit(".", 1)[-1], message or kind
+
+
+def _library(e: BaseException) -> tuple[str, str] | None:
+    """The library (from `_LIBRARIES`) the exception was raised in, from its type or frames."""
+    names = [type(e).__module__.split(".")[0]]
+    tb = e.__traceback__
+    while tb is not None:
+        names.append(str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0])
+        tb = tb.tb_next
+    for name in reversed(names):  # the innermost frame wins
+        if name in _LIBRARIES:
+            return _LIBRARIES[name]
+    return None
+
+
+def describe_error(e: BaseException, command: str) -> str:
+    """One line `<what>, <where>, <what to do>` for any exception a command can end with."""
+    where = f"while running '{command}'"
+    debug = f"rerun with --debug (or {DEBUG_ENV}=1) for the traceback"
+    worker = _worker_error(e)
+    if worker is not None:
+        name, kind, message = worker
+        if isinstance(e, DistilPoseError):
+            return f"{message} (raised in {name})"
+        return (
+            f"{kind}: {message}, in {name} {where}; rerun with --workers 0 to raise it in the "
+            f"main process, or {debug}"
+        )
+    if isinstance(e, DistilPoseError):
+        return _first_line(str(e))
+    if isinstance(e, MemoryError):
+        return (
+            f"out of memory {where}; expected a smaller --batch-size or --workers, smaller "
+            f"inputs, or more memory ({debug})"
+        )
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to read {where}; expected a flat file ({debug})"
+    if isinstance(e, ImportError):
+        return (
+            f"missing module '{e.name or _first_line(str(e))}' {where}; expected it installed "
+            "(pip install 'distilpose[remote]' for http:// and s3:// stores, "
+            "'distilpose[export]' for ONNX)"
+        )
+    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+        return (
+            f"{_first_line(str(e))} {where} (killed for lack of memory?); expected fewer "
+            f"--workers or a smaller --batch-size ({debug})"
+        )
+    message = f"{type(e).__name__}: {_first_line(str(e)) or 'no message'}"
+    if isinstance(e, OSError) and getattr(e, "filename", None):
+        return f"{e.filename}: {e.strerror or message} {where}; expected a readable file ({debug})"
+    library = _library(e)
+    if library is not None:
+        return f"{library[0]} failed ({message}) {where}; expected {library[1]} ({debug})"
+    if isinstance(e, OSError | TimeoutError):
+        return f"{message} {where}; expected a reachable, readable location ({debug})"
+    return f"unexpected {message} {where}; this may be a bug: {debug} and report it"
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _pass_through() -> tuple[type[BaseException], ...]:
+    """Exit and usage exceptions of click and of typer's own copy of click: not errors."""
+    kinds: list[type[BaseException]] = [typer.Exit, typer.Abort]
+    for mod in (click.exceptions, getattr(getattr(typer, "_click", None), "exceptions", None)):
+        if mod is not None:
+            kinds += [
+                getattr(mod, n) for n in ("Exit", "Abort", "ClickException") if hasattr(mod, n)
+            ]
+    return tuple(kinds)
+
+
+_PASS_THROUGH = _pass_through()
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Every command runs inside this one handler: any exception becomes `error: ...` and
+    exit code 1 (130 for Ctrl-C); the traceback only with --debug or DISTILPOSE_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted: rerun the same command (with --resume where offered) to continue",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - this is the one place errors are reported
+            if _debug(ctx):
+                traceback.print_exc()
+            command = ctx.invoked_subcommand or ctx.info_name or "distilpose"
+            typer.echo(f"error: {describe_error(e, command)}", err=True)
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="DistilPose: dump a heatmap teacher once into a zarr store; train regression students.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Print the traceback behind an error ({DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    """DistilPose: dump a heatmap teacher once into a zarr store; train regression students."""
+
+
 viz_app = typer.Typer(
     help="Pictures (PNG) of heatmaps, confidences, attention, predictions, curves."
 )
@@ -105,18 +255,7 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _run(fn, *args, **kwargs):
-    """Call a stage function, turning domain errors into one line and exit code 1."""
-    try:
-        return fn(*args, **kwargs)
-    except DistilPoseError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: rerun the same command (with --resume where offered) to continue",
-            err=True,
-        )
-        raise typer.Exit(130) from None
+VERIFY_SAMPLE = 1000  # store-verify's default sample: a minute on a laptop, --all for everything
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -203,7 +342,7 @@ def models(
     """List the built-in models with params and GFLOPs measured now (1 crop at their input size)."""
     from distilpose.models import list_model_infos
 
-    infos = _run(list_model_infos)
+    infos = list_model_infos()
     if as_json:
         _echo_json(infos)
         return
@@ -236,7 +375,7 @@ def checkpoint_info(
     """Say which model a checkpoint fits, its parameter count and a summary of its keys."""
     from distilpose.models import identify_checkpoint
 
-    info = _run(identify_checkpoint, path)
+    info = identify_checkpoint(path)
     if as_json:
         _echo_json(info)
         return
@@ -260,7 +399,7 @@ def make_demo_data(
     """Write the built-in synthetic person-keypoint dataset (COCO format, JPEGs, detections)."""
     from distilpose.data import make_demo_data as make
 
-    paths = _run(make, out, num_train=num_train, num_val=num_val, seed=seed)
+    paths = make(out, num_train=num_train, num_val=num_val, seed=seed)
     for key, value in paths.items():
         typer.echo(f"{key}: {value}")
 
@@ -287,7 +426,7 @@ def show_crops(
     size = _parse_size(input_size, "--input-size")
     from distilpose.data import show_crops as show
 
-    typer.echo(_run(show, ann, images, out, num=num, views=views, seed=seed, input_size=size))
+    typer.echo(show(ann, images, out, num=num, views=views, seed=seed, input_size=size))
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -325,8 +464,7 @@ def train_teacher(
     overrides = _size_overrides(input_size)
     from teacher_dump.train import train_teacher as train
 
-    summary = _run(
-        train,
+    summary = train(
         model,
         ann,
         images,
@@ -392,8 +530,7 @@ def dump_teacher(
     shard_of = _parse_shard(shard)
     from teacher_dump.dump import dump_teacher as dump
 
-    summary = _run(
-        dump,
+    summary = dump(
         teacher,
         ann,
         images,
@@ -428,7 +565,7 @@ def store_info(
     from store.checks import format_store_info
     from store.checks import store_info as info
 
-    result = _run(info, store)
+    result = info(store)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_store_info(result))
 
 
@@ -436,18 +573,22 @@ def store_info(
 def store_verify(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
     sample: Annotated[
-        int | None, typer.Option(help="Check this many random samples (all if unset).")
+        int | None, typer.Option(help="Check this many random samples (default 1000).")
     ] = None,
+    all_slots: Annotated[bool, typer.Option("--all", help="Check every sample.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Decode the stored crops (or re-render them from their specs, for stores without pixels)
-    and check them against the stored digests."""
+    """Check every array of sampled slots (checksums, manifests, layout, finite values), then
+    decode the stored crops (or re-render them from their specs, for stores without pixels) and
+    check them against the stored digests; exit 1 on any mismatch of any kind."""
     from store.checks import store_verify as verify
+    from store.checks import verify_failure
 
-    result = _run(verify, store, sample=sample)
+    result = verify(store, sample=None if all_slots else (sample or VERIFY_SAMPLE))
     typer.echo(json.dumps(result, default=str))
-    if result.get("mismatched", 0):
-        raise typer.Exit(1)
+    failure = verify_failure(result)
+    if failure:
+        _fail(failure)
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -485,6 +626,10 @@ def train_student(
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
     ] = None,
+    allow_store_change: Annotated[
+        bool,
+        typer.Option(help="With --resume: continue even if the store's views or identity changed."),
+    ] = False,
     decode: Annotated[
         Decode,
         typer.Option(help="Where a JPEG pixel store's crops are decoded; auto = gpu on CUDA."),
@@ -502,8 +647,7 @@ def train_student(
     overrides = _size_overrides(input_size)
     from student_train.train import train_student as train
 
-    summary = _run(
-        train,
+    summary = train(
         store,
         model,
         out,
@@ -519,6 +663,7 @@ def train_student(
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
         model_overrides=overrides,
+        allow_store_change=allow_store_change,
         decode=decode.value,
         sync_bn=sync_bn,
         ckpt_every_steps=ckpt_every_steps,
@@ -553,8 +698,7 @@ def evaluate(
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
     from distilpose.eval_run import format_metrics_table, run_eval
 
-    result = _run(
-        run_eval,
+    result = run_eval(
         checkpoint,
         ann,
         images,
@@ -611,8 +755,7 @@ def ablate(
     model = model or ("deeppose_tiny" if grid == "table6" else "distilpose_tiny")
     from student_train.ablate import ablate as run
 
-    table = _run(
-        run,
+    table = run(
         store,
         grid,
         out,
@@ -691,8 +834,7 @@ def predict(
     """Poses of every person in images, folders, globs, a video or a camera (detector in front)."""
     from distilpose.predict import predict_source
 
-    summary = _run(
-        predict_source,
+    summary = predict_source(
         checkpoint,
         source,
         detector=detector,
@@ -729,10 +871,10 @@ def export(
     """Export a model to ONNX (needs the `export` extra: onnx, onnxruntime)."""
     from distilpose.export import check_onnx, export_onnx
 
-    path = _run(export_onnx, checkpoint, out, opset=opset)
+    path = export_onnx(checkpoint, out, opset=opset)
     typer.echo(f"wrote {path}")
     if check:
-        diff = _run(check_onnx, checkpoint, path)
+        diff = check_onnx(checkpoint, path)
         typer.echo(f"max |onnxruntime - torch| = {diff:.2e}")
 
 
@@ -748,8 +890,8 @@ def viz_heatmaps(
     from distilpose.viz import viz_heatmaps as draw
     from store.reader import StoreReader
 
-    reader = _run(StoreReader.open, store)
-    typer.echo(_run(draw, checkpoint, reader, out, sample=sample))
+    reader = StoreReader.open(store)
+    typer.echo(draw(checkpoint, reader, out, sample=sample))
 
 
 @viz_app.command("confidence")
@@ -764,7 +906,7 @@ def viz_confidence(
     """Joints labelled with their scores, green when correct, red when not (paper Fig. 6)."""
     from distilpose.viz import viz_confidence as draw
 
-    typer.echo(_run(draw, checkpoint, ann, images, out, instance=instance))
+    typer.echo(draw(checkpoint, ann, images, out, instance=instance))
 
 
 @viz_app.command("attention")
@@ -788,8 +930,8 @@ def viz_attention(
     from distilpose.viz import viz_attention as draw
 
     # rendered larger than any model input (same aspect) so the picture is sharp
-    _, crop = _run(render_instance, ann, images, instance, (288, 384))
-    typer.echo(_run(draw, checkpoint, crop.image, out, keypoint=keypoint, layer=layer))
+    _, crop = render_instance(ann, images, instance, (288, 384))
+    typer.echo(draw(checkpoint, crop.image, out, keypoint=keypoint, layer=layer))
 
 
 @viz_app.command("predictions")
@@ -808,7 +950,7 @@ def viz_predictions(
     """Every person's skeleton on a whole image."""
     from distilpose.viz import viz_predictions as draw
 
-    typer.echo(_run(draw, results, image, out, image_id=image_id, score_thr=score_thr))
+    typer.echo(draw(results, image, out, image_id=image_id, score_thr=score_thr))
 
 
 @viz_app.command("curves")
@@ -822,7 +964,7 @@ def viz_curves(
     """Training curves per loss term and AP per evaluation."""
     from distilpose.viz import viz_curves as draw
 
-    typer.echo(_run(draw, run_dir, out))
+    typer.echo(draw(run_dir, out))
 
 
 # ----------------------------------------------------------------------------- demo, bench
@@ -954,7 +1096,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """The whole job on built-in demo data: data, teacher, store, two students, eval, table."""
-    rows = _run(run_demo, out, quick=quick, device=device.value, seed=seed, log=not as_json)
+    rows = run_demo(out, quick=quick, device=device.value, seed=seed, log=not as_json)
     typer.echo(json.dumps(rows, indent=2) if as_json else format_demo_table(rows))
 
 

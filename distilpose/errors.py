@@ -31,3 +31,15 @@ class BadCheckpointError(DistilPoseError):
 
 class BadConfigError(DistilPoseError):
     """An option or configuration value outside what is accepted."""
+
+
+class BadInputError(DistilPoseError):
+    """An input file over a limit (size, nesting, number length) or otherwise unreadable."""
+
+
+class StoreCorruptError(StoreFormatError):
+    """Stored bytes that fail their checksum, or data of a complete unit that is missing."""
+
+
+class StoreConnectionError(StoreFormatError):
+    """A remote store that cannot be reached or does not answer in time."""

@@ -10,9 +10,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
-from store.schema import PIXELS, TEACHER_OUTPUTS, digest_hex
+from store.schema import PIXELS, TEACHER_OUTPUTS, digest_hex, read_fields
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -49,6 +50,16 @@ def _dask(reader: StoreReader, name: str, chunks: list[tuple[int, int]]) -> da.A
     return da.concatenate([full[a:b] for a, b in chunks]) if chunks else full[:0]
 
 
+def _culprit(reader: StoreReader, chunks: list[tuple[int, int]]) -> Exception | None:
+    """The named error of the first chunk that fails a checked read (None: none fails)."""
+    for a, b in chunks:
+        try:
+            reader.read_chunk(a, b, _stored_fields(reader))
+        except StoreFormatError as e:
+            return e
+    return None
+
+
 def store_info(path: object, storage_options: dict | None = None) -> dict:
     """Summary of a store: completeness, size on disk, compression, teacher confidence, NaN/Inf.
 
@@ -80,6 +91,7 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
     info = {
         "path": str(path),
         "schema_version": m.schema_version,
+        "checksums": reader.checksums,
         "teacher": m.teacher_name,
         "teacher_outputs": list(m.teacher_outputs),
         "teacher_sha256": m.teacher_sha256,
@@ -123,7 +135,10 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
                 x = _dask(reader, name, chunks)
                 checks[f"nan:{name}"] = da.isnan(x).sum()
                 checks[f"inf:{name}"] = da.isinf(x).sum()
-        (res,) = dask.compute(checks)
+        try:
+            (res,) = dask.compute(checks)
+        except Exception as e:  # a damaged chunk: find it and name it
+            raise _culprit(reader, chunks) or e from None
     peak = np.asarray(res.pop("peak"), dtype=np.float64)
     info["nonfinite"] = {k: int(v) for k, v in res.items()}
     info["nonfinite_total"] = int(sum(res.values()))
@@ -146,26 +161,59 @@ def store_verify(
     seed: int = 0,
     storage_options: dict | None = None,
 ) -> dict:
-    """Check stored crops against the stored digests: decode them (stores with pixels), or
-    re-render them from their specs and the images (stores without).
+    """Check a store's sampled slots through every array, then their crops against the stored
+    digests: decode them (stores with pixels), or re-render them from their specs and the
+    images (stores without).
 
     sample: check this many complete samples drawn at random (seeded), or all if None.
+    First `check_integrity`: every array of each chunk holding a sampled slot is read and
+    checked (chunk crc32c, instances and specs against the slot layout, finite values), and
+    each touched unit's shard files are compared with its manifest (size and whole-file
+    crc32c); each failure is a `problems` line naming array and chunk, counted in `corrupt`.
     ann_file / image_root override the paths recorded in the store (its digest must match);
     images(instance) -> uint8 BGR image overrides reading `instance.image_path`.
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
     keypoints/weights differ from the re-rendered ones; not checked for stores with pixels,
-    which need no images), skipped (samples the dump could not read, all-zero digest), the
-    first mismatched slots, and how the crops were checked ("decoded" or "re-rendered").
+    which need no images), skipped (samples the dump could not read, all-zero digest), corrupt,
+    the first problems and mismatched slots, how the crops were checked ("decoded" or
+    "re-rendered"), and whether the store has checksums and manifests (version-1 stores have
+    neither). `ok_all` is False on any failure of any kind.
     """
+    reader = StoreReader.open(path, storage_options)
+    m = reader.meta
+    by_chunk = _sample_slots(reader, sample, seed)
+    integrity = check_integrity(reader, by_chunk)
+    readable = {c: v for c, v in by_chunk.items() if c not in integrity["bad_chunks"]}
+    if m.pixels != "none":
+        result = _verify_pixels(reader, path, readable)
+    else:
+        result = _verify_rendered(reader, path, readable, ann_file, image_root, images)
+    problems = integrity["problems"]
+    failed = result["mismatched"] or result["keypoints_mismatched"] or problems
+    return {
+        **result,
+        "corrupt": len(problems),
+        "problems": problems[:20],
+        "checksums": reader.checksums,
+        "manifests": integrity["manifests"],
+        "ok_all": not failed,
+    }
+
+
+def _verify_rendered(
+    reader: StoreReader,
+    path: object,
+    by_chunk: dict[int, list[int]],
+    ann_file: str | None,
+    image_root: str | None,
+    images: Callable[[object], np.ndarray] | None,
+) -> dict:
+    """Re-render crops from their specs and compare their sha256 with the stored digest."""
     from distilpose.data import CropSpec, read_image, render_crop
     from distilpose.data import crop_digest as digest_of
 
-    reader = StoreReader.open(path, storage_options)
     m = reader.meta
-    if m.pixels != "none":
-        return _verify_pixels(reader, path, sample, seed)
     instances = load_store_instances(m, path, ann_file, image_root)
-    by_chunk = _sample_slots(reader, sample, seed)
     fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
     ok = bad = bad_kp = 0
     bad_slots: list[int] = []
@@ -211,14 +259,13 @@ def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[in
     return by_chunk
 
 
-def _verify_pixels(reader: StoreReader, path: object, sample: int | None, seed: int) -> dict:
+def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[int]]) -> dict:
     """Decode stored crops and compare the sha256 of the pixels with the stored digest."""
     from distilpose.data import crop_digest as digest_of
     from store.pixels import decode_crop
 
     m = reader.meta
     chunk = m.chunk_samples
-    by_chunk = _sample_slots(reader, sample, seed)
     ok = bad = skipped = 0
     bad_slots: list[int] = []
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
@@ -249,13 +296,70 @@ def _verify_pixels(reader: StoreReader, path: object, sample: int | None, seed: 
     }
 
 
+def _stored_fields(reader: StoreReader) -> tuple[str, ...]:
+    """Every field the store keeps (scales are read with their arrays), pixels included."""
+    return tuple(f for f in (*read_fields(reader.meta), PIXELS) if f in reader.specs)
+
+
+def check_integrity(reader: StoreReader, by_chunk: dict[int, list[int]]) -> dict:
+    """Every array of the given chunks, read and checked (crc32c, layout, finite values), and
+    their units' shard files against the manifests (size and whole-file crc32c).
+
+    Returns problems (one line each, naming array and chunk), bad_chunks (chunk ids that cannot
+    be read: not to use further) and manifests (whether the units have any: version-1 stores
+    have none). A shard that differs from its manifest but still reads is a problem, and its
+    chunks are checked on as well.
+    """
+    lay = reader.layout
+    reader.check_finite = True
+    problems: list[str] = []
+    manifests = False
+    units = sorted({c * lay.chunk_samples // lay.unit_samples for c in by_chunk})
+    for unit in progress(units, desc="verify shards", unit="units"):
+        try:
+            manifests |= reader.unit_manifest(unit) is not None
+            reader.check_unit_files(unit, crc=True)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+    bad_chunks: set[int] = set()
+    end = lay.num_slots(reader.meta.views)
+    for c in progress(list(by_chunk), desc="verify arrays", unit="chunks"):
+        start = c * lay.chunk_samples
+        try:
+            reader.read_chunk(start, min(start + lay.chunk_samples, end), _stored_fields(reader))
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            bad_chunks.add(c)
+    return {
+        "problems": list(dict.fromkeys(problems)),
+        "bad_chunks": bad_chunks,
+        "manifests": manifests,
+    }
+
+
+def verify_failure(result: dict) -> str | None:
+    """The one line a failed `store_verify` result deserves (None if it passed)."""
+    if result["ok_all"]:
+        return None
+    if result["problems"]:
+        more = len(result["problems"]) - 1
+        return result["problems"][0] + (f" (and {more} more problem(s))" if more else "")
+    return (
+        f"{result['path']}: {result['mismatched']} of {result['checked']} crops and "
+        f"{result['keypoints_mismatched']} keypoint rows differ from what the teacher saw "
+        f"(first slots {result['mismatched_slots'][:5]}); expected the store's images and "
+        "annotation file unchanged"
+    )
+
+
 def format_store_info(info: dict) -> str:
     """The readable form of `store_info`: one fact per line, per-joint confidence as a table."""
     from distilpose.data.keypoints import KEYPOINT_NAMES
 
     mib = info["bytes_on_disk"] / 2**20
     lines = [
-        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']})",
+        f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']}, "
+        f"{'crc32c per chunk' if info.get('checksums') else 'no checksums'})",
         f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
         f"teacher outputs  {', '.join(info.get('teacher_outputs', []))}",
         f"samples complete {info['samples_complete']:,} / {info['samples']:,} "

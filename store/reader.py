@@ -48,9 +48,16 @@ import zarr
 from zarr.core.sync import sync
 
 from distilpose.distributed import rank_rows
-from distilpose.errors import StoreFormatError, StoreMismatchError
+from distilpose.errors import (
+    StoreConnectionError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreMismatchError,
+)
 from distilpose.geometry import Geometry
+from distilpose.limits import max_json_bytes
 from store.schema import (
+    CHECKSUMS_SINCE,
     META_KEY,
     OUTPUT_WORDS,
     READ_FIELDS,
@@ -61,7 +68,11 @@ from store.schema import (
     array_specs,
     dequantize_heatmaps,
     dequantize_tokens,
+    first_line,
+    has_checksums,
+    is_connection_error,
     read_fields,
+    shard_key,
     stored_dtype,
 )
 
@@ -87,23 +98,57 @@ class StoreReader:
             except KeyError:
                 raise StoreFormatError(f"{self.path}: array '{name}' is missing") from None
             dtype = stored_dtype(spec)
-            if arr.shape[1:] != spec.shape or arr.shape[0] < slots or str(arr.dtype) != dtype:
+            if (
+                arr.shape[1:] != spec.shape
+                or arr.shape[0] < slots
+                or arr.shape[0] % self.layout.block_samples
+                or str(arr.dtype) != dtype
+            ):
                 raise StoreFormatError(
                     f"{self.path}: array '{name}' is {arr.dtype} {list(arr.shape)}; expected "
                     f"{dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
                 )
             self.arrays[name] = arr
         self._complete: np.ndarray | None = None
+        self._units_checked: set[int] = set()
+        # version-1 stores have neither: they read, and store-verify says so
+        self.checksums = all(has_checksums(a) for a in self.arrays.values())
+        if meta.schema_version >= CHECKSUMS_SINCE and not self.checksums:
+            bare = [n for n, a in self.arrays.items() if not has_checksums(a)]
+            raise StoreCorruptError(
+                f"{self.path}: schema {meta.schema_version} store whose array(s) {bare} lack the "
+                "crc32c codec; expected every array checksummed (its zarr.json was edited?)"
+            )
+        # NaN/Inf were refused at write time, so with checksums intact bytes are finite values:
+        # reads check finiteness only without checksums; store-verify always does
+        self.check_finite = not self.checksums
 
     @classmethod
     def open(cls, path_or_url: object, storage_options: dict | None = None) -> StoreReader:
         loc = StoreLocation(path_or_url, storage_options)
         if not loc.exists("zarr.json"):
             raise StoreFormatError(f"{loc}: no store here (zarr.json missing)")
+        if loc.is_local and loc.file_size("zarr.json") > max_json_bytes():
+            raise StoreFormatError(
+                f"{loc}: zarr.json of {loc.file_size('zarr.json'):,} bytes exceeds the JSON limit "
+                f"of {max_json_bytes():,}; expected a store written by distilpose"
+            )
         try:
-            group = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+            if loc.is_local:
+                group = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+            else:
+                group = loc.remote(
+                    lambda: zarr.open_group(store=loc.zarr_store(read_only=True), mode="r"),
+                    what="opening the store",
+                )
+        except StoreFormatError:
+            raise
+        except RecursionError:
+            raise StoreFormatError(f"{loc}: zarr.json nested too deeply to read") from None
         except Exception as e:  # zarr raises several types for unreadable metadata
-            raise StoreFormatError(f"{loc}: not a readable zarr v3 group ({e})") from e
+            raise StoreFormatError(
+                f"{loc}: not a readable zarr v3 group ({first_line(e)})"
+            ) from None
         attrs = group.attrs.asdict()
         if META_KEY not in attrs:
             raise StoreFormatError(f"{loc}: not a distilpose store (no '{META_KEY}' attribute)")
@@ -233,22 +278,46 @@ class StoreReader:
         return names
 
     def read_chunk(
-        self, start: int, stop: int, fields: Sequence[str] = DEFAULT_FIELDS, dtype=None
+        self,
+        start: int,
+        stop: int,
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        dtype=None,
+        check: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Slots [start, stop) of the given fields, teacher outputs decoded; no checks.
+        """Slots [start, stop) of the given fields, teacher outputs decoded.
 
         Teacher outputs come back as float16 in fp16 mode (bit-exact) and as float32 in lossy
         modes, unless `dtype` says otherwise. All arrays of the range are read concurrently.
+        Every chunk is checked (StoreCorruptError naming store, array and chunk): its crc32c
+        (zarr), its unit's shard files against the unit's manifest, and, within complete units,
+        cheap consistency of what was read (instances and specs against the slot layout,
+        finite values). check=False skips the last two (readers racing a writer).
         """
         fields = self._fields(fields)
         names = self._stored_names(fields)
+        units = range(start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples + 1)
+        done = set(self.complete_units().tolist())
+        complete = check and stop > start and all(u in done for u in units)
+        if complete:
+            for unit in units:
+                self.check_unit_files(unit)
+
+        async def read_one(name: str):
+            try:
+                getter = self.arrays[name]._async_array.getitem(slice(start, stop))
+                if self.location.is_local:
+                    return await getter
+                return await asyncio.wait_for(getter, self.location.timeout)
+            except Exception as e:  # noqa: BLE001 - named and classified in read_error
+                raise self.read_error(name, start, stop, e) from e
 
         async def read_all():
-            return await asyncio.gather(
-                *(self.arrays[n]._async_array.getitem(slice(start, stop)) for n in names)
-            )
+            return await asyncio.gather(*(read_one(n) for n in names))
 
         raw = dict(zip(names, sync(read_all()), strict=True))
+        if complete:
+            self.check_rows(raw, start, stop)
         out: dict[str, np.ndarray] = {}
         for f in fields:
             if f == "slot":
@@ -260,6 +329,132 @@ class StoreReader:
             else:
                 out[f] = np.asarray(raw[f])
         return out
+
+    # ---- integrity --------------------------------------------------------------------------
+
+    def where(self, name: str, start: int, stop: int) -> str:
+        """'array X chunk c (slots a..b-1, shard file K)': the unit of blame in messages."""
+        c0, c1 = start // self.layout.chunk_samples, (stop - 1) // self.layout.chunk_samples
+        u0, u1 = start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples
+        chunk = f"chunk {c0}" if c0 == c1 else f"chunks {c0}..{c1}"
+        key = shard_key(self.arrays[name], name, u0)
+        shard = f"shard file {key}" if u0 == u1 else f"shard files of units {u0}..{u1}"
+        return f"array '{name}' {chunk} (slots {start}..{stop - 1}, {shard})"
+
+    def read_error(self, name: str, start: int, stop: int, e: BaseException) -> Exception:
+        """A failed chunk read as one of our errors: connection, unreadable file, or corrupt."""
+        where = f"{self.path}: {self.where(name, start, stop)}"
+        if isinstance(e, StoreFormatError):
+            return e
+        if isinstance(e, asyncio.TimeoutError | TimeoutError) and not self.location.is_local:
+            return StoreConnectionError(
+                f"{where}: no answer within {self.location.timeout:g} s; expected a reachable "
+                "store (check the network, or raise DISTILPOSE_REMOTE_TIMEOUT)"
+            )
+        if not self.location.is_local and is_connection_error(e):
+            return StoreConnectionError(
+                f"{where}: cannot reach the store ({type(e).__name__}: {first_line(e)}); "
+                "expected a reachable store (check the URL and the network)"
+            )
+        if isinstance(e, OSError):
+            return StoreFormatError(
+                f"{where}: cannot read ({e.strerror or first_line(e)}); expected a readable disk"
+            )
+        if isinstance(e, MemoryError):
+            return StoreCorruptError(f"{where}: decoding needs more memory than there is")
+        why = (
+            "crc32c checksum mismatch"
+            if "checksum" in str(e)
+            else f"{type(e).__name__}: {first_line(e)[:120]}"
+        )
+        return StoreCorruptError(
+            f"{where}: stored bytes are damaged ({why}); "
+            "expected intact data: restore the store from a copy or rerun the dump into a new one"
+        )
+
+    def unit_manifest(self, unit: int) -> dict | None:
+        """The manifest in `unit`'s marker ({array: [bytes, crc32c]}); None for version-1
+        markers. The marker must agree with the slot layout."""
+        payload = self.location.read_marker(unit)
+        if not isinstance(payload, dict):
+            raise StoreCorruptError(f"{self.path}: marker of unit {unit} is not a JSON object")
+        start, stop = self.layout.unit_slots(unit)
+        if "slots" in payload and (
+            payload.get("slots") != [start, stop]
+            or payload.get("valid") != self.layout.unit_valid(unit)
+        ):
+            raise StoreCorruptError(
+                f"{self.path}: marker of unit {unit} says slots {payload.get('slots')} "
+                f"(valid {payload.get('valid')}); expected [{start}, {stop}] (valid "
+                f"{self.layout.unit_valid(unit)}) from the store's layout"
+            )
+        manifest = payload.get("manifest")
+        return manifest if isinstance(manifest, dict) else None
+
+    def check_unit_files(self, unit: int, crc: bool = False) -> None:
+        """Every shard file of complete `unit` exists with the size (and, with crc=True, the
+        crc32c) its manifest recorded. Sizes are checked once per reader; cheap (a stat each)."""
+        if unit in self._units_checked and not crc:
+            return
+        manifest = self.unit_manifest(unit)
+        if manifest is None:  # version-1 marker: nothing recorded to check against
+            self._units_checked.add(unit)
+            return
+        start, stop = self.layout.unit_slots(unit)
+        for name in self.arrays:
+            want = manifest.get(name)
+            if not (isinstance(want, list) and len(want) == 2):
+                raise StoreCorruptError(
+                    f"{self.path}: manifest of unit {unit} lacks array '{name}'; "
+                    "expected one entry per array"
+                )
+            key = shard_key(self.arrays[name], name, unit)
+            got = self.location.file_crc32c(key) if crc else (self.location.file_size(key), None)
+            if got[0] != want[0] or (crc and got[1] != want[1]):
+                what = (
+                    "is missing"
+                    if got[0] == 0
+                    else f"has {got[0]} bytes, the manifest {want[0]}"
+                    if got[0] != want[0]
+                    else f"has crc32c {got[1]:08x}, the manifest {want[1]:08x}"
+                )
+                raise StoreCorruptError(
+                    f"{self.path}: {self.where(name, start, stop)} of complete unit {unit} "
+                    f"{what}; expected the file written with the unit (restore the store from "
+                    "a copy or rerun the dump into a new one)"
+                )
+        self._units_checked.add(unit)
+
+    def check_rows(self, raw: dict[str, np.ndarray], start: int, stop: int) -> None:
+        """Cheap consistency of a chunk read from a complete unit: instance and spec columns
+        against the slot layout, and no NaN/Inf in float arrays (the writer refused them)."""
+        slots = np.arange(start, stop)
+        views = self.layout.slot_views(slots)
+        j = slots - views * self.layout.block_samples
+        real = j < self.layout.n
+        expect = np.full(len(slots), -1, dtype=np.int64)
+        for view in np.unique(views).tolist():
+            here = real & (views == view)
+            expect[here] = self.layout.view_permutation(view)[j[here]]
+        problems = []
+        if "instance" in raw and not np.array_equal(np.asarray(raw["instance"]), expect):
+            problems.append(("instance", "instances other than the slot layout's"))
+        if "spec" in raw:
+            spec = np.asarray(raw["spec"])
+            if not (
+                np.array_equal(spec[real, 0], expect[real])
+                and np.array_equal(spec[real, 1], views[real])
+            ):
+                problems.append(("spec", "crop specs of other instances or views"))
+        for name, a in raw.items():
+            if self.check_finite and not all_finite(np.asarray(a)):
+                problems.append((name, "NaN/Inf values"))
+        if problems:
+            name, what = problems[0]
+            raise StoreCorruptError(
+                f"{self.path}: {self.where(name, start, stop)} holds {what}; expected what the "
+                "writer stored (restore the store from a copy or rerun the dump into a new one)"
+            )
 
     def _decode(self, name: str, raw: dict, dtype) -> np.ndarray:
         codes = np.asarray(raw[name])
@@ -340,6 +535,16 @@ class StoreReader:
         )
         for (_, valid), batch in zip(shares, batches, strict=True):
             yield {**batch, "valid": valid}
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN/Inf in `a` (True for integer arrays). float16 through its bits: numpy's isfinite
+    on float16 converts every value and is about 10x slower than this test."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return True
+    if a.dtype == np.float16:  # exponent bits all ones = Inf or NaN
+        return int(np.max(np.ascontiguousarray(a).view(np.uint16) & 0x7FFF)) < 0x7C00
+    return bool(np.isfinite(a).all())
 
 
 def epoch_chunk_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:

@@ -53,12 +53,23 @@ inside the sharding codec; zarr-python marks this data type as not yet in the v3
 another zarr implementation may not read that one array), without zstd (JPEG and the lossless
 format are compressed already). `crop_digest` is then the sha256 of the decoded pixels.
 Reader rule: a store of schema version 1 has no pixels: it reads as `pixels = "none"`.
+
+Integrity (schema version 2). Every chunk of every array ends with a crc32c of its compressed
+bytes (zarr v3's `crc32c` codec, built by `array_compressors`, the one place codecs are made):
+crc32c because zarr ships it, it runs at several GB/s (hardware instruction) and catches any
+flipped byte, where zstd's own optional checksum covers only decompressed frames and sha256
+would cost about 20x more per read. The shard index carries its own crc32c (zarr's default).
+Each completion marker also holds the unit's *manifest*: per array, the byte size and crc32c
+of its shard file (size 0 = not stored because every value is the fill value). A reader refuses
+a complete unit whose shard file is missing or of another size, so a deleted shard never reads
+back as zeros; `store-verify` also compares the whole file's crc32c.
+Reader rule for version-1 stores (no chunk checksums, no manifests): they still read, and
+`store-verify` reports `checksums: false` / `manifests: false` for them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
@@ -72,11 +83,14 @@ from functools import lru_cache
 import numpy as np
 
 from distilpose import __version__
-from distilpose.errors import StoreFormatError
+from distilpose.errors import StoreConnectionError, StoreFormatError
 from distilpose.geometry import PAPER
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
-SCHEMA_VERSION = 2  # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array)
+# 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
+# unit manifests. Version-1 stores read as before (no pixels, no checksums).
+SCHEMA_VERSION = 2
+CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 MODES = ("fp16", "lossy", "lossy16")
@@ -110,6 +124,22 @@ OUTPUT_WORDS = {
 }
 PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
 JPEG_QUALITY = 95  # default quality of JPEG pixels
+
+
+# Metadata sanity limits, checked before anything is allocated from the metadata: a damaged or
+# hostile zarr.json claiming 2^40 samples must fail with a message, never with a MemoryError.
+META_LIMITS = {
+    "num_instances": 1 << 26,  # 67M people; COCO train has 150k
+    "views": 1 << 12,
+    "chunk_samples": 1 << 16,
+    "shard_chunks": 1 << 16,
+    "num_keypoints": 1 << 10,
+    "token_dim": 1 << 14,
+    "num_patches": 1 << 16,
+}
+MAX_SIDE = 1 << 14  # input / heatmap side, pixels
+MAX_SLOTS = 1 << 32  # views x view block
+MAX_CHUNK_BYTES = 1 << 31  # one decoded chunk of one array
 
 
 @dataclass
@@ -180,6 +210,7 @@ class StoreMeta:
         for name in ("num_instances", "views", "chunk_samples", "shard_chunks"):
             if int(getattr(self, name)) < 1:
                 raise StoreFormatError(f"StoreMeta.{name}: {getattr(self, name)}; expected >= 1")
+        check_meta_sane(self)
 
     @property
     def unit_samples(self) -> int:
@@ -222,6 +253,40 @@ class StoreMeta:
         return out
 
 
+def check_meta_sane(meta: StoreMeta) -> None:
+    """Refuse metadata whose sizes would make a reader allocate absurd amounts (before it does)."""
+
+    def bad(what: str, value: object, limit: str) -> StoreFormatError:
+        return StoreFormatError(
+            f"store metadata {what}={value!r} is outside {limit}; expected a value within the "
+            "limits (for an existing store: is its zarr.json damaged?)"
+        )
+
+    token_sizes = ("token_dim", "num_patches", "patch_grid")  # 0 in heatmap-only stores
+    for name, limit in META_LIMITS.items():
+        value = getattr(meta, name)
+        low = 0 if name in token_sizes else 1
+        if (
+            not isinstance(value, int | np.integer)
+            or isinstance(value, bool)
+            or not (low <= value <= limit)
+        ):
+            raise bad(name, value, f"{low}..{limit}")
+    for name in ("input_size", "heatmap_size", "patch_grid"):
+        sides, low = getattr(meta, name), 0 if name in token_sizes else 1
+        if len(sides) != 2 or not all(low <= v <= MAX_SIDE for v in sides):
+            raise bad(name, list(sides), f"two sides in {low}..{MAX_SIDE}")
+    slots = StoreLayout(meta).num_slots(int(meta.views))
+    if slots > MAX_SLOTS:
+        raise bad("views x slots per view", slots, f"1..{MAX_SLOTS}")
+    wh, hh = meta.heatmap_size
+    per_sample = (
+        max(meta.num_keypoints * wh * hh, meta.num_patches * meta.token_dim) * 4
+    )  # the largest per-sample array, decoded to float32
+    if per_sample * meta.chunk_samples > MAX_CHUNK_BYTES:
+        raise bad("chunk_samples", meta.chunk_samples, f"chunks of at most {MAX_CHUNK_BYTES} bytes")
+
+
 def _norm(v: object) -> object:
     if isinstance(v, tuple | list):
         return [_norm(x) for x in v]
@@ -239,6 +304,28 @@ class ArraySpec:
     dtype: str
     fill_value: int | float | bytes = 0
     zstd_level: int = ZSTD_LEVEL  # 0: no zstd (data compressed already)
+
+
+def array_compressors(spec: ArraySpec) -> list:
+    """The bytes-to-bytes codecs of every store array (inside each shard, per chunk): zstd, then
+    a crc32c of the compressed chunk, so any flipped byte fails the read (see the docstring)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    zstd = [ZstdCodec(level=spec.zstd_level)] if spec.zstd_level else []  # 0: compressed already
+    return [*zstd, Crc32cCodec()]
+
+
+def has_checksums(array: object) -> bool:
+    """Whether a zarr array's chunks carry a crc32c (schema >= 2) or not (version-1 stores)."""
+    codecs = getattr(array.metadata, "codecs", ())
+    inner = [c for s in codecs for c in getattr(s, "codecs", ())] or list(codecs)
+    return any(type(c).__name__ == "Crc32cCodec" for c in inner)
+
+
+def shard_key(array: object, name: str, unit: int) -> str:
+    """Store-relative path of a zarr array's shard file for write unit `unit`."""
+    key = array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+    return f"{name}/{key}"
 
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
@@ -460,6 +547,12 @@ class StoreLocation:
     def __init__(self, path_or_url: object, storage_options: dict | None = None) -> None:
         self.text = str(path_or_url)
         self.storage_options = dict(storage_options or {})
+        # seconds a remote read may take before it is an error (not a hang)
+        self.timeout = float(
+            self.storage_options.pop("timeout", None)
+            or os.environ.get("DISTILPOSE_REMOTE_TIMEOUT")
+            or DEFAULT_REMOTE_TIMEOUT_S
+        )
         self.is_local = "://" not in self.text
         if self.is_local:
             self.root = os.path.abspath(os.path.expanduser(self.text))
@@ -467,8 +560,50 @@ class StoreLocation:
         else:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
+            except ImportError as e:
+                protocol = self.text.split("://", 1)[0]
+                raise StoreFormatError(
+                    f"{self.text}: {protocol}:// stores need the remote extra ({e}); "
+                    "expected it installed: pip install 'distilpose[remote]'"
+                ) from None
+            except ValueError as e:
+                raise StoreFormatError(f"{self.text}: not a store URL fsspec knows ({e})") from None
             self.root = self.root.rstrip("/")
+
+    def remote(self, fn, *args, what: str = "read"):
+        """Call `fn(*args)` against a remote store within `timeout`; connection failures and
+        silence become StoreConnectionError (FileNotFoundError passes through)."""
+        import threading
+
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        t = threading.Thread(target=target, daemon=True, name="store_remote")
+        t.start()
+        t.join(self.timeout)
+        if t.is_alive():
+            raise StoreConnectionError(
+                f"{self}: no answer within {self.timeout:g} s ({what}); expected a reachable "
+                "store (check the network, or raise DISTILPOSE_REMOTE_TIMEOUT)"
+            )
+        if "error" in box:
+            e = box["error"]
+            if isinstance(e, FileNotFoundError) and is_connection_error(e.__cause__):
+                e = e.__cause__  # fsspec's http reports a refused connection as "not found"
+            elif isinstance(e, FileNotFoundError) or not is_connection_error(e):
+                raise e
+            raise StoreConnectionError(
+                f"{self}: cannot reach the store ({type(e).__name__}: {first_line(e)}) during "
+                f"{what}; expected a reachable store (check the URL and the network)"
+            ) from e
+        return box.get("value")
 
     def __str__(self) -> str:
         return self.text
@@ -487,7 +622,13 @@ class StoreLocation:
 
     def exists(self, *parts: str) -> bool:
         p = self.join(*parts)
-        return os.path.exists(p) if self.is_local else self.fs.exists(p)
+        if self.is_local:
+            return os.path.exists(p)
+        try:  # not fs.exists: it reads a dropped connection as "no such file"
+            self.remote(self.fs.info, p, what=f"looking up {'/'.join(parts)}")
+        except FileNotFoundError:
+            return False
+        return True
 
     def list_markers(self) -> list[int]:
         """Units whose completion marker exists."""
@@ -496,7 +637,10 @@ class StoreLocation:
             names = (
                 os.listdir(d)
                 if self.is_local
-                else [n.rsplit("/", 1)[-1] for n in self.fs.ls(d, detail=False)]
+                else [
+                    n.rsplit("/", 1)[-1]
+                    for n in self.remote(self.fs.ls, d, False, what="listing markers")
+                ]
             )
         except (FileNotFoundError, NotADirectoryError):
             return []
@@ -512,14 +656,71 @@ class StoreLocation:
             return
         d = self.join(COMPLETE_DIR)
         os.makedirs(d, exist_ok=True)
-        for stale in glob.glob(os.path.join(d, glob.escape(f".{name}.") + "*.tmp")):
-            with contextlib.suppress(FileNotFoundError):  # left by a killed writer of this unit
-                os.unlink(stale)
+        # temp markers a killed writer left are removed by the writer that holds the unit
+        # (StoreWriter._clear_partials): never here, where another live writer's could be hit
         with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
             f.write(data)
 
+    def read_marker(self, unit: int) -> dict:
+        """A unit's marker payload ({} for a legacy empty one); StoreFormatError if unreadable."""
+        from distilpose.limits import loads_json
+
+        path = self.join(COMPLETE_DIR, marker_name(unit))
+        try:
+            data = self._read_bytes(path)
+        except FileNotFoundError:
+            raise StoreFormatError(f"{self}: marker of unit {unit} vanished ({path})") from None
+        return loads_json(data, path) if data.strip() else {}
+
+    def _read_bytes(self, path: str) -> bytes:
+        if self.is_local:
+            with open(path, "rb") as f:
+                return f.read()
+        return self.remote(self.fs.cat_file, path, what=f"reading {path}")
+
+    def file_size(self, relpath: str) -> int:
+        """Size in bytes of a file of the store; 0 if it does not exist."""
+        path = self.join(relpath)
+        try:
+            if self.is_local:
+                return os.path.getsize(path)
+            return int(self.remote(self.fs.size, path, what=f"sizing {path}") or 0)
+        except FileNotFoundError:
+            return 0
+
+    def file_crc32c(self, relpath: str) -> tuple[int, int]:
+        """(size, crc32c) of a file of the store; (0, 0) if it does not exist."""
+        import google_crc32c
+
+        try:
+            data = self._read_bytes(self.join(relpath))
+        except FileNotFoundError:
+            return 0, 0
+        return len(data), int(google_crc32c.value(data)) if data else 0
+
 
 _MARKER = re.compile(r"u(\d+)\.json")
+DEFAULT_REMOTE_TIMEOUT_S = 60.0
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_connection_error(e: BaseException | None) -> bool:
+    """Network trouble (refused, reset, DNS, timeouts, HTTP client errors), not bad data."""
+    if e is None:
+        return False
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError | TimeoutError | ConnectionError) or module in (
+        "aiohttp",
+        "botocore",
+        "requests",
+        "urllib3",
+    )
 
 
 def marker_name(unit: int) -> str:

@@ -8,6 +8,12 @@ Safety rules, in the order a unit is written:
 2. the shard files and their directories reach the disk (one Linux `syncfs` of the store's
    filesystem, or an fsync per file and directory where syncfs is unavailable);
 3. only then the unit's marker `complete/u<unit>.json` is written (temp file, fsync, rename).
+The marker holds the unit's manifest (per array: shard file size and crc32c), which readers
+check, so a shard deleted or truncated later is an error, never zeros.
+Writers started together on one store never work on the same unit: each takes a unit by
+creating `complete/.u<unit>.claim` (exclusive create, holding its pid) and skips units a live
+writer holds (live = it holds the flock on its `complete/.writer.<pid>.lock`, which the kernel
+drops when it dies); temp files carry the writer's pid and only dead writers' ones are removed.
 A killed writer leaves finished units marked and at most its current unit unmarked; a rerun
 rewrites exactly the pending units, and zstd output is deterministic, so the resumed store is
 byte-for-byte the uninterrupted one. Store metadata changes (creation, more views) happen under
@@ -26,7 +32,6 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
@@ -38,15 +43,18 @@ from store.schema import (
     StoreLayout,
     StoreLocation,
     StoreMeta,
+    array_compressors,
     array_specs,
     digest_bytes,
     fsync_dir,
     fsync_path,
     heatmap_bits,
+    marker_name,
     quantize_heatmaps,
     quantize_tokens,
     quiet_vlen_bytes,
     read_fields,
+    shard_key,
     syncfs,
 )
 
@@ -183,13 +191,126 @@ class StoreWriter:
                     "view": self.unit_view(unit),
                     "slots": [start, stop],
                     "valid": self.layout.unit_valid(unit),
+                    "manifest": self.manifest(unit),
                 },
             )
+            self.release(unit)
         except OSError as e:
             raise StoreFormatError(
                 f"{_where(e, self.location)}: writing unit {unit} of {self.path} failed "
                 f"({_why(e)}); the unit stays pending and a rerun resumes it"
             ) from e
+
+    def shard_key(self, name: str, unit: int) -> str:
+        """Path of array `name`'s shard file for `unit`, relative to the store root."""
+        return shard_key(self.arrays[name], name, unit)
+
+    def manifest(self, unit: int) -> dict[str, list[int]]:
+        """{array: [shard bytes, crc32c]} of a written unit ([0, 0]: not stored, all fill)."""
+        return {
+            name: list(self.location.file_crc32c(self.shard_key(name, unit)))
+            for name in self.arrays
+        }
+
+    # ---- claims: writers started together share the work ------------------------------------
+
+    def _claim_path(self, unit: int) -> str:
+        return os.path.join(self.location.root, COMPLETE_DIR, f".{marker_name(unit)}.claim")
+
+    def _writer_lock(self, pid: int) -> str:
+        return os.path.join(self.location.root, COMPLETE_DIR, f".writer.{pid}.lock")
+
+    def _alive(self, pid: int) -> bool:
+        """Whether writer `pid` still runs: it holds an flock on its writer file for its whole
+        life (the kernel drops it when the process dies, so a reused pid is never mistaken)."""
+        if pid == os.getpid():
+            return getattr(self, "_lock_fd", None) is not None
+        import fcntl
+
+        try:
+            fd = os.open(self._writer_lock(pid), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def claim(self, units: list[int]) -> tuple[list[int], list[int]]:
+        """Take the units no live process holds; returns (mine, held by others). Local stores
+        only (a remote store's writers split the work with `shard=(i, n)`)."""
+        if not self.location.is_local:
+            return list(units), []
+        import fcntl
+
+        mine, others = [], []
+        os.makedirs(os.path.join(self.location.root, COMPLETE_DIR), exist_ok=True)
+        if getattr(self, "_lock_fd", None) is None:
+            self._lock_fd = os.open(self._writer_lock(os.getpid()), os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        for unit in units:
+            (mine if self._take(unit) else others).append(unit)
+        self._claimed = set(mine)
+        return mine, others
+
+    def _take(self, unit: int) -> bool:
+        path = self._claim_path(unit)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _claim_holder(path)
+                if holder and self._alive(holder):
+                    return holder == os.getpid()
+                if not holder and _age_s(path) < 10:  # just created, its pid not written yet
+                    return False
+                with contextlib.suppress(FileNotFoundError):  # a dead writer's claim
+                    os.unlink(path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def claim_holder(self, unit: int) -> int:
+        """pid of the live process holding `unit` (0: none)."""
+        pid = _claim_holder(self._claim_path(unit))
+        return pid if pid and self._alive(pid) else 0
+
+    def release(self, unit: int | None = None) -> None:
+        """Drop our claim on `unit` (None: on every unit we still hold)."""
+        claimed = getattr(self, "_claimed", set())
+        for u in list(claimed) if unit is None else [unit] if unit in claimed else []:
+            claimed.discard(u)
+            if _claim_holder(self._claim_path(u)) == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._claim_path(u))
+        if unit is None and getattr(self, "_lock_fd", None) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._writer_lock(os.getpid()))
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def wait_for(self, units: list[int], poll_s: float = 0.2) -> None:
+        """Wait until units other live writers claimed are complete; a claimer that died leaves
+        its units pending (StoreFormatError: rerunning the dump resumes them)."""
+        import time
+
+        waiting = set(units)
+        while waiting:
+            dead = [u for u in waiting if not self.claim_holder(u)]
+            waiting -= self.complete_units()  # after the claims: a finisher marks, then releases
+            dead = [u for u in dead if u in waiting]
+            if dead:
+                raise StoreFormatError(
+                    f"{self.path}: the writer that took unit {min(dead)} stopped before "
+                    "finishing it; expected it to complete (rerun the same dump to resume)"
+                )
+            if waiting:
+                time.sleep(poll_s)
 
     def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
         required = self.required + ((PIXELS,) if PIXELS in self.specs else ())
@@ -299,19 +420,23 @@ class StoreWriter:
             )
 
     def _shard_file(self, name: str, unit: int) -> str:
-        arr = self.arrays[name]
-        key = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
-        return os.path.join(self.location.root, name, *key.split("/"))
+        return os.path.join(self.location.root, *self.shard_key(name, unit).split("/"))
 
     def _clear_partials(self, unit: int) -> None:
-        """Remove temp files a killed writer left for this unit's shards (only ours to touch)."""
-        if not self.location.is_local:
+        """Remove temp files (shards, marker) a killed writer left for this unit. Only while we
+        hold the unit's claim (or no other writer is live on it): a live writer's are its own."""
+        if not self.location.is_local or self.claim_holder(unit) not in (0, os.getpid()):
             return
-        for name in self.arrays:
-            f = self._shard_file(name, unit)
-            for tmp in glob.glob(glob.escape(f) + ".*.partial"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        stale = [
+            tmp
+            for name in self.arrays
+            for tmp in glob.glob(glob.escape(self._shard_file(name, unit)) + ".*.partial")
+        ]
+        marker = os.path.join(self.location.root, COMPLETE_DIR, f".{marker_name(unit)}.")
+        stale += glob.glob(glob.escape(marker) + "*.tmp")
+        for tmp in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _fsync_unit(self, unit: int) -> None:
         if syncfs(self.location.root):
@@ -330,6 +455,24 @@ class StoreWriter:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def _age_s(path: str) -> float:
+    import time
+
+    try:
+        return time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _claim_holder(path: str) -> int:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return 0
+    return int(text) if text.isdigit() else 0
 
 
 def _half(a: np.ndarray) -> np.ndarray:
@@ -415,7 +558,7 @@ def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
             shards=(meta.unit_samples, *spec.shape),
             dtype=spec.dtype,
             fill_value=spec.fill_value,
-            compressors=ZstdCodec(level=spec.zstd_level) if spec.zstd_level else None,
+            compressors=array_compressors(spec),
             overwrite=True,  # only an interrupted creation left anything here
         )
     group.attrs.update({META_KEY: meta.to_dict()})  # last: a store is valid once this exists

@@ -13,6 +13,7 @@ mostly warmup (a full COCO run has ~700k steps, where the cap never bites).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +22,17 @@ import torch
 from torch import nn
 
 from distilpose.engine import TrainConfig, Trainer, resolve_device, world
-from distilpose.errors import BadCheckpointError, BadConfigError, StoreFormatError
+from distilpose.errors import (
+    BadCheckpointError,
+    BadConfigError,
+    StoreFormatError,
+    StoreMismatchError,
+)
+from distilpose.limits import load_json
 from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
-from store.schema import TEACHER_OUTPUTS
+from store.schema import IDENTITY_FIELDS, TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
@@ -83,6 +90,34 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     return teacher
 
 
+def store_identity(meta: object) -> dict:
+    """The store fields a run depends on: its identity fields and its number of views."""
+    out = {name: getattr(meta, name) for name in (*IDENTITY_FIELDS, "views")}
+    return json.loads(json.dumps(out))  # tuples as lists: compared with what config.json holds
+
+
+def check_store_unchanged(run_dir: Path, store: str, identity: dict) -> None:
+    """Refuse to resume the run in `run_dir` on a store that changed since it started."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return  # nothing started yet: resume starts from scratch
+    started = (load_json(path, BadConfigError).get("meta") or {}).get("student_config") or {}
+    before = started.get("store_identity") or {
+        k: v for k, v in (("views", started.get("views")),) if v is not None
+    }
+    changed = [
+        f"{name}: run={before[name]!r} store={identity.get(name)!r}"
+        for name in sorted(before)
+        if before[name] != identity.get(name)
+    ]
+    if changed:
+        raise StoreMismatchError(
+            f"{store}: the store changed since the run in {run_dir} started ({'; '.join(changed)});"
+            " expected the same store to resume exactly (pass --allow-store-change to train on "
+            "the changed store anyway)"
+        )
+
+
 def train_student(
     store: str | Path | None,
     model: str = "distilpose_s",
@@ -108,6 +143,7 @@ def train_student(
     amp: bool = True,
     log_every: int = 20,
     ckpt_every_steps: int = 0,
+    allow_store_change: bool = False,
     decode: str = "auto",
     sync_bn: bool = True,
     channels_last: bool = False,
@@ -123,7 +159,9 @@ def train_student(
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
     each epoch draws a fresh augmentation (no store at all). A store with pixels needs neither
     (its crops are read from it); `decode` says where its JPEG crops are decoded on a CUDA run
-    ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers).
+    ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers). `resume` refuses a store whose
+    identity (teacher, seed, dataset, sizes, mode, views) changed since the run started, unless
+    `allow_store_change`.
     """
     out = Path(out_dir)
     weights = parse_losses(losses)
@@ -136,11 +174,15 @@ def train_student(
         outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
         check_targets(weights, outputs, teacher.config.name, cfg)
     store_meta: dict = {}
+    identity: dict | None = None
     if store is not None:
         reader = StoreReader.open(str(store))
         if teacher is None:  # a loss the store has no target for fails before anything runs
             check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
         reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
+        identity = store_identity(reader.meta)
+        if resume and not allow_store_change:
+            check_store_unchanged(out, str(store), identity)
         if not allow_incomplete and not bool(reader.complete_mask().all()):
             raise StoreFormatError(
                 f"{store}: store is incomplete (dump still running or interrupted); "
@@ -161,6 +203,7 @@ def train_student(
             decode=decode,
         )
         store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
+
     elif teacher is not None and ann_file and images:
         data = OnlineBatches(
             str(ann_file),
@@ -212,6 +255,7 @@ def train_student(
             "ann_file": str(ann_file) if ann_file else None,
             "images": str(images) if images else None,
             "views": store_meta.get("views"),
+            "store_identity": identity,
             "decode": decode,
             "view_rule": "view = epoch mod views",
             "train": asdict(config),

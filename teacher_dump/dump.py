@@ -296,7 +296,8 @@ def dump_teacher(
     if own_group:
         dist.init_process_group("gloo")  # barriers are all the ranks need from each other
     writer = _open_store(out, meta, world_size, rank)
-    units = writer.pending_units(shard=tuple(shard))
+    # writers started together on one store split its units instead of racing on them
+    units, elsewhere = writer.claim(writer.pending_units(shard=tuple(shard)))
 
     # The plan: every real slot of every pending unit, and forward batches aligned to units.
     plan: list[tuple[int, int, int]] = []
@@ -372,6 +373,8 @@ def dump_teacher(
                     parts = []
     finally:
         unit_writer.close()
+        writer.release()
+    writer.wait_for(elsewhere)  # units another dump of this store took: done when they are
     loop_s = time.perf_counter() - loop_start
     if world_size > 1:
         dist.barrier()  # the store is finished when every rank is

@@ -44,7 +44,13 @@ def file_sha256(path: Path) -> str:
 
 
 def build_tiny_store(
-    root: Path, *, views: int = 2, num_train: int = 30, num_val: int = 10, seed: int = 0
+    root: Path,
+    *,
+    views: int = 2,
+    num_train: int = 30,
+    num_val: int = 10,
+    seed: int = 0,
+    mode: str = "fp16",
 ) -> dict:
     """Demo data -> random tiny teacher -> store with `views` views; returns the paths."""
     root = Path(root)
@@ -75,6 +81,7 @@ def build_tiny_store(
         image_root=images,
         chunk_samples=8,
         shard_chunks=1,
+        mode=mode,
     )
     store = root / "store.zarr"
     writer = StoreWriter.create_or_open(store, meta)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import numpy as np
 from distilpose.data.crop import box_to_center_scale
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
+from distilpose.limits import check_image_pixels, image_size_from_header, load_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ def read_image(path) -> np.ndarray:
     if not os.path.isfile(path):
         raise BadImageError(f"{path}: image file not found")
     data = np.fromfile(path, dtype=np.uint8)
+    size = image_size_from_header(data, path) if data.size else None
+    if size is not None:  # before decoding: a huge image must not cost gigabytes first
+        check_image_pixels(*size, path)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise BadImageError(f"{path}: cannot decode image; expected a JPEG/PNG file")
@@ -97,14 +100,9 @@ def read_image(path) -> np.ndarray:
 
 
 def _load_json(path, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise BadAnnotationError(f"{path}: {what} file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = str(e).splitlines()[0]
-        raise BadAnnotationError(f"{path}: not a JSON {what} file ({msg})") from None
+    if not os.path.exists(path):
+        raise BadAnnotationError(f"{path}: {what} file not found")
+    return load_json(path, BadAnnotationError, what)
 
 
 def _number_list(value, n: int, path, record: str, field: str) -> list[float]:
@@ -276,11 +274,17 @@ def _gt_records(coco, images: dict, path) -> tuple[list[dict], int]:
 
 def _image_size(img: dict, path) -> tuple[float, float]:
     try:
-        return float(img["width"]), float(img["height"])
-    except (KeyError, TypeError, ValueError):
+        width, height = float(img["width"]), float(img["height"])
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise BadAnnotationError(
             f"{path}: image {img.get('id')!r} has no numeric 'width'/'height'"
         ) from None
+    if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
+        raise BadAnnotationError(
+            f"{path}: image {img.get('id')!r} has width {width:g} and height {height:g}; "
+            "expected finite positive numbers"
+        )
+    return width, height
 
 
 def _det_records(dets_file, images: dict, thr: float) -> list[dict]:
