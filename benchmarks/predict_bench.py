@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ def _detector_ms(name: str, size: int | None, video: Path, frames: int) -> float
 
 def run(quick: bool = False, frames: int | None = None) -> str:
     frames = frames or (3 if quick else 8)
+    started = time.perf_counter()
     torch.manual_seed(0)
     rows, det_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,14 +129,20 @@ def run(quick: bool = False, frames: int | None = None) -> str:
     ]
     for det_name, size, ms in det_rows:
         lines.append(f"| `{det_name}` | {size or 800} | {ms:.0f} |")
+    took = time.perf_counter() - started
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    run_line = (
+        f"This run took {took:.0f} s; load average {load:.1f} on {os.cpu_count()} cores at its end."
+    )
+    lines += ["", run_line]
     section = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict_bench.md").write_text(section + "\n")
-    update_readme_block("predict-bench", readme_table(rows, frames))
+    update_readme_block("predict-bench", readme_table(rows, frames, run_line))
     return section
 
 
-def readme_table(rows: list[tuple], frames: int) -> str:
+def readme_table(rows: list[tuple], frames: int, run_line: str) -> str:
     """The README's short version: end-to-end frames/s and where the time goes."""
     lines = [
         f"| pose model (CPU, {torch.get_num_threads()} threads) | frames/s end to end | detector "
@@ -145,8 +153,9 @@ def readme_table(rows: list[tuple], frames: int) -> str:
         lines.append(f"| `{name}` | {fps:.2f} | {det:.0f} ms | {pose:.0f} ms | {rest:.0f} ms |")
     lines.append(
         f"\n_Written by `python -m benchmarks.predict_bench` ({frames} frames of a 640x480 video, "
-        "flip test on; full record: [benchmarks/results/predict_bench.md]"
-        "(benchmarks/results/predict_bench.md))._"
+        f"flip test on; the detectors alone and the full record: "
+        "[benchmarks/results/predict_bench.md](benchmarks/results/predict_bench.md)). "
+        f"{run_line}_"
     )
     return "\n".join(lines)
 
