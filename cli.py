@@ -800,36 +800,83 @@ def ablate(
 @app.command()
 def predict(
     checkpoint: Annotated[Path, typer.Option(help="Student or teacher checkpoint.", exists=True)],
-    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.", exists=True)],
+    source: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images, folders, globs ('shots/*.jpg'), or one video file or camera index (0).",
+            show_default=False,
+        ),
+    ],
+    detector: Annotated[
+        str,
+        typer.Option(
+            help="Person detector: fasterrcnn_mobilenet_v3_large_fpn (fast), "
+            "fasterrcnn_resnet50_fpn_v2 (accurate), or none (each image is one person).",
+        ),
+    ] = "fasterrcnn_mobilenet_v3_large_fpn",
+    detector_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local detector weights; default: torchvision's COCO weights (cached, or "
+            "downloaded when online).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    det_thr: Annotated[float, typer.Option(help="Detection score threshold.")] = 0.5,
+    det_size: Annotated[
+        int | None,
+        typer.Option(help="Detector input shorter side in px (default: the model's, 800)."),
+    ] = None,
+    max_people: Annotated[
+        int, typer.Option(help="The detector keeps at most this many people per image.", min=1)
+    ] = 100,
     boxes: Annotated[
         Path | None,
         typer.Option(
-            help="Person boxes JSON [{file_name|image_id, bbox: [x,y,w,h], score}]; "
-            "without it each whole image is one box.",
+            help="Person boxes JSON [{file_name|image_id, bbox: [x,y,w,h], score}] instead of "
+            "a detector.",
             exists=True,
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="COCO-format results JSON.")] = Path("predictions.json"),
     overlay_dir: Annotated[
-        Path | None, typer.Option(help="Write images with skeletons here.")
+        Path | None,
+        typer.Option(help="Write a PNG per image, or an annotated .mp4 for a video, here."),
+    ] = None,
+    max_frames: Annotated[
+        int | None, typer.Option(help="Stop a video or camera after this many frames.")
     ] = None,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip test.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Person crops per forward pass.")] = 32,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     config: ConfigOpt = None,
 ) -> None:
-    """Predict poses on images (a box per person is given, or the whole image is one box)."""
-    from distilpose.predict import predict_images
+    """Poses of every person in images, folders, globs, a video or a camera (detector in front)."""
+    from distilpose.predict import predict_source
 
-    results = predict_images(
+    summary = predict_source(
         checkpoint,
-        inputs,
+        source,
+        detector=detector,
+        detector_weights=detector_weights,
+        det_thr=det_thr,
+        det_size=det_size,
+        max_people=max_people,
         boxes_json=boxes,
         out_json=out,
         overlay_dir=overlay_dir,
         flip=flip,
         device=device.value,
+        batch_size=batch_size,
+        max_frames=max_frames,
     )
-    typer.echo(f"{len(results)} people -> {out}")
+    where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
+    typer.echo(
+        f"{summary['people']} people in {summary['frames']} frames -> {out}{where} "
+        f"({summary['frames_per_s']:.1f} frames/s; per frame: detector "
+        f"{summary['detector_ms_per_frame']:.0f} ms, pose {summary['pose_ms_per_frame']:.0f} ms)"
+    )
 
 
 @app.command()

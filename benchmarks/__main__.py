@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/results/latest.md.
 
-    python -m benchmarks [--quick] [--only model,store,dump,train]
+    python -m benchmarks [--quick] [--only model,store,dump,train,predict]
 
 Each benchmark module exposes `run(quick: bool) -> str` (a Markdown section) and also writes its
 own file in benchmarks/results/. This runner adds the machine it ran on, so the numbers can be
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "store": "benchmarks.store_bench",
     "dump": "benchmarks.dump_bench",
     "train": "benchmarks.train_bench",
+    "predict": "benchmarks.predict_bench",
 }
 
 

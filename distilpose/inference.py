@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,17 +77,28 @@ def default_use_scores(role: str, meta: dict | None) -> bool:
 
 
 class _EvalCrops(Dataset):
-    """Evaluation crops of person instances: (uint8 BGR crop [H_in, W_in, 3], position)."""
+    """Evaluation crops of person instances: (uint8 BGR crop [H_in, W_in, 3], position).
 
-    def __init__(self, instances: Sequence[PersonInstance], input_size: tuple[int, int]) -> None:
+    `images` maps an instance's `image_path` to an image already in memory (video frames,
+    arrays); other paths are read from disk."""
+
+    def __init__(
+        self,
+        instances: Sequence[PersonInstance],
+        input_size: tuple[int, int],
+        images: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         self.instances = instances
         self.input_size = input_size
+        self.images = images or {}
         self._cached: tuple[str, np.ndarray] | None = None  # people of one image come together
 
     def __len__(self) -> int:
         return len(self.instances)
 
     def _image(self, path: str) -> np.ndarray:
+        if path in self.images:
+            return self.images[path]
         if self._cached is None or self._cached[0] != path:
             self._cached = (path, read_image(path))
         return self._cached[1]
@@ -153,6 +164,8 @@ def predict_instances(
     amp: bool = True,
     stats: dict | None = None,
     desc: str = "inference",
+    image_arrays: Mapping[str, np.ndarray] | None = None,
+    show_progress: bool = True,
 ) -> list[dict]:
     """Run top-down inference of `model` (student or teacher) over person instances.
 
@@ -171,6 +184,9 @@ def predict_instances(
         num_workers: DataLoader worker processes for JPEG decoding and cropping.
         stats: if given, filled with "samples", "forward_s", "total_s", "forward_samples_per_s"
             (model only, flipped pass included) and "samples_per_s" (end to end).
+        image_arrays: images in memory, by the `image_path` their instances name (others are
+            read from disk).
+        show_progress: False when the caller draws its own bar (frames of a video).
 
     Returns:
         One dict per instance, in input order: "index", "image_id", "ann_id", "bbox",
@@ -193,7 +209,7 @@ def predict_instances(
     use_amp = amp and dev.type == "cuda"
 
     loader = DataLoader(
-        _EvalCrops(instances, input_size),
+        _EvalCrops(instances, input_size, image_arrays),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -212,7 +228,8 @@ def predict_instances(
 
     try:
         with torch.inference_mode():
-            for images, positions in progress(loader, desc=desc, unit="batch"):
+            bar = progress(loader, desc=desc, unit="batch", disable=None if show_progress else True)
+            for images, positions in bar:
                 images = images.to(dev, non_blocking=True)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)

@@ -1,214 +1,140 @@
-"""`distilpose predict`: keypoints for people in arbitrary images, without annotations.
+"""`distilpose predict`: every person's pose in images, folders, globs, videos or a camera.
 
-No person detector ships with the toolkit: either a box per person is given in a JSON file, or the
-whole image is taken as one person's box.
+One path: `predict_source` opens the SOURCE (`distilpose.sources`), runs an `Inferencer`
+(detector in front, `distilpose.detector`; or a boxes file; or the whole image as one person)
+and writes what it returns:
 
-Boxes file (`boxes_json`): the COCO detections / results format, a JSON list of
-``{"file_name": "a.jpg" or "image_id": 785, "bbox": [x, y, w, h], "score": 0.98}``
-(`score` optional, default 1.0; entries with a `category_id` other than 1 are skipped). An entry
-names its image by `file_name` (matched on the base name; the first image of that name wins) or
-by `image_id`. Image ids: the number in the file name for COCO-style names
-(`000000000785.jpg` -> 785), otherwise the image's 1-based position in the list of images.
-Entries for images not being predicted are ignored; an image without entries has no people (no
-whole-image fallback once a boxes file is given). Each box is one person: no NMS is applied.
-
-Output: a COCO keypoint results JSON (`image_id`, `category_id` 1, flat `keypoints`, `score`,
-plus `file_name` and `bbox` for convenience) and, optionally, one overlay per image
-(`<stem>_pose<ext>` in `overlay_dir`) with each person's skeleton and joints above 0.3.
+- a COCO keypoint results JSON (`image_id`, `category_id` 1, flat `keypoints`, `score`, plus
+  `bbox`, `file_name` and, for video frames, `frame_index`; a frame's `image_id` is its index);
+- optionally overlays in `overlay_dir`: one PNG per image (`<stem>_pose.png`), or for a video or
+  camera one annotated video (`<stem>_pose.mp4`, OpenCV's writer, the source's frame rate), with
+  each person's box, skeleton and joints above `kpt_thr`;
+- a progress bar with frames/s, and a summary with the detector's share of the time.
 """
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from distilpose.data import PersonInstance, read_image
-from distilpose.data.crop import box_to_center_scale
-from distilpose.data.keypoints import NUM_KEYPOINTS
-from distilpose.errors import BadAnnotationError, BadImageError
-from distilpose.eval_run import write_json_atomic
-from distilpose.evaluation import to_coco_results
-from distilpose.inference import default_use_scores, predict_instances, resolve_device
-from distilpose.models import build_from_checkpoint
-from distilpose.viz.skeleton import draw_pose
+from distilpose.detector import DEFAULT_DETECTOR, BoxesFile, Detector
+from distilpose.errors import BadImageError
+from distilpose.io import write_json_atomic
+from distilpose.progress import ProgressCounter
+from distilpose.sources import VideoSource, open_source
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 KPT_DRAW_THR = 0.3
+VIDEO_FOURCC = "mp4v"  # in every OpenCV FFmpeg build; H.264 encoders often are not
 
 
-def list_images(images: str | Path | list[str | Path]) -> list[Path]:
-    """Image files from a folder (its images sorted by name, not recursive), one image, or a
-    list mixing both, in the order given."""
-    items = [images] if isinstance(images, str | Path) else list(images)
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                raise BadImageError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise BadImageError(f"{path}: image file not found")
-    if not paths:
-        raise BadImageError("no images given")
-    return paths
+def _video_writer(path: Path, fps: float, image: np.ndarray) -> cv2.VideoWriter:
+    h, w = image.shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*VIDEO_FOURCC), fps or 30.0, (w, h))
+    if not writer.isOpened():
+        raise BadImageError(f"{path}: OpenCV cannot write a {VIDEO_FOURCC} video here")
+    return writer
 
 
-def image_ids(paths: list[Path]) -> list[int]:
-    """COCO-style numeric names give their number, otherwise the 1-based position."""
-    ids = [int(p.stem) if p.stem.isdigit() else i + 1 for i, p in enumerate(paths)]
-    if len(set(ids)) != len(ids):  # mixed names could collide: fall back to positions
-        ids = list(range(1, len(paths) + 1))
-    return ids
-
-
-def load_boxes(
-    boxes_json: str | Path, paths: list[Path], ids: list[int]
-) -> dict[int, list[tuple[list[float], float]]]:
-    """Boxes per image position: {position: [(bbox_xywh, score), ...]} (see the module doc)."""
-    try:
-        entries = json.loads(Path(boxes_json).read_text())
-    except (OSError, ValueError) as e:
-        raise BadAnnotationError(f"{boxes_json}: not a readable JSON file ({e})") from e
-    if not isinstance(entries, list):
-        raise BadAnnotationError(f"{boxes_json}: expected a JSON list of box entries")
-    by_name: dict[str, int] = {}
-    for pos, p in enumerate(paths):
-        by_name.setdefault(p.name, pos)
-    by_id = {image_id: pos for pos, image_id in enumerate(ids)}
-    boxes: dict[int, list[tuple[list[float], float]]] = defaultdict(list)
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "bbox" not in entry:
-            raise BadAnnotationError(
-                f"{boxes_json}: entry {n} has no 'bbox'; expected [x, y, w, h]"
-            )
-        if int(entry.get("category_id", 1)) != 1:
-            continue
-        if "file_name" in entry:
-            pos = by_name.get(Path(str(entry["file_name"])).name)
-        elif "image_id" in entry:
-            pos = by_id.get(int(entry["image_id"]))
-        else:
-            raise BadAnnotationError(
-                f"{boxes_json}: entry {n} names no image; expected 'file_name' or 'image_id'"
-            )
-        if pos is None:
-            continue
-        bbox = entry["bbox"]
-        if (
-            not isinstance(bbox, list | tuple)
-            or len(bbox) != 4
-            or not all(isinstance(v, int | float) for v in bbox)
-            or bbox[2] <= 0
-            or bbox[3] <= 0
-        ):
-            raise BadAnnotationError(
-                f"{boxes_json}: entry {n} 'bbox' is {bbox!r}; expected [x, y, w, h] with w, h > 0"
-            )
-        boxes[pos].append(([float(v) for v in bbox], float(entry.get("score", 1.0))))
-    return boxes
-
-
-def predict_images(
+def predict_source(
     checkpoint: str | Path,
-    images: str | Path | list[str | Path],
+    sources: str | Path | int | list[str | Path | int],
     *,
+    detector: str | Detector | None = DEFAULT_DETECTOR,
+    detector_weights: str | Path | None = None,
+    det_thr: float = 0.5,
+    det_size: int | None = None,
+    max_people: int = 100,
     boxes_json: str | Path | None = None,
-    out_json: str | Path,
+    out_json: str | Path = "predictions.json",
     overlay_dir: str | Path | None = None,
     flip: bool = True,
     flip_mode: str = "corrected",
     device: str = "auto",
     batch_size: int = 32,
+    max_frames: int | None = None,
     use_scores: bool | None = None,
     kpt_thr: float = KPT_DRAW_THR,
-) -> list[dict]:
-    """Predict every person's keypoints in `images` (a folder, an image, or a list of both).
+) -> dict:
+    """Predict every person's keypoints in SOURCE(s) and write the outputs (module docstring).
 
     Args:
         checkpoint: a student or teacher checkpoint.
-        boxes_json: person boxes (format in the module docstring); None -> one whole-image box
-            per image.
-        out_json: where the COCO keypoint results go.
-        overlay_dir: if given, one overlay image per input with the skeletons drawn.
-        use_scores: None -> from the checkpoint meta (False for a student trained without the
-            confidence loss); see `distilpose.inference`.
-        kpt_thr: overlay joints and limbs need keypoint scores above it.
+        sources: images, folders, globs, or one video file or camera index.
+        detector: a torchvision detector name, None/"none" (whole image = one person) or a
+            detector callable (`distilpose.detector`); ignored when `boxes_json` is given.
+        boxes_json: person boxes (format in `distilpose.detector`) instead of a detector.
+        max_frames: stop a video or camera after this many frames.
+        Others: as `Inferencer`.
 
     Returns:
-        The COCO results written to `out_json` (one per person, with `file_name` and `bbox`).
+        {"results": the COCO results written, "frames", "people", "seconds", "frames_per_s",
+        "detector_ms_per_frame", "pose_ms_per_frame", "out_json", "overlays": [paths]}.
     """
-    paths = list_images(images)
-    ids = image_ids(paths)
-    model, meta = build_from_checkpoint(checkpoint, map_location="cpu")
-    config = model.config
-    if use_scores is None:
-        use_scores = default_use_scores(config.role, meta)
-    width, height = config.input_size
-    boxes = load_boxes(boxes_json, paths, ids) if boxes_json is not None else None
+    from distilpose.inferencer import Inferencer
 
-    instances: list[PersonInstance] = []
-    owner: list[int] = []  # image position of each instance
-    for pos, (path, image_id) in enumerate(zip(paths, ids, strict=True)):
-        if boxes is None:
-            h, w = read_image(str(path)).shape[:2]
-            person_boxes = [([0.0, 0.0, float(w), float(h)], 1.0)]
-        else:
-            person_boxes = boxes.get(pos, [])
-        for bbox, score in person_boxes:
-            center, scale = box_to_center_scale(bbox, aspect_ratio=width / height)
-            instances.append(
-                PersonInstance(
-                    index=len(instances),
-                    image_id=image_id,
-                    ann_id=-1,
-                    image_path=str(path),
-                    bbox=tuple(bbox),
-                    score=score,
-                    keypoints=np.zeros((NUM_KEYPOINTS, 3), dtype=np.float32),
-                    center=center,
-                    scale=scale,
-                    area=bbox[2] * bbox[3],
-                )
-            )
-            owner.append(pos)
-
-    predictions = predict_instances(
-        model,
-        instances,
+    source = open_source(sources, max_frames=max_frames)
+    inferencer = Inferencer(
+        checkpoint,
+        BoxesFile(boxes_json) if boxes_json is not None else detector,
+        detector_weights=detector_weights,
+        det_thr=det_thr,
+        det_size=det_size,
+        max_people=max_people,
+        device=device,
         batch_size=batch_size,
-        device=resolve_device(device),
         flip=flip,
         flip_mode=flip_mode,
         use_scores=use_scores,
-        desc="predict",
     )
-    results = to_coco_results(predictions)
-    for res, pred, pos in zip(results, predictions, owner, strict=True):
-        res["file_name"] = paths[pos].name
-        res["bbox"] = [round(v, 2) for v in pred["bbox"]]
+    if isinstance(source, VideoSource) and source.camera:
+        inferencer.frames_per_batch = 1  # live: answer every frame as it comes
+    overlay = Path(overlay_dir) if overlay_dir is not None else None
+    if overlay is not None:
+        overlay.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    written: list[str] = []
+    writer: cv2.VideoWriter | None = None
+    started = time.perf_counter()
+    with ProgressCounter(len(source) or None, desc="predict", unit="frames") as bar:
+        try:
+            for frame, result in inferencer.stream(source):
+                results.extend(result.to_coco())
+                if overlay is not None:
+                    canvas = result.draw(frame.image, kpt_thr)
+                    if isinstance(source, VideoSource):
+                        if writer is None:
+                            target = overlay / f"{source.stem}_pose.mp4"
+                            writer = _video_writer(target, source.fps, canvas)
+                            written.append(str(target))
+                        writer.write(canvas)
+                    else:
+                        target = overlay / f"{Path(frame.name).stem}_pose.png"
+                        if not cv2.imwrite(str(target), canvas):
+                            raise BadImageError(f"{target}: could not write the overlay image")
+                        written.append(str(target))
+                bar.advance()
+        except KeyboardInterrupt:
+            if not (isinstance(source, VideoSource) and source.camera):
+                raise
+            # a camera runs until stopped: Ctrl-C ends it and keeps what was seen
+        finally:
+            if writer is not None:
+                writer.release()
+    seconds = time.perf_counter() - started
     write_json_atomic(out_json, results)
-
-    if overlay_dir is not None:
-        overlay_dir = Path(overlay_dir)
-        overlay_dir.mkdir(parents=True, exist_ok=True)
-        people: dict[int, list[dict]] = defaultdict(list)
-        for pred, pos in zip(predictions, owner, strict=True):
-            people[pos].append(pred)
-        for pos, path in enumerate(paths):
-            canvas = read_image(str(path))
-            for pred in people.get(pos, []):
-                draw_pose(canvas, pred["keypoints"], pred["bbox"], kpt_thr)
-            target = overlay_dir / f"{path.stem}_pose{path.suffix.lower()}"
-            if not cv2.imwrite(str(target), canvas):
-                raise BadImageError(f"{target}: could not write the overlay image")
-    return results
+    frames = inferencer.timings["frames"]
+    per_frame = 1000.0 / frames if frames else 0.0
+    return {
+        "results": results,
+        "frames": frames,
+        "people": len(results),
+        "seconds": seconds,
+        "frames_per_s": frames / seconds if seconds > 0 else 0.0,
+        "detector_ms_per_frame": inferencer.timings["detector_s"] * per_frame,
+        "pose_ms_per_frame": inferencer.timings["pose_s"] * per_frame,
+        "out_json": str(out_json),
+        "overlays": written,
+    }

@@ -3,7 +3,7 @@
 Tests of faults and bad inputs carry `@pytest.mark.reliability(case, outcome)`; a test that
 survives kills records `record_property("kills_survived", n)`. When the whole suite runs
 (`pytest` with no narrowing), the outcomes are written to benchmarks/results/reliability.md,
-the table the README's Reliability section shows: figures from a run, not from prose.
+the table docs/reliability.md and the README link: figures from a run, not from prose.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reliability.md"
 
 os.environ.setdefault("DISTILPOSE_NO_PROGRESS", "1")
+os.environ["DISTILPOSE_OFFLINE"] = "1"  # no test may download detector weights
 
 
 def pytest_configure(config: pytest.Config) -> None:

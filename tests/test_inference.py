@@ -1,4 +1,4 @@
-"""Top-down inference (flip test, decoding), `run_eval` and `predict_images` end to end."""
+"""Top-down inference (flip test, decoding), `run_eval` and `predict_source` end to end."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from distilpose.eval_run import format_metrics_table, run_eval
 from distilpose.evaluation import coco_keypoint_eval, oks_nms, to_coco_results
 from distilpose.inference import default_use_scores, flip_student_output, predict_instances
 from distilpose.models import StudentOutput, TeacherOutput, build_model, save_checkpoint
-from distilpose.predict import predict_images
+from distilpose.predict import predict_source
 
 MINI = Path(__file__).parent / "data" / "coco_mini"
 ANN = MINI / "annotations" / "person_keypoints.json"
@@ -342,17 +342,21 @@ def test_run_eval_teacher(tiny_ckpts, tmp_path):
     assert "teacher" in format_metrics_table(res)
 
 
-def test_predict_images_with_and_without_boxes(tiny_ckpts, tmp_path):
+def test_predict_source_whole_image_and_boxes(tiny_ckpts, tmp_path):
     image = IMAGES / "000000000785.jpg"
     out = tmp_path / "whole.json"
-    results = predict_images(
-        tiny_ckpts["distilpose_tiny"], [image], out_json=out, overlay_dir=tmp_path / "ov"
-    )
+    results = predict_source(
+        tiny_ckpts["distilpose_tiny"],
+        [image],
+        detector="none",
+        out_json=out,
+        overlay_dir=tmp_path / "ov",
+    )["results"]
     assert json.loads(out.read_text()) == results
     assert len(results) == 1 and results[0]["image_id"] == 785
     h, w = cv2.imread(str(image)).shape[:2]
     assert results[0]["bbox"] == [0.0, 0.0, float(w), float(h)]
-    overlay = cv2.imread(str(tmp_path / "ov" / "000000000785_pose.jpg"))
+    overlay = cv2.imread(str(tmp_path / "ov" / "000000000785_pose.png"))
     assert overlay is not None and overlay.shape == (h, w, 3)
 
     boxes = tmp_path / "boxes.json"
@@ -371,22 +375,22 @@ def test_predict_images_with_and_without_boxes(tiny_ckpts, tmp_path):
         )
     )
     # a folder: images without boxes have no people; 40083's box is used
-    results = predict_images(
+    results = predict_source(
         tiny_ckpts["distilpose_tiny"], [IMAGES], boxes_json=boxes, out_json=out, flip=False
-    )
+    )["results"]
     assert [(r["file_name"], r["image_id"]) for r in results] == [
         ("000000000785.jpg", 785),
         ("000000000785.jpg", 785),
         ("000000040083.jpg", 40083),
     ]
     # one image: the other image's box is ignored
-    results = predict_images(
+    results = predict_source(
         tiny_ckpts["distilpose_tiny"], [image], boxes_json=boxes, out_json=out, flip=False
-    )
+    )["results"]
     assert [r["bbox"] for r in results] == [[280.0, 44.0, 218.0, 346.0], [10.0, 10.0, 100.0, 200.0]]
     xs = np.array(results[0]["keypoints"]).reshape(17, 3)[:, 0]
     assert np.all((xs >= 280.0 - 60) & (xs <= 280.0 + 218 + 60))  # inside the padded box
 
     boxes.write_text(json.dumps([{"file_name": "000000000785.jpg", "bbox": [0, 0, 0, 10]}]))
     with pytest.raises(BadAnnotationError, match="bbox"):
-        predict_images(tiny_ckpts["distilpose_tiny"], [image], boxes_json=boxes, out_json=out)
+        predict_source(tiny_ckpts["distilpose_tiny"], [image], boxes_json=boxes, out_json=out)

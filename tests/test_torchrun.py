@@ -1,6 +1,7 @@
-"""The README's multi-GPU commands, run as written under `torchrun` on CPU (gloo, 2 ranks).
+"""The multi-GPU commands of docs/multi-gpu.md, run as written under `torchrun` on CPU (gloo,
+2 ranks).
 
-Each command of the README block `torchrun-commands` is launched with this interpreter's
+Each command of its block `torchrun-commands` is launched with this interpreter's
 `torch.distributed.run` and this environment's `distilpose` script, in a folder holding a small
 demo dataset under `demo_run/`. One-process references run in this process through the same
 CLI with the global batch (2 x the per-rank batch). Checked:
@@ -48,8 +49,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def readme_commands() -> dict[str, list[str]]:
-    """The README's torchrun lines as argv lists, keyed by subcommand (+ ' --resume')."""
-    text = (ROOT / "README.md").read_text()
+    """docs/multi-gpu.md's torchrun lines as argv lists, keyed by subcommand (+ ' --resume')."""
+    text = (ROOT / "docs" / "multi-gpu.md").read_text()
     block = re.search(r"<!-- torchrun-commands -->\s*```\n(.*?)```", text, re.S).group(1)
     commands = {}
     for line in block.replace("\\\n", " ").splitlines():
@@ -146,7 +147,7 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(demo) -> Path:
-    """The README's train-teacher line (2 ranks); its teacher.pth feeds the dump."""
+    """docs/multi-gpu.md's train-teacher line (2 ranks); its teacher.pth feeds the dump."""
     run(COMMANDS["train-teacher"], demo)
     return demo / option(COMMANDS["train-teacher"], "--out")
 

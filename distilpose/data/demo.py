@@ -446,6 +446,22 @@ def _detections(rng: np.random.Generator, image_id: int, anns: list[dict], size)
     ]
 
 
+def _coco_annotation(ann: dict, index: int, image_id: int) -> dict:
+    """A COCO person-keypoints record (id `index` + 1) of a person `_render_image` labelled."""
+    fields = {k: ann[k] for k in ("bbox", "area", "num_keypoints", "keypoints")}
+    return {"id": index + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0, **fields}
+
+
+def _coco_file(description: str, images: list[dict], annotations: list[dict]) -> dict:
+    return {
+        "info": {"description": description},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [coco_person_category()],
+    }
+
+
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
 
@@ -464,32 +480,14 @@ def _make_split(out_dir: Path, split: str, num_people: int, seed: int, size, max
         assert ok, "OpenCV could not encode a JPEG"
         (image_dir / file_name).write_bytes(buf.tobytes())
         images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
-        for ann in anns:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "iscrowd": 0,
-                    "bbox": ann["bbox"],
-                    "area": ann["area"],
-                    "num_keypoints": ann["num_keypoints"],
-                    "keypoints": ann["keypoints"],
-                }
-            )
+        annotations += [
+            _coco_annotation(ann, len(annotations) + k, image_id) for k, ann in enumerate(anns)
+        ]
         if split == "val":
             dets += _detections(np.random.default_rng([seed, 2, i]), image_id, anns, size)
     ann_file = out_dir / "annotations" / f"person_keypoints_{split}.json"
-    _write_json(
-        ann_file,
-        {
-            "info": {"description": f"DistilPose synthetic demo people ({split}, seed {seed})"},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": [coco_person_category()],
-        },
-    )
+    description = f"DistilPose synthetic demo people ({split}, seed {seed})"
+    _write_json(ann_file, _coco_file(description, images, annotations))
     return ann_file, image_dir, dets
 
 
@@ -527,3 +525,49 @@ def make_demo_data(
         "val_images": val_images,
         "val_dets": val_dets,
     }
+
+
+def make_demo_video(
+    path,
+    *,
+    num_frames: int = 16,
+    size: tuple[int, int] = (640, 480),
+    max_people: int = 3,
+    fps: float = 10.0,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write a video of synthetic people (OpenCV's writer, MPEG-4 Part 2 `mp4v`) and its labels.
+
+    Each frame is a fresh demo image of 1..`max_people` people (a test pattern, not motion).
+    The labels go beside the video as `<stem>_keypoints.json` (COCO person keypoints, image id =
+    frame index, `file_name` = the video's name) and `<stem>_boxes.json` (the ground-truth boxes
+    in the COCO detections format, score 1). Returns {"video", "ann", "boxes"}.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = int(size[0]), int(size[1])
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise OSError(f"{path}: OpenCV cannot write an mp4v video here")
+    images, annotations = [], []
+    try:
+        for i in range(num_frames):
+            rng = np.random.default_rng([seed, 3, i])
+            image, anns = _render_image(rng, int(rng.integers(1, max_people + 1)), (w, h))
+            writer.write(image)
+            images.append({"id": i, "file_name": path.name, "width": w, "height": h})
+            annotations += [
+                _coco_annotation(a, len(annotations) + k, i) for k, a in enumerate(anns)
+            ]
+    finally:
+        writer.release()
+    ann_file = path.with_name(f"{path.stem}_keypoints.json")
+    description = f"DistilPose synthetic demo video {path.name} (seed {seed})"
+    _write_json(ann_file, _coco_file(description, images, annotations))
+    boxes_file = path.with_name(f"{path.stem}_boxes.json")
+    boxes = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0}
+        for a in annotations
+    ]
+    _write_json(boxes_file, boxes)
+    return {"video": path, "ann": ann_file, "boxes": boxes_file}

@@ -1,0 +1,29 @@
+"""The README and docs/: every relative link resolves, and every document in docs/ is linked
+from the README (a section moved out of the README must stay reachable from it)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_relative_links_resolve():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked offline
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_every_document_is_linked_from_the_readme():
+    linked = set(LINK.findall((ROOT / "README.md").read_text()))
+    missing = [
+        f"docs/{p.name}"
+        for p in sorted((ROOT / "docs").glob("*.md"))
+        if f"docs/{p.name}" not in linked
+    ]
+    assert not missing, f"documents the README does not link: {missing}"
