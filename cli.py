@@ -27,6 +27,7 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
+from distilpose.weights import DEMO_TEACHER_RECIPE
 
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
@@ -312,6 +313,11 @@ def _size_overrides(input_size: str | None) -> dict | None:
     if input_size is None:
         return None
     return Geometry(_parse_size(input_size, "--input-size")).size_overrides()
+
+
+class Schedule(str, Enum):
+    step = "step"
+    cosine = "cosine"
 
 
 class StoreMode(str, Enum):
@@ -626,6 +632,9 @@ def train_student(
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
     ] = None,
+    schedule: Annotated[
+        Schedule, typer.Option(help="step (paper: x0.1 at 2/3, 13/15) or cosine (short runs).")
+    ] = Schedule.step,
     allow_store_change: Annotated[
         bool,
         typer.Option(help="With --resume: continue even if the store's views or identity changed."),
@@ -663,6 +672,7 @@ def train_student(
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
         model_overrides=overrides,
+        schedule=schedule.value,
         allow_store_change=allow_store_change,
         decode=decode.value,
         sync_bn=sync_bn,
@@ -748,6 +758,14 @@ def ablate(
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (must fit the store).")
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Weights for the grid's terms, e.g. kt=1,vt=0.05 (default: paper's)."),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    schedule: Annotated[
+        Schedule, typer.Option(help="step (paper: x0.1 at 2/3, 13/15) or cosine (short runs).")
+    ] = Schedule.step,
     config: ConfigOpt = None,
 ) -> None:
     """Train and evaluate one student per loss combination; write a Markdown table like Table 4."""
@@ -769,6 +787,9 @@ def ablate(
         seed=seed,
         parallel=parallel,
         model_overrides=overrides,
+        weights=weights,
+        lr=lr,
+        schedule=schedule.value,
     )
     typer.echo(Path(table).read_text())
 
@@ -972,45 +993,99 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one fits 15 minutes on 2 CPU cores, --quick about 3.
+    """Sizes of a demo run: the full one took 521 s on 2 quiet CPU cores (at 20 student epochs
+    233 s there, 22-23 min with three demos at once on shared cores), --quick under 3 min.
 
-    The tiny models run at 48x64 crops here: on 2 CPU cores a TokenPose-style model needs a few
-    thousand steps before its keypoint tokens leave the mean pose, and the small crop makes steps
-    cheap enough to afford them (measured: at 96x128 neither model left the mean pose within the
-    demo's time).
+    The teacher is the shipped `tokenpose_demo` (trained once, `distilpose.weights`); it is
+    dumped to a store, and two `distilpose_demo` students train from that store with the same
+    seed, steps and schedule: one with the paper's full objective, one with `reg` alone. Crops
+    are 96x128 (heatmap grid 24x32: perfect heatmaps would score AP ~0.92 there). The students
+    train at the same time, one per core, each with one torch thread and no loader workers:
+    on 2 cores, threads fighting over cores cost more than the model (measured 13x).
+    `teacher_*` fields are used by `--train-teacher` only.
     """
 
     num_train: int = 2000
-    num_val: int = 300
-    teacher_epochs: int = 64
-    views: int = 4
-    student_epochs: int = 48
+    num_val: int = 600
+    views: int = 2
+    student_epochs: int = 50  # 6,250 steps of 16: many cheap steps beat fewer big ones here
     batch_size: int = 16
-    warmup_iters: int = 200
-    input_size: tuple[int, int] = (48, 64)  # heatmaps a quarter of it (Geometry)
-
-    def overrides(self) -> dict:
-        return Geometry(self.input_size).size_overrides()
+    lr: float = 1e-3
+    losses: str = "reg,kt=1,vt=0.05,sh,cs"  # token terms weighted for this teacher's token scale
+    teacher_num_train: int = DEMO_TEACHER_RECIPE["num_train"]
+    teacher_epochs: int = DEMO_TEACHER_RECIPE["epochs"]
 
 
 QUICK_DEMO = DemoPlan(
-    num_train=600, num_val=150, teacher_epochs=12, views=2, student_epochs=12, warmup_iters=50
+    num_train=1000, num_val=300, student_epochs=6, teacher_num_train=2000, teacher_epochs=2
 )
+STUDENT_RUNS = {"student_distilled": "losses", "student_baseline": "reg"}
+
+
+def _demo_threads(parallel: int) -> int:
+    """torch threads per process when `parallel` processes share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def _demo_student(job: dict) -> dict:
+    """Train one demo student (in this process or a spawned one); returns the run summary."""
+    import torch
+
+    from student_train.train import train_student
+
+    torch.set_num_threads(job.pop("threads"))
+    if job.pop("quiet"):
+        os.environ["DISTILPOSE_NO_PROGRESS"] = "1"  # two bars at once would garble stderr
+    return train_student(job.pop("store"), job.pop("model"), job.pop("out_dir"), **job)
+
+
+def _demo_teacher(out: Path, plan: DemoPlan, device: str, say) -> Path:
+    """--train-teacher: the shipped teacher's recorded recipe (sizes from the plan)."""
+    from distilpose.data import MILD_RECIPE
+    from distilpose.data import make_demo_data as make
+    from teacher_dump.train import train_teacher as train_t
+
+    r = DEMO_TEACHER_RECIPE
+    say(f"teacher data: {plan.teacher_num_train} people, seed {r['data_seed']}")
+    data = make(
+        out / "teacher_data", num_train=plan.teacher_num_train, num_val=1, seed=r["data_seed"]
+    )
+    say(f"train teacher {r['model']}, {plan.teacher_epochs} epochs -> {out / 'teacher'}")
+    train_t(
+        r["model"], data["train_ann"], data["train_images"], out / "teacher",
+        epochs=plan.teacher_epochs, batch_size=r["batch_size"], lr=r["lr"],
+        warmup_iters=r["warmup_iters"], device=device, seed=r["seed"], workers=1,
+        resume=(out / "teacher" / "last.pth").exists(), recipe=MILD_RECIPE,
+    )  # fmt: skip
+    return out / "teacher" / "teacher.pth"
 
 
 def run_demo(
-    out: Path, *, quick: bool = False, device: str = "auto", seed: int = 0, log: bool = True
+    out: Path,
+    *,
+    quick: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    log: bool = True,
+    train_teacher: bool = False,
+    plan: DemoPlan | None = None,
 ) -> list[dict]:
     """The mission end to end on demo data, through the very functions the commands call."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
+    from distilpose.engine import resolve_device
     from distilpose.eval_run import run_eval
-    from distilpose.models import build_model, model_info
-    from student_train.train import train_student as train_s
+    from distilpose.evaluation import keypoint_errors, load_coco
+    from distilpose.models import build_from_checkpoint, model_info
+    from distilpose.weights import demo_teacher_path
     from teacher_dump.dump import dump_teacher as dump
-    from teacher_dump.train import train_teacher as train_t
 
-    plan = QUICK_DEMO if quick else DemoPlan()
+    plan = plan or (QUICK_DEMO if quick else DemoPlan())
     say = typer.echo if log else (lambda *a, **k: None)
     started = time.perf_counter()
 
@@ -1019,47 +1094,61 @@ def run_demo(
 
     step(f"demo data: {plan.num_train} train / {plan.num_val} val people -> {out / 'data'}")
     data = make(out / "data", num_train=plan.num_train, num_val=plan.num_val, seed=seed)
-    step(f"train teacher tokenpose_tiny, {plan.teacher_epochs} epochs -> {out / 'teacher'}")
-    train_t(
-        "tokenpose_tiny", data["train_ann"], data["train_images"], out / "teacher",
-        epochs=plan.teacher_epochs, batch_size=plan.batch_size, warmup_iters=plan.warmup_iters,
-        device=device, seed=seed, resume=(out / "teacher" / "last.pth").exists(),
-        model_overrides=plan.overrides(), recipe=MILD_RECIPE,
-    )  # fmt: skip
-    teacher_ckpt = out / "teacher" / "teacher.pth"
+    if train_teacher:
+        teacher_ckpt = _demo_teacher(out, plan, device, step)
+    else:
+        teacher_ckpt = demo_teacher_path()
+        step(f"teacher: the shipped {teacher_ckpt.name} (sha256 checked)")
     step(f"dump teacher, {plan.views} views -> {out / 'store'}")
     dump(
         teacher_ckpt, data["train_ann"], data["train_images"], str(out / "store"),
-        views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE,
+        views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE, workers=0,
     )  # fmt: skip
-    runs = {"student_distilled": "reg,kt,vt,sh,cs", "student_baseline": "reg"}
-    for role, losses in runs.items():
-        step(f"train distilpose_tiny from the store, losses {losses} -> {out / role}")
-        train_s(
-            str(out / "store"), "distilpose_tiny", out / role, losses=losses,
-            epochs=plan.student_epochs, batch_size=plan.batch_size,
-            warmup_iters=plan.warmup_iters, device=device, seed=seed,
-            resume=(out / role / "last.pth").exists(), model_overrides=plan.overrides(),
+    on_cpu = resolve_device(device).type == "cpu"
+    parallel = len(STUDENT_RUNS) if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+    jobs = []
+    for role, losses in STUDENT_RUNS.items():
+        losses = plan.losses if losses == "losses" else losses
+        step(f"train distilpose_demo from the store, losses {losses} -> {out / role}")
+        jobs.append(
+            dict(
+                store=str(out / "store"), model="distilpose_demo", out_dir=out / role,
+                losses=losses, epochs=plan.student_epochs, batch_size=plan.batch_size,
+                lr=plan.lr, schedule="cosine", device=device, seed=seed, workers=0,
+                resume=(out / role / "last.pth").exists(), threads=_demo_threads(parallel),
+                quiet=parallel > 1,
+            )
         )  # fmt: skip
+    if parallel > 1:
+        with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_demo_student, jobs))
+    else:
+        for job in jobs:
+            _demo_student(job)
+    torch.set_num_threads(_demo_threads(1))
     rows = []
-    checkpoints = {"teacher": teacher_ckpt, **{r: out / r / "student.pth" for r in runs}}
+    coco = load_coco(data["val_ann"])
+    checkpoints = {"teacher": teacher_ckpt, **{r: out / r / "student.pth" for r in STUDENT_RUNS}}
     for role, ckpt in checkpoints.items():
         step(f"eval {role} on the val split (detections, flip test)")
+        results_json = out / "results" / f"{role}.json"
         result = run_eval(
             ckpt, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
-            device=device, out_json=out / "results" / f"{role}.json",
+            device=device, out_json=results_json,
         )  # fmt: skip
-        name = "tokenpose_tiny" if role == "teacher" else "distilpose_tiny"
-        info = model_info(build_model(name, **plan.overrides()))
+        errors = keypoint_errors(coco, json.loads(results_json.read_text()))
+        info = model_info(build_from_checkpoint(ckpt, map_location="cpu")[0])
         rows.append(
             {
-                "model": name,
+                "model": result["model"],
                 "role": role,
                 "params": info["params"],
                 "gflops": round(info["gflops"], 4),
                 "ap": result["AP"],
                 "ap50": result["AP50"],
                 "ap75": result["AP75"],
+                "pck": round(errors["PCK"], 4),
+                "pixel_error": round(errors["pixel_error"], 2),
                 "samples_per_s": result["samples_per_s"],
             }
         )
@@ -1071,14 +1160,19 @@ def run_demo(
 def format_demo_table(rows: list[dict]) -> str:
     head = (
         f"{'model':<16} {'role':<18} {'params':>9} {'GFLOPs':>7} {'AP':>6} {'AP50':>6} "
-        f"{'AP75':>6} {'samples/s':>10}"
+        f"{'AP75':>6} {'PCK@.05':>8} {'px err':>7} {'samples/s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:<16} {r['role']:<18} {r['params']:>9,} {r['gflops']:>7.3f} "
-            f"{r['ap']:>6.3f} {r['ap50']:>6.3f} {r['ap75']:>6.3f} {r['samples_per_s']:>10.1f}"
+            f"{r['ap']:>6.3f} {r['ap50']:>6.3f} {r['ap75']:>6.3f} {r['pck']:>8.3f} "
+            f"{r['pixel_error']:>7.2f} {r['samples_per_s']:>10.1f}"
         )
+    lines.append(
+        "AP: COCO keypoint AP (detections, flip test); PCK@.05: joints within 5% of the box's "
+        "longer side; px err: mean joint error in image pixels"
+    )
     return "\n".join(lines)
 
 
@@ -1093,10 +1187,20 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the final table as JSON.")] = False,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Seed of data, store and training.")] = 0,
+    train_teacher: Annotated[
+        bool,
+        typer.Option(
+            help="Train the teacher with the shipped one's recorded recipe instead of loading it "
+            "(about 30-60 min on 2 CPU cores; with --quick a 2-epoch plumbing check)."
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """The whole job on built-in demo data: data, teacher, store, two students, eval, table."""
-    rows = run_demo(out, quick=quick, device=device.value, seed=seed, log=not as_json)
+    rows = run_demo(
+        out, quick=quick, device=device.value, seed=seed, log=not as_json,
+        train_teacher=train_teacher,
+    )  # fmt: skip
     typer.echo(json.dumps(rows, indent=2) if as_json else format_demo_table(rows))
 
 

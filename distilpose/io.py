@@ -15,6 +15,7 @@ directory after it (checkpoints and store markers, whose presence others rely on
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -103,3 +104,12 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, durable: bool = Fal
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as compact JSON atomically."""
     return write_text_atomic(path, json.dumps(obj))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -234,7 +234,9 @@ class StoreReader:
         check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
         check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
         # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
-        both = m.has("keypoint_tokens") and cfg.get("head", "token") == "token"
+        from distilpose.models.layers import TOKEN_HEADS  # torch is loaded with any student
+
+        both = m.has("keypoint_tokens") and cfg.get("head", "token") in TOKEN_HEADS
         tok = cfg if both else {}
         dim = tok.get("teacher_dim") or tok.get("dim")
         check("token dim (teacher_dim or dim)", m.token_dim, dim)

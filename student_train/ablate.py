@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def load_grid(grid: str | Path) -> list[dict]:
     return runs
 
 
+def reweight(losses: str, weights: str) -> str:
+    """`losses` with the weights of `weights`' terms replaced where `losses` has them:
+    reweight("reg,kt", "kt=1,vt=0.05") == "reg=1,kt=1"."""
+    new = parse_losses(weights)
+    return ",".join(f"{k}={new.get(k, w):g}" for k, w in parse_losses(losses).items())
+
+
 def _load_toml(text: str, path: Path) -> object:
     try:
         import tomllib  # Python >= 3.11
@@ -116,6 +124,10 @@ def _run_one(job: dict) -> dict:
         if prev.get("settings") == job["settings"]:
             return prev
     s = job["settings"]
+    if job.get("threads"):  # a pool worker on a shared CPU: its share of the cores, not all
+        import torch
+
+        torch.set_num_threads(job["threads"])
     summary = train_student(
         s["store"],
         s["model"],
@@ -129,6 +141,8 @@ def _run_one(job: dict) -> dict:
         warmup_iters=s["warmup_iters"],
         resume=(run_dir / "last.pth").is_file(),
         model_overrides=s.get("model_overrides"),
+        lr=s.get("lr", 1e-3),
+        schedule=s.get("schedule", "step"),
     )
     metrics = run_eval(
         summary["checkpoint"],
@@ -210,14 +224,21 @@ def ablate(
     workers: int = 2,
     warmup_iters: int | None = None,
     model_overrides: dict | None = None,
+    weights: str | None = None,
+    lr: float = 1e-3,
+    schedule: str = "step",
 ) -> Path:
     """Train + evaluate one student per combination of `grid`; returns out_dir/ablation.md.
 
     Also writes out_dir/ablation.json (every run's losses, AP and metrics) and keeps each run in
     out_dir/runs/<name>/. parallel=N runs N combinations at a time in spawned processes, each
-    on its own CUDA device when several are present.
+    on its own CUDA device when several are present (on CPU, each gets its share of the cores).
+    `weights` ("kt=1,vt=0.05") replaces the default weight of those terms in every run that has
+    them (the grid names the terms, `weights` their strength); lr and schedule as train-student.
     """
     runs = load_grid(grid)
+    if weights:
+        runs = [{**r, "losses": reweight(r["losses"], weights)} for r in runs]
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     settings = {
@@ -229,16 +250,25 @@ def ablate(
         "workers": workers,
         "warmup_iters": warmup_iters,
         "model_overrides": model_overrides,
+        "lr": lr,
+        "schedule": schedule,
         "val_ann": str(val_ann),
         "val_images": str(val_images),
         "val_dets": str(val_dets) if val_dets else None,
     }
     devices = _devices(device, parallel)
+    threads = 0
+    if parallel > 1 and not devices[0].startswith("cuda"):
+        # several runs share the CPU: each gets its share of the cores and renders its own
+        # crops (loader workers on top would oversubscribe the cores)
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+        settings["workers"] = 0
     jobs = [
         {
             "name": r["name"],
             "run_dir": str(out / "runs" / r["name"]),
             "device": devices[i % len(devices)],
+            "threads": threads,
             "settings": {**settings, "losses": r["losses"]},
         }
         for i, r in enumerate(runs)

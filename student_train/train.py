@@ -148,12 +148,14 @@ def train_student(
     sync_bn: bool = True,
     channels_last: bool = False,
     amp_dtype: str = "auto",
+    schedule: str = "step",
 ) -> dict:
     """Train `model` from the teacher store `store`; returns the run summary.
 
     Writes out_dir/{student.pth, last.pth, config.json, metrics.csv, loss_curves.png,
-    train.log}. eval_fn(epoch, model) -> dict runs after every epoch (its values land in the
-    epoch rows of metrics.csv).
+    train.log}. `schedule`: "step" (the paper's x0.1 drops at 2/3 and 13/15 of the epochs) or
+    "cosine" (smooth decay to 0 over the run, for short runs). eval_fn(epoch, model) -> dict
+    runs after every epoch (its values land in the epoch rows of metrics.csv).
     student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
     `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
@@ -236,6 +238,8 @@ def train_student(
         channels_last=channels_last,
         amp_dtype=amp_dtype,
         ckpt_every_steps=ckpt_every_steps,
+        schedule=schedule,
+        total_steps=total_iters if schedule == "cosine" else 0,
     )
     meta = {
         "role": "student",

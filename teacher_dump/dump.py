@@ -25,7 +25,6 @@ and the count in the summary.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import sys
@@ -52,6 +51,7 @@ from distilpose.data import (
 )
 from distilpose.engine import amp_dtype, resolve_device, world
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
+from distilpose.io import file_sha256
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
 from store.pixels import decode_crop, encode_crop
@@ -59,14 +59,6 @@ from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
 log = logging.getLogger("distilpose.dump")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_teacher(ckpt: str | Path, model: str | None = None) -> nn.Module:

@@ -103,3 +103,12 @@ def test_ablate_user_grid_on_a_tiny_store(tmp_path):
     stamp = ckpt.stat().st_mtime_ns
     ablate(tiny["store"], grid, tmp_path / "abl", **kw)
     assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_weights_override_the_grid_terms_it_names():
+    from student_train.ablate import reweight
+
+    assert reweight("reg,kt", "kt=1,vt=0.05") == "reg=1,kt=1"
+    assert reweight("reg,cs,sh,kt,vt", "kt=1,vt=0.05") == "reg=1,cs=0.01,sh=1,kt=1,vt=0.05"
+    with pytest.raises(BadConfigError, match="unknown loss"):
+        reweight("reg", "kx=1")

@@ -118,18 +118,28 @@ def test_every_stage_from_the_command_line(tmp_path):
 
 
 def test_demo_json_contract(tmp_path, monkeypatch):
-    """`distilpose demo --json`: a list of rows with the documented keys and roles."""
+    """`distilpose demo --json`: a list of rows with the documented keys and roles (here with
+    `--train-teacher`, so the teacher-training path runs too)."""
     tiny = cli.DemoPlan(
-        num_train=24, num_val=8, teacher_epochs=1, views=2, student_epochs=2, warmup_iters=2
-    )
+        num_train=24, num_val=8, views=2, student_epochs=2, batch_size=8,
+        teacher_num_train=40, teacher_epochs=1,
+    )  # fmt: skip
     monkeypatch.setattr(cli, "QUICK_DEMO", tiny)
-    out = invoke("demo", "--quick", "--json", "--out", tmp_path / "demo", "--device", "cpu")
+    out = invoke(
+        "demo", "--quick", "--json", "--train-teacher", "--out", tmp_path / "demo",
+        "--device", "cpu",
+    )  # fmt: skip
     lines = out.splitlines()  # the runner mixes in stderr log lines before the JSON
     rows = json.loads("\n".join(lines[lines.index("[") :]))
     assert [r["role"] for r in rows] == ["teacher", "student_distilled", "student_baseline"]
-    keys = {"model", "role", "params", "gflops", "ap", "ap50", "ap75", "samples_per_s"}
+    keys = {
+        "model", "role", "params", "gflops", "ap", "ap50", "ap75", "pck", "pixel_error",
+        "samples_per_s",
+    }  # fmt: skip
     assert all(set(r) == keys for r in rows)
+    assert rows[0]["model"] == "tokenpose_demo" and rows[1]["model"] == "distilpose_demo"
     assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"] > 0
+    assert all(0 <= r["pck"] <= 1 and r["pixel_error"] >= 0 for r in rows)
     assert (tmp_path / "demo" / "demo_table.json").exists()
     # the demo's students trained from a store that keeps the crops (JPEG), not the images
     from store import StoreReader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -191,3 +192,15 @@ def test_lr_recipe():
     assert lr_at(cfg, 260, 10**6) == pytest.approx(1e-5)
     with pytest.raises(BadConfigError, match="epochs"):
         TrainConfig(epochs=0)
+
+
+def test_cosine_lr_for_short_runs():
+    cfg = TrainConfig(epochs=4, warmup_iters=10, schedule="cosine", total_steps=1000)
+    assert lr_at(cfg, 0, 10) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.01)))
+    assert lr_at(cfg, 2, 500) == pytest.approx(0.5e-3)  # halfway: half the lr, no step drop
+    assert lr_at(cfg, 3, 999) < 1e-7 and lr_at(cfg, 3, 999) > 0
+    assert lr_at(cfg, 0, 0) == pytest.approx(1e-6)  # the warmup still starts at lr * 0.001
+    with pytest.raises(BadConfigError, match="total_steps"):
+        TrainConfig(schedule="cosine")
+    with pytest.raises(BadConfigError, match="schedule"):
+        TrainConfig(schedule="linear")

@@ -11,6 +11,7 @@ import pytest
 from distilpose.data.keypoints import OKS_SIGMAS
 from distilpose.evaluation import (
     coco_keypoint_eval,
+    keypoint_errors,
     load_coco,
     oks_iou,
     oks_nms,
@@ -162,3 +163,25 @@ def test_coco_eval_ground_truth_scores_one_and_noise_scores_less():
 def test_coco_eval_empty_results():
     metrics = coco_keypoint_eval(ANN, [])
     assert metrics["AP"] == 0.0 and metrics["AR"] == 0.0
+
+
+def test_keypoint_errors_pck_and_pixels():
+    coco = load_coco(ANN)
+    results = []
+    shift = 3.0
+    for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+        if ann.get("num_keypoints", 0) == 0:
+            continue
+        kpts = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3).copy()
+        kpts[:, 0] += shift  # every joint 3 px to the right
+        kpts[:, 2] = 1.0
+        results.append({"image_id": ann["image_id"], "keypoints": kpts.reshape(-1).tolist()})
+    out = keypoint_errors(coco, results)
+    assert out["pixel_error"] == pytest.approx(shift)
+    assert out["matched"] == len(results)
+    # PCK@0.05: 3 px counts for people whose box's longer side is >= 60 px, not below
+    boxes = [a for a in coco.loadAnns(coco.getAnnIds(iscrowd=False)) if a["num_keypoints"] > 0]
+    joints = [(a["num_keypoints"], max(a["bbox"][2:]) * 0.05 >= shift) for a in boxes]
+    expected = sum(n for n, ok in joints if ok) / sum(n for n, _ in joints)
+    assert out["PCK"] == pytest.approx(expected)
+    assert keypoint_errors(coco, [])["PCK"] == 0.0  # nobody predicted: every joint wrong

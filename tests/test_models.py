@@ -149,13 +149,18 @@ def test_full_size_student_forward_shapes():
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [{}, {"single_sigma": True}, {"teacher_dim": 48}],
-    ids=["default", "1sigma", "proj"],
+    "name, overrides",
+    [
+        ("distilpose_tiny", {}),
+        ("distilpose_tiny", {"single_sigma": True}),
+        ("distilpose_tiny", {"teacher_dim": 48}),
+        ("distilpose_demo", {}),
+    ],
+    ids=["default", "1sigma", "proj", "demo"],
 )
-def test_every_student_parameter_gets_a_gradient(overrides):
+def test_every_student_parameter_gets_a_gradient(name, overrides):
     torch.manual_seed(0)
-    model = build_model("distilpose_tiny", **overrides).train()
+    model = build_model(name, **overrides).train()
     out = model(torch.randn(2, 3, 128, 96))
     loss = (
         out.coords.sum()
@@ -322,3 +327,39 @@ def test_wrong_input_size_is_a_clear_error():
     model = build_model("distilpose_tiny")
     with pytest.raises(ValueError, match="heatmap_size"):
         model(torch.zeros(1, 3, 256, 192))
+
+
+def test_similarity_maps_put_each_patch_pixel_in_place():
+    """The demo heads' layout: key s of visual token p is heatmap pixel s of patch p."""
+    from distilpose.models.layers import similarity_maps
+
+    hm, patch, d = (6, 8), (2, 2), 4  # 3 x 4 patches of 2 x 2 pixels
+    keys = torch.zeros(1, 12, 4, d)
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 0] = 1.0
+    # pixel (x=3, y=5): patch column 1, row 2 -> token 2 * 3 + 1 = 7; in-patch (1, 1) -> s = 3
+    keys[0, 7, 3, 0] = 10.0
+    maps = similarity_maps(q, keys.reshape(1, 12, 4 * d), hm, patch)
+    assert maps.shape == (1, 1, 8, 6)
+    y, x = divmod(int(maps[0, 0].argmax()), 6)
+    assert (x, y) == (3, 5)
+
+
+def test_demo_student_soft_argmax_units_match_the_codec():
+    """A map peaked at heatmap pixel (j, i) gives coords (j / W_hm, i / H_hm), as the codecs."""
+    model = build_model("distilpose_demo")
+    head = model.head
+    wh, hh = model.config.heatmap_size
+    d = model.config.dim
+    # a query equal to one key direction: only pixel (5, 9) has a large similarity
+    with torch.no_grad():
+        maps_query = torch.zeros(1, 17, d)
+        maps_query[..., 0] = 1.0
+        keys = torch.zeros(1, model.config.num_patches, 4 * d)
+        p = (9 // 2) * (wh // 2) + 5 // 2  # token of pixel (x=5, y=9)
+        s = (9 % 2) * 2 + 5 % 2
+        keys[0, p, s * d] = 1000.0
+        head.query = torch.nn.Identity()
+        head.key = torch.nn.Identity()
+        coords = head.soft_argmax(maps_query, keys)
+    assert torch.allclose(coords[0, 0], torch.tensor([5 / wh, 9 / hh]), atol=1e-4)

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilpose.models.hrnet import build_backbone
-from distilpose.models.layers import ModelConfig, TokenEncoder
+from distilpose.models.layers import (
+    ModelConfig,
+    TokenEncoder,
+    similarity_maps,
+    similarity_projections,
+)
 
 
 @dataclass
@@ -42,24 +47,47 @@ class StudentOutput:
 class RegressionHead(TokenEncoder):
     """TDE + `mlp_head` = LayerNorm(D), Linear(D, 5) (Linear(D, 4) with `single_sigma`).
 
+    With `head="similarity"` (demo students, not the paper's) x, y come instead from a soft-argmax
+    over keypoint-token x visual-token similarity maps, laid out like the demo teacher's heatmaps
+    (integral regression: still no heatmap decoding, but no thousands-of-steps plateau at the
+    mean pose, which the linear readout of a small model shows on a CPU budget).
+
     Output channels per keypoint, in the official order: x, y, score, sigma_x, sigma_y
     (x, y, score, sigma with a single sigma used for both axes).
     """
 
     def __init__(self, config: ModelConfig, in_channels: int):
         super().__init__(config, in_channels)
+        self.config_head = config.head
         out_dim = 4 if config.single_sigma else 5
+        if config.head == "similarity":  # x, y come from the soft-argmax, not from mlp_head
+            out_dim -= 2
         self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, out_dim))
+        if config.head == "similarity":
+            self.query, self.key = similarity_projections(config)
         self.init_weights()
+
+    def soft_argmax(self, kpt: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        """Demo students: coords [B, K, 2] = expected position under softmax(similarity maps),
+        in the same units as the heatmap codec (heatmap px j <-> j / W_hm)."""
+        maps = similarity_maps(self.query(kpt), self.key(vis), self.heatmap_size, self.patch_size)
+        b, k, hh, wh = maps.shape
+        prob = maps.float().flatten(2).softmax(-1).reshape(b, k, hh, wh)
+        xs = torch.arange(wh, device=maps.device, dtype=prob.dtype) / wh
+        ys = torch.arange(hh, device=maps.device, dtype=prob.dtype) / hh
+        return torch.stack(((prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)), dim=-1)
 
     def forward(
         self, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
-        out = self.mlp_head(kpt)  # [B, K, 5] or [B, K, 4]
-        coords = out[..., 0:2].sigmoid()
-        scores = out[..., 2]
-        sigmas = F.softplus(out[..., 3:]).expand(-1, -1, 2)  # [B, K, 2]; single sigma repeats
+        out = self.mlp_head(kpt)  # [B, K, 5] or [B, K, 4] (minus x, y for "similarity")
+        if self.config_head == "similarity":
+            coords, rest = self.soft_argmax(kpt, vis), out
+        else:
+            coords, rest = out[..., 0:2].sigmoid(), out[..., 2:]
+        scores = rest[..., 0]
+        sigmas = F.softplus(rest[..., 1:]).expand(-1, -1, 2)  # [B, K, 2]; single sigma repeats
         return coords, scores, sigmas, kpt, vis
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distilpose.models.convnet import EncoderDecoder, StemLite
 from distilpose.models.layers import (
     BasicBlock,
     Stem,
@@ -150,6 +151,10 @@ def build_backbone(name: str) -> nn.Module:
     elif name == "stemnet_tiny":
         # for demo and tests: 32 channels everywhere, two bottlenecks, trains fast on a CPU
         model = Stem(width=32, out_channels=32, blocks=2)
+    elif name == "encdec_demo":
+        model = EncoderDecoder()
+    elif name == "stemlite_demo":
+        model = StemLite()
     else:
         raise ValueError(f"unknown backbone {name!r}")
     init_conv_weights(model)

@@ -24,10 +24,16 @@ from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER, Geometry
 
 ROLES = ("teacher", "student")
-BACKBONES = ("stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny")
-# "token": TokenPose / DistilPose token encoder; "deconv": SimpleBaseline's deconvolution heatmap
-# head (teacher); "fc": DeepPose's pooled linear regression (student). Only "token" has tokens.
-HEADS = ("token", "deconv", "fc")
+BACKBONES = (
+    "stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny",
+    "encdec_demo", "stemlite_demo",
+)  # fmt: skip
+# "token": TokenPose / DistilPose token encoder; "similarity": the same encoder, heatmaps (demo
+# teacher) or soft-argmax coordinates (demo student) from keypoint x visual token similarity;
+# "deconv": SimpleBaseline's deconvolution heatmap head (teacher); "fc": DeepPose's pooled
+# linear regression (student). Only the token heads have tokens.
+HEADS = ("token", "similarity", "deconv", "fc")
+TOKEN_HEADS = ("token", "similarity")
 _HEAD_ROLE = {"deconv": "teacher", "fc": "student"}
 _RESNETS = ("resnet50", "resnet_tiny")  # output stride 32 / 16: only the CNN heads fit them
 
@@ -73,7 +79,7 @@ class ModelConfig:
                 f"model config 'head' {self.head!r} is a {_HEAD_ROLE[self.head]}'s head; "
                 f"'role' is {self.role!r}"
             )
-        if (self.head == "token") == (self.backbone in _RESNETS):
+        if (self.head in TOKEN_HEADS) == (self.backbone in _RESNETS):
             raise BadConfigError(
                 f"model config 'backbone' {self.backbone!r} does not fit 'head' {self.head!r}; "
                 f"expected one of {_RESNETS} for the CNN heads, another backbone for 'token'"
@@ -106,7 +112,7 @@ class ModelConfig:
     @property
     def has_tokens(self) -> bool:
         """Whether the model outputs keypoint and visual tokens (TokenPose / DistilPose)."""
-        return self.head == "token"
+        return self.head in TOKEN_HEADS
 
     @property
     def token_dim(self) -> int:
@@ -422,3 +428,26 @@ class TokenEncoder(nn.Module):
         kpt = self.keypoint_token.expand(x.shape[0], -1, -1)  # [B, K, D]
         x = self.transformer(torch.cat((kpt, x), dim=1), self.pos_embedding)  # [B, K+P, D]
         return x[:, : self.num_keypoints], x[:, self.num_keypoints :]
+
+
+def similarity_projections(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """`query` (keypoint token -> [D]) and `key` (visual token -> one [D] key per pixel of its
+    patch) of the demo heads, which lay heatmaps out by the visual tokens (`similarity_maps`)."""
+    d, (pw, ph) = config.dim, config.patch_size
+    query = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+    key = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d * pw * ph))
+    return query, key
+
+
+def similarity_maps(
+    q: torch.Tensor, keys: torch.Tensor, heatmap_size: tuple[int, int], patch_size: tuple[int, int]
+) -> torch.Tensor:
+    """q [B, K, D], keys [B, P, ph*pw*D] -> maps [B, K, Hh, Wh]: the scaled dot product of each
+    keypoint's query with the key of every heatmap pixel (pixel s of patch p: key s of token p)."""
+    (wh, hh), (pw, ph) = heatmap_size, patch_size
+    b, k, d = q.shape
+    keys = keys.reshape(b, -1, ph * pw, d)  # [B, P, ph*pw, D], pixels row-major in the patch
+    sim = torch.einsum("bkd,bpsd->bkps", q, keys) * d**-0.5  # [B, K, P, ph*pw]
+    # patches are row-major over (hh/ph, wh/pw); put each patch's pixels back in place
+    sim = sim.reshape(b, k, hh // ph, wh // pw, ph, pw).permute(0, 1, 2, 4, 3, 5)
+    return sim.reshape(b, k, hh, wh)

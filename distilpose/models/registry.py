@@ -18,6 +18,9 @@ from distilpose.models.simplebaseline import SimpleBaseline
 from distilpose.models.tokenpose import TokenPose
 
 _TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
+# demo models: 96x128 crops, 24x32 heatmaps, 2x2 patches -> 12x16 = 192 visual tokens
+_DEMO = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(2, 2), dim=64, heads=4,
+             depth=2, mlp_ratio=2)  # fmt: skip
 
 # name -> ModelConfig fields that differ from the defaults (the full DistilPose-S)
 _MODELS: dict[str, dict] = {
@@ -34,6 +37,9 @@ _MODELS: dict[str, dict] = {
         role="teacher", backbone="resnet_tiny", head="deconv", head_channels=64, **_TINY
     ),
     "deeppose_tiny": dict(role="student", backbone="resnet_tiny", head="fc", **_TINY),
+    # the demo's pair (not the paper's): see the README's demo section
+    "tokenpose_demo": dict(role="teacher", backbone="encdec_demo", head="similarity", **_DEMO),
+    "distilpose_demo": dict(role="student", backbone="stemlite_demo", head="similarity", **_DEMO),
 }
 MODEL_NAMES = list(_MODELS)
 

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from distilpose.models.hrnet import build_backbone
-from distilpose.models.layers import ModelConfig, TokenEncoder
+from distilpose.models.layers import (
+    ModelConfig,
+    TokenEncoder,
+    similarity_maps,
+    similarity_projections,
+)
 
 
 @dataclass
@@ -61,6 +66,29 @@ class HeatmapHead(TokenEncoder):
         return TeacherOutput(heatmaps=heatmaps, keypoint_tokens=kpt, visual_tokens=vis)
 
 
+class SimilarityHead(TokenEncoder):
+    """Token encoder + heatmaps from keypoint-token x visual-token similarity (demo teacher).
+
+    Not the paper's head: each heatmap pixel is the scaled dot product of a keypoint token's
+    query `q_k` [D] with a key of the visual token whose patch holds the pixel, one key per
+    pixel of the patch: heatmap[k, patch p, pixel s] = <q_k, key_s(v_p)> / sqrt(D). The heatmap
+    is thus laid out by the visual tokens themselves, which a student can mimic (L_VT), and it
+    leaves the mean pose within a few hundred steps, where the MLP head needs thousands.
+    """
+
+    def __init__(self, config: ModelConfig, in_channels: int):
+        super().__init__(config, in_channels)
+        self.query, self.key = similarity_projections(config)
+        self.init_weights()
+
+    def forward(self, features: torch.Tensor) -> TeacherOutput:
+        kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
+        heatmaps = similarity_maps(
+            self.query(kpt), self.key(vis), self.heatmap_size, self.patch_size
+        )  # [B, K, Hh, Wh]
+        return TeacherOutput(heatmaps=heatmaps, keypoint_tokens=kpt, visual_tokens=vis)
+
+
 class TokenPose(nn.Module):
     """images [B, 3, H, W] (normalised RGB) -> TeacherOutput."""
 
@@ -68,7 +96,8 @@ class TokenPose(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config.backbone)
-        self.head = HeatmapHead(config, self.backbone.out_channels)
+        head = SimilarityHead if config.head == "similarity" else HeatmapHead
+        self.head = head(config, self.backbone.out_channels)
 
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         return self.head(self.backbone(images))
