@@ -63,7 +63,7 @@ from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
+from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS, digest_hex
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -138,15 +138,6 @@ class ImageCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
         return image
-
-
-def _hex(digest: object) -> str:
-    """A stored crop digest as hex, whether kept as text, bytes or a uint8 row."""
-    if isinstance(digest, bytes):
-        return digest.decode() if len(digest) == 64 else digest.hex()
-    if isinstance(digest, np.ndarray) and digest.dtype == np.uint8:
-        return digest.tobytes().hex()
-    return str(digest)
 
 
 # What a worker hands the main process as the crops: normalized floats (CPU runs), uint8 RGB
@@ -225,7 +216,7 @@ class CropRenderer:
             image = self.cache.get(inst.image_path)
             crop = render_crop(image, spec, inst.keypoints, self.input_size)
             if verify and "crop_digest" in raw:
-                stored = _hex(raw["crop_digest"][i])
+                stored = digest_hex(raw["crop_digest"][i])
                 if crop_digest(crop.image) != stored:
                     raise StoreMismatchError(
                         f"{self.store_path}: sample of instance {int(idx)} (image "
@@ -251,7 +242,7 @@ class CropRenderer:
         if verify and "crop_digest" in raw:
             for i, image in enumerate(rgb):
                 bgr = image.permute(1, 2, 0).flip(-1).numpy()
-                if crop_digest(bgr) != _hex(raw["crop_digest"][i]):
+                if crop_digest(bgr) != digest_hex(raw["crop_digest"][i]):
                     raise StoreMismatchError(
                         f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])}"
                         " decodes to other pixels than the teacher saw; expected an undamaged "

@@ -16,7 +16,6 @@ raises `BadAnnotationError` with one line naming the file, the record and what w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import math
@@ -30,6 +29,7 @@ import numpy as np
 from distilpose.data.crop import box_to_center_scale
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
+from distilpose.io import file_sha256
 from distilpose.limits import check_image_pixels, image_size_from_header, load_json
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,7 @@ class PersonInstance:
 
 def annotation_digest(ann_file) -> str:
     """sha256 hex of the annotation file's bytes (stores refuse a different dataset)."""
-    h = hashlib.sha256()
-    with open(ann_file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(ann_file)
 
 
 def resolve_image_path(image_root, file_name) -> str:
