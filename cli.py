@@ -348,9 +348,8 @@ STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides"}
 def _resumed(ctx: typer.Context, run: AnyRun, renamed: dict[str, str]) -> AnyRun:
     """With --resume: the run saved in OUT/config.json, with the options given this time (on
     the command line or in --config) on top; options left at their defaults keep the saved
-    values, so the run that continues is the run that started. Changed values are reported on
-    stderr; the stage itself refuses a changed store (unless --allow-store-change) and warns
-    when the train config differs from the checkpoint's."""
+    values, so the run that continues is the run that started. The trainer logs what changed
+    (train.log); the stage refuses a changed store unless --allow-store-change."""
     saved = saved_run(type(run), run.out_dir) if run.resume else None
     if saved is None:
         return run
@@ -361,15 +360,7 @@ def _resumed(ctx: typer.Context, run: AnyRun, renamed: dict[str, str]) -> AnyRun
         if (source := ctx.get_parameter_source(name)) is not None and source.name != "DEFAULT"
     }
     kept = {f for f in (*given, *PER_INVOCATION) if f in fields}
-    merged = saved.replace(**{f: getattr(run, f) for f in kept})
-    changes = saved.changes(merged, ignore=PER_INVOCATION)
-    if changes:
-        typer.echo(
-            f"resume: {Path(run.out_dir) / 'config.json'}: changed since the run started: "
-            f"{'; '.join(changes)}",
-            err=True,
-        )
-    return merged
+    return saved.replace(**{f: getattr(run, f) for f in kept})
 
 
 # ----------------------------------------------------------------------------- models

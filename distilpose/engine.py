@@ -54,6 +54,7 @@ from distilpose.distributed import across_ranks, mean_over_ranks, sync_batchnorm
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
+from distilpose.runs import PER_INVOCATION, run_changes
 
 log = logging.getLogger("distilpose.engine")
 
@@ -425,6 +426,10 @@ class Trainer:
         changed = [k for k, v in asdict(self.config).items() if k in old and old[k] != v]
         if changed:
             log.warning(f"resume: train config differs from the checkpoint's in {changed}")
+        if self.run is not None:
+            changed = [k for k in run_changes(self.run_dir, self.run) if k not in PER_INVOCATION]
+            if changed:
+                log.warning(f"resume: run differs from the one saved in config.json in {changed}")
         log.info(f"resume: {path} at epoch {self.epoch}, step {self.step}")
 
     # ---- loop -------------------------------------------------------------------------------

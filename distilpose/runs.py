@@ -188,3 +188,14 @@ def saved_run(kind: type[R], run_dir: str | Path) -> R | None:
     if not isinstance(doc, dict) or "run" not in doc:
         return None
     return kind.from_dict(doc["run"], f"{path} (run)")
+
+
+def run_changes(run_dir: str | Path, run: dict) -> list[str]:
+    """The fields of `run` (a run's dict) whose value differs from the run saved in
+    `run_dir/config.json`; [] when none is saved there."""
+    path = Path(run_dir) / "config.json"
+    doc = load_json(path, BadConfigError) if path.is_file() else {}
+    saved = doc.get("run") if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        return []
+    return [k for k, v in run.items() if k in saved and saved[k] != v]
