@@ -255,20 +255,19 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, teacher, d
 
 def test_train_teacher_runs_and_saves_a_teacher(tmp_path, data):
     out = tmp_path / "run"
-    summary = train_teacher(
-        TeacherRun(
-            "tokenpose_tiny",
-            data["train_ann"],
-            data["train_images"],
-            out,
-            epochs=2,
-            batch_size=8,
-            device="cpu",
-            workers=2,
-            log_every=2,
-            model_overrides={"depth": 1},
-        )
+    run = TeacherRun(
+        "tokenpose_tiny",
+        data["train_ann"],
+        data["train_images"],
+        out,
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        workers=2,
+        log_every=2,
+        model_overrides={"depth": 1},
     )
+    summary = train_teacher(run)
     assert summary["epochs"] == 2 and summary["steps"] == 10
     model, meta = build_from_checkpoint(out / "teacher.pth")
     assert meta["role"] == "teacher" and meta["model"] == "tokenpose_tiny"
@@ -276,20 +275,7 @@ def test_train_teacher_runs_and_saves_a_teacher(tmp_path, data):
     for name in ("last.pth", "metrics.csv", "config.json", "loss_curves.png", "train.log"):
         assert (out / name).is_file(), name
     # the run is resumable and already finished: resume does nothing more
-    again = train_teacher(
-        TeacherRun(
-            "tokenpose_tiny",
-            data["train_ann"],
-            data["train_images"],
-            out,
-            epochs=2,
-            batch_size=8,
-            device="cpu",
-            workers=0,
-            resume=True,
-            model_overrides={"depth": 1},
-        )
-    )
+    again = train_teacher(run.replace(workers=0, resume=True))
     assert again["steps"] == 10
 
 
