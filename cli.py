@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import click
 import typer
@@ -27,8 +27,10 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
+from distilpose.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
 from distilpose.weights import DEMO_TEACHER_RECIPE
 
+AnyRun = TypeVar("AnyRun", TeacherRun, StudentRun)
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
 _LIBRARIES = {  # module -> (what failed, what to do)
@@ -337,6 +339,30 @@ class Decode(str, Enum):
     cpu = "cpu"
 
 
+# The run field each option of a resumable command sets (the others have the field's name).
+TEACHER_OPTIONS = {"ann": "ann_file", "images": "image_root", "out": "out_dir",
+                   "input_size": "model_overrides", "augment": "recipe"}  # fmt: skip
+STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides"}
+
+
+def _resumed(ctx: typer.Context, run: AnyRun, renamed: dict[str, str]) -> AnyRun:
+    """With --resume: the run saved in OUT/config.json, with the options given this time (on
+    the command line or in --config) on top; options left at their defaults keep the saved
+    values, so the run that continues is the run that started. The trainer logs what changed
+    (train.log); the stage refuses a changed store unless --allow-store-change."""
+    saved = saved_run(type(run), run.out_dir) if run.resume else None
+    if saved is None:
+        return run
+    fields = set(run.to_dict())
+    given = {
+        renamed.get(name, name)
+        for name in ctx.params
+        if (source := ctx.get_parameter_source(name)) is not None and source.name != "DEFAULT"
+    }
+    kept = {f for f in (*given, *PER_INVOCATION) if f in fields}
+    return saved.replace(**{f: getattr(run, f) for f in kept})
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -440,6 +466,7 @@ def show_crops(
 
 @app.command("train-teacher")
 def train_teacher(
+    ctx: typer.Context,
     ann: Annotated[Path, typer.Option(help="Train annotation file (COCO keypoints).", exists=True)],
     images: Annotated[Path, typer.Option(help="Train image folder.", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, curves).")],
@@ -467,10 +494,9 @@ def train_teacher(
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
-    overrides = _size_overrides(input_size)
     from teacher_dump.train import train_teacher as train
 
-    summary = train(
+    run = TeacherRun(
         model,
         ann,
         images,
@@ -483,11 +509,12 @@ def train_teacher(
         seed=seed,
         workers=workers,
         resume=resume,
-        model_overrides=overrides,
+        model_overrides=_size_overrides(input_size),
         recipe=_recipe(augment),
         sync_bn=sync_bn,
     )
-    typer.echo(json.dumps(summary, default=str))
+    run = _resumed(ctx, run, TEACHER_OPTIONS)
+    typer.echo(json.dumps(train(run), default=str))
 
 
 @app.command("dump-teacher")
@@ -533,10 +560,9 @@ def dump_teacher(
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
-    shard_of = _parse_shard(shard)
     from teacher_dump.dump import dump_teacher as dump
 
-    summary = dump(
+    run = DumpRun(
         teacher,
         ann,
         images,
@@ -546,7 +572,7 @@ def dump_teacher(
         batch_size=batch_size,
         workers=workers,
         device=device.value,
-        shard=shard_of,
+        shard=_parse_shard(shard),
         model=model,
         mode=mode.value,
         chunk_samples=chunk_samples,
@@ -555,7 +581,7 @@ def dump_teacher(
         jpeg_quality=jpeg_quality,
         targets_zstd=not raw_targets,
     )
-    typer.echo(json.dumps(summary, default=str))
+    typer.echo(json.dumps(dump(run), default=str))
 
 
 # ----------------------------------------------------------------------------- store
@@ -602,6 +628,7 @@ def store_verify(
 
 @app.command("train-student")
 def train_student(
+    ctx: typer.Context,
     store: Annotated[str, typer.Option(help="Teacher store (path or fsspec URL).")],
     out: Annotated[Path, typer.Option(help="Run directory.")],
     model: Annotated[str, typer.Option(help="Student model name.")] = "distilpose_s",
@@ -653,10 +680,9 @@ def train_student(
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
-    overrides = _size_overrides(input_size)
     from student_train.train import train_student as train
 
-    summary = train(
+    run = StudentRun(
         store,
         model,
         out,
@@ -671,14 +697,15 @@ def train_student(
         resume=resume,
         teacher_online=teacher_online,
         official_sh_weight=official_sh_weight,
-        model_overrides=overrides,
+        model_overrides=_size_overrides(input_size),
         schedule=schedule.value,
         allow_store_change=allow_store_change,
         decode=decode.value,
         sync_bn=sync_bn,
         ckpt_every_steps=ckpt_every_steps,
     )
-    typer.echo(json.dumps(summary, default=str))
+    run = _resumed(ctx, run, STUDENT_OPTIONS)
+    typer.echo(json.dumps(train(run), default=str))
 
 
 @app.command("eval")
@@ -1033,10 +1060,10 @@ def _demo_student(job: dict) -> dict:
 
     from student_train.train import train_student
 
-    torch.set_num_threads(job.pop("threads"))
-    if job.pop("quiet"):
+    torch.set_num_threads(job["threads"])
+    if job["quiet"]:
         os.environ["DISTILPOSE_NO_PROGRESS"] = "1"  # two bars at once would garble stderr
-    return train_student(job.pop("store"), job.pop("model"), job.pop("out_dir"), **job)
+    return train_student(job["run"])
 
 
 def _demo_teacher(out: Path, plan: DemoPlan, device: str, say) -> Path:
@@ -1052,10 +1079,12 @@ def _demo_teacher(out: Path, plan: DemoPlan, device: str, say) -> Path:
     )
     say(f"train teacher {r['model']}, {plan.teacher_epochs} epochs -> {out / 'teacher'}")
     train_t(
-        r["model"], data["train_ann"], data["train_images"], out / "teacher",
-        epochs=plan.teacher_epochs, batch_size=r["batch_size"], lr=r["lr"],
-        warmup_iters=r["warmup_iters"], device=device, seed=r["seed"], workers=1,
-        resume=(out / "teacher" / "last.pth").exists(), recipe=MILD_RECIPE,
+        TeacherRun(
+            r["model"], data["train_ann"], data["train_images"], out / "teacher",
+            epochs=plan.teacher_epochs, batch_size=r["batch_size"], lr=r["lr"],
+            warmup_iters=r["warmup_iters"], device=device, seed=r["seed"], workers=1,
+            resume=(out / "teacher" / "last.pth").exists(), recipe=MILD_RECIPE,
+        )
     )  # fmt: skip
     return out / "teacher" / "teacher.pth"
 
@@ -1101,8 +1130,10 @@ def run_demo(
         step(f"teacher: the shipped {teacher_ckpt.name} (sha256 checked)")
     step(f"dump teacher, {plan.views} views -> {out / 'store'}")
     dump(
-        teacher_ckpt, data["train_ann"], data["train_images"], str(out / "store"),
-        views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE, workers=0,
+        DumpRun(
+            teacher_ckpt, data["train_ann"], data["train_images"], out / "store",
+            views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE, workers=0,
+        )
     )  # fmt: skip
     on_cpu = resolve_device(device).type == "cpu"
     parallel = len(STUDENT_RUNS) if on_cpu and (os.cpu_count() or 1) >= 2 else 1
@@ -1110,15 +1141,13 @@ def run_demo(
     for role, losses in STUDENT_RUNS.items():
         losses = plan.losses if losses == "losses" else losses
         step(f"train distilpose_demo from the store, losses {losses} -> {out / role}")
-        jobs.append(
-            dict(
-                store=str(out / "store"), model="distilpose_demo", out_dir=out / role,
-                losses=losses, epochs=plan.student_epochs, batch_size=plan.batch_size,
-                lr=plan.lr, schedule="cosine", device=device, seed=seed, workers=0,
-                resume=(out / role / "last.pth").exists(), threads=_demo_threads(parallel),
-                quiet=parallel > 1,
-            )
+        run = StudentRun(
+            out / "store", "distilpose_demo", out / role,
+            losses=losses, epochs=plan.student_epochs, batch_size=plan.batch_size,
+            lr=plan.lr, schedule="cosine", device=device, seed=seed, workers=0,
+            resume=(out / role / "last.pth").exists(),
         )  # fmt: skip
+        jobs.append({"run": run, "threads": _demo_threads(parallel), "quiet": parallel > 1})
     if parallel > 1:
         with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
             list(pool.map(_demo_student, jobs))

@@ -28,6 +28,7 @@ import torch
 from distilpose.data import make_demo_data
 from distilpose.engine import amp_dtype, resolve_device
 from distilpose.models import build_model, save_checkpoint
+from distilpose.runs import DumpRun
 from teacher_dump.dump import dump_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,9 +89,11 @@ def bench_one(
     for r in range(rounds):
         fwd.append(forward_only(model, batch, batches, dev))
         summary = dump_teacher(
-            ckpt, data["train_ann"], data["train_images"], tmp / f"store_{name}_{r}",
-            views=1, batch_size=batch, workers=2, device=device, max_instances=n,
-            chunk_samples=batch, shard_chunks=unit_batches,
+            DumpRun(
+                ckpt, data["train_ann"], data["train_images"], tmp / f"store_{name}_{r}",
+                views=1, batch_size=batch, workers=2, device=device, max_instances=n,
+                chunk_samples=batch, shard_chunks=unit_batches,
+            )
         )  # fmt: skip
         loop.append(summary["loop_samples_per_s"])
         call.append(summary["samples_per_s"])

@@ -51,6 +51,7 @@ from benchmarks.model_bench import PAPER_SPEEDUP, _best_time
 from distilpose.data import make_demo_data
 from distilpose.engine import amp_dtype
 from distilpose.models import build_model, save_checkpoint
+from distilpose.runs import DumpRun, StudentRun
 from student_train.data import StudentBatches
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher
@@ -184,8 +185,10 @@ def measure_dump(plan: Plan, root: Path, data: dict, ckpt: Path) -> dict:
     )  # fmt: skip
     one, many = root / "store_1rank", root / "store_ranks"
     dump_teacher(
-        ckpt, data["train_ann"], data["train_images"], one, batch_size=plan.dump_batch,
-        chunk_samples=plan.dump_batch, device=plan.device, workers=plan.workers,
+        DumpRun(
+            ckpt, data["train_ann"], data["train_images"], one, batch_size=plan.dump_batch,
+            chunk_samples=plan.dump_batch, device=plan.device, workers=plan.workers,
+        )
     )  # fmt: skip
     row["ranks_s"] = torchrun(plan, dump_args(plan, ckpt, data, many), root)
     g1, g2 = zarr.open_group(one, mode="r"), zarr.open_group(many, mode="r")
@@ -206,9 +209,11 @@ def measure_dump(plan: Plan, root: Path, data: dict, ckpt: Path) -> dict:
 def train_rate(plan: Plan, store: Path, out: Path, **kw) -> dict:
     """`train_student` for `plan.epochs` epochs; samples/s of its last epoch, losses finite."""
     summary = train_student(
-        str(store), plan.student, out, epochs=plan.epochs, batch_size=plan.batch,
-        warmup_iters=1, device=plan.device, workers=plan.workers, log_every=10**6,
-        channels_last=True, model_overrides=overrides(plan) or None, **kw,
+        StudentRun(
+            str(store), plan.student, out, epochs=plan.epochs, batch_size=plan.batch,
+            warmup_iters=1, device=plan.device, workers=plan.workers, log_every=10**6,
+            channels_last=True, model_overrides=overrides(plan) or None, **kw,
+        )
     )  # fmt: skip
     with (out / "metrics.csv").open(newline="") as f:
         last = [r for r in csv.DictReader(f) if r["kind"] == "epoch"][-1]

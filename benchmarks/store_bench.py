@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from distilpose.geometry import PAPER
+from distilpose.runs import DumpRun
 from store import StoreMeta, StoreWriter
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
 from store.schema import (
@@ -342,8 +343,10 @@ def dump_rates(root: Path, ann: Path, images: Path, rounds: int, limit: int) -> 
             out = root / f"dump_{pixels}_{r}"
             c0 = cpu_s()
             s = dump_teacher(
-                ckpt, ann, images, out, pixels=pixels, device="cpu", workers=2, batch_size=32,
-                max_instances=limit,
+                DumpRun(
+                    ckpt, ann, images, out, pixels=pixels, device="cpu", workers=2, batch_size=32,
+                    max_instances=limit,
+                )
             )  # fmt: skip
             got[pixels].append((s["loop_samples_per_s"], (cpu_s() - c0) / s["samples"] * 1e3))
             size[pixels] = s["bytes"] / s["samples"]

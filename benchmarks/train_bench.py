@@ -36,6 +36,7 @@ from distilpose.data import make_demo_data
 from distilpose.engine import TrainConfig, Trainer
 from distilpose.losses import DistillationLoss, parse_losses
 from distilpose.models import build_model, save_checkpoint
+from distilpose.runs import DumpRun
 from student_train.data import StudentBatches
 from student_train.train import build_task
 from teacher_dump.dump import dump_teacher
@@ -59,8 +60,10 @@ def make_store(root: Path, dump_model: str, instances: int) -> str:
     save_checkpoint(ckpt, build_model(dump_model), meta={"role": "teacher", "model": dump_model})
     store = root / "store.zarr"
     dump_teacher(
-        ckpt, paths["train_ann"], paths["train_images"], store, views=1, batch_size=8,
-        workers=0, device="cpu", chunk_samples=16, shard_chunks=1,
+        DumpRun(
+            ckpt, paths["train_ann"], paths["train_images"], store, views=1, batch_size=8,
+            workers=0, device="cpu", chunk_samples=16, shard_chunks=1,
+        )
     )  # fmt: skip
     ckpt.unlink()
     return str(store)

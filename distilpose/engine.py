@@ -4,7 +4,8 @@ A run is a `TrainConfig`, a model, a `task(model, batch) -> {"loss": ..., "loss_
 style: the loop backpropagates "loss" and logs every other entry) and a `batches(epoch)` callable
 giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the run directory:
 
-    config.json       the train config and the caller's full resolved config (`meta`), to replay
+    config.json       the train config and the caller's full resolved config (`meta`), to replay,
+                      and the stage's run object ("run", `distilpose.runs`) that --resume reads
     metrics.csv       one row per `log_every` steps ("step") and per epoch ("epoch"): epoch, step,
                       lr, each loss term, samples/s, and whatever `on_epoch_end` returned
     train.log         the same as text lines
@@ -53,6 +54,7 @@ from distilpose.distributed import across_ranks, mean_over_ranks, sync_batchnorm
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
+from distilpose.runs import PER_INVOCATION, run_changes
 
 log = logging.getLogger("distilpose.engine")
 
@@ -315,9 +317,11 @@ class Trainer:
         meta: dict | None = None,
         on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
         find_unused_parameters: bool = False,
+        run: dict | None = None,
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
+        self.run = run  # the stage's run object as a dict (distilpose.runs), read by --resume
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
         self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)
@@ -422,6 +426,10 @@ class Trainer:
         changed = [k for k, v in asdict(self.config).items() if k in old and old[k] != v]
         if changed:
             log.warning(f"resume: train config differs from the checkpoint's in {changed}")
+        if self.run is not None:
+            changed = [k for k in run_changes(self.run_dir, self.run) if k not in PER_INVOCATION]
+            if changed:
+                log.warning(f"resume: run differs from the one saved in config.json in {changed}")
         log.info(f"resume: {path} at epoch {self.epoch}, step {self.step}")
 
     # ---- loop -------------------------------------------------------------------------------
@@ -580,6 +588,7 @@ class Trainer:
         doc = {
             "train_config": asdict(self.config),
             "meta": self.meta,
+            **({"run": self.run} if self.run is not None else {}),
             "world_size": self.world_size,
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,

@@ -46,6 +46,7 @@ from distilpose.data.keypoints import FLIP_INDEX
 from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError
 from distilpose.evaluation import rescore
+from distilpose.models import StudentOutput, TeacherOutput
 from distilpose.progress import progress
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,78 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _is_teacher_output(out: Any) -> bool:
-    return hasattr(out, "heatmaps")
+class _HeatmapDecode:
+    """Teacher outputs: heatmaps (with the flip test, the mirrored pass flipped back and
+    averaged) decoded by argmax + quarter-pixel shift or DARK; the maxima are the scores."""
+
+    def __init__(self, codec: HeatmapCodec, dark: bool, device: torch.device) -> None:
+        self.codec, self.dark, self.device = codec, dark, device
+
+    def gather(self, out: TeacherOutput, out_f: TeacherOutput | None) -> np.ndarray:
+        """[B, K, Hh, Wh] on the host (waiting for the device: ends the forward timing)."""
+        heatmaps = out.heatmaps.float()
+        if out_f is not None:
+            flipped = self.codec.flip_back(out_f.heatmaps.float())
+            heatmaps = 0.5 * (heatmaps + torch.as_tensor(flipped, device=self.device))
+        return heatmaps.cpu().numpy()
+
+    def decode(self, heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(coords [B, K, 2] crop px, keypoint scores [B, K])."""
+        coords, scores = self.codec.decode(heatmaps, dark=self.dark)
+        return _to_numpy(coords), _to_numpy(scores)
+
+
+class _RegressionDecode:
+    """Student outputs: normalized `coords` (with the flip test, averaged with the mirrored
+    pass mapped back by `flip_student_output`) and the raw `scores` head, clipped to [0, 1]."""
+
+    def __init__(self, codec: RegressionCodec, input_width: int, flip_mode: str) -> None:
+        self.codec, self.input_width, self.flip_mode = codec, input_width, flip_mode
+
+    def gather(
+        self, out: StudentOutput, out_f: StudentOutput | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(coords [B, K, 2] normalized, raw scores [B, K]) on the host."""
+        coords, scores = _to_numpy(out.coords), _to_numpy(out.scores)
+        if out_f is not None:
+            coords_f, scores_f = flip_student_output(
+                _to_numpy(out_f.coords), _to_numpy(out_f.scores), self.input_width, self.flip_mode
+            )
+            coords, scores = 0.5 * (coords + coords_f), 0.5 * (scores + scores_f)
+        return coords, scores
+
+    def decode(self, gathered: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(coords [B, K, 2] crop px, keypoint scores [B, K] in [0, 1])."""
+        coords, scores = gathered
+        return _to_numpy(self.codec.decode(coords)), np.clip(scores, 0.0, 1.0)
+
+
+def _decoder(out: Any, decoders: dict[type, Any]) -> _HeatmapDecode | _RegressionDecode:
+    """The decoder of the model's output type (TeacherOutput or StudentOutput)."""
+    for kind, decoder in decoders.items():
+        if isinstance(out, kind):
+            return decoder
+    raise BadConfigError(
+        f"model output: got {type(out).__name__}; expected a TeacherOutput (heatmaps) or a "
+        "StudentOutput (coords, scores)"
+    )
+
+
+def _instance_result(inst: PersonInstance, coords: np.ndarray, scores: np.ndarray) -> dict:
+    """One person's prediction: image-px keypoints [K, 2] and their scores [K] with the box."""
+    keypoints = np.concatenate([coords, scores[:, None]], axis=1)
+    return {
+        "index": inst.index,
+        "image_id": inst.image_id,
+        "ann_id": inst.ann_id,
+        "bbox": tuple(float(v) for v in inst.bbox),
+        "keypoints": keypoints.astype(np.float32),  # [K, 3]
+        "box_score": float(inst.score),
+        "score": rescore(scores, inst.score),
+        "center": np.asarray(inst.center, dtype=np.float32),
+        "scale": np.asarray(inst.scale, dtype=np.float32),
+        "area": float(np.prod(np.asarray(inst.scale, dtype=np.float64) * 200.0)),
+    }
 
 
 def predict_instances(
@@ -207,6 +278,10 @@ def predict_instances(
     regression = RegressionCodec(input_size=input_size)
     heatmap_codec = HeatmapCodec(input_size=input_size, heatmap_size=heatmap_size)
     use_amp = amp and dev.type == "cuda"
+    decoders = {
+        TeacherOutput: _HeatmapDecode(heatmap_codec, dark, dev),
+        StudentOutput: _RegressionDecode(regression, input_size[0], flip_mode),
+    }
 
     loader = DataLoader(
         _EvalCrops(instances, input_size, image_arrays),
@@ -236,30 +311,10 @@ def predict_instances(
                 t0 = time.perf_counter()
                 out = forward(images)
                 out_f = forward(torch.flip(images, dims=[3])) if flip else None
-                if _is_teacher_output(out):
-                    heatmaps = out.heatmaps.float()  # [B, K, Hh, Wh]
-                    if out_f is not None:
-                        flipped = heatmap_codec.flip_back(out_f.heatmaps.float())
-                        heatmaps = 0.5 * (heatmaps + torch.as_tensor(flipped, device=dev))
-                    heatmaps = heatmaps.cpu()  # waits for the device: ends the forward timing
-                    forward_s += time.perf_counter() - t0
-                    coords_crop, kpt_scores = heatmap_codec.decode(heatmaps.numpy(), dark=dark)
-                    coords_crop, kpt_scores = _to_numpy(coords_crop), _to_numpy(kpt_scores)
-                else:
-                    coords = _to_numpy(out.coords)  # [B, K, 2] normalized crop coordinates
-                    kpt_scores = _to_numpy(out.scores)  # [B, K] raw
-                    if out_f is not None:
-                        coords_f, scores_f = flip_student_output(
-                            _to_numpy(out_f.coords),
-                            _to_numpy(out_f.scores),
-                            input_size[0],
-                            flip_mode,
-                        )
-                        coords = 0.5 * (coords + coords_f)
-                        kpt_scores = 0.5 * (kpt_scores + scores_f)
-                    forward_s += time.perf_counter() - t0
-                    coords_crop = _to_numpy(regression.decode(coords))  # [B, K, 2] crop px
-                    kpt_scores = np.clip(kpt_scores, 0.0, 1.0)
+                decoder = _decoder(out, decoders)
+                gathered = decoder.gather(out, out_f)  # on the host: the forward pass is over
+                forward_s += time.perf_counter() - t0
+                coords_crop, kpt_scores = decoder.decode(gathered)
                 if not use_scores:
                     kpt_scores = np.ones_like(kpt_scores)
                 batch = [instances[int(p)] for p in positions]
@@ -267,19 +322,7 @@ def predict_instances(
                 scales = np.stack([inst.scale for inst in batch]).astype(np.float32)  # [B, 2]
                 coords_img = _to_numpy(crop_to_image(coords_crop, centers, scales, input_size))
                 for j, (pos, inst) in enumerate(zip(positions, batch, strict=True)):
-                    keypoints = np.concatenate([coords_img[j], kpt_scores[j][:, None]], axis=1)
-                    results[int(pos)] = {
-                        "index": inst.index,
-                        "image_id": inst.image_id,
-                        "ann_id": inst.ann_id,
-                        "bbox": tuple(float(v) for v in inst.bbox),
-                        "keypoints": keypoints.astype(np.float32),  # [K, 3]
-                        "box_score": float(inst.score),
-                        "score": rescore(kpt_scores[j], inst.score),
-                        "center": np.asarray(inst.center, dtype=np.float32),
-                        "scale": np.asarray(inst.scale, dtype=np.float32),
-                        "area": float(np.prod(np.asarray(inst.scale, dtype=np.float64) * 200.0)),
-                    }
+                    results[int(pos)] = _instance_result(inst, coords_img[j], kpt_scores[j])
     finally:
         model.train(was_training)
     total_s = time.perf_counter() - t_start

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from distilpose import viz  # noqa: E402
 from distilpose.data import load_coco_instances  # noqa: E402
+from distilpose.runs import DumpRun, StudentRun  # noqa: E402
 
 MAX_BYTES = 150_000
 COCO_MINI = REPO / "tests" / "data" / "coco_mini"
@@ -134,7 +135,7 @@ def dump_store(teacher: Path, ann: Path, images: Path, work: Path) -> Path | Non
     except ImportError:
         return None
     out = work / "store.zarr"
-    dump_teacher(teacher, ann, images, out, views=1, workers=0, device="cpu", batch_size=8)
+    dump_teacher(DumpRun(teacher, ann, images, out, views=1, workers=0, device="cpu", batch_size=8))
     return out
 
 
@@ -156,8 +157,11 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
 
     run = work / "student_run"
     train_student(
-        store, "distilpose_tiny", run, epochs=4, batch_size=4, device="cpu", workers=0,
-        log_every=1, eval_fn=eval_fn, amp=False,
+        StudentRun(
+            store, "distilpose_tiny", run, epochs=4, batch_size=4, device="cpu", workers=0,
+            log_every=1, amp=False,
+        ),
+        eval_fn=eval_fn,
     )  # fmt: skip
     return run
 

@@ -340,22 +340,8 @@ class StoreWriter:
             return a[:n]
 
         got = {name: rows(name) for name in self.required}
-        if "instance" in arrays:
-            given = _numpy(arrays["instance"])[:n].astype(np.int64)
-            if not np.array_equal(given, instances):
-                bad = int(np.flatnonzero(given != instances)[0])
-                raise StoreFormatError(
-                    f"{where}: slot {start + bad} holds instance {int(instances[bad])}, "
-                    f"got {int(given[bad])}; expected rows in unit_instances({unit}) order"
-                )
         spec = got["spec"].astype(np.float64)
-        bad = np.flatnonzero((spec[:, 0] != instances) | (spec[:, 1] != view))
-        if bad.size:
-            i = int(bad[0])
-            raise StoreFormatError(
-                f"{where}: slot {start + i} 'spec' names instance {spec[i, 0]:g} view "
-                f"{spec[i, 1]:g}; expected instance {int(instances[i])} view {view}"
-            )
+        self._check_order(unit, arrays.get("instance"), spec, n)
         fp16 = self.meta.mode == "fp16"
         outputs = self.meta.teacher_outputs
         for name in ("spec", "keypoints", "weights", *(() if fp16 else outputs)):
@@ -373,18 +359,51 @@ class StoreWriter:
             "weights": got["weights"].astype(np.float32),
             "crop_digest": got["crop_digest"].astype(np.uint8),
         }
-        if fp16:
-            for name in outputs:
-                half = _half(got[name])  # NaN stays NaN, overflow becomes inf: both refused
-                self._check_finite(half, name, start, instances, view, original=got[name])
-                out[name] = half
-        else:
-            out["heatmaps"], out["heatmaps_scale"] = quantize_heatmaps(
-                got["heatmaps"], heatmap_bits(self.meta.mode)
+        for name in outputs:
+            out |= self._encode_output(name, got[name], start, instances, view)
+        return self._pad_unit(out, size)
+
+    def _check_order(self, unit: int, given: object, spec: np.ndarray, n: int) -> None:
+        """Rows must come in unit_instances(unit) order, each spec naming its instance and the
+        unit's view: a row written to another sample's slot would be silently wrong data."""
+        start, _ = self.layout.unit_slots(unit)
+        view = self.unit_view(unit)
+        instances = self.unit_instances(unit)
+        where = f"{self.path}: unit {unit}"
+        if given is not None:
+            given = _numpy(given)[:n].astype(np.int64)
+            if not np.array_equal(given, instances):
+                bad = int(np.flatnonzero(given != instances)[0])
+                raise StoreFormatError(
+                    f"{where}: slot {start + bad} holds instance {int(instances[bad])}, "
+                    f"got {int(given[bad])}; expected rows in unit_instances({unit}) order"
+                )
+        bad = np.flatnonzero((spec[:, 0] != instances) | (spec[:, 1] != view))
+        if bad.size:
+            i = int(bad[0])
+            raise StoreFormatError(
+                f"{where}: slot {start + i} 'spec' names instance {spec[i, 0]:g} view "
+                f"{spec[i, 1]:g}; expected instance {int(instances[i])} view {view}"
             )
-            for name in outputs[1:]:  # the tokens, if any
-                out[name], out[name + "_scale"] = quantize_tokens(got[name])
-        # pad to the whole unit: padding slots hold the fill values (instance -1)
+
+    def _encode_output(
+        self, name: str, a: np.ndarray, start: int, instances: np.ndarray, view: int
+    ) -> dict[str, np.ndarray]:
+        """One teacher output in the store's mode: fp16 as half floats (checked finite after
+        the cast); lossy as integers plus per-sample scales (`name` and `name_scale`), heatmaps
+        at the mode's bits, tokens (keypoint or visual) at 8 bits."""
+        if self.meta.mode == "fp16":
+            half = _half(a)  # NaN stays NaN, overflow becomes inf: both refused
+            self._check_finite(half, name, start, instances, view, original=a)
+            return {name: half}
+        if name == "heatmaps":
+            q, scale = quantize_heatmaps(a, heatmap_bits(self.meta.mode))
+        else:
+            q, scale = quantize_tokens(a)
+        return {name: q, name + "_scale": scale}
+
+    def _pad_unit(self, out: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        """Pad every array to the whole unit: padding slots hold the fill values (instance -1)."""
         for name, a in out.items():
             if len(a) < size:
                 spec_ = self.specs[name]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from distilpose.errors import BadConfigError
 from distilpose.losses import parse_losses
+from distilpose.runs import StudentRun
 
 # The paper's Table 4 (DistilPose-S student, COCO val): row name, loss spec, paper AP (%).
 # The paper's extracted table shows two all-ticked rows; the text ("TDE ... brings 11.5%")
@@ -128,7 +129,7 @@ def _run_one(job: dict) -> dict:
         import torch
 
         torch.set_num_threads(job["threads"])
-    summary = train_student(
+    run = StudentRun(
         s["store"],
         s["model"],
         run_dir,
@@ -144,6 +145,7 @@ def _run_one(job: dict) -> dict:
         lr=s.get("lr", 1e-3),
         schedule=s.get("schedule", "step"),
     )
+    summary = train_student(run)
     metrics = run_eval(
         summary["checkpoint"],
         s["val_ann"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from distilpose.errors import (
 from distilpose.limits import load_json
 from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from distilpose.runs import StudentRun
 from store import StoreReader
 from store.schema import IDENTITY_FIELDS, TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
@@ -118,44 +119,137 @@ def check_store_unchanged(run_dir: Path, store: str, identity: dict) -> None:
         )
 
 
-def train_student(
-    store: str | Path | None,
-    model: str = "distilpose_s",
-    out_dir: str | Path = "runs/student",
-    *,
-    losses: str = "reg,kt,vt,sh,cs",
-    epochs: int = 300,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    warmup_iters: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    workers: int = 2,
-    resume: bool = False,
-    teacher_online: str | Path | None = None,
-    model_overrides: dict | None = None,
-    official_sh_weight: bool = False,
-    eval_fn: Callable[[int, nn.Module], dict] | None = None,
-    allow_incomplete: bool = False,
-    ann_file: str | Path | None = None,
-    images: str | Path | None = None,
-    verify_digest: bool = True,
-    amp: bool = True,
-    log_every: int = 20,
-    ckpt_every_steps: int = 0,
-    allow_store_change: bool = False,
-    decode: str = "auto",
-    sync_bn: bool = True,
-    channels_last: bool = False,
-    amp_dtype: str = "auto",
-    schedule: str = "step",
-) -> dict:
-    """Train `model` from the teacher store `store`; returns the run summary.
+@dataclass
+class StudentPlan:
+    """What a student run trains with, resolved and checked before the first step."""
 
-    Writes out_dir/{student.pth, last.pth, config.json, metrics.csv, loss_curves.png,
-    train.log}. `schedule`: "step" (the paper's x0.1 drops at 2/3 and 13/15 of the epochs) or
-    "cosine" (smooth decay to 0 over the run, for short runs). eval_fn(epoch, model) -> dict
-    runs after every epoch (its values land in the epoch rows of metrics.csv).
+    student: nn.Module
+    teacher: nn.Module | None  # online mode only
+    data: StudentBatches | OnlineBatches
+    weights: dict[str, float]  # loss term -> weight
+    store_meta: dict  # teacher_sha256 and views of the store ({} without one)
+    identity: dict | None  # store_identity of the store, compared on --resume
+
+
+def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) -> tuple:
+    """(batches, store_meta, identity) from the run's store, after checking it fits the run."""
+    reader = StoreReader.open(run.store)
+    if not online:  # a loss the store has no target for fails before anything runs
+        check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
+    reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
+    identity = store_identity(reader.meta)
+    if run.resume and not run.allow_store_change:
+        check_store_unchanged(Path(run.out_dir), run.store, identity)
+    if not run.allow_incomplete and not bool(reader.complete_mask().all()):
+        raise StoreFormatError(
+            f"{run.store}: store is incomplete (dump still running or interrupted); "
+            "expected a finished dump, or pass allow_incomplete=True"
+        )
+    data = StudentBatches(
+        run.store,
+        batch_size=run.batch_size,
+        seed=run.seed,
+        workers=run.workers,
+        losses=weights,
+        online=online,
+        ann_file=run.ann_file or None,
+        images=run.images or None,
+        verify_digest=run.verify_digest,
+        allow_incomplete=run.allow_incomplete,
+        device=resolve_device(run.device, world()[2]),
+        decode=run.decode,
+    )
+    return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
+
+
+def plan_student(run: StudentRun) -> StudentPlan:
+    """Build the student (seeded), the online teacher if any, and the batches; every check of
+    losses against targets, sizes and store identity fails here, before training starts."""
+    weights = parse_losses(run.losses)
+    torch.manual_seed(run.seed)  # the student's initialisation is part of the run's identity
+    student = build_model(run.model, **(run.model_overrides or {}))
+    cfg = student.config
+
+    teacher = load_teacher(run.teacher_online, cfg) if run.teacher_online else None
+    if teacher is not None:
+        outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
+        check_targets(weights, outputs, teacher.config.name, cfg)
+    if run.store is not None:
+        data, store_meta, identity = _store_batches(run, cfg, weights, teacher is not None)
+        return StudentPlan(student, teacher, data, weights, store_meta, identity)
+    if teacher is not None and run.ann_file and run.images:
+        data = OnlineBatches(
+            run.ann_file,
+            run.images,
+            batch_size=run.batch_size,
+            input_size=tuple(cfg.input_size),
+            seed=run.seed,
+            workers=run.workers,
+        )
+        return StudentPlan(student, teacher, data, weights, {}, None)
+    raise BadConfigError(
+        "store: none given; expected a store, or teacher_online with ann_file and images"
+    )
+
+
+def student_train_config(run: StudentRun, batches_per_epoch: int) -> TrainConfig:
+    """The shared trainer's config for `run` (warmup resolved against the run's length)."""
+    total_iters = run.epochs * batches_per_epoch
+    return TrainConfig(
+        epochs=run.epochs,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        warmup_iters=resolve_warmup(run.warmup_iters, total_iters),
+        device=run.device,
+        amp=run.amp,
+        seed=run.seed,
+        num_workers=run.workers,
+        log_every=run.log_every,
+        sync_bn=run.sync_bn,
+        channels_last=run.channels_last,
+        amp_dtype=run.amp_dtype,
+        ckpt_every_steps=run.ckpt_every_steps,
+        schedule=run.schedule,
+        total_steps=total_iters if run.schedule == "cosine" else 0,
+    )
+
+
+def student_meta(run: StudentRun, plan: StudentPlan, config: TrainConfig) -> dict:
+    """The checkpoint meta: role, model, losses, store, teacher and the resolved run config."""
+    return {
+        "role": "student",
+        "model": run.model,
+        "losses": list(plan.weights),
+        "loss_weights": plan.weights,
+        "store": run.store,
+        "teacher_sha256": plan.store_meta.get("teacher_sha256", ""),
+        "teacher_online": run.teacher_online or None,
+        "student_config": {
+            "store": run.store,
+            "model": run.model,
+            "model_overrides": run.model_overrides or {},
+            "losses": run.losses,
+            "official_sh_weight": run.official_sh_weight,
+            "allow_incomplete": run.allow_incomplete,
+            "ann_file": run.ann_file or None,
+            "images": run.images or None,
+            "views": plan.store_meta.get("views"),
+            "store_identity": plan.identity,
+            "decode": run.decode,
+            "view_rule": "view = epoch mod views",
+            "train": asdict(config),
+        },
+    }
+
+
+def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | None = None) -> dict:
+    """Train `run.model` from the teacher store `run.store`; returns the run summary.
+
+    Writes run.out_dir/{student.pth, last.pth, config.json, metrics.csv, loss_curves.png,
+    train.log}; config.json keeps `run` under "run" for `--resume`. `schedule`: "step" (the
+    paper's x0.1 drops at 2/3 and 13/15 of the epochs) or "cosine" (smooth decay to 0 over the
+    run, for short runs). eval_fn(epoch, model) -> dict runs after every epoch (its values land
+    in the epoch rows of metrics.csv).
     student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
     `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
@@ -165,120 +259,35 @@ def train_student(
     identity (teacher, seed, dataset, sizes, mode, views) changed since the run started, unless
     `allow_store_change`.
     """
-    out = Path(out_dir)
-    weights = parse_losses(losses)
-    torch.manual_seed(seed)  # the student's initialisation is part of the run's identity
-    student = build_model(model, **(model_overrides or {}))
-    cfg = student.config
-
-    teacher = load_teacher(teacher_online, cfg) if teacher_online else None
-    if teacher is not None:
-        outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
-        check_targets(weights, outputs, teacher.config.name, cfg)
-    store_meta: dict = {}
-    identity: dict | None = None
-    if store is not None:
-        reader = StoreReader.open(str(store))
-        if teacher is None:  # a loss the store has no target for fails before anything runs
-            check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
-        reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
-        identity = store_identity(reader.meta)
-        if resume and not allow_store_change:
-            check_store_unchanged(out, str(store), identity)
-        if not allow_incomplete and not bool(reader.complete_mask().all()):
-            raise StoreFormatError(
-                f"{store}: store is incomplete (dump still running or interrupted); "
-                "expected a finished dump, or pass allow_incomplete=True"
-            )
-        data = StudentBatches(
-            store,
-            batch_size=batch_size,
-            seed=seed,
-            workers=workers,
-            losses=weights,
-            online=teacher is not None,
-            ann_file=str(ann_file) if ann_file else None,
-            images=str(images) if images else None,
-            verify_digest=verify_digest,
-            allow_incomplete=allow_incomplete,
-            device=resolve_device(device, world()[2]),
-            decode=decode,
-        )
-        store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
-
-    elif teacher is not None and ann_file and images:
-        data = OnlineBatches(
-            str(ann_file),
-            str(images),
-            batch_size=batch_size,
-            input_size=tuple(cfg.input_size),
-            seed=seed,
-            workers=workers,
-        )
-    else:
-        raise BadConfigError(
-            "store: none given; expected a store, or teacher_online with ann_file and images"
-        )
-
+    out = Path(run.out_dir)
+    plan = plan_student(run)
     loss_fn = DistillationLoss(
-        weights, heatmap_size=tuple(cfg.heatmap_size), official_sh_weight=official_sh_weight
+        plan.weights,
+        heatmap_size=tuple(plan.student.config.heatmap_size),
+        official_sh_weight=run.official_sh_weight,
     )
-    total_iters = epochs * len(data)
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_iters=resolve_warmup(warmup_iters, total_iters),
-        device=device,
-        amp=amp,
-        seed=seed,
-        num_workers=workers,
-        log_every=log_every,
-        sync_bn=sync_bn,
-        channels_last=channels_last,
-        amp_dtype=amp_dtype,
-        ckpt_every_steps=ckpt_every_steps,
-        schedule=schedule,
-        total_steps=total_iters if schedule == "cosine" else 0,
-    )
-    meta = {
-        "role": "student",
-        "model": model,
-        "losses": list(weights),
-        "loss_weights": weights,
-        "store": str(store) if store is not None else None,
-        "teacher_sha256": store_meta.get("teacher_sha256", ""),
-        "teacher_online": str(teacher_online) if teacher_online else None,
-        "student_config": {
-            "store": str(store) if store is not None else None,
-            "model": model,
-            "model_overrides": model_overrides or {},
-            "losses": losses,
-            "official_sh_weight": official_sh_weight,
-            "allow_incomplete": allow_incomplete,
-            "ann_file": str(ann_file) if ann_file else None,
-            "images": str(images) if images else None,
-            "views": store_meta.get("views"),
-            "store_identity": identity,
-            "decode": decode,
-            "view_rule": "view = epoch mod views",
-            "train": asdict(config),
-        },
-    }
+    config = student_train_config(run, len(plan.data))
+    meta = student_meta(run, plan, config)
     trainer = Trainer(
-        student,
-        build_task(loss_fn, teacher),
-        data,
+        plan.student,
+        build_task(loss_fn, plan.teacher),
+        plan.data,
         config,
         out,
         meta,
         on_epoch_end=eval_fn,
         # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
-        find_unused_parameters=set(weights) != set(LOSS_NAMES),
+        find_unused_parameters=set(plan.weights) != set(LOSS_NAMES),
+        run=run.to_dict(),
     )
-    summary = trainer.fit(resume=resume)
+    summary = trainer.fit(resume=run.resume)
 
     final = out / "student.pth"
     if world()[0] == 0:  # DDP: rank 0 writes
-        save_checkpoint(final, student, meta=meta)
-    return {**summary, "checkpoint": str(final), "last": summary["checkpoint"], "losses": weights}
+        save_checkpoint(final, plan.student, meta=meta)
+    return {
+        **summary,
+        "checkpoint": str(final),
+        "last": summary["checkpoint"],
+        "losses": plan.weights,
+    }

@@ -1,7 +1,7 @@
 """Run the teacher once per (instance, view) and fill the store with its outputs.
 
-    summary = dump_teacher("teacher.pth", "person_keypoints_train2017.json", "train2017/",
-                           "teacher_store", views=4)
+    summary = dump_teacher(DumpRun("teacher.pth", "person_keypoints_train2017.json",
+                                   "train2017/", "teacher_store", views=4))
 
 Pipeline (one process per GPU under torchrun, each taking shard (rank, world) of the units):
 
@@ -30,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
+from distilpose.runs import DumpRun
 from store.pixels import decode_crop, encode_crop
 from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
@@ -207,29 +209,146 @@ def _open_store(out: Path, meta: StoreMeta, world_size: int, rank: int) -> Store
     return writer or StoreWriter.create_or_open(out, meta)
 
 
-def dump_teacher(
-    teacher_ckpt: str | Path,
-    ann_file: str | Path,
-    image_root: str | Path,
-    out: str | Path,
-    *,
-    views: int = 1,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str = "auto",
-    shard: tuple[int, int] = (0, 1),
-    model: str | None = None,
-    mode: str = "fp16",
-    chunk_samples: int = 64,
-    shard_chunks: int = 8,
-    max_instances: int | None = None,
-    recipe: AugmentRecipe | None = None,
-    pixels: str = "jpeg",
-    jpeg_quality: int = JPEG_QUALITY,
-    targets_zstd: bool = True,
+@dataclass
+class DumpPlan:
+    """This process's share of a dump: the pending units it claimed, their real slots as
+    `samples` (slot, instance index, view), and forward batches (indices into `samples`) that
+    never cross a unit and always start at the same slot of it."""
+
+    units: list[int]
+    elsewhere: list[int]  # pending units another dump of this store claimed first
+    samples: list[tuple[int, int, int]] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
+    unit_of_batch: list[int] = field(default_factory=list)
+    unit_size: dict[int, int] = field(default_factory=dict)
+
+
+def plan_dump(writer: StoreWriter, shard: tuple[int, int], batch_size: int) -> DumpPlan:
+    """Claim shard `shard`'s pending units of the store and align forward batches to them."""
+    # writers started together on one store split its units instead of racing on them
+    units, elsewhere = writer.claim(writer.pending_units(shard=tuple(shard)))
+    plan = DumpPlan(units, elsewhere)
+    for unit in units:
+        first = len(plan.samples)
+        lo, _ = writer.unit_slots(unit)
+        view = writer.unit_view(unit)
+        # Real slots only (padding closes a view block); rows in unit_instances order.
+        for j, index in enumerate(writer.unit_instances(unit)):
+            plan.samples.append((lo + j, int(index), view))
+        plan.unit_size[unit] = len(plan.samples) - first
+        for b in range(first, len(plan.samples), batch_size):
+            plan.batches.append(list(range(b, min(b + batch_size, len(plan.samples)))))
+            plan.unit_of_batch.append(unit)
+    return plan
+
+
+@dataclass
+class DumpTally:
+    """What the loop did: samples written and skipped, seconds in the teacher and in all."""
+
+    written: int = 0
+    skipped: int = 0
+    forward_s: float = 0.0
+    loop_s: float = 0.0
+
+
+def _forward(teacher: nn.Module, images: torch.Tensor, dev: torch.device) -> object:
+    """The teacher's outputs for one batch: eval, inference_mode, autocast, channels_last."""
+    dtype = amp_dtype(dev)
+    images = images.to(dev, non_blocking=True)
+    if dev.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with (
+        torch.inference_mode(),
+        torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+    ):
+        return teacher(images)
+
+
+def dump_loop(
+    teacher: nn.Module,
+    loader: DataLoader,
+    plan: DumpPlan,
+    writer: StoreWriter,
+    outputs: tuple[str, ...],
+    dev: torch.device,
+    name: str,
+) -> DumpTally:
+    """Run the teacher over `plan`'s batches and hand each finished unit to the writer thread;
+    returns once every unit, this process's and those claimed elsewhere, is in the store."""
+    tally = DumpTally()
+    parts: list[dict] = []
+    unit_writer = UnitWriter(writer)
+    loop_start = time.perf_counter()
+    try:
+        with ProgressCounter(len(plan.samples), f"dump {name}", "samples") as bar:
+            for unit, batch in zip(plan.unit_of_batch, loader, strict=True):
+                t0 = time.perf_counter()
+                result = _forward(teacher, batch.pop("images"), dev)
+                for output in outputs:
+                    batch[output] = getattr(result, output).float().cpu().numpy()
+                tally.forward_s += time.perf_counter() - t0  # .cpu() waited for the device
+                errors = batch.pop("error")
+                for i, err in enumerate(errors):
+                    if err:  # the image could not be read: mark the sample invalid
+                        tally.skipped += 1
+                        slot, index = int(batch["slot"][i]), int(batch["instance"][i])
+                        view = writer.slot_instance(slot)[1]
+                        log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
+                        for output in outputs:
+                            batch[output][i] = 0
+                parts.append(batch)
+                bar.advance(len(errors))
+                if sum(len(p["slot"]) for p in parts) == plan.unit_size[unit]:
+                    arrays = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+                    unit_writer.put(unit, arrays)
+                    tally.written += plan.unit_size[unit]
+                    parts = []
+    finally:
+        unit_writer.close()
+        writer.release()
+    writer.wait_for(plan.elsewhere)  # units another dump of this store took: done when they are
+    tally.loop_s = time.perf_counter() - loop_start
+    return tally
+
+
+def dump_summary(
+    run: DumpRun, plan: DumpPlan, tally: DumpTally, elapsed: float, info: dict
 ) -> dict:
-    """Fill store `out` with the teacher's outputs on `views` seeded crops of every instance.
+    """The run summary (returned and printed as one stderr line); `info`: shard, teacher,
+    device, pixels."""
+    out, written, loop_s = Path(run.out), tally.written, tally.loop_s
+    summary = {
+        "store": str(out),
+        "samples": written,
+        "views": run.views,
+        "units": len(plan.units),
+        "shard": info["shard"],
+        "bytes": _store_bytes(out),
+        "time_s": round(elapsed, 3),
+        "samples_per_s": round(written / max(elapsed, 1e-9), 1),
+        # the pipeline alone, without loading the teacher, annotations and store
+        "loop_samples_per_s": round(written / max(loop_s, 1e-9), 1),
+        # share of the loop spent in the teacher (transfer, forward, copy back): the rest is
+        # waiting for data or for the writer
+        "forward_share": round(tally.forward_s / max(loop_s, 1e-9), 3),
+        "skipped": tally.skipped,
+        "teacher": info["teacher"],
+        "device": info["device"],
+        "pixels": info["pixels"],
+    }
+    print(
+        f"dump-teacher: {written} samples ({len(plan.units)} units, views={run.views}, shard "
+        f"{summary['shard']}) -> {out} [{summary['bytes'] / 2**20:.1f} MiB] in {elapsed:.1f} s "
+        f"({summary['samples_per_s']} samples/s), {tally.skipped} skipped",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def dump_teacher(run: DumpRun) -> dict:
+    """Fill store `run.out` with the teacher's outputs on `run.views` seeded crops of every
+    instance.
 
     pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
     runs on the decoded crop) so students train without the images; "none" keeps only specs.
@@ -243,6 +362,7 @@ def dump_teacher(
     the same batch size and device for a bit-identical result.
     """
     rank, world_size, local_rank = world()
+    shard, views, batch_size = tuple(run.shard), run.views, run.batch_size
     if world_size > 1:
         shard = (rank, world_size)
     if not (0 <= shard[0] < shard[1]) or batch_size < 1 or views < 1:
@@ -251,21 +371,23 @@ def dump_teacher(
             "batch_size >= 1, views >= 1"
         )
     start = time.perf_counter()
-    out = Path(out)
-    dev = resolve_device(device, local_rank)
-    teacher = load_teacher(teacher_ckpt, model)
+    out = Path(run.out)
+    dev = resolve_device(run.device, local_rank)
+    teacher = load_teacher(run.teacher_ckpt, run.model)
     cfg = teacher.config
-    recipe = recipe or AugmentRecipe()
-    instances = load_coco_instances(ann_file, image_root, train=True)[:max_instances]
+    recipe = run.recipe or AugmentRecipe()
+    instances = load_coco_instances(run.ann_file, run.image_root, train=True)[: run.max_instances]
     if not instances:
-        raise BadConfigError(f"{ann_file}: no trainable person instances; expected at least one")
+        raise BadConfigError(
+            f"{run.ann_file}: no trainable person instances; expected at least one"
+        )
     outputs = TEACHER_OUTPUTS if cfg.has_tokens else ("heatmaps",)  # what the teacher gives
     meta = StoreMeta(
         teacher_name=cfg.name,
-        teacher_sha256=file_sha256(teacher_ckpt),
+        teacher_sha256=file_sha256(run.teacher_ckpt),
         num_instances=len(instances),
         views=views,
-        seed=seed,
+        seed=run.seed,
         input_size=tuple(cfg.input_size),
         heatmap_size=tuple(cfg.heatmap_size),
         token_dim=cfg.dim if cfg.has_tokens else 0,
@@ -273,130 +395,49 @@ def dump_teacher(
         teacher_outputs=outputs,
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
-        ann_digest=annotation_digest(ann_file),
-        ann_file=str(ann_file),
-        image_root=str(image_root),
-        mode=mode,
-        chunk_samples=chunk_samples,
-        shard_chunks=shard_chunks,
-        pixels=pixels,
-        jpeg_quality=jpeg_quality,
-        targets_zstd=targets_zstd,
-        extra={"teacher_ckpt": str(teacher_ckpt), "batch_size": batch_size},
+        ann_digest=annotation_digest(run.ann_file),
+        ann_file=run.ann_file,
+        image_root=run.image_root,
+        mode=run.mode,
+        chunk_samples=run.chunk_samples,
+        shard_chunks=run.shard_chunks,
+        pixels=run.pixels,
+        jpeg_quality=JPEG_QUALITY if run.jpeg_quality is None else run.jpeg_quality,
+        targets_zstd=run.targets_zstd,
+        extra={"teacher_ckpt": run.teacher_ckpt, "batch_size": batch_size},
     )
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")  # barriers are all the ranks need from each other
     writer = _open_store(out, meta, world_size, rank)
-    # writers started together on one store split its units instead of racing on them
-    units, elsewhere = writer.claim(writer.pending_units(shard=tuple(shard)))
-
-    # The plan: every real slot of every pending unit, and forward batches aligned to units.
-    plan: list[tuple[int, int, int]] = []
-    batches: list[list[int]] = []
-    unit_of_batch: list[int] = []
-    unit_size: dict[int, int] = {}
-    for unit in units:
-        first = len(plan)
-        lo, _ = writer.unit_slots(unit)
-        view = writer.unit_view(unit)
-        # Real slots only (padding closes a view block); rows in unit_instances order.
-        for j, index in enumerate(writer.unit_instances(unit)):
-            plan.append((lo + j, int(index), view))
-        unit_size[unit] = len(plan) - first
-        for b in range(first, len(plan), batch_size):
-            batches.append(list(range(b, min(b + batch_size, len(plan)))))
-            unit_of_batch.append(unit)
+    plan = plan_dump(writer, shard, batch_size)
 
     cuda = dev.type == "cuda"
-    dtype = amp_dtype(dev)
     teacher = teacher.to(dev)
     if cuda:
         teacher = teacher.to(memory_format=torch.channels_last)
     dataset = DumpCrops(
-        instances, plan, recipe, seed, tuple(cfg.input_size), cfg.num_keypoints,
+        instances, plan.samples, recipe, run.seed, tuple(cfg.input_size), cfg.num_keypoints,
         pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
     )  # fmt: skip
     loader = DataLoader(
         dataset,
-        batch_sampler=batches,
-        num_workers=workers,
+        batch_sampler=plan.batches,
+        num_workers=run.workers,
         collate_fn=collate,
         pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if run.workers else None,
     )
-
-    skipped, written, forward_s = 0, 0, 0.0
-    parts: list[dict] = []
-    unit_writer = UnitWriter(writer)
-    loop_start = time.perf_counter()
-    try:
-        with ProgressCounter(len(plan), f"dump {out.name}", "samples") as bar:
-            for unit, batch in zip(unit_of_batch, loader, strict=True):
-                t0 = time.perf_counter()
-                images = batch.pop("images").to(dev, non_blocking=True)
-                if cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(
-                        dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
-                    ),
-                ):
-                    result = teacher(images)
-                for name in outputs:
-                    batch[name] = getattr(result, name).float().cpu().numpy()
-                forward_s += time.perf_counter() - t0  # .cpu() waited for the device
-                errors = batch.pop("error")
-                for i, err in enumerate(errors):
-                    if err:  # the image could not be read: mark the sample invalid
-                        skipped += 1
-                        slot, index = int(batch["slot"][i]), int(batch["instance"][i])
-                        view = writer.slot_instance(slot)[1]
-                        log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
-                        for name in outputs:
-                            batch[name][i] = 0
-                parts.append(batch)
-                bar.advance(len(errors))
-                if sum(len(p["slot"]) for p in parts) == unit_size[unit]:
-                    arrays = {k: _concat([p[k] for p in parts]) for k in parts[0]}
-                    unit_writer.put(unit, arrays)
-                    written += unit_size[unit]
-                    parts = []
-    finally:
-        unit_writer.close()
-        writer.release()
-    writer.wait_for(elsewhere)  # units another dump of this store took: done when they are
-    loop_s = time.perf_counter() - loop_start
+    tally = dump_loop(teacher, loader, plan, writer, outputs, dev, out.name)
     if world_size > 1:
         dist.barrier()  # the store is finished when every rank is
         if own_group:
             dist.destroy_process_group()
 
-    elapsed = time.perf_counter() - start
-    summary = {
-        "store": str(out),
-        "samples": written,
-        "views": views,
-        "units": len(units),
+    info = {
         "shard": f"{shard[0]}/{shard[1]}",
-        "bytes": _store_bytes(out),
-        "time_s": round(elapsed, 3),
-        "samples_per_s": round(written / max(elapsed, 1e-9), 1),
-        # the pipeline alone, without loading the teacher, annotations and store
-        "loop_samples_per_s": round(written / max(loop_s, 1e-9), 1),
-        # share of the loop spent in the teacher (transfer, forward, copy back): the rest is
-        # waiting for data or for the writer
-        "forward_share": round(forward_s / max(loop_s, 1e-9), 3),
-        "skipped": skipped,
         "teacher": cfg.name,
         "device": str(dev),
         "pixels": writer.meta.pixels,
     }
-    print(
-        f"dump-teacher: {written} samples ({len(units)} units, views={views}, shard "
-        f"{summary['shard']}) -> {out} [{summary['bytes'] / 2**20:.1f} MiB] in {elapsed:.1f} s "
-        f"({summary['samples_per_s']} samples/s), {skipped} skipped",
-        file=sys.stderr,
-    )
-    return summary
+    return dump_summary(run, plan, tally, time.perf_counter() - start, info)

@@ -35,6 +35,7 @@ from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadConfigError
 from distilpose.losses import HeatmapLoss
 from distilpose.models import build_model, save_checkpoint
+from distilpose.runs import TeacherRun
 
 # The TokenPose-L teacher was trained with stronger scale and milder rotation than the
 # student recipe (OFFICIAL_FACTS: rotation 40, scale 0.5); flip and half-body as the student.
@@ -125,67 +126,47 @@ def heatmap_task(loss_fn: nn.Module) -> Callable[[nn.Module, dict], dict]:
     return task
 
 
-def train_teacher(
-    model: str = "tokenpose_tiny",
-    ann_file: str | Path = "",
-    image_root: str | Path = "",
-    out_dir: str | Path = "runs/teacher",
-    *,
-    epochs: int = 300,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    warmup_iters: int = 500,
-    device: str = "auto",
-    amp: bool = True,
-    seed: int = 0,
-    workers: int = 2,
-    resume: bool = False,
-    model_overrides: dict | None = None,
-    max_instances: int | None = None,
-    recipe: AugmentRecipe | None = None,
-    log_every: int = 20,
-    eval_fn: Callable[[nn.Module], dict] | None = None,
-    eval_every: int = 10,
-    sync_bn: bool = True,
-) -> dict:
-    """Train teacher `model` on a COCO keypoints file; returns the run summary.
+def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None = None) -> dict:
+    """Train teacher `run.model` on a COCO keypoints file; returns the run summary.
 
-    Writes out_dir/{teacher.pth, last.pth, config.json, metrics.csv, train.log,
-    loss_curves.png}. teacher.pth has meta {"role": "teacher", "model", "ann_digest", ...}
-    and loads with `distilpose.models.build_from_checkpoint`. `eval_fn(model) -> metrics`
-    runs every `eval_every` epochs and after the last; its metrics go into metrics.csv.
+    Writes run.out_dir/{teacher.pth, last.pth, config.json, metrics.csv, train.log,
+    loss_curves.png}; config.json keeps `run` under "run" for `--resume`. teacher.pth has meta
+    {"role": "teacher", "model", "ann_digest", ...} and loads with
+    `distilpose.models.build_from_checkpoint`. `eval_fn(model) -> metrics` runs every
+    `run.eval_every` epochs and after the last; its metrics go into metrics.csv.
     """
-    out = Path(out_dir)
-    recipe = recipe or TEACHER_RECIPE
-    instances = load_coco_instances(ann_file, image_root, train=True)[:max_instances]
+    out, seed, epochs = Path(run.out_dir), run.seed, run.epochs
+    recipe = run.recipe or TEACHER_RECIPE
+    instances = load_coco_instances(run.ann_file, run.image_root, train=True)[: run.max_instances]
     torch.manual_seed(seed)  # the initial weights are part of the run's identity
-    net = build_model(model, **(model_overrides or {}))
+    net = build_model(run.model, **(run.model_overrides or {}))
     cfg = net.config
     if cfg.role != "teacher":
         raise BadConfigError(
-            f"model: {model!r} is a {cfg.role}; expected a teacher (tokenpose_*, simplebaseline_*)"
+            f"model: {run.model!r} is a {cfg.role}; "
+            "expected a teacher (tokenpose_*, simplebaseline_*)"
         )
     dataset = HeatmapCrops(instances, recipe, seed, tuple(cfg.input_size), tuple(cfg.heatmap_size))
-    batches = TeacherBatches(dataset, batch_size, seed, workers)
+    batches = TeacherBatches(dataset, run.batch_size, seed, run.workers)
     config = TrainConfig(
         epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_iters=min(warmup_iters, max(epochs * len(batches) // 4, 1)),  # short runs
-        device=device,
-        amp=amp,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        warmup_iters=min(run.warmup_iters, max(epochs * len(batches) // 4, 1)),  # short runs
+        device=run.device,
+        amp=run.amp,
         seed=seed,
-        num_workers=workers,
-        log_every=log_every,
-        sync_bn=sync_bn,
+        num_workers=run.workers,
+        log_every=run.log_every,
+        sync_bn=run.sync_bn,
     )
     meta = {
         "role": "teacher",
-        "model": model,
-        "model_overrides": model_overrides or {},
-        "ann_file": str(ann_file),
-        "image_root": str(image_root),
-        "ann_digest": annotation_digest(ann_file),
+        "model": run.model,
+        "model_overrides": run.model_overrides or {},
+        "ann_file": run.ann_file,
+        "image_root": run.image_root,
+        "ann_digest": annotation_digest(run.ann_file),
         "num_instances": len(instances),
         "recipe": recipe.to_dict(),
         "seed": seed,
@@ -193,12 +174,15 @@ def train_teacher(
     }
 
     def on_epoch_end(epoch: int, model: nn.Module) -> dict:
-        if eval_fn is None or ((epoch + 1) % eval_every and epoch + 1 != epochs):
+        if eval_fn is None or ((epoch + 1) % run.eval_every and epoch + 1 != epochs):
             return {}
         return eval_fn(model)
 
-    trainer = Trainer(net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end)
-    summary = trainer.fit(resume=resume)
+    trainer = Trainer(
+        net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end,
+        run=run.to_dict(),
+    )  # fmt: skip
+    summary = trainer.fit(resume=run.resume)
     final = out / "teacher.pth"
     if trainer.is_main:
         save_checkpoint(final, trainer.model, meta=meta)

@@ -17,6 +17,7 @@ import cli
 from distilpose.data import MILD_RECIPE, make_demo_data
 from distilpose.eval_run import run_eval
 from distilpose.evaluation import keypoint_errors, load_coco
+from distilpose.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher
@@ -35,8 +36,10 @@ def demo_store(tmp_path_factory):
     data = make_demo_data(root / "data", num_train=128, num_val=40, seed=5)
     store = root / "store"
     dump_teacher(
-        demo_teacher_path(), data["train_ann"], data["train_images"], str(store), views=1,
-        seed=5, device="cpu", recipe=MILD_RECIPE, workers=0,
+        DumpRun(
+            demo_teacher_path(), data["train_ann"], data["train_images"], str(store), views=1,
+            seed=5, device="cpu", recipe=MILD_RECIPE, workers=0,
+        )
     )  # fmt: skip
     return data, store, root
 
@@ -54,8 +57,10 @@ def test_distilled_student_beats_reg_only(demo_store):
         errors = {}
         for name, losses in (("distilled", cli.DemoPlan().losses), ("baseline", "reg")):
             run = train_student(
-                str(store), "distilpose_demo", root / name, losses=losses, lr=cli.DemoPlan().lr,
-                schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
+                StudentRun(
+                    str(store), "distilpose_demo", root / name, losses=losses, lr=cli.DemoPlan().lr,
+                    schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
+                )
             )  # fmt: skip
             errors[name] = _pixel_error(data, run["checkpoint"], root / f"{name}.json")
     finally:

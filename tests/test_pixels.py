@@ -25,6 +25,7 @@ from distilpose.data import (
 )
 from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from distilpose.runs import DumpRun
 from store import StoreMeta, StoreReader, store_info, store_verify
 from store.checks import format_store_info
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
@@ -88,7 +89,9 @@ def dumped(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     ckpt = root / "teacher.pth"
     save_checkpoint(ckpt, build_model("tokenpose_tiny"), meta={"role": "teacher"})
-    summary = dump_teacher(ckpt, data["train_ann"], data["train_images"], root / "store", **DUMP)
+    summary = dump_teacher(
+        DumpRun(ckpt, data["train_ann"], data["train_images"], root / "store", **DUMP)
+    )
     assert summary["pixels"] == "jpeg" and summary["skipped"] == 0
     return {**data, "root": root, "teacher": ckpt, "store": root / "store"}
 

@@ -32,6 +32,7 @@ from distilpose.data import (
 from distilpose.errors import BadConfigError, StoreMismatchError
 from distilpose.losses import DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from distilpose.runs import StudentRun
 from store import StoreMeta, StoreWriter
 from student_train.data import StudentBatches, target_fields, view_for_epoch
 from student_train.train import build_task, load_teacher, resolve_warmup, train_student
@@ -235,8 +236,10 @@ def test_train_student_all_losses_and_baseline(tiny, tmp_path):
     for name, losses in (("all", ALL), ("reg", "reg")):
         out = tmp_path / name
         summary = train_student(
-            tiny["store"], "distilpose_tiny", out, losses=losses, epochs=2, batch_size=8,
-            device="cpu", workers=0, log_every=2,
+            StudentRun(
+                tiny["store"], "distilpose_tiny", out, losses=losses, epochs=2, batch_size=8,
+                device="cpu", workers=0, log_every=2,
+            )
         )  # fmt: skip
         runs[name] = (out, summary)
         assert summary["epochs"] == 2 and summary["checkpoint"] == str(out / "student.pth")
@@ -270,22 +273,28 @@ def test_train_student_all_losses_and_baseline(tiny, tmp_path):
 )
 def test_student_that_does_not_fit_the_store_is_refused(tiny, tmp_path):
     with pytest.raises(StoreMismatchError, match="input_size"):
-        train_student(tiny["store"], "distilpose_s", tmp_path / "s", epochs=1, device="cpu")
+        train_student(
+            StudentRun(tiny["store"], "distilpose_s", tmp_path / "s", epochs=1, device="cpu")
+        )
     with pytest.raises(StoreMismatchError, match="token dim"):
         train_student(
-            tiny["store"], "distilpose_tiny", tmp_path / "d", epochs=1, device="cpu",
-            model_overrides={"dim": 32, "heads": 2},
+            StudentRun(
+                tiny["store"], "distilpose_tiny", tmp_path / "d", epochs=1, device="cpu",
+                model_overrides={"dim": 32, "heads": 2},
+            )
         )  # fmt: skip
     with pytest.raises(BadConfigError, match="unknown loss"):
-        train_student(tiny["store"], "distilpose_tiny", tmp_path / "l", losses="reg,kd")
+        train_student(StudentRun(tiny["store"], "distilpose_tiny", tmp_path / "l", losses="reg,kd"))
     assert not (tmp_path / "s" / "last.pth").exists()
 
 
 def test_teacher_online_mode_trains(tiny, tmp_path):
     out = tmp_path / "online"
     summary = train_student(
-        tiny["store"], "distilpose_tiny", out, epochs=1, batch_size=8, device="cpu", workers=0,
-        teacher_online=tiny["teacher"],
+        StudentRun(
+            tiny["store"], "distilpose_tiny", out, epochs=1, batch_size=8, device="cpu", workers=0,
+            teacher_online=tiny["teacher"],
+        )
     )  # fmt: skip
     _, meta = build_from_checkpoint(summary["checkpoint"])
     assert meta["teacher_online"] == tiny["teacher"]

@@ -26,6 +26,7 @@ from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadCheckpointError, StoreMismatchError
 from distilpose.losses import HeatmapLoss
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from distilpose.runs import DumpRun, TeacherRun
 from store import StoreReader, array_specs, store_verify
 from store.pixels import decode_crop
 from teacher_dump.dump import dump_teacher
@@ -60,7 +61,9 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def dump(teacher, data, out, **kw) -> dict:
-    return dump_teacher(teacher, data["train_ann"], data["train_images"], out, **{**DUMP, **kw})
+    return dump_teacher(
+        DumpRun(teacher, data["train_ann"], data["train_images"], out, **{**DUMP, **kw})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +235,9 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, teacher, d
     bad = {i.index for i in insts if i.image_path in (str(gone), str(broken))}
     out = tmp_path / "store"
     with caplog.at_level("WARNING", logger="distilpose.dump"):
-        summary = dump_teacher(teacher, data["train_ann"], root, out, **{**DUMP, "views": 1})
+        summary = dump_teacher(
+            DumpRun(teacher, data["train_ann"], root, out, **{**DUMP, "views": 1})
+        )
     assert summary["skipped"] == len(bad) >= 2
     assert sum("skipped slot" in r.message for r in caplog.records) == len(bad)
     x = read_all(out)
@@ -250,7 +255,7 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, teacher, d
 
 def test_train_teacher_runs_and_saves_a_teacher(tmp_path, data):
     out = tmp_path / "run"
-    summary = train_teacher(
+    run = TeacherRun(
         "tokenpose_tiny",
         data["train_ann"],
         data["train_images"],
@@ -262,6 +267,7 @@ def test_train_teacher_runs_and_saves_a_teacher(tmp_path, data):
         log_every=2,
         model_overrides={"depth": 1},
     )
+    summary = train_teacher(run)
     assert summary["epochs"] == 2 and summary["steps"] == 10
     model, meta = build_from_checkpoint(out / "teacher.pth")
     assert meta["role"] == "teacher" and meta["model"] == "tokenpose_tiny"
@@ -269,18 +275,7 @@ def test_train_teacher_runs_and_saves_a_teacher(tmp_path, data):
     for name in ("last.pth", "metrics.csv", "config.json", "loss_curves.png", "train.log"):
         assert (out / name).is_file(), name
     # the run is resumable and already finished: resume does nothing more
-    again = train_teacher(
-        "tokenpose_tiny",
-        data["train_ann"],
-        data["train_images"],
-        out,
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        workers=0,
-        resume=True,
-        model_overrides={"depth": 1},
-    )
+    again = train_teacher(run.replace(workers=0, resume=True))
     assert again["steps"] == 10
 
 

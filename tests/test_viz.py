@@ -14,6 +14,7 @@ import torch
 from distilpose import viz
 from distilpose.data.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS
 from distilpose.errors import BadConfigError
+from distilpose.runs import DumpRun
 
 DATA = Path(__file__).parent / "data" / "coco_mini"
 ANN = DATA / "annotations" / "person_keypoints.json"
@@ -93,8 +94,10 @@ def test_viz_heatmaps_from_a_store(tmp_path, checkpoints):
     teacher_ckpt, student_ckpt = checkpoints
     store = tmp_path / "store.zarr"
     dump.dump_teacher(
-        teacher_ckpt, ANN, IMAGES, store, views=1, seed=0, batch_size=4, workers=0,
-        device="cpu", max_instances=3,
+        DumpRun(
+            teacher_ckpt, ANN, IMAGES, store, views=1, seed=0, batch_size=4, workers=0,
+            device="cpu", max_instances=3,
+        )
     )  # fmt: skip
     opened = reader.StoreReader.open(store)
     out = viz.viz_heatmaps(student_ckpt, opened, tmp_path / "hm.png", sample=1)

@@ -15,6 +15,7 @@ import torch
 
 from distilpose.data import make_demo_data
 from distilpose.models import build_model, save_checkpoint
+from distilpose.runs import DumpRun
 from store import StoreReader, array_specs
 from teacher_dump.dump import dump_teacher
 
@@ -55,7 +56,7 @@ def test_ten_random_kills_then_resume_equal_an_uninterrupted_dump(tmp_path, reco
     save_checkpoint(teacher, build_model("tokenpose_tiny", depth=2), meta={"role": "teacher"})
 
     def dump(out: Path) -> dict:
-        return dump_teacher(teacher, data["train_ann"], data["train_images"], out, **DUMP)
+        return dump_teacher(DumpRun(teacher, data["train_ann"], data["train_images"], out, **DUMP))
 
     # The uninterrupted reference first: its timing scales the kill moments to this machine.
     ref = tmp_path / "reference"

@@ -41,6 +41,7 @@ from distilpose.errors import (  # noqa: E402
     StoreFormatError,
     StoreMismatchError,
 )
+from distilpose.runs import DumpRun, StudentRun  # noqa: E402
 from store import StoreReader, StoreWriter  # noqa: E402
 from store.checks import store_verify  # noqa: E402
 from student_train.data import StudentBatches  # noqa: E402
@@ -76,8 +77,10 @@ def pixel_store(root: Path) -> dict:
     ckpt = root / "teacher.pth"
     save_checkpoint(ckpt, build_model("tokenpose_tiny"), meta={"role": "teacher"})
     dump_teacher(
-        ckpt, data["train_ann"], data["train_images"], root / "store.zarr", views=2,
-        batch_size=8, workers=0, device="cpu", chunk_samples=8, shard_chunks=1, pixels="jpeg",
+        DumpRun(
+            ckpt, data["train_ann"], data["train_images"], root / "store.zarr", views=2,
+            batch_size=8, workers=0, device="cpu", chunk_samples=8, shard_chunks=1, pixels="jpeg",
+        )
     )  # fmt: skip
     return {**data, "store": str(root / "store.zarr")}
 
@@ -721,17 +724,21 @@ def test_temp_files_of_a_live_writer_are_left_alone(tmp_path):
 def test_resume_refuses_a_store_that_gained_views(tmp_path):
     paths = build_tiny_store(tmp_path / "d", views=1, num_train=8, num_val=2)
     kw = dict(batch_size=8, device="cpu", workers=0, epochs=1, amp=False)
-    train_student(paths["store"], "distilpose_tiny", tmp_path / "run", **kw)
+    train_student(StudentRun(paths["store"], "distilpose_tiny", tmp_path / "run", **kw))
     meta = StoreReader.open(paths["store"]).meta
     meta.views = 2
     StoreWriter.create_or_open(paths["store"], meta)  # the store now has room for view 1
     with pytest.raises(StoreMismatchError, match=r"views: run=1 store=2.*--allow-store-change"):
-        train_student(paths["store"], "distilpose_tiny", tmp_path / "run", resume=True, **kw)
+        train_student(
+            StudentRun(paths["store"], "distilpose_tiny", tmp_path / "run", resume=True, **kw)
+        )
     line = cli_train(paths["store"], tmp_path / "run", "--workers", 0, "--resume")
     assert "views: run=1 store=2" in line
     summary = train_student(
-        paths["store"], "distilpose_tiny", tmp_path / "run", resume=True,
-        allow_store_change=True, allow_incomplete=True, **kw,
+        StudentRun(
+            paths["store"], "distilpose_tiny", tmp_path / "run", resume=True,
+            allow_store_change=True, allow_incomplete=True, **kw,
+        )
     )  # fmt: skip
     assert summary["epochs"] == 1
 

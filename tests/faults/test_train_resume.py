@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_student_train import build_tiny_store  # noqa: E402
 
+from distilpose.runs import StudentRun  # noqa: E402
 from student_train.train import train_student  # noqa: E402
 
 KILLS = 10
@@ -43,7 +44,7 @@ def _one_thread():
 
 
 def train(store: str, out: Path, resume: bool) -> dict:
-    return train_student(store, "distilpose_tiny", out, resume=resume, **TRAIN)
+    return train_student(StudentRun(store, "distilpose_tiny", out, resume=resume, **TRAIN))
 
 
 def checkpoint_id(out: Path) -> tuple[int, int] | None:

@@ -1,0 +1,108 @@
+"""Typed run configs (distilpose.runs): one object per stage run, saved to config.json and read
+back by `--resume`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_student_train import build_tiny_store  # noqa: E402
+
+import cli  # noqa: E402
+from distilpose.data import MILD_RECIPE  # noqa: E402
+from distilpose.errors import BadConfigError  # noqa: E402
+from distilpose.runs import DumpRun, StudentRun, TeacherRun, saved_run  # noqa: E402
+
+RUNS = [
+    TeacherRun(
+        "tokenpose_tiny", Path("a.json"), Path("imgs"), Path("out"), epochs=3, recipe=MILD_RECIPE,
+        model_overrides={"input_size": (96, 128), "heatmap_size": (24, 32)},
+    ),
+    DumpRun(Path("t.pth"), "a.json", "imgs", "store", views=2, shard=(1, 2), max_instances=5),
+    StudentRun(
+        "store", "distilpose_tiny", Path("out"), losses="reg,sh", warmup_iters=None,
+        teacher_online=Path("t.pth"), model_overrides={"dim": 32}, schedule="cosine",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: type(r).__name__)
+def test_a_run_reads_back_equal_from_its_json(run):
+    text = run.to_json()
+    back = type(run).from_json(text)
+    assert back == run and back.to_json() == text
+    assert json.loads(text) == run.to_dict()  # plain JSON: paths as str, tuples as lists
+    assert all(not isinstance(v, Path) for v in vars(back).values())
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: type(r).__name__)
+def test_unknown_or_missing_fields_are_one_line_errors(run):
+    kind = type(run).__name__
+    data = {**run.to_dict(), "epochz": 3}
+    with pytest.raises(BadConfigError, match=rf"^run.json: unknown field\(s\) epochz for {kind}"):
+        type(run).from_dict(data, "run.json")
+    data = run.to_dict()
+    first = next(iter(data))  # the first field of every run type is required
+    del data[first]
+    with pytest.raises(BadConfigError, match=rf"missing field\(s\) {first} for {kind}") as e:
+        type(run).from_dict(data, "run.json")
+    assert "\n" not in str(e.value)
+    with pytest.raises(BadConfigError, match="not a JSON|JSON"):
+        type(run).from_json("{not json", "run.json")
+
+
+def test_a_damaged_saved_run_is_refused_on_resume_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"run": {"store": "s", "epochz": 1}}))
+    with pytest.raises(BadConfigError, match=r"config.json \(run\): unknown field\(s\) epochz"):
+        saved_run(StudentRun, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"meta": {}}))  # saved before runs were
+    assert saved_run(StudentRun, tmp_path) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_store(tmp_path_factory.mktemp("tiny"), views=1, num_train=8, num_val=2)
+    torch.set_num_threads(n)
+
+
+def test_resume_continues_the_saved_run_and_logs_what_changed(tiny, tmp_path):
+    """`--resume` reads the run from config.json: options not given again keep their saved
+    values (here --losses reg, not the default five terms); a changed one is logged."""
+    out = tmp_path / "run"
+    args = ["train-student", "--store", tiny["store"], "--model", "distilpose_tiny", "--out"]
+    args += [str(out), "--batch-size", "8", "--device", "cpu", "--workers", "0"]
+    first = CliRunner().invoke(cli.app, [*args, "--losses", "reg", "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    saved = saved_run(StudentRun, out)
+    assert saved.losses == "reg" and saved.epochs == 1 and not saved.resume
+
+    again = CliRunner().invoke(cli.app, [*args, "--epochs", "2", "--lr", "0.002", "--resume"])
+    assert again.exit_code == 0, again.output
+    run = saved_run(StudentRun, out)
+    assert run == saved.replace(epochs=2, lr=0.002, resume=True)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == ["0", "1"]
+    assert "loss_kt" not in rows[-1]  # still the reg-only run
+    log = (out / "train.log").read_text()
+    assert "resume: run differs from the one saved in config.json in ['epochs', 'lr']" in log
+
+
+def test_resume_on_a_changed_store_is_still_refused(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = ["train-student", "--model", "distilpose_tiny", "--out", str(out), "--batch-size"]
+    args += ["8", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    assert CliRunner().invoke(cli.app, [*args, "--store", tiny["store"]]).exit_code == 0
+    other = build_tiny_store(tmp_path / "other", views=1, num_train=8, num_val=2, seed=1)
+    result = CliRunner().invoke(cli.app, [*args, "--store", other["store"], "--resume"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "the store changed" in result.output
+    assert "--allow-store-change" in result.output
