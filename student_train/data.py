@@ -63,7 +63,7 @@ from distilpose.errors import BadConfigError, StoreMismatchError
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS, digest_hex
+from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -216,8 +216,7 @@ class CropRenderer:
             image = self.cache.get(inst.image_path)
             crop = render_crop(image, spec, inst.keypoints, self.input_size)
             if verify and "crop_digest" in raw:
-                stored = digest_hex(raw["crop_digest"][i])
-                if crop_digest(crop.image) != stored:
+                if crop_digest(crop.image) != raw["crop_digest"][i].tobytes():
                     raise StoreMismatchError(
                         f"{self.store_path}: sample of instance {int(idx)} (image "
                         f"{inst.image_path}) renders to another crop than the teacher saw; "
@@ -242,7 +241,7 @@ class CropRenderer:
         if verify and "crop_digest" in raw:
             for i, image in enumerate(rgb):
                 bgr = image.permute(1, 2, 0).flip(-1).numpy()
-                if crop_digest(bgr) != digest_hex(raw["crop_digest"][i]):
+                if crop_digest(bgr) != raw["crop_digest"][i].tobytes():
                     raise StoreMismatchError(
                         f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])}"
                         " decodes to other pixels than the teacher saw; expected an undamaged "
@@ -437,7 +436,7 @@ class StudentBatches:
             self.fields += (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
-        self.input_size = tuple(self.meta.input_size)
+        self.input_size = self.meta.geometry.input_size
         self.instances = (
             load_store_instances(self.meta, self.store, ann_file, images)
             if self.pixels == "none"

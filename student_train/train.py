@@ -32,7 +32,7 @@ from distilpose.limits import load_json
 from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from store import StoreReader
-from store.schema import IDENTITY_FIELDS, TEACHER_OUTPUTS
+from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
@@ -92,7 +92,7 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
 
 def store_identity(meta: object) -> dict:
     """The store fields a run depends on: its identity fields and its number of views."""
-    out = {name: getattr(meta, name) for name in (*IDENTITY_FIELDS, "views")}
+    out = {**meta.identity(), "views": meta.views}
     return json.loads(json.dumps(out))  # tuples as lists: compared with what config.json holds
 
 

@@ -139,7 +139,7 @@ class DumpCrops(Dataset):
             "images": normalize(image),
             "keypoints": crop.keypoints.astype(np.float32),
             "weights": crop.weights.astype(np.float32),
-            "crop_digest": np.frombuffer(bytes.fromhex(crop_digest(image)), np.uint8),
+            "crop_digest": np.frombuffer(crop_digest(image), np.uint8),
         }
 
 
@@ -266,10 +266,8 @@ def dump_teacher(
         num_instances=len(instances),
         views=views,
         seed=seed,
-        input_size=tuple(cfg.input_size),
-        heatmap_size=tuple(cfg.heatmap_size),
-        token_dim=cfg.dim if cfg.has_tokens else 0,
-        patch_grid=cfg.patch_grid if cfg.has_tokens else (0, 0),  # no tokens: no token sizes
+        geometry=cfg.geometry,
+        token_dim=cfg.dim if cfg.has_tokens else 0,  # no tokens: no token sizes
         teacher_outputs=outputs,
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distilpose.errors import StoreFormatError, StoreMismatchError  # noqa: E402
+from distilpose.geometry import Geometry  # noqa: E402
 from store import StoreMeta, StoreWriter  # noqa: E402
 from store.schema import (  # noqa: E402
     dequantize_heatmaps,
     dequantize_tokens,
-    digest_hex,
     quantize_heatmaps,
     quantize_tokens,
 )
@@ -39,10 +39,8 @@ def small_meta(n: int = 50, views: int = 2, mode: str = "fp16", **kw) -> StoreMe
         num_instances=n,
         views=views,
         seed=3,
-        input_size=(24, 32),
-        heatmap_size=(WH, HH),
+        geometry=Geometry((24, 32), (WH, HH), (WH // 2, HH // 2)),
         token_dim=D,
-        patch_grid=(2, 2),
         num_keypoints=K,
         recipe={"flip_prob": 0.5},
         ann_digest="f" * 64,
@@ -86,7 +84,7 @@ def unit_arrays(writer: StoreWriter, unit: int) -> dict:
         spec=spec,
         image_id=insts * 10 + 1,
         ann_id=insts + 1000,
-        crop_digest=[f"{int(i) * 1000 + view:064x}" for i in insts],
+        crop_digest=[(int(i) * 1000 + view).to_bytes(32, "big") for i in insts],
     )
     return out
 
@@ -167,7 +165,7 @@ def test_fp16_round_trip_is_bit_exact(full_store):
         assert got["spec"][slot][0] == inst and got["spec"][slot][1] == view
         assert np.array_equal(got["spec"][slot][2:4], ref["center"])
         assert got["image_id"][slot] == inst * 10 + 1 and got["ann_id"][slot] == inst + 1000
-        assert digest_hex(got["crop_digest"][slot]) == f"{inst * 1000 + view:064x}"
+        assert got["crop_digest"][slot].tobytes().hex() == f"{inst * 1000 + view:064x}"
         assert got["view"][slot] == view
 
 
@@ -360,7 +358,7 @@ def test_check_student_fits_sizes(full_store):
         ({"teacher_sha256": "b" * 64}, "teacher_sha256"),
         ({"seed": 4}, "seed"),
         ({"ann_digest": "0" * 64}, "ann_digest"),
-        ({"heatmap_size": (12, 16)}, "heatmap_size"),
+        ({"geometry": Geometry((24, 32), (12, 16))}, "heatmap_size"),
         ({"mode": "lossy"}, "mode"),
     ],
     ids=["teacher_sha256", "seed", "ann_digest", "heatmap_size", "mode"],
@@ -505,7 +503,7 @@ def test_store_verify_rerenders_crops(tmp_path):
     meta = small_meta(
         n=len(insts),
         views=2,
-        input_size=(96, 128),
+        geometry=Geometry((96, 128), (WH, HH), (WH // 2, HH // 2)),
         ann_file=str(ann),
         image_root=str(images),
         ann_digest=annotation_digest(ann),
@@ -524,7 +522,7 @@ def test_store_verify_rerenders_crops(tmp_path):
         n = len(idx)
         digests = [crop_digest(c.image) for c in crops]
         if u == w.pending_units()[-1]:
-            digests[0] = "0" * 64  # one tampered digest
+            digests[0] = bytes(32)  # one tampered digest
         w.write_unit(
             u,
             {

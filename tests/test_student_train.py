@@ -60,7 +60,7 @@ def build_tiny_store(
     ckpt = root / "teacher.pth"
     save_checkpoint(ckpt, teacher, meta={"role": "teacher", "model": "tokenpose_tiny"})
     cfg = teacher.config
-    (w, h), (wh, hh), (pw, ph) = cfg.input_size, cfg.heatmap_size, cfg.patch_size
+    w, h = cfg.input_size
     ann, images = str(paths["train_ann"]), str(paths["train_images"])
     instances = load_coco_instances(ann, images, train=True, aspect_ratio=w / h)
     recipe = AugmentRecipe()
@@ -70,10 +70,8 @@ def build_tiny_store(
         num_instances=len(instances),
         views=views,
         seed=seed,
-        input_size=(w, h),
-        heatmap_size=(wh, hh),
+        geometry=cfg.geometry,
         token_dim=cfg.dim,
-        patch_grid=(wh // pw, hh // ph),
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
         ann_digest=annotation_digest(ann),
