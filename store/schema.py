@@ -34,6 +34,16 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
 | pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
 
+Geometry: `StoreMeta.geometry` is the teacher's `distilpose.geometry.Geometry`, kept in the
+metadata as its fields (`"geometry": {"input_size": [W, H], "heatmap_size": [Wh, Hh],
+"patch_size": [pw, ph]}`); P = its number of patches, 0 in a store without visual tokens.
+Reader rule: metadata written before this field holds `input_size`, `heatmap_size` and
+`patch_grid` instead; the Geometry is derived from them (patch size = heatmap size / patch grid,
+the default patch size where the grid is (0, 0)), and sizes that give none are refused.
+
+`crop_digest` rows are the 32 bytes `distilpose.data.crop_digest` returns; they stay bytes on
+every path (written from bytes, compared as bytes), hex only in what a user reads.
+
 Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
 teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
 Reader rule: a version-1 store has no such field and holds all three outputs.

@@ -60,6 +60,7 @@ from distilpose.data import (
 from distilpose.distributed import rank_rows, world
 from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError, StoreMismatchError
+from distilpose.geometry import Geometry
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
@@ -157,7 +158,7 @@ class CropRenderer:
     """
 
     instances: Sequence[PersonInstance]
-    input_size: tuple[int, int]
+    geometry: Geometry  # of the store (or of the student, online): its crop size is rendered
     online_recipe: AugmentRecipe | None = None  # set: re-sample specs (online mode)
     online_seed: int = 0
     cache_bytes: int = 256 << 20
@@ -166,7 +167,8 @@ class CropRenderer:
     output: str = "images"
 
     def __post_init__(self) -> None:
-        self.codec = RegressionCodec(self.input_size)
+        self.codec = RegressionCodec(self.geometry)
+        self.input_size = self.geometry.input_size
         self.cache = ImageCache(self.cache_bytes)
         if self.output not in OUTPUTS or (self.output == "jpeg" and self.pixels != "jpeg"):
             raise ValueError(f"output '{self.output}' with pixels '{self.pixels}'")
@@ -436,7 +438,6 @@ class StudentBatches:
             self.fields += (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
-        self.input_size = self.meta.geometry.input_size
         self.instances = (
             load_store_instances(self.meta, self.store, ann_file, images)
             if self.pixels == "none"
@@ -444,7 +445,7 @@ class StudentBatches:
         )
         self.renderer = CropRenderer(
             self.instances,
-            self.input_size,
+            self.meta.geometry,
             online_recipe=AugmentRecipe.from_dict(self.meta.recipe) if online else None,
             online_seed=int(self.meta.seed),
             cache_bytes=cache_mb << 20,
@@ -493,20 +494,20 @@ class OnlineBatches:
         images: str,
         *,
         batch_size: int,
-        input_size: tuple[int, int],
+        geometry: Geometry,
         recipe: AugmentRecipe | None = None,
         seed: int = 0,
         workers: int = 2,
         cache_mb: int = 256,
         pin_memory: bool = False,
     ) -> None:
-        w, h = input_size
+        w, h = geometry.input_size
         self.instances = load_coco_instances(ann_file, images, train=True, aspect_ratio=w / h)
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.pin_memory = pin_memory
         self.renderer = CropRenderer(
             self.instances,
-            tuple(input_size),
+            geometry,
             online_recipe=recipe or AugmentRecipe(),
             online_seed=seed,
             cache_bytes=cache_mb << 20,

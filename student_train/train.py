@@ -76,13 +76,11 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     tcfg = teacher.config
     if tcfg.role != "teacher":  # a student has no heatmaps to distil
         raise BadCheckpointError(f"{path}: holds the {tcfg.role} '{tcfg.name}'; expected a teacher")
-    if tuple(tcfg.input_size) != tuple(student_config.input_size) or tuple(
-        tcfg.heatmap_size
-    ) != tuple(student_config.heatmap_size):
+    mine, theirs = tcfg.geometry, student_config.geometry
+    if (mine.input_size, mine.heatmap_size) != (theirs.input_size, theirs.heatmap_size):
         raise BadConfigError(
-            f"{path}: teacher input/heatmap size {tuple(tcfg.input_size)}/"
-            f"{tuple(tcfg.heatmap_size)} differs from the student's "
-            f"{tuple(student_config.input_size)}/{tuple(student_config.heatmap_size)}"
+            f"{path}: teacher input/heatmap size {mine.input_size}/{mine.heatmap_size} differs "
+            f"from the student's {theirs.input_size}/{theirs.heatmap_size}"
         )
     teacher.eval()
     for p in teacher.parameters():
@@ -211,7 +209,7 @@ def train_student(
             str(ann_file),
             str(images),
             batch_size=batch_size,
-            input_size=tuple(cfg.input_size),
+            geometry=cfg.geometry,
             seed=seed,
             workers=workers,
         )
@@ -221,7 +219,7 @@ def train_student(
         )
 
     loss_fn = DistillationLoss(
-        weights, heatmap_size=tuple(cfg.heatmap_size), official_sh_weight=official_sh_weight
+        weights, geometry=cfg.geometry, official_sh_weight=official_sh_weight
     )
     total_iters = epochs * len(data)
     config = TrainConfig(

@@ -312,7 +312,7 @@ def dump_teacher(
     if cuda:
         teacher = teacher.to(memory_format=torch.channels_last)
     dataset = DumpCrops(
-        instances, plan, recipe, seed, tuple(cfg.input_size), cfg.num_keypoints,
+        instances, plan, recipe, seed, cfg.input_size, cfg.num_keypoints,
         pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
     )  # fmt: skip
     loader = DataLoader(

@@ -247,6 +247,41 @@ def test_iter_batches_visits_each_sample_once_in_a_seeded_order(full_store):
     assert all(len(x["slot"]) == 16 for x in allv) and len(allv) == 100 // 16
 
 
+def test_geometry_round_trips_and_stores_of_the_older_metadata_form_derive_it(tmp_path):
+    """StoreMeta keeps a Geometry as its fields; a store written before that field existed
+    (input_size, heatmap_size, patch_grid, num_patches) reads with the same Geometry, and one
+    whose sizes give none is refused with a schema message."""
+    import json
+
+    from store import StoreReader
+
+    meta = small_meta(views=1)
+    stored_form = {"input_size": [24, 32], "heatmap_size": [WH, HH], "patch_size": [3, 4]}
+    assert meta.to_dict()["geometry"] == stored_form
+    assert StoreMeta.from_dict(meta.to_dict()).geometry == meta.geometry
+    assert json.loads(json.dumps(meta.to_dict())) == meta.to_dict()
+    path = tmp_path / "s"
+    fill(StoreWriter.create_or_open(path, meta))
+    doc = json.loads((path / "zarr.json").read_text())
+    stored = doc["attributes"]["distilpose_store"]
+    del stored["geometry"]
+    stored.update(input_size=[24, 32], heatmap_size=[WH, HH], patch_grid=[2, 2], num_patches=4)
+    (path / "zarr.json").write_text(json.dumps(doc))
+    r = StoreReader.open(path)
+    assert r.meta.geometry == meta.geometry and r.meta.num_patches == P
+    assert r.meta.patch_grid == (2, 2) and not r.meta.mismatches(meta)
+    assert len(r.read_slots(0, 16)["slot"]) == 16
+    heatmaps_only = {**stored, "patch_grid": [0, 0], "num_patches": 0, "token_dim": 0}
+    heatmaps_only["teacher_outputs"] = ["heatmaps"]
+    old = StoreMeta.from_dict(heatmaps_only)
+    assert old.geometry.heatmap_size == (WH, HH) and old.num_patches == 0
+    for bad, field in (({"patch_grid": [4, 3]}, "patch_grid"), ({"input_size": "x"}, "input_size")):
+        (path / "zarr.json").write_text(json.dumps(doc | {"attributes": {
+            **doc["attributes"], "distilpose_store": {**stored, **bad}}}))  # fmt: skip
+        with pytest.raises(StoreFormatError, match=f"store metadata.*{field}"):
+            StoreReader.open(path)
+
+
 def test_schema_1_store_reads_as_without_pixels_and_takes_more_views(tmp_path):
     """Reader rule (store/schema.py): a schema-1 store predates pixels and reads as 'none'."""
     import json

@@ -213,7 +213,7 @@ def test_online_teacher_gives_the_stored_targets(tiny):
     """The loss from the online teacher equals the loss from its stored (fp16) outputs."""
     batch = epoch_batches(tiny, 0)[0]
     student = build_model("distilpose_tiny").eval()
-    loss_fn = DistillationLoss(parse_losses(ALL), heatmap_size=(24, 32))
+    loss_fn = DistillationLoss(parse_losses(ALL), geometry=student.config.geometry)
     teacher = load_teacher(tiny["teacher"], student.config)
     with torch.no_grad():
         from_store = build_task(loss_fn)(student, batch)
