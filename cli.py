@@ -26,7 +26,7 @@ import typer
 import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
-from distilpose.geometry import Geometry
+from distilpose.geometry import PAPER, Geometry
 from distilpose.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
 from distilpose.weights import DEMO_TEACHER_RECIPE
 
@@ -978,7 +978,7 @@ def viz_attention(
     from distilpose.viz import viz_attention as draw
 
     # rendered larger than any model input (same aspect) so the picture is sharp
-    _, crop = render_instance(ann, images, instance, (288, 384))
+    _, crop = render_instance(ann, images, instance, tuple(3 * v // 2 for v in PAPER.input_size))
     typer.echo(draw(checkpoint, crop.image, out, keypoint=keypoint, layer=layer))
 
 

@@ -50,6 +50,7 @@ from benchmarks.dump_bench import bench_one
 from benchmarks.model_bench import PAPER_SPEEDUP, _best_time
 from distilpose.data import make_demo_data
 from distilpose.engine import amp_dtype
+from distilpose.geometry import SMOKE, Geometry
 from distilpose.models import build_model, save_checkpoint
 from distilpose.runs import DumpRun, StudentRun
 from student_train.data import StudentBatches
@@ -76,23 +77,20 @@ class Plan:
     epochs: int  # training epochs per mode (the last one is timed)
     workers: int
     ranks: int  # processes for the torchrun checks
-    input_size: tuple[int, int] | None  # None: the models' own crop size
+    geometry: Geometry | None  # None: the models' own sizes
 
     @classmethod
     def for_run(cls, dry_run: bool) -> Plan:
         if dry_run:
             return cls("cpu", "distilpose_tiny", "tokenpose_tiny", 32, 8, 8, 2, (0, 1), 1, 0, 2,
-                       (48, 64))  # fmt: skip
+                       SMOKE)  # fmt: skip
         ranks = max(1, torch.cuda.device_count())
         return cls("cuda", "distilpose_s", "tokenpose_l_w48", 2048, 64, 32, 20, (10, 50), 2, 8,
                    ranks, None)  # fmt: skip
 
 
 def overrides(plan: Plan) -> dict:
-    if plan.input_size is None:
-        return {}
-    w, h = plan.input_size
-    return {"input_size": (w, h), "heatmap_size": (w // 4, h // 4)}
+    return plan.geometry.size_overrides() if plan.geometry else {}
 
 
 # ---------------------------------------------------------------------------------- 1. FPS
@@ -235,8 +233,8 @@ def measure_training(plan: Plan, root: Path, store: Path, ckpt: Path) -> dict:
             "--out", str(root / "s_ddp"), "--epochs", "1", "--batch-size", str(plan.batch),
             "--warmup-iters", "1", "--device", plan.device,
             "--workers", str(plan.workers)]  # fmt: skip
-    if plan.input_size:
-        args += ["--input-size", "{}x{}".format(*plan.input_size)]
+    if plan.geometry:
+        args += ["--input-size", "{}x{}".format(*plan.geometry.input_size)]
     seconds = torchrun(plan, args, root)
     with (root / "s_ddp" / "metrics.csv").open(newline="") as f:
         last = [r for r in csv.DictReader(f) if r["kind"] == "epoch"][-1]

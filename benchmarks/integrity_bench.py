@@ -96,7 +96,7 @@ def _write(
 
     meta = StoreMeta(
         teacher_name="synthetic", teacher_sha256="0" * 64, num_instances=len(instances),
-        input_size=INPUT, heatmap_size=(WH, HH), token_dim=D, patch_grid=PAPER.patch_grid,
+        geometry=PAPER, token_dim=D,
         num_keypoints=K, recipe=rows["recipe"], ann_digest=annotation_digest(paths["train_ann"]),
         ann_file=str(paths["train_ann"]), image_root=str(paths["train_images"]),
         schema_version=2 if checksums or pixels else 1, pixels="jpeg" if pixels else "none",

@@ -50,7 +50,8 @@ from store.schema import (
     quantize_tokens,
 )
 
-K, HH, WH, D, P = 17, 64, 48, 192, 256
+K, D = 17, 192  # COCO joints, DistilPose-S token dim
+(WH, HH), P = PAPER.heatmap_size, PAPER.num_patches
 COCO_INSTANCES = 149_813  # person instances with keypoints in COCO train2017
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +68,7 @@ def teacher_pool(n: int, seed: int = 0) -> dict[str, np.ndarray]:
         "heatmaps": hm.astype(np.float32),
         "keypoint_tokens": rng.normal(size=(n, K, D)).astype(np.float32),
         "visual_tokens": rng.normal(size=(n, P, D)).astype(np.float32),
-        "keypoints": rng.uniform(0, 192, (n, K, 2)).astype(np.float32),
+        "keypoints": rng.uniform(0, PAPER.input_size[0], (n, K, 2)).astype(np.float32),
         "weights": np.ones((n, K), np.float32),
     }
 
@@ -480,7 +481,8 @@ def run(quick: bool = False) -> str:
         "(no GPU), nor is how far nvJPEG's pixels differ from libjpeg-turbo's (a test bounds it "
         "where CUDA exists).",
         "",
-        f"CPU JPEG decoders, a batch of 64 crops to uint8 RGB [64, 3, 256, 192], CPU time: "
+        f"CPU JPEG decoders, a batch of 64 crops to uint8 RGB [64, 3, {PAPER.input_size[1]}, "
+        f"{PAPER.input_size[0]}], CPU time: "
         f"torchvision "
         f"{decoders['torchvision']:.3f} ms/crop, OpenCV (+ flip, transpose) "
         f"{decoders['opencv']:.3f} ms/crop.",

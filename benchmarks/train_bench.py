@@ -16,7 +16,7 @@ exactly what `train-student` runs. Goals (issue 6): from-store >= 90% of no-dist
 
 Stores are written by `teacher_dump.dump.dump_teacher` on demo data. For the full-size pair the
 store is dumped with `tokenpose_s` (randomly initialised), whose outputs have the shapes of
-`tokenpose_l_w48`'s ([17, 64, 48] heatmaps, 192-d tokens) at a fraction of its dump cost:
+`tokenpose_l_w48`'s (17 heatmaps of 48x64, 192-d tokens) at a fraction of its dump cost:
 throughput does not depend on the target values. The online mode runs the real
 `tokenpose_l_w48` (randomly initialised; speed does not depend on the weights).
 """
@@ -88,7 +88,7 @@ class Mode:
             store, batch_size=batch, losses=weights, online=teacher is not None, workers=0,
             verify_digest=False,
         )  # fmt: skip
-        loss_fn = DistillationLoss(weights, heatmap_size=tuple(model.config.heatmap_size))
+        loss_fn = DistillationLoss(weights, geometry=model.config.geometry)
         config = TrainConfig(epochs=1, batch_size=batch, warmup_iters=1, device="cpu")
         self.trainer = Trainer(model, build_task(loss_fn, teacher), self.data, config, run_dir, {})
         self.trainer.train_model.train()

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 
-from distilpose.geometry import PAPER, Size
+from distilpose.geometry import PAPER, Geometry, Size
 
 Array = np.ndarray | torch.Tensor
 
@@ -43,6 +43,12 @@ def _as_numpy(x: Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def _check_geometry(geometry: Geometry) -> Geometry:
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry: expected a distilpose.geometry.Geometry, got {geometry!r}")
+    return geometry
+
+
 def _check_size(name: str, size: Sequence[int]) -> Size:
     if len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0:
         raise ValueError(f"{name}: expected a (width, height) pair of positive ints, got {size!r}")
@@ -53,26 +59,18 @@ class HeatmapCodec:
     """Gaussian heatmap targets (MMPose 0.x "MSRA" encoding) and their decoding.
 
     Args:
-        input_size: crop ``(W_in, H_in)`` in pixels.
-        heatmap_size: ``(W_hm, H_hm)``; the stride is ``W_in / W_hm``.
+        geometry: crop ``input_size`` ``(W_in, H_in)`` and ``heatmap_size`` ``(W_hm, H_hm)``; the
+            stride is ``W_in / W_hm``.
         sigma: Gaussian standard deviation in heatmap px (2 at 64x48, as the teacher was trained).
     """
 
-    def __init__(
-        self,
-        input_size: Size = PAPER.input_size,
-        heatmap_size: Size = PAPER.heatmap_size,
-        sigma: float = 2.0,
-    ) -> None:
-        self.input_size = _check_size("input_size", input_size)
-        self.heatmap_size = _check_size("heatmap_size", heatmap_size)
+    def __init__(self, geometry: Geometry = PAPER, sigma: float = 2.0) -> None:
+        self.geometry = _check_geometry(geometry)
+        self.input_size, self.heatmap_size = geometry.input_size, geometry.heatmap_size
         if sigma <= 0:
             raise ValueError(f"sigma: expected a positive value, got {sigma}")
         self.sigma = float(sigma)
-        self.stride = np.array(
-            [self.input_size[0] / self.heatmap_size[0], self.input_size[1] / self.heatmap_size[1]],
-            dtype=np.float32,
-        )
+        self.stride = np.array(geometry.stride, dtype=np.float32)
 
     def encode(self, keypoints: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keypoints in crop px -> Gaussian target heatmaps.
@@ -243,11 +241,13 @@ class RegressionCodec:
     """Normalized-coordinate regression targets (MMPose ``TopDownGenerateTargetRegression``).
 
     Args:
-        input_size: crop ``(W_in, H_in)`` in pixels; normalized ``u = x / W_in``, ``v = y / H_in``.
+        geometry: its crop ``input_size`` ``(W_in, H_in)`` in pixels; normalized
+            ``u = x / W_in``, ``v = y / H_in``.
     """
 
-    def __init__(self, input_size: Size = PAPER.input_size) -> None:
-        self.input_size = _check_size("input_size", input_size)
+    def __init__(self, geometry: Geometry = PAPER) -> None:
+        self.geometry = _check_geometry(geometry)
+        self.input_size = geometry.input_size
 
     def encode(self, keypoints: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Crop px -> normalized coordinates.

@@ -73,3 +73,5 @@ class Geometry:
 
 
 PAPER = Geometry()
+# the smallest crop any run here uses (tests, benchmark dry runs): a quarter of the paper's sides
+SMOKE = Geometry(tuple(v // 4 for v in PAPER.input_size))

@@ -241,7 +241,7 @@ def predict_instances(
     """Run top-down inference of `model` (student or teacher) over person instances.
 
     Args:
-        model: a built model; `model.config.input_size` / `heatmap_size` give the crop and heatmap
+        model: a built model; `model.config.geometry` gives the crop and heatmap
             sizes.
         instances: `PersonInstance` records (GT boxes or detections).
         batch_size: crops per forward pass.
@@ -274,9 +274,9 @@ def predict_instances(
             "model: no 'config' with its input and heatmap sizes; expected a model built by "
             "distilpose.models (build_model, build_from_checkpoint)"
         )
-    input_size, heatmap_size = tuple(config.input_size), tuple(config.heatmap_size)
-    regression = RegressionCodec(input_size=input_size)
-    heatmap_codec = HeatmapCodec(input_size=input_size, heatmap_size=heatmap_size)
+    geometry = config.geometry
+    input_size = geometry.input_size
+    regression, heatmap_codec = RegressionCodec(geometry), HeatmapCodec(geometry)
     use_amp = amp and dev.type == "cuda"
     decoders = {
         TeacherOutput: _HeatmapDecode(heatmap_codec, dark, dev),

@@ -27,7 +27,7 @@ from torch import nn
 from distilpose.codecs import Size, heatmap_values_at, simulated_heatmaps
 from distilpose.distributed import global_mean, global_total
 from distilpose.errors import BadConfigError
-from distilpose.geometry import PAPER
+from distilpose.geometry import PAPER, Geometry
 
 if TYPE_CHECKING:
     from distilpose.models import StudentOutput
@@ -162,7 +162,8 @@ class DistillationLoss(nn.Module):
 
     Args:
         weights: ``{name: weight}`` for the enabled terms (or a ``parse_losses`` string).
-        heatmap_size: ``(W_hm, H_hm)`` of the teacher heatmaps.
+        geometry: the student's sizes; its ``heatmap_size`` ``(W_hm, H_hm)`` is the teacher
+            heatmaps' (``sh``, ``cs``).
         official_sh_weight: reproduce the official batch-averaged ``sh`` weight (compatibility).
         reg_beta: Smooth-L1 beta of ``reg`` in normalized units.
     """
@@ -170,13 +171,13 @@ class DistillationLoss(nn.Module):
     def __init__(
         self,
         weights: dict[str, float] | str,
-        heatmap_size: Size = PAPER.heatmap_size,
+        geometry: Geometry = PAPER,
         official_sh_weight: bool = False,
         reg_beta: float = 1.0,
     ) -> None:
         super().__init__()
         self.weights = _check_weights(weights)
-        self.heatmap_size = (int(heatmap_size[0]), int(heatmap_size[1]))
+        self.heatmap_size = geometry.heatmap_size
         self.official_sh_weight = official_sh_weight
         self.reg_beta = reg_beta
 
@@ -225,7 +226,7 @@ class DistillationLoss(nn.Module):
         if "sh" in self.weights or "cs" in self.weights:
             heatmaps = self._target(targets, "heatmaps", device)
             wh, hh = self.heatmap_size
-            if heatmaps.dim() != 4 or tuple(heatmaps.shape) != (*coords.shape[:2], hh, wh):
+            if heatmaps.dim() != 4 or heatmaps.shape != (*coords.shape[:2], hh, wh):
                 raise BadConfigError(
                     f"targets['heatmaps']: expected [N, K, {self.heatmap_size[1]}, "
                     f"{self.heatmap_size[0]}] for N, K = {tuple(coords.shape[:2])}, "

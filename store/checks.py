@@ -13,7 +13,7 @@ import numpy as np
 from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
-from store.schema import PIXELS, TEACHER_OUTPUTS, digest_hex, read_fields
+from store.schema import PIXELS, TEACHER_OUTPUTS, read_fields
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -225,8 +225,8 @@ def _verify_rendered(
             row = {k: v[slot - c * chunk] for k, v in data.items()}
             inst = instances[int(row["instance"])]
             spec = CropSpec.from_array(row["spec"])
-            crop = render_crop(load(inst), spec, inst.keypoints, tuple(m.input_size))
-            same = digest_of(crop.image) == digest_hex(row["crop_digest"])
+            crop = render_crop(load(inst), spec, inst.keypoints, m.geometry.input_size)
+            same = digest_of(crop.image) == row["crop_digest"].tobytes()
             same = same and inst.image_id == int(row["image_id"])
             kp_same = np.array_equal(crop.keypoints, row["keypoints"]) and np.array_equal(
                 crop.weights, row["weights"]
@@ -272,12 +272,13 @@ def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[i
         data = reader.read_chunk(c * chunk, (c + 1) * chunk, ("crop_digest", "weights", PIXELS))
         for slot in by_chunk[c]:
             i = slot - c * chunk
-            stored = digest_hex(data["crop_digest"][i])
-            if stored == "0" * 64 and not data["weights"][i].any():
+            stored = data["crop_digest"][i].tobytes()
+            if stored == bytes(32) and not data["weights"][i].any():
                 skipped += 1  # the dump could not read this image: marked invalid, not a crop
                 continue
             try:
-                same = digest_of(decode_crop(data[PIXELS][i], m.pixels, m.input_size)) == stored
+                pixels = decode_crop(data[PIXELS][i], m.pixels, m.geometry.input_size)
+                same = digest_of(pixels) == stored
             except ValueError:  # bytes that do not decode are a mismatch, not a crash
                 same = False
             ok += same

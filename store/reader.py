@@ -221,7 +221,10 @@ class StoreReader:
         patch count from heatmap_size / patch_size.
         """
         cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-        m = self.meta
+        m, mine = self.meta, self.meta.geometry
+        theirs = Geometry(
+            *(cfg.get(k) or getattr(mine, k) for k in ("input_size", "heatmap_size", "patch_size"))
+        )
         problems = []
 
         def check(name: str, store_value: object, student_value: object) -> None:
@@ -230,8 +233,8 @@ class StoreReader:
             ):
                 problems.append(f"{name} store={store_value} student={student_value}")
 
-        check("input_size", list(m.input_size), list(cfg.get("input_size") or m.input_size))
-        check("heatmap_size", list(m.heatmap_size), list(cfg.get("heatmap_size") or m.heatmap_size))
+        check("input_size", list(mine.input_size), list(theirs.input_size))
+        check("heatmap_size", list(mine.heatmap_size), list(theirs.heatmap_size))
         check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
         # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
         from distilpose.models.layers import TOKEN_HEADS  # torch is loaded with any student
@@ -240,11 +243,9 @@ class StoreReader:
         tok = cfg if both else {}
         dim = tok.get("teacher_dim") or tok.get("dim")
         check("token dim (teacher_dim or dim)", m.token_dim, dim)
-        hs, ps = tok.get("heatmap_size"), tok.get("patch_size")
-        if hs and ps:
-            grid = list(Geometry(m.input_size, hs, ps).patch_grid)
-            check("patch grid", list(m.patch_grid), grid)
-            check("num_patches", m.num_patches, grid[0] * grid[1])
+        if both and m.has("visual_tokens"):
+            check("patch grid", list(m.patch_grid), list(theirs.patch_grid))
+            check("num_patches", m.num_patches, theirs.num_patches)
         if problems:
             raise StoreMismatchError(
                 f"{self.path}: teacher store does not fit student '{cfg.get('name', '?')}': "
@@ -678,7 +679,7 @@ def load_store_instances(
             f"{ann}: sha256 {digest[:12]}... differs from the store's {meta.ann_digest[:12]}...; "
             "expected the annotation file the teacher was dumped with"
         )
-    w, h = meta.input_size
+    w, h = meta.geometry.input_size
     instances = load_coco_instances(ann, root, train=True, aspect_ratio=w / h)
     if len(instances) != meta.num_instances:
         raise StoreMismatchError(

@@ -34,6 +34,16 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
 | pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
 
+Geometry: `StoreMeta.geometry` is the teacher's `distilpose.geometry.Geometry`, kept in the
+metadata as its fields (`"geometry": {"input_size": [W, H], "heatmap_size": [Wh, Hh],
+"patch_size": [pw, ph]}`); P = its number of patches, 0 in a store without visual tokens.
+Reader rule: metadata written before this field holds `input_size`, `heatmap_size` and
+`patch_grid` instead; the Geometry is derived from them (patch size = heatmap size / patch grid,
+the default patch size where the grid is (0, 0)), and sizes that give none are refused.
+
+`crop_digest` rows are the 32 bytes `distilpose.data.crop_digest` returns; they stay bytes on
+every path (written from bytes, compared as bytes), hex only in what a user reads.
+
 Teacher outputs: `StoreMeta.teacher_outputs` names those the store holds (since schema 2). A
 teacher without tokens (SimpleBaseline) gives heatmaps only, and its store has no token arrays.
 Reader rule: a version-1 store has no such field and holds all three outputs.
@@ -83,8 +93,8 @@ from functools import lru_cache
 import numpy as np
 
 from distilpose import __version__
-from distilpose.errors import StoreConnectionError, StoreFormatError
-from distilpose.geometry import PAPER
+from distilpose.errors import BadConfigError, StoreConnectionError, StoreFormatError
+from distilpose.geometry import PAPER, Geometry
 from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
@@ -104,10 +114,10 @@ IDENTITY_FIELDS = (
     "seed",
     "ann_digest",
     "num_instances",
-    "input_size",
+    "input_size",  # this and heatmap_size: of the geometry
     "heatmap_size",
     "token_dim",
-    "num_patches",
+    "num_patches",  # this and patch_grid: of the geometry; 0 without visual tokens
     "patch_grid",
     "num_keypoints",
     "recipe",
@@ -146,8 +156,10 @@ MAX_CHUNK_BYTES = 1 << 31  # one decoded chunk of one array
 class StoreMeta:
     """Store-level metadata, kept in the group attribute `distilpose_store`.
 
-    Sizes follow the project convention: (width, height). `views` is the number of view blocks
-    the store has room for; which units are written is tracked by the completion markers.
+    Sizes follow the project convention: (width, height); `geometry` holds the teacher's crop,
+    heatmap and patch sizes (kept in the metadata as the Geometry's fields; a store without token
+    outputs has no patches: `patch_grid` (0, 0), `num_patches` 0). `views` is the number of view
+    blocks the store has room for; which units are written is tracked by the completion markers.
     """
 
     teacher_name: str
@@ -155,11 +167,8 @@ class StoreMeta:
     num_instances: int
     views: int = 1
     seed: int = 0
-    input_size: tuple[int, int] = PAPER.input_size
-    heatmap_size: tuple[int, int] = PAPER.heatmap_size
+    geometry: Geometry = PAPER
     token_dim: int = 192
-    patch_grid: tuple[int, int] = (16, 16)  # (W_hm / patch_w, H_hm / patch_h)
-    num_patches: int = 0  # 0: patch_grid[0] * patch_grid[1]
     num_keypoints: int = 17
     recipe: dict = field(default_factory=dict)  # AugmentRecipe.to_dict() of the dumped views
     ann_digest: str = ""  # sha256 of the annotation file
@@ -198,11 +207,8 @@ class StoreMeta:
             raise StoreFormatError(
                 f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
             )
-        self.input_size = tuple(int(v) for v in self.input_size)
-        self.heatmap_size = tuple(int(v) for v in self.heatmap_size)
-        self.patch_grid = tuple(int(v) for v in self.patch_grid)
-        if not self.num_patches:
-            self.num_patches = self.patch_grid[0] * self.patch_grid[1]
+        if not isinstance(self.geometry, Geometry):
+            raise StoreFormatError(f"StoreMeta.geometry: {self.geometry!r}; expected a Geometry")
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.mode not in MODES:
@@ -216,10 +222,20 @@ class StoreMeta:
     def unit_samples(self) -> int:
         return self.chunk_samples * self.shard_chunks
 
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Visual-token patches (across, down); (0, 0) in a store without visual tokens."""
+        return self.geometry.patch_grid if self.has("visual_tokens") else (0, 0)
+
+    @property
+    def num_patches(self) -> int:
+        """Visual tokens per sample; 0 in a store without visual tokens."""
+        return self.patch_grid[0] * self.patch_grid[1]
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("input_size", "heatmap_size", "patch_grid", "teacher_outputs"):
-            d[k] = list(d[k])
+        d["geometry"] = {k: list(v) for k, v in d["geometry"].items()}
+        d["teacher_outputs"] = list(d["teacher_outputs"])
         return d
 
     @classmethod
@@ -237,20 +253,55 @@ class StoreMeta:
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
+        d = {**d, "geometry": _read_geometry(d, source)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def has(self, output: str) -> bool:
         """Whether the store holds teacher output `output` (e.g. "keypoint_tokens")."""
         return output in self.teacher_outputs
 
+    def identity(self) -> dict:
+        """The IDENTITY_FIELDS and their values (sizes from the geometry)."""
+        geo = ("input_size", "heatmap_size")
+        return {n: getattr(self.geometry if n in geo else self, n) for n in IDENTITY_FIELDS}
+
     def mismatches(self, other: StoreMeta) -> list[str]:
         """Identity fields whose values differ, as 'name: store=... requested=...'."""
-        out = []
-        for name in IDENTITY_FIELDS:
-            a, b = getattr(self, name), getattr(other, name)
-            if _norm(a) != _norm(b):
-                out.append(f"{name}: store={a!r} requested={b!r}")
-        return out
+        mine, theirs = self.identity(), other.identity()
+        return [
+            f"{name}: store={mine[name]!r} requested={theirs[name]!r}"
+            for name in IDENTITY_FIELDS
+            if _norm(mine[name]) != _norm(theirs[name])
+        ]
+
+
+def _read_geometry(d: dict, source: str) -> Geometry:
+    """The Geometry of stored metadata `d`: its `geometry` fields, or for a store written before
+    they existed, derived from its `input_size`, `heatmap_size` and `patch_grid`."""
+    geo = d.get("geometry")
+    if geo is None:  # the older form: patch size = heatmap / patch grid ((0, 0): no tokens)
+        sizes = {k: d[k] for k in ("input_size", "heatmap_size") if k in d}
+        grid, heatmap = d.get("patch_grid"), sizes.get("heatmap_size", PAPER.heatmap_size)
+        try:
+            if grid is not None and any(grid):
+                if any(h % g for h, g in zip(heatmap, grid, strict=True)):
+                    raise ValueError
+                sizes["patch_size"] = [h // g for h, g in zip(heatmap, grid, strict=True)]
+            geo = sizes
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise StoreFormatError(
+                f"{source}: store metadata patch_grid={grid!r} does not tile heatmap_size="
+                f"{heatmap!r}; expected a whole number of patches across and down"
+            ) from None
+    if not isinstance(geo, dict) or not set(geo) <= {"input_size", "heatmap_size", "patch_size"}:
+        raise StoreFormatError(
+            f"{source}: store metadata geometry={geo!r}; expected input_size, heatmap_size and "
+            "patch_size as [width, height]"
+        )
+    try:
+        return Geometry(**geo)
+    except BadConfigError as e:
+        raise StoreFormatError(f"{source}: store metadata geometry: {e}") from None
 
 
 def check_meta_sane(meta: StoreMeta) -> None:
@@ -263,6 +314,7 @@ def check_meta_sane(meta: StoreMeta) -> None:
         )
 
     token_sizes = ("token_dim", "num_patches", "patch_grid")  # 0 in heatmap-only stores
+    geo = meta.geometry
     for name, limit in META_LIMITS.items():
         value = getattr(meta, name)
         low = 0 if name in token_sizes else 1
@@ -273,13 +325,14 @@ def check_meta_sane(meta: StoreMeta) -> None:
         ):
             raise bad(name, value, f"{low}..{limit}")
     for name in ("input_size", "heatmap_size", "patch_grid"):
-        sides, low = getattr(meta, name), 0 if name in token_sizes else 1
+        sides = meta.patch_grid if name == "patch_grid" else getattr(geo, name)
+        low = 0 if name in token_sizes else 1
         if len(sides) != 2 or not all(low <= v <= MAX_SIDE for v in sides):
             raise bad(name, list(sides), f"two sides in {low}..{MAX_SIDE}")
     slots = StoreLayout(meta).num_slots(int(meta.views))
     if slots > MAX_SLOTS:
         raise bad("views x slots per view", slots, f"1..{MAX_SLOTS}")
-    wh, hh = meta.heatmap_size
+    wh, hh = geo.heatmap_size
     per_sample = (
         max(meta.num_keypoints * wh * hh, meta.num_patches * meta.token_dim) * 4
     )  # the largest per-sample array, decoded to float32
@@ -331,7 +384,7 @@ def shard_key(array: object, name: str, unit: int) -> str:
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     """Every array of a store made with `meta`, in write order."""
     k, d, p = meta.num_keypoints, meta.token_dim, meta.num_patches
-    wh, hh = meta.heatmap_size
+    wh, hh = meta.geometry.heatmap_size
     hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
     mode_fp16 = meta.mode == "fp16"
     tok_dtype = "float16" if mode_fp16 else "int8"
@@ -516,22 +569,18 @@ def heatmap_bits(mode: str) -> int:
     return {"lossy": 8, "lossy16": 16}[mode]
 
 
-def digest_bytes(digest: object) -> np.ndarray:
-    """A crop digest (64-char hex str, 32 bytes, or uint8 [32]) as uint8 [32]."""
-    if isinstance(digest, str):
-        if len(digest) != 64:
-            raise StoreFormatError(f"crop_digest '{digest}': expected a full 64-hex-char sha256")
-        return np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
-    if isinstance(digest, bytes | bytearray):
-        return digest_bytes(digest.decode()) if len(digest) == 64 else digest_bytes(digest.hex())
-    arr = np.asarray(digest, dtype=np.uint8).reshape(-1)
-    if arr.shape != (32,):
-        raise StoreFormatError(f"crop_digest of shape {arr.shape}: expected 32 bytes")
-    return arr
-
-
-def digest_hex(row: np.ndarray) -> str:
-    return np.asarray(row, dtype=np.uint8).tobytes().hex()
+def digest_rows(digests: object) -> np.ndarray:
+    """A batch's crop digests as the store keeps them: n 32-byte `crop_digest`s (a list) ->
+    uint8 [n, 32]; an array is passed on as it is (the writer checks its shape)."""
+    if not isinstance(digests, list | tuple):
+        return digests
+    rows = list(digests)
+    for i, d in enumerate(rows):
+        if not isinstance(d, bytes | bytearray) or len(d) != 32:
+            raise StoreFormatError(
+                f"crop_digest[{i}] is {d!r:.80}; expected the 32-byte sha256 of crop_digest()"
+            )
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 32)
 
 
 # ---- where a store lives ----------------------------------------------------------------------

@@ -45,7 +45,7 @@ from store.schema import (
     StoreMeta,
     array_compressors,
     array_specs,
-    digest_bytes,
+    digest_rows,
     fsync_dir,
     fsync_path,
     heatmap_bits,
@@ -157,10 +157,10 @@ class StoreWriter:
 
         arrays: per real slot of the unit, in the order of `unit_instances(unit)` (rows beyond
         those, e.g. a padded last batch, are ignored): "spec" [n, 8], "image_id" [n],
-        "ann_id" [n], "keypoints" [n, K, 2] crop px, "weights" [n, K], "crop_digest" (n hex
-        strings or uint8 [n, 32]), "heatmaps" [n, K, Hh, Wh], "keypoint_tokens" [n, K, D],
-        "visual_tokens" [n, P, D] (the tokens only if the store holds them: extra arrays are
-        ignored); optionally "instance" [n] (checked against the layout).
+        "ann_id" [n], "keypoints" [n, K, 2] crop px, "weights" [n, K], "crop_digest" (n
+        32-byte `crop_digest`s or uint8 [n, 32]), "heatmaps" [n, K, Hh, Wh], "keypoint_tokens"
+        [n, K, D], "visual_tokens" [n, P, D] (the tokens only if the store holds them: extra
+        arrays are ignored); optionally "instance" [n] (checked against the layout).
         NumPy arrays or CPU tensors.
         """
         if not 0 <= unit < self.layout.num_units(self.meta.views):
@@ -326,10 +326,8 @@ class StoreWriter:
 
         def rows(name: str) -> np.ndarray:
             value = arrays[name]
-            if name == "crop_digest" and not (
-                isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
-            ):
-                value = np.stack([digest_bytes(d) for d in list(value)[:n]]) if n else value
+            if name == "crop_digest":
+                value = digest_rows(value)
             a = _numpy(value)
             want = self.specs[name].shape
             if a.ndim != len(want) + 1 or a.shape[1:] != want or a.shape[0] < n:

@@ -60,10 +60,11 @@ from distilpose.data import (
 from distilpose.distributed import rank_rows, world
 from distilpose.engine import resolve_device
 from distilpose.errors import BadConfigError, StoreMismatchError
+from distilpose.geometry import Geometry
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS, digest_hex
+from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 # Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
 TARGET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -157,7 +158,7 @@ class CropRenderer:
     """
 
     instances: Sequence[PersonInstance]
-    input_size: tuple[int, int]
+    geometry: Geometry  # of the store (or of the student, online): its crop size is rendered
     online_recipe: AugmentRecipe | None = None  # set: re-sample specs (online mode)
     online_seed: int = 0
     cache_bytes: int = 256 << 20
@@ -166,7 +167,8 @@ class CropRenderer:
     output: str = "images"
 
     def __post_init__(self) -> None:
-        self.codec = RegressionCodec(self.input_size)
+        self.codec = RegressionCodec(self.geometry)
+        self.input_size = self.geometry.input_size
         self.cache = ImageCache(self.cache_bytes)
         if self.output not in OUTPUTS or (self.output == "jpeg" and self.pixels != "jpeg"):
             raise ValueError(f"output '{self.output}' with pixels '{self.pixels}'")
@@ -216,8 +218,7 @@ class CropRenderer:
             image = self.cache.get(inst.image_path)
             crop = render_crop(image, spec, inst.keypoints, self.input_size)
             if verify and "crop_digest" in raw:
-                stored = digest_hex(raw["crop_digest"][i])
-                if crop_digest(crop.image) != stored:
+                if crop_digest(crop.image) != raw["crop_digest"][i].tobytes():
                     raise StoreMismatchError(
                         f"{self.store_path}: sample of instance {int(idx)} (image "
                         f"{inst.image_path}) renders to another crop than the teacher saw; "
@@ -242,7 +243,7 @@ class CropRenderer:
         if verify and "crop_digest" in raw:
             for i, image in enumerate(rgb):
                 bgr = image.permute(1, 2, 0).flip(-1).numpy()
-                if crop_digest(bgr) != digest_hex(raw["crop_digest"][i]):
+                if crop_digest(bgr) != raw["crop_digest"][i].tobytes():
                     raise StoreMismatchError(
                         f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])}"
                         " decodes to other pixels than the teacher saw; expected an undamaged "
@@ -437,7 +438,6 @@ class StudentBatches:
             self.fields += (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
-        self.input_size = tuple(self.meta.input_size)
         self.instances = (
             load_store_instances(self.meta, self.store, ann_file, images)
             if self.pixels == "none"
@@ -445,7 +445,7 @@ class StudentBatches:
         )
         self.renderer = CropRenderer(
             self.instances,
-            self.input_size,
+            self.meta.geometry,
             online_recipe=AugmentRecipe.from_dict(self.meta.recipe) if online else None,
             online_seed=int(self.meta.seed),
             cache_bytes=cache_mb << 20,
@@ -494,20 +494,20 @@ class OnlineBatches:
         images: str,
         *,
         batch_size: int,
-        input_size: tuple[int, int],
+        geometry: Geometry,
         recipe: AugmentRecipe | None = None,
         seed: int = 0,
         workers: int = 2,
         cache_mb: int = 256,
         pin_memory: bool = False,
     ) -> None:
-        w, h = input_size
+        w, h = geometry.input_size
         self.instances = load_coco_instances(ann_file, images, train=True, aspect_ratio=w / h)
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.pin_memory = pin_memory
         self.renderer = CropRenderer(
             self.instances,
-            tuple(input_size),
+            geometry,
             online_recipe=recipe or AugmentRecipe(),
             online_seed=seed,
             cache_bytes=cache_mb << 20,

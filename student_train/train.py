@@ -33,7 +33,7 @@ from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from distilpose.runs import StudentRun
 from store import StoreReader
-from store.schema import IDENTITY_FIELDS, TEACHER_OUTPUTS
+from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
@@ -77,13 +77,11 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     tcfg = teacher.config
     if tcfg.role != "teacher":  # a student has no heatmaps to distil
         raise BadCheckpointError(f"{path}: holds the {tcfg.role} '{tcfg.name}'; expected a teacher")
-    if tuple(tcfg.input_size) != tuple(student_config.input_size) or tuple(
-        tcfg.heatmap_size
-    ) != tuple(student_config.heatmap_size):
+    mine, theirs = tcfg.geometry, student_config.geometry
+    if (mine.input_size, mine.heatmap_size) != (theirs.input_size, theirs.heatmap_size):
         raise BadConfigError(
-            f"{path}: teacher input/heatmap size {tuple(tcfg.input_size)}/"
-            f"{tuple(tcfg.heatmap_size)} differs from the student's "
-            f"{tuple(student_config.input_size)}/{tuple(student_config.heatmap_size)}"
+            f"{path}: teacher input/heatmap size {mine.input_size}/{mine.heatmap_size} differs "
+            f"from the student's {theirs.input_size}/{theirs.heatmap_size}"
         )
     teacher.eval()
     for p in teacher.parameters():
@@ -93,7 +91,7 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
 
 def store_identity(meta: object) -> dict:
     """The store fields a run depends on: its identity fields and its number of views."""
-    out = {name: getattr(meta, name) for name in (*IDENTITY_FIELDS, "views")}
+    out = {**meta.identity(), "views": meta.views}
     return json.loads(json.dumps(out))  # tuples as lists: compared with what config.json holds
 
 
@@ -182,7 +180,7 @@ def plan_student(run: StudentRun) -> StudentPlan:
             run.ann_file,
             run.images,
             batch_size=run.batch_size,
-            input_size=tuple(cfg.input_size),
+            geometry=cfg.geometry,
             seed=run.seed,
             workers=run.workers,
         )
@@ -263,7 +261,7 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     plan = plan_student(run)
     loss_fn = DistillationLoss(
         plan.weights,
-        heatmap_size=tuple(plan.student.config.heatmap_size),
+        geometry=plan.student.config.geometry,
         official_sh_weight=run.official_sh_weight,
     )
     config = student_train_config(run, len(plan.data))

@@ -141,7 +141,7 @@ class DumpCrops(Dataset):
             "images": normalize(image),
             "keypoints": crop.keypoints.astype(np.float32),
             "weights": crop.weights.astype(np.float32),
-            "crop_digest": np.frombuffer(bytes.fromhex(crop_digest(image)), np.uint8),
+            "crop_digest": np.frombuffer(crop_digest(image), np.uint8),
         }
 
 
@@ -388,10 +388,8 @@ def dump_teacher(run: DumpRun) -> dict:
         num_instances=len(instances),
         views=views,
         seed=run.seed,
-        input_size=tuple(cfg.input_size),
-        heatmap_size=tuple(cfg.heatmap_size),
-        token_dim=cfg.dim if cfg.has_tokens else 0,
-        patch_grid=cfg.patch_grid if cfg.has_tokens else (0, 0),  # no tokens: no token sizes
+        geometry=cfg.geometry,
+        token_dim=cfg.dim if cfg.has_tokens else 0,  # no tokens: no token sizes
         teacher_outputs=outputs,
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
@@ -417,7 +415,7 @@ def dump_teacher(run: DumpRun) -> dict:
     if cuda:
         teacher = teacher.to(memory_format=torch.channels_last)
     dataset = DumpCrops(
-        instances, plan.samples, recipe, run.seed, tuple(cfg.input_size), cfg.num_keypoints,
+        instances, plan.samples, recipe, run.seed, cfg.input_size, cfg.num_keypoints,
         pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
     )  # fmt: skip
     loader = DataLoader(

@@ -33,6 +33,7 @@ from distilpose.data import (
 from distilpose.distributed import rank_share, world
 from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadConfigError
+from distilpose.geometry import Geometry
 from distilpose.losses import HeatmapLoss
 from distilpose.models import build_model, save_checkpoint
 from distilpose.runs import TeacherRun
@@ -54,12 +55,11 @@ class HeatmapCrops(Dataset):
         instances: list[PersonInstance],
         recipe: AugmentRecipe,
         seed: int,
-        input_size: tuple[int, int],
-        heatmap_size: tuple[int, int],
+        geometry: Geometry,
     ) -> None:
         self.instances, self.recipe, self.seed = instances, recipe, seed
-        self.input_size = input_size
-        self.codec = HeatmapCodec(input_size, heatmap_size)
+        self.input_size = geometry.input_size
+        self.codec = HeatmapCodec(geometry)
         self.view = 0
 
     def __len__(self) -> int:
@@ -146,7 +146,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
             f"model: {run.model!r} is a {cfg.role}; "
             "expected a teacher (tokenpose_*, simplebaseline_*)"
         )
-    dataset = HeatmapCrops(instances, recipe, seed, tuple(cfg.input_size), tuple(cfg.heatmap_size))
+    dataset = HeatmapCrops(instances, recipe, seed, cfg.geometry)
     batches = TeacherBatches(dataset, run.batch_size, seed, run.workers)
     config = TrainConfig(
         epochs=epochs,

@@ -18,6 +18,7 @@ from distilpose.codecs import (
 )
 from distilpose.data.crop import get_affine_transform, transform_points
 from distilpose.data.keypoints import FLIP_INDEX, NUM_KEYPOINTS
+from distilpose.geometry import Geometry
 
 INPUT, HEATMAP = (192, 256), (48, 64)
 STRIDE = 4.0
@@ -34,7 +35,7 @@ def random_keypoints(rng, n, margin=12.0):
 
 
 def test_encode_gaussian_values_and_peak():
-    codec = HeatmapCodec(INPUT, HEATMAP, sigma=2.0)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP), sigma=2.0)
     kpts = np.array([[41.9, 81.0], [100.0, 30.1]], np.float32)
     hm, w = codec.encode(kpts, np.ones(2))
     assert hm.shape == (2, 64, 48) and hm.dtype == np.float32
@@ -49,7 +50,7 @@ def test_encode_gaussian_values_and_peak():
 
 
 def test_encode_weights_off_map_and_invisible():
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     kpts = np.array([[-10.0, 50.0], [-40.0, 50.0], [50.0, 50.0], [50.0, 300.0]], np.float32)
     hm, w = codec.encode(kpts, np.array([1, 1, 0, 1]))
     # x = -10 -> centre -2: the window still reaches the map, so the joint keeps its weight
@@ -63,7 +64,7 @@ def test_encode_weights_off_map_and_invisible():
 
 def test_encode_decode_round_trip_within_half_stride():
     rng = np.random.default_rng(0)
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     kpts = random_keypoints(rng, 17)
     hm, _ = codec.encode(kpts, np.ones(17))
     coords, maxvals = codec.decode(hm[None])
@@ -80,7 +81,7 @@ def test_encode_decode_round_trip_within_half_stride():
 
 
 def test_decode_quarter_shift_towards_higher_neighbour():
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     hm = np.zeros((1, 2, 64, 48), np.float32)
     hm[0, 0, 30, 20] = 1.0
     hm[0, 0, 30, 21] = 0.5  # right neighbour higher: +0.25 in x
@@ -94,7 +95,7 @@ def test_decode_quarter_shift_towards_higher_neighbour():
 
 
 def test_decode_marks_empty_maps():
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     coords, maxvals = codec.decode(np.zeros((2, 3, 64, 48), np.float32))
     np.testing.assert_array_equal(coords, -STRIDE)
     np.testing.assert_array_equal(maxvals, 0.0)
@@ -102,7 +103,7 @@ def test_decode_marks_empty_maps():
 
 def test_dark_beats_argmax_on_sub_pixel_positions():
     rng = np.random.default_rng(1)
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     kpts = random_keypoints(rng, 2 * 17, margin=16.0).reshape(2, 17, 2)
     norm = torch.from_numpy(kpts / np.array(INPUT, np.float32))
     hm = simulated_heatmaps(norm, torch.full((2, 17, 2), 2.0), HEATMAP).numpy()
@@ -128,7 +129,7 @@ def test_decode_rejects_wrong_rank():
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_flip_back_recovers_mirrored_keypoints(as_tensor):
     rng = np.random.default_rng(2)
-    codec = HeatmapCodec(INPUT, HEATMAP)
+    codec = HeatmapCodec(Geometry(INPUT, HEATMAP))
     kpts = np.round(random_keypoints(rng, NUM_KEYPOINTS) / STRIDE) * STRIDE
     # What the teacher sees on the flipped crop: x -> W - 1 - x and left/right swapped.
     flipped = kpts[FLIP_INDEX].copy()
@@ -156,7 +157,7 @@ def test_flip_back_checks_channels():
 
 def test_regression_round_trip_and_weights():
     rng = np.random.default_rng(3)
-    codec = RegressionCodec(INPUT)
+    codec = RegressionCodec(Geometry(INPUT))
     kpts = random_keypoints(rng, 17, margin=0.0)
     kpts[3] = [-1.0, 10.0]  # left of the crop
     kpts[4] = [10.0, 256.5]  # below it

@@ -156,7 +156,7 @@ def test_render_is_deterministic(instances, images):
                     inst.keypoints.copy(), SIZE)  # fmt: skip
     assert a.image.shape == (256, 192, 3) and a.image.dtype == np.uint8
     assert a.image.tobytes() == b.image.tobytes()
-    assert crop_digest(a.image) == crop_digest(b.image) and len(crop_digest(a.image)) == 64
+    assert crop_digest(a.image) == crop_digest(b.image) and len(crop_digest(a.image).hex()) == 64
     other = render_crop(images[inst.image_path], replace(spec, rotation=spec.rotation + 1),
                         inst.keypoints, SIZE)  # fmt: skip
     assert crop_digest(other.image) != crop_digest(a.image)
@@ -202,7 +202,7 @@ for inst in reversed(insts):
     for view in (1, 0):
         spec = sample_crop_spec(inst, AugmentRecipe(), 11, view)
         crop = render_crop(image, spec, inst.keypoints)
-        out.append([inst.index, view, spec.to_array().tolist(), crop_digest(crop.image)])
+        out.append([inst.index, view, spec.to_array().tolist(), crop_digest(crop.image).hex()])
 print(json.dumps(out))
 """
 
@@ -223,7 +223,7 @@ def test_specs_and_crops_identical_across_processes(instances, images):
         spec = sample_crop_spec(inst, AugmentRecipe(), 11, view)
         assert spec.to_array().tolist() == arr  # bit-equal floats
         crop = render_crop(images[inst.image_path], spec, inst.keypoints)
-        assert crop_digest(crop.image) == digest
+        assert crop_digest(crop.image).hex() == digest
 
 
 def test_recipe_statistics_and_ranges(instances):

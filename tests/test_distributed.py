@@ -30,6 +30,7 @@ from distilpose.distributed import (  # noqa: E402
     rank_share,
     sync_batchnorm,
 )
+from distilpose.geometry import Geometry  # noqa: E402
 from distilpose.losses import DistillationLoss  # noqa: E402
 from distilpose.models import build_model  # noqa: E402
 from store import StoreReader  # noqa: E402
@@ -104,7 +105,7 @@ def test_student_batches_under_two_ranks_are_slices_of_the_global_batch(tiny, mo
 
 
 def test_online_batches_split_the_same_way(tiny, monkeypatch):
-    kw = dict(batch_size=4, input_size=(96, 128), workers=0)
+    kw = dict(batch_size=4, geometry=Geometry((96, 128)), workers=0)
     ann, images = str(tiny["train_ann"]), str(tiny["train_images"])
     one = [
         b["instance"].tolist() for b in OnlineBatches(ann, images, **{**kw, "batch_size": 12})(1)
@@ -135,8 +136,8 @@ def test_padding_rows_count_in_no_loss():
             3, (wh // cfg.patch_size[0]) * (hh // cfg.patch_size[1]), cfg.dim
         ),
     }
-    loss = DistillationLoss("reg,kt,vt,sh,cs", heatmap_size=(wh, hh))
-    official = DistillationLoss("sh", heatmap_size=(wh, hh), official_sh_weight=True)
+    loss = DistillationLoss("reg,kt,vt,sh,cs", geometry=cfg.geometry)
+    official = DistillationLoss("sh", geometry=cfg.geometry, official_sh_weight=True)
     with torch.no_grad():
         out3, out2 = student(images), student(images[:2])
     padded = {**targets, "valid": torch.tensor([True, True, False])}
@@ -185,7 +186,7 @@ def _gradients(images: torch.Tensor, targets: dict, sync: bool) -> dict[str, tor
     model = build_model("distilpose_tiny").train()
     if sync:
         sync_batchnorm(model, torch.device("cpu"))
-    loss_fn = DistillationLoss("reg,kt,vt,sh,cs", heatmap_size=model.config.heatmap_size)
+    loss_fn = DistillationLoss("reg,kt,vt,sh,cs", geometry=model.config.geometry)
     with across_ranks():
         loss_fn(model(images), targets)["loss"].backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -26,6 +26,7 @@ from distilpose.data.keypoints import FLIP_INDEX, NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError
 from distilpose.eval_run import format_metrics_table, run_eval
 from distilpose.evaluation import coco_keypoint_eval, oks_nms, to_coco_results
+from distilpose.geometry import Geometry
 from distilpose.inference import default_use_scores, flip_student_output, predict_instances
 from distilpose.models import StudentOutput, TeacherOutput, build_model, save_checkpoint
 from distilpose.predict import predict_source
@@ -35,6 +36,7 @@ ANN = MINI / "annotations" / "person_keypoints.json"
 DETS = MINI / "annotations" / "person_detections.json"
 IMAGES = MINI / "images"
 IN_W, IN_H = 48, 64  # stub crop size: small and fast
+GEOMETRY = Geometry((IN_W, IN_H))
 
 
 def _ramps(width: int) -> torch.Tensor:
@@ -75,7 +77,9 @@ class CentroidStudent(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = SimpleNamespace(input_size=(IN_W, IN_H), heatmap_size=(IN_W // 4, IN_H // 4))
+        self.config = SimpleNamespace(
+            geometry=GEOMETRY, input_size=GEOMETRY.input_size, heatmap_size=GEOMETRY.heatmap_size
+        )
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
@@ -93,8 +97,10 @@ class CentroidTeacher(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = SimpleNamespace(input_size=(IN_W, IN_H), heatmap_size=(IN_W // 4, IN_H // 4))
-        self.codec = HeatmapCodec((IN_W, IN_H), (IN_W // 4, IN_H // 4))
+        self.config = SimpleNamespace(
+            geometry=GEOMETRY, input_size=GEOMETRY.input_size, heatmap_size=GEOMETRY.heatmap_size
+        )
+        self.codec = HeatmapCodec(GEOMETRY)
 
     def positions(self, images: torch.Tensor) -> np.ndarray:
         xy, _ = _centroids(images)
@@ -231,7 +237,9 @@ class OracleStudent(nn.Module):
 
     def __init__(self, coords: np.ndarray, scores: np.ndarray) -> None:
         super().__init__()
-        self.config = SimpleNamespace(input_size=(IN_W, IN_H), heatmap_size=(IN_W // 4, IN_H // 4))
+        self.config = SimpleNamespace(
+            geometry=GEOMETRY, input_size=GEOMETRY.input_size, heatmap_size=GEOMETRY.heatmap_size
+        )
         self.coords, self.scores, self.next = coords, scores, 0
 
     def forward(self, images: torch.Tensor) -> StudentOutput:

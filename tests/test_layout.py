@@ -59,18 +59,49 @@ def source_files(*roots: str) -> list[Path]:
     return files
 
 
-def test_no_paper_size_literal_outside_the_geometry():
-    found = []
+def nodes_outside_the_size_homes():
+    """(file, AST node) of every node in non-test code outside PAPER_SIZE_HOMES."""
     for path in source_files(*PACKAGES, "cli.py", "benchmarks", "docs"):
         rel = str(path.relative_to(ROOT))
-        if rel in PAPER_SIZE_HOMES:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
-            if isinstance(node, ast.Tuple | ast.List) and len(node.elts) == 2:
-                values = [getattr(e, "value", None) for e in node.elts]
-                if values == [192, 256]:
-                    found.append(f"{rel}:{node.lineno}")
+        if rel not in PAPER_SIZE_HOMES:
+            for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+                yield rel, node
+
+
+def test_no_paper_size_literal_outside_the_geometry():
+    found = []
+    for rel, node in nodes_outside_the_size_homes():
+        if isinstance(node, ast.Tuple | ast.List) and len(node.elts) == 2:
+            values = [getattr(e, "value", None) for e in node.elts]
+            if values == [192, 256]:
+                found.append(f"{rel}:{node.lineno}")
     assert not found, f"(192, 256) written outside distilpose/geometry.py: {found}"
+
+
+# Crop and heatmap sizes of the built-in models, either way round: written only where the
+# builders' defaults live (the geometry's default, the registry's tiny/demo configs).
+MODEL_SIZES = {(192, 256), (48, 64), (96, 128), (24, 32)}
+MODEL_SIZES |= {(h, w) for w, h in MODEL_SIZES}
+SIZE_NAMES = {"input_size", "heatmap_size", "patch_size", "patch_grid"}
+
+
+def test_no_size_literal_outside_the_builders_defaults():
+    """No model size as neighbouring ints of a tuple or list (`(256, 192)`, `17, 64, 48, ...`),
+    and no size fallback (`getattr(config, "input_size", ...)`), outside the builders' homes."""
+    found = []
+    for rel, node in nodes_outside_the_size_homes():
+        if isinstance(node, ast.Tuple | ast.List):
+            values = [getattr(e, "value", None) for e in node.elts]
+            if any(pair in MODEL_SIZES for pair in zip(values, values[1:], strict=False)):
+                found.append(f"{rel}:{node.lineno} {values}")
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "getattr"
+            and len(node.args) == 3
+            and getattr(node.args[1], "value", None) in SIZE_NAMES
+        ):
+            found.append(f"{rel}:{node.lineno} getattr(..., {node.args[1].value!r}, ...)")
+    assert not found, f"model sizes written outside the geometry and the registry: {found}"
 
 
 def test_registry_is_imported_at_module_top():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distilpose.errors import BadConfigError
+from distilpose.geometry import Geometry
 from distilpose.losses import (
     DEFAULT_WEIGHTS,
     LOSS_NAMES,
@@ -19,6 +20,7 @@ from distilpose.losses import (
 from distilpose.models import StudentOutput
 
 HM = (4, 4)  # tiny heatmaps, (W, H)
+GEOMETRY = Geometry((16, 16), HM)
 
 
 def student(coords, scores=None, sigmas=None, kt=None, vt=None):
@@ -71,7 +73,7 @@ def test_unknown_loss_fails_at_construction():
 
 
 def test_missing_target_names_the_key():
-    loss = DistillationLoss("reg,sh", heatmap_size=HM)
+    loss = DistillationLoss("reg,sh", geometry=GEOMETRY)
     s = student([[[0.5, 0.5]]])
     with pytest.raises(BadConfigError, match="heatmaps"):
         loss(s, {"coords": torch.zeros(1, 1, 2), "weights": torch.ones(1, 1)})
@@ -157,7 +159,7 @@ def test_sh_hand_computed_and_masked():
     sum_s2 = gauss_sum(2, 1, 4, power=2) * gauss_sum(1, 1, 4, power=2)
     sum_s = gauss_sum(2, 1, 4) * gauss_sum(1, 1, 4)
     expected = (sum_s2 - sum_s + 0.25 * 16) / (2 * 16)  # mean over N*K*H*W
-    loss = DistillationLoss({"sh": 1.0}, heatmap_size=HM)
+    loss = DistillationLoss({"sh": 1.0}, geometry=GEOMETRY)
     out = loss(student(coords, sigmas=sigmas), targets)
     assert set(out) == {"loss", "loss_sh"}
     assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
@@ -172,7 +174,7 @@ def test_sh_gradients_reach_coords_and_sigmas():
     s.sigmas.requires_grad_(True)
     targets = {"coords": torch.zeros(1, 2, 2), "weights": torch.ones(1, 2)}
     targets["heatmaps"] = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    DistillationLoss({"sh": 1.0}, heatmap_size=HM)(s, targets)["loss"].backward()
+    DistillationLoss({"sh": 1.0}, geometry=GEOMETRY)(s, targets)["loss"].backward()
     assert (s.coords.grad.abs() > 0).all() and (s.sigmas.grad.abs() > 0).all()
 
 
@@ -195,8 +197,8 @@ def test_official_sh_weight_uses_batch_mean_weight():
     }
     e0 = gauss_sum(2, 1, 4, power=2) * gauss_sum(1, 1, 4, power=2) / 16
     e1 = gauss_sum(1, 2, 4, power=2) * gauss_sum(1, 1, 4, power=2) / 16
-    ours = DistillationLoss({"sh": 1.0}, heatmap_size=HM)(student(coords, sigmas=sigmas), targets)
-    official = DistillationLoss({"sh": 1.0}, heatmap_size=HM, official_sh_weight=True)(
+    ours = DistillationLoss({"sh": 1.0}, geometry=GEOMETRY)(student(coords, sigmas=sigmas), targets)
+    official = DistillationLoss({"sh": 1.0}, geometry=GEOMETRY, official_sh_weight=True)(
         student(coords, sigmas=sigmas), targets
     )
     assert ours["loss"].item() == pytest.approx(e0 / 2, rel=1e-5)
@@ -204,8 +206,8 @@ def test_official_sh_weight_uses_batch_mean_weight():
     assert official["loss"].item() == pytest.approx(0.5 * (e0 + e1) / 2, rel=1e-5)
     # Equal masks across the batch: both modes agree.
     all_on = {**targets, "weights": torch.ones(2, 1)}
-    a = DistillationLoss({"sh": 1.0}, heatmap_size=HM)(student(coords, sigmas=sigmas), all_on)
-    b = DistillationLoss({"sh": 1.0}, heatmap_size=HM, official_sh_weight=True)(
+    a = DistillationLoss({"sh": 1.0}, geometry=GEOMETRY)(student(coords, sigmas=sigmas), all_on)
+    b = DistillationLoss({"sh": 1.0}, geometry=GEOMETRY, official_sh_weight=True)(
         student(coords, sigmas=sigmas), all_on
     )
     assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-6)
@@ -224,7 +226,7 @@ def cs_case(weights):
 def test_cs_hand_computed():
     coords, targets = cs_case([1.0, 1.0])
     s = student(coords, scores=[[0.1, 0.4]])
-    out = DistillationLoss({"cs": 1e-2}, heatmap_size=HM)(s, targets)
+    out = DistillationLoss({"cs": 1e-2}, geometry=GEOMETRY)(s, targets)
     # joint 0: |0.1 - T[2, 1] = 9/16|; joint 1 predicted outside the crop: |0.4 - 0|
     expected = (abs(0.1 - 9 / 16) + 0.4) / 2
     assert out["loss_cs"].item() == pytest.approx(expected, rel=1e-6)
@@ -236,7 +238,7 @@ def test_cs_hand_computed():
 
 def test_cs_ignores_masked_joints():
     coords, targets = cs_case([1.0, 0.0])
-    loss = DistillationLoss({"cs": 1.0}, heatmap_size=HM)
+    loss = DistillationLoss({"cs": 1.0}, geometry=GEOMETRY)
     a = loss(student(coords, scores=[[0.1, 0.4]]), targets)["loss"].item()
     b = loss(student(coords, scores=[[0.1, -3.0]]), targets)["loss"].item()
     assert a == pytest.approx(abs(0.1 - 9 / 16) / 2, rel=1e-6) and a == b
@@ -259,7 +261,7 @@ def test_all_terms_together_sum_with_weights():
         "keypoint_tokens": torch.randn(b, k, d),
         "visual_tokens": torch.randn(b, p, d),
     }
-    out = DistillationLoss(DEFAULT_WEIGHTS, heatmap_size=HM)(s, targets)
+    out = DistillationLoss(DEFAULT_WEIGHTS, geometry=GEOMETRY)(s, targets)
     assert set(out) == {"loss"} | {f"loss_{n}" for n in LOSS_NAMES}
     total = sum(DEFAULT_WEIGHTS[n] * out[f"loss_{n}"] for n in LOSS_NAMES)
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)

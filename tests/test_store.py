@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distilpose.errors import StoreFormatError, StoreMismatchError  # noqa: E402
+from distilpose.geometry import Geometry  # noqa: E402
 from store import StoreMeta, StoreWriter  # noqa: E402
 from store.schema import (  # noqa: E402
     dequantize_heatmaps,
     dequantize_tokens,
-    digest_hex,
     quantize_heatmaps,
     quantize_tokens,
 )
@@ -39,10 +39,8 @@ def small_meta(n: int = 50, views: int = 2, mode: str = "fp16", **kw) -> StoreMe
         num_instances=n,
         views=views,
         seed=3,
-        input_size=(24, 32),
-        heatmap_size=(WH, HH),
+        geometry=Geometry((24, 32), (WH, HH), (WH // 2, HH // 2)),
         token_dim=D,
-        patch_grid=(2, 2),
         num_keypoints=K,
         recipe={"flip_prob": 0.5},
         ann_digest="f" * 64,
@@ -86,7 +84,7 @@ def unit_arrays(writer: StoreWriter, unit: int) -> dict:
         spec=spec,
         image_id=insts * 10 + 1,
         ann_id=insts + 1000,
-        crop_digest=[f"{int(i) * 1000 + view:064x}" for i in insts],
+        crop_digest=[(int(i) * 1000 + view).to_bytes(32, "big") for i in insts],
     )
     return out
 
@@ -167,7 +165,7 @@ def test_fp16_round_trip_is_bit_exact(full_store):
         assert got["spec"][slot][0] == inst and got["spec"][slot][1] == view
         assert np.array_equal(got["spec"][slot][2:4], ref["center"])
         assert got["image_id"][slot] == inst * 10 + 1 and got["ann_id"][slot] == inst + 1000
-        assert digest_hex(got["crop_digest"][slot]) == f"{inst * 1000 + view:064x}"
+        assert got["crop_digest"][slot].tobytes().hex() == f"{inst * 1000 + view:064x}"
         assert got["view"][slot] == view
 
 
@@ -247,6 +245,41 @@ def test_iter_batches_visits_each_sample_once_in_a_seeded_order(full_store):
     # all views: both view blocks, drop_last gives whole batches only
     allv = list(r.iter_batches(None, 16, seed=0, epoch=0, drop_last=True, fields=("slot",)))
     assert all(len(x["slot"]) == 16 for x in allv) and len(allv) == 100 // 16
+
+
+def test_geometry_round_trips_and_stores_of_the_older_metadata_form_derive_it(tmp_path):
+    """StoreMeta keeps a Geometry as its fields; a store written before that field existed
+    (input_size, heatmap_size, patch_grid, num_patches) reads with the same Geometry, and one
+    whose sizes give none is refused with a schema message."""
+    import json
+
+    from store import StoreReader
+
+    meta = small_meta(views=1)
+    stored_form = {"input_size": [24, 32], "heatmap_size": [WH, HH], "patch_size": [3, 4]}
+    assert meta.to_dict()["geometry"] == stored_form
+    assert StoreMeta.from_dict(meta.to_dict()).geometry == meta.geometry
+    assert json.loads(json.dumps(meta.to_dict())) == meta.to_dict()
+    path = tmp_path / "s"
+    fill(StoreWriter.create_or_open(path, meta))
+    doc = json.loads((path / "zarr.json").read_text())
+    stored = doc["attributes"]["distilpose_store"]
+    del stored["geometry"]
+    stored.update(input_size=[24, 32], heatmap_size=[WH, HH], patch_grid=[2, 2], num_patches=4)
+    (path / "zarr.json").write_text(json.dumps(doc))
+    r = StoreReader.open(path)
+    assert r.meta.geometry == meta.geometry and r.meta.num_patches == P
+    assert r.meta.patch_grid == (2, 2) and not r.meta.mismatches(meta)
+    assert len(r.read_slots(0, 16)["slot"]) == 16
+    heatmaps_only = {**stored, "patch_grid": [0, 0], "num_patches": 0, "token_dim": 0}
+    heatmaps_only["teacher_outputs"] = ["heatmaps"]
+    old = StoreMeta.from_dict(heatmaps_only)
+    assert old.geometry.heatmap_size == (WH, HH) and old.num_patches == 0
+    for bad, field in (({"patch_grid": [4, 3]}, "patch_grid"), ({"input_size": "x"}, "input_size")):
+        (path / "zarr.json").write_text(json.dumps(doc | {"attributes": {
+            **doc["attributes"], "distilpose_store": {**stored, **bad}}}))  # fmt: skip
+        with pytest.raises(StoreFormatError, match=f"store metadata.*{field}"):
+            StoreReader.open(path)
 
 
 def test_schema_1_store_reads_as_without_pixels_and_takes_more_views(tmp_path):
@@ -360,7 +393,7 @@ def test_check_student_fits_sizes(full_store):
         ({"teacher_sha256": "b" * 64}, "teacher_sha256"),
         ({"seed": 4}, "seed"),
         ({"ann_digest": "0" * 64}, "ann_digest"),
-        ({"heatmap_size": (12, 16)}, "heatmap_size"),
+        ({"geometry": Geometry((24, 32), (12, 16))}, "heatmap_size"),
         ({"mode": "lossy"}, "mode"),
     ],
     ids=["teacher_sha256", "seed", "ann_digest", "heatmap_size", "mode"],
@@ -505,7 +538,7 @@ def test_store_verify_rerenders_crops(tmp_path):
     meta = small_meta(
         n=len(insts),
         views=2,
-        input_size=(96, 128),
+        geometry=Geometry((96, 128), (WH, HH), (WH // 2, HH // 2)),
         ann_file=str(ann),
         image_root=str(images),
         ann_digest=annotation_digest(ann),
@@ -524,7 +557,7 @@ def test_store_verify_rerenders_crops(tmp_path):
         n = len(idx)
         digests = [crop_digest(c.image) for c in crops]
         if u == w.pending_units()[-1]:
-            digests[0] = "0" * 64  # one tampered digest
+            digests[0] = bytes(32)  # one tampered digest
         w.write_unit(
             u,
             {

@@ -61,7 +61,7 @@ def build_tiny_store(
     ckpt = root / "teacher.pth"
     save_checkpoint(ckpt, teacher, meta={"role": "teacher", "model": "tokenpose_tiny"})
     cfg = teacher.config
-    (w, h), (wh, hh), (pw, ph) = cfg.input_size, cfg.heatmap_size, cfg.patch_size
+    w, h = cfg.input_size
     ann, images = str(paths["train_ann"]), str(paths["train_images"])
     instances = load_coco_instances(ann, images, train=True, aspect_ratio=w / h)
     recipe = AugmentRecipe()
@@ -71,10 +71,8 @@ def build_tiny_store(
         num_instances=len(instances),
         views=views,
         seed=seed,
-        input_size=(w, h),
-        heatmap_size=(wh, hh),
+        geometry=cfg.geometry,
         token_dim=cfg.dim,
-        patch_grid=(wh // pw, hh // ph),
         num_keypoints=cfg.num_keypoints,
         recipe=recipe.to_dict(),
         ann_digest=annotation_digest(ann),
@@ -216,7 +214,7 @@ def test_online_teacher_gives_the_stored_targets(tiny):
     """The loss from the online teacher equals the loss from its stored (fp16) outputs."""
     batch = epoch_batches(tiny, 0)[0]
     student = build_model("distilpose_tiny").eval()
-    loss_fn = DistillationLoss(parse_losses(ALL), heatmap_size=(24, 32))
+    loss_fn = DistillationLoss(parse_losses(ALL), geometry=student.config.geometry)
     teacher = load_teacher(tiny["teacher"], student.config)
     with torch.no_grad():
         from_store = build_task(loss_fn)(student, batch)

@@ -301,9 +301,10 @@ def render_crop(
     return RenderedCrop(image=crop, keypoints=xy, weights=weights, to_image=_invert_affine(m))
 
 
-def crop_digest(crop_image: np.ndarray) -> str:
-    """Full sha256 hex of the crop's bytes (C order); equal digests mean equal pixels."""
-    return hashlib.sha256(np.ascontiguousarray(crop_image).tobytes()).hexdigest()
+def crop_digest(crop_image: np.ndarray) -> bytes:
+    """The 32-byte sha256 of the crop's bytes (C order), as the store keeps it (its
+    `crop_digest` row); equal digests mean equal pixels. Hex (`.hex()`) only in messages."""
+    return hashlib.sha256(np.ascontiguousarray(crop_image).tobytes()).digest()
 
 
 def normalize(crops: np.ndarray) -> torch.Tensor:

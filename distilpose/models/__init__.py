@@ -1,7 +1,7 @@
 """The paper's models by name: TokenPose teachers, DistilPose students and the CNN pair.
 
     model = build_model("distilpose_s")            # model.config: ModelConfig
-    out = model(images)                            # images [B, 3, 256, 192] -> StudentOutput
+    out = model(images)                            # images [B, 3, H, W] -> StudentOutput
 
 | name              | role    | backbone                  | tokens      | paper       |
 |-------------------|---------|---------------------------|-------------|-------------|

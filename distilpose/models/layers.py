@@ -43,8 +43,9 @@ class ModelConfig:
     """Everything needed to rebuild a model; saved in checkpoints as `config.to_dict()`.
 
     Sizes are `(width, height)` as everywhere in the project. The encoder works on the backbone's
-    heatmap-resolution feature map, cut into `patch_size` patches: `(48, 64) / (3, 4)` -> 16x16
-    patches, P = 256 visual tokens next to K = 17 keypoint tokens.
+    heatmap-resolution feature map, cut into `patch_size` patches (`Geometry.patch_grid`): the
+    paper's 48x64 map in 3x4 patches is 16x16 patches, P = 256 visual tokens next to K = 17
+    keypoint tokens.
     """
 
     name: str = "distilpose_s"
@@ -418,7 +419,7 @@ class TokenEncoder(nn.Module):
 
     def encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, C, Hh, Wh] -> (keypoint tokens [B, K, D], visual tokens [B, P, D])."""
-        if tuple(features.shape[-2:]) != self.heatmap_size[::-1]:
+        if features.shape[-2:] != self.heatmap_size[::-1]:
             raise ValueError(
                 f"feature map is {tuple(features.shape[-2:])} (H, W); the model was built for "
                 f"heatmap_size {self.heatmap_size} (W, H): check the input crop size"

@@ -70,7 +70,7 @@ class SimpleBaseline(nn.Module):
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         heatmaps = self.head(self.backbone(images))  # [B, K, H/4, W/4]
         wh, hh = self.config.heatmap_size
-        if tuple(heatmaps.shape[-2:]) != (hh, wh):
+        if heatmaps.shape[-2:] != (hh, wh):
             raise ValueError(
                 f"heatmaps are {tuple(heatmaps.shape[-2:])} (H, W); the model was built for "
                 f"heatmap_size {self.config.heatmap_size} (W, H): check the input crop size"

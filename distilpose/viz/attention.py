@@ -143,7 +143,7 @@ def viz_attention(
     from distilpose.data import normalize
 
     for i, (model, shown) in enumerate(zip(models, crops, strict=True)):
-        size = tuple(model.config.input_size)
+        size = model.config.input_size
         crop_i = (
             shown
             if shown.shape[1::-1] == size

@@ -140,7 +140,7 @@ def render_instance(ann_file: str | Path, image_root: str | Path, instance: int,
     from distilpose.data import eval_crop_spec, render_crop
 
     inst, image = load_instance(ann_file, image_root, instance)
-    return inst, render_crop(image, eval_crop_spec(inst), inst.keypoints, tuple(input_size))
+    return inst, render_crop(image, eval_crop_spec(inst), inst.keypoints, input_size)
 
 
 def display_size(input_size, height_px: int) -> tuple[int, int]:
@@ -167,4 +167,4 @@ def crop_whole_image(image_bgr: np.ndarray, input_size) -> np.ndarray:
         half_body=False,
     )
     keypoints = np.zeros((NUM_KEYPOINTS, 3), np.float32)
-    return render_crop(image_bgr, spec, keypoints, tuple(input_size)).image
+    return render_crop(image_bgr, spec, keypoints, input_size).image

@@ -130,7 +130,7 @@ def viz_confidence(
     config = model.config
     from distilpose.data import eval_crop_spec, render_crop
 
-    input_size = tuple(config.input_size)
+    input_size = config.input_size
     inst, image = load_instance(ann_file, image_root, instance)
     spec = eval_crop_spec(inst)
     crop = render_crop(image, spec, inst.keypoints, input_size)

@@ -151,11 +151,12 @@ def viz_heatmaps(
     meta = reader.meta
     model = load_model(student_ckpt, device, role="student")
     config = model.config
-    input_size, heatmap_size = tuple(meta.input_size), tuple(meta.heatmap_size)
-    if tuple(config.input_size) != input_size or tuple(config.heatmap_size) != heatmap_size:
+    geometry = meta.geometry
+    input_size, heatmap_size = geometry.input_size, geometry.heatmap_size
+    if (config.input_size, config.heatmap_size) != (input_size, heatmap_size):
         raise StoreMismatchError(
             f"store: input/heatmap size {input_size}/{heatmap_size}; the student "
-            f"{config.name} uses {tuple(config.input_size)}/{tuple(config.heatmap_size)}"
+            f"{config.name} uses {config.input_size}/{config.heatmap_size}"
         )
     layout = getattr(reader, "layout", None)
     num_slots = layout.num_slots(meta.views) if layout else int(meta.num_instances) * meta.views

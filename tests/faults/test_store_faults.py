@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from distilpose.errors import StoreFormatError  # noqa: E402
+from distilpose.geometry import Geometry  # noqa: E402
 from store import SCHEMA_VERSION, StoreMeta, StoreWriter  # noqa: E402
 
 K, D, P, HH, WH = 3, 8, 4, 8, 6
@@ -38,10 +39,8 @@ def small_meta(views: int = 2, n: int = 100) -> StoreMeta:
         num_instances=n,
         views=views,
         seed=11,
-        input_size=(24, 32),
-        heatmap_size=(WH, HH),
+        geometry=Geometry((24, 32), (WH, HH), (WH // 2, HH // 2)),
         token_dim=D,
-        patch_grid=(2, 2),
         num_keypoints=K,
         ann_digest="f" * 64,
         chunk_samples=8,
