@@ -1029,14 +1029,14 @@ class DemoPlan:
     are 96x128 (heatmap grid 24x32: perfect heatmaps would score AP ~0.92 there). The students
     train at the same time, one per core, each with one torch thread and no loader workers:
     on 2 cores, threads fighting over cores cost more than the model (measured 13x). Epochs
-    fill the time left: about 14 s per epoch of 2,000 crops per student on a 2-core CPU.
+    fill the time left: about 16 s per epoch of 2,000 crops per student on a 2-core CPU.
     `teacher_*` fields are used by `--train-teacher` only.
     """
 
     num_train: int = 2000
     num_val: int = 600
     views: int = 2
-    student_epochs: int = 34  # 8,500 steps of 8: many cheap steps beat fewer big ones here
+    student_epochs: int = 30  # 7,500 steps of 8: many cheap steps beat fewer big ones here
     batch_size: int = 8
     lr: float = 3e-3  # at --quick's size: AP 0.059 here against 0.013 with 1e-3 and 16 per step
     losses: str = "reg,kt=1,vt=0.05,sh,cs"  # token terms weighted for this teacher's token scale
