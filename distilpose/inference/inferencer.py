@@ -111,7 +111,7 @@ class Inferencer:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
         batch_size: person crops per forward pass of the pose model.
         frames_per_batch: images detected together.
-        flip: flip test; flip_mode: "corrected" or "official" (students, see inference.py).
+        flip: flip test; flip_mode: "corrected" or "official" (students, see topdown.py).
         use_scores: None -> from the checkpoint (False for a student trained without the
             confidence loss: its keypoint scores are then 1 and people rank by box score).
 
