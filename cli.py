@@ -27,7 +27,7 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import PAPER, Geometry
-from distilpose.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
+from distilpose.training.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
 from distilpose.weights import DEMO_TEACHER_RECIPE
 
 AnyRun = TypeVar("AnyRun", TeacherRun, StudentRun)
@@ -733,7 +733,7 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
-    from distilpose.eval_run import format_metrics_table, run_eval
+    from distilpose.evaluation.eval_run import format_metrics_table, run_eval
 
     result = run_eval(
         checkpoint,
@@ -880,7 +880,7 @@ def predict(
     config: ConfigOpt = None,
 ) -> None:
     """Poses of every person in images, folders, globs, a video or a camera (detector in front)."""
-    from distilpose.predict import predict_source
+    from distilpose.inference.predict import predict_source
 
     summary = predict_source(
         checkpoint,
@@ -917,7 +917,7 @@ def export(
     config: ConfigOpt = None,
 ) -> None:
     """Export a model to ONNX (needs the `export` extra: onnx, onnxruntime)."""
-    from distilpose.export import check_onnx, export_onnx
+    from distilpose.inference.export import check_onnx, export_onnx
 
     path = export_onnx(checkpoint, out, opset=opset)
     typer.echo(f"wrote {path}")
@@ -1108,9 +1108,9 @@ def run_demo(
 
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
-    from distilpose.engine import resolve_device
-    from distilpose.eval_run import run_eval
-    from distilpose.evaluation import keypoint_errors, load_coco
+    from distilpose.device import resolve_device
+    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.evaluation.metrics import keypoint_errors, load_coco
     from distilpose.models import build_from_checkpoint, model_info
     from distilpose.weights import demo_teacher_path
     from teacher_dump.dump import dump_teacher as dump

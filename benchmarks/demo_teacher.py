@@ -50,8 +50,8 @@ def command() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from distilpose.data import make_demo_data
-    from distilpose.eval_run import run_eval
-    from distilpose.evaluation import keypoint_errors, load_coco
+    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.evaluation.metrics import keypoint_errors, load_coco
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from distilpose.data import make_demo_data
-from distilpose.engine import amp_dtype, resolve_device
+from distilpose.device import resolve_device
 from distilpose.models import build_model, save_checkpoint
-from distilpose.runs import DumpRun
+from distilpose.training.engine import amp_dtype
+from distilpose.training.runs import DumpRun
 from teacher_dump.dump import dump_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -49,10 +49,10 @@ from benchmarks.dump_bench import GOAL as DUMP_GOAL
 from benchmarks.dump_bench import bench_one
 from benchmarks.model_bench import PAPER_SPEEDUP, _best_time
 from distilpose.data import make_demo_data
-from distilpose.engine import amp_dtype
 from distilpose.geometry import SMOKE, Geometry
 from distilpose.models import build_model, save_checkpoint
-from distilpose.runs import DumpRun, StudentRun
+from distilpose.training.engine import amp_dtype
+from distilpose.training.runs import DumpRun, StudentRun
 from student_train.data import StudentBatches
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher

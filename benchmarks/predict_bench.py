@@ -30,10 +30,10 @@ import torch
 
 from benchmarks import update_readme_block
 from distilpose.data.demo import make_demo_video
-from distilpose.detector import BoxesFile, TorchvisionDetector
+from distilpose.inference.detector import BoxesFile, TorchvisionDetector
+from distilpose.inference.predict import predict_source
+from distilpose.inference.sources import open_source
 from distilpose.models import build_model, save_checkpoint
-from distilpose.predict import predict_source
-from distilpose.sources import open_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POSE_MODELS = ["distilpose_s", "tokenpose_l_w48"]

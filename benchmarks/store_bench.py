@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from distilpose.geometry import PAPER
-from distilpose.runs import DumpRun
+from distilpose.training.runs import DumpRun
 from store import StoreMeta, StoreWriter
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
 from store.schema import (

@@ -10,9 +10,10 @@ crop re-rendering, workers=0 so the figure is the whole CPU cost per sample):
 - from store: all five loss terms, teacher heatmaps and tokens read from the store;
 - teacher online: all five terms, the teacher runs on every batch (the official method).
 
-Each step is `distilpose.engine.Trainer.train_step` with `student_train.train.build_task`, i.e.
-exactly what `train-student` runs. Goals (issue 6): from-store >= 90% of no-distillation, and
->= 3x teacher-online for tokenpose_l_w48 -> distilpose_s (the FLOP ratio allows ~3.4x).
+Each step is `distilpose.training.engine.Trainer.train_step` with
+`student_train.train.build_task`, i.e. exactly what `train-student` runs. Goals (issue 6):
+from-store >= 90% of no-distillation, and >= 3x teacher-online for tokenpose_l_w48 ->
+distilpose_s (the FLOP ratio allows ~3.4x).
 
 Stores are written by `teacher_dump.dump.dump_teacher` on demo data. For the full-size pair the
 store is dumped with `tokenpose_s` (randomly initialised), whose outputs have the shapes of
@@ -33,10 +34,10 @@ from pathlib import Path
 import torch
 
 from distilpose.data import make_demo_data
-from distilpose.engine import TrainConfig, Trainer
-from distilpose.losses import DistillationLoss, parse_losses
 from distilpose.models import build_model, save_checkpoint
-from distilpose.runs import DumpRun
+from distilpose.training.engine import TrainConfig, Trainer
+from distilpose.training.losses import DistillationLoss, parse_losses
+from distilpose.training.runs import DumpRun
 from student_train.data import StudentBatches
 from student_train.train import build_task
 from teacher_dump.dump import dump_teacher
@@ -161,7 +162,7 @@ def format_results(rows: list[dict], quick: bool) -> str:
 
 def run(quick: bool = False) -> str:
     """Benchmark both pairs, write benchmarks/results/train_bench.md, return the table."""
-    logging.getLogger("distilpose.engine").setLevel(logging.WARNING)
+    logging.getLogger("distilpose.training.engine").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         rows = [bench_pair(pair, quick, Path(tmp)) for pair in PAIRS]
     text = format_results(rows, quick)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from distilpose import viz  # noqa: E402
 from distilpose.data import load_coco_instances  # noqa: E402
-from distilpose.runs import DumpRun, StudentRun  # noqa: E402
+from distilpose.training.runs import DumpRun, StudentRun  # noqa: E402
 
 MAX_BYTES = 150_000
 COCO_MINI = REPO / "tests" / "data" / "coco_mini"
@@ -145,8 +145,8 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
         from student_train.train import train_student
     except ImportError:
         return None
-    from distilpose.evaluation import coco_keypoint_eval, load_coco, to_coco_results
-    from distilpose.inference import predict_instances
+    from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, to_coco_results
+    from distilpose.inference.topdown import predict_instances
 
     people = load_coco_instances(ann, images, aspect_ratio=96 / 128)
     coco = load_coco(ann)
@@ -167,7 +167,7 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
 
 
 def evaluate(student: Path, ann: Path, images: Path, work: Path) -> Path:
-    from distilpose.eval_run import run_eval
+    from distilpose.evaluation.eval_run import run_eval
 
     out = work / "student_results.json"
     run_eval(student, ann, images, out_json=out, device="cpu", flip=False)
@@ -212,8 +212,8 @@ def online_heatmaps(teacher: Path, student: Path, ann: Path, images: Path, out: 
     """Without a store: the teacher's heatmaps computed now for a person crop, then Fig. 5."""
     import torch
 
-    from distilpose.codecs import simulated_heatmaps
     from distilpose.data import normalize
+    from distilpose.data.codecs import simulated_heatmaps
     from distilpose.models import build_from_checkpoint
 
     t_model, _ = build_from_checkpoint(teacher)

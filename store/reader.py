@@ -28,7 +28,7 @@ Several data-parallel ranks (`iter_batches(rank=(r, R))`, the training path): th
 for the global batch R x B, exactly as one process with batch R x B would make it, and each
 global batch is cut into R contiguous slices, rank r reading only the chunks its slice needs.
 So every sample is trained exactly once per epoch across ranks, for any R, and the global
-batches do not depend on R (see `distilpose.distributed` for the short last batch).
+batches do not depend on R (see `distilpose.training.distributed` for the short last batch).
 
 Determinism: the order depends only on (seed, epoch). `iter_batches(part=(i, n))` yields every
 n-th batch of the single-process order (reading only the chunks those batches need): the same
@@ -47,7 +47,6 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from distilpose.distributed import rank_rows
 from distilpose.errors import (
     StoreConnectionError,
     StoreCorruptError,
@@ -56,6 +55,7 @@ from distilpose.errors import (
 )
 from distilpose.geometry import Geometry
 from distilpose.limits import max_json_bytes
+from distilpose.training.distributed import rank_rows
 from store.schema import (
     CHECKSUMS_SINCE,
     META_KEY,
@@ -517,7 +517,8 @@ class StoreReader:
         part=(i, n): only batches i, i + n, ... of this order, reading only their chunks.
         rank=(r, R): `batch_size` is the global batch of R data-parallel ranks, and only rank
         r's slice of each is read and yielded, with a "valid" [b] bool array
-        (`distilpose.distributed.rank_rows`: a rank left without samples gets one padding row).
+        (`distilpose.training.distributed.rank_rows`: a rank left without samples gets one
+        padding row).
         """
         chunks = self.chunks(view, allow_incomplete)
         order = epoch_chunk_order(len(chunks), seed, epoch)

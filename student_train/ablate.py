@@ -24,8 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from distilpose.errors import BadConfigError
-from distilpose.losses import parse_losses
-from distilpose.runs import StudentRun
+from distilpose.training.losses import parse_losses
+from distilpose.training.runs import StudentRun
 
 # The paper's Table 4 (DistilPose-S student, COCO val): row name, loss spec, paper AP (%).
 # The paper's extracted table shows two all-ticked rows; the text ("TDE ... brings 11.5%")
@@ -115,7 +115,7 @@ def _ap(metrics: dict) -> float:
 
 def _run_one(job: dict) -> dict:
     """Train and evaluate one combination (in this process or a pool worker)."""
-    from distilpose.eval_run import run_eval
+    from distilpose.evaluation.eval_run import run_eval
     from student_train.train import train_student
 
     run_dir = Path(job["run_dir"])
@@ -310,7 +310,7 @@ def ablate(
 def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
     """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
     evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
-    from distilpose.eval_run import run_eval
+    from distilpose.evaluation.eval_run import run_eval
     from store import StoreReader
 
     meta = StoreReader.open(str(store)).meta

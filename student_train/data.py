@@ -18,8 +18,8 @@ orders the samples, seeded by (seed, epoch), so a run is reproducible for any nu
 
 Several processes (DDP under torchrun, R ranks, `batch_size` B per rank): the epoch's order is
 planned for the global batch R x B, exactly as one process with batch R x B would plan it, and
-rank r trains on slice r of every global batch (`distilpose.distributed.rank_share`). So the
-global batches, and with the trainer's global normalisers the run, do not depend on R; every
+rank r trains on slice r of every global batch (`distilpose.training.distributed.rank_share`).
+So the global batches, and with the trainer's global normalisers the run, do not depend on R; every
 sample is trained exactly once per epoch across all ranks (a short last batch is spread over
 the ranks, padded with a `valid = False` row only where a rank would get nothing); every rank
 takes ceil(N / (R x B)) steps. DataLoader worker w of W takes global batches w, w + W, ... and
@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distilpose.codecs import RegressionCodec
 from distilpose.data import (
     AugmentRecipe,
     CropSpec,
@@ -57,10 +56,11 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.distributed import rank_rows, world
-from distilpose.engine import resolve_device
+from distilpose.data.codecs import RegressionCodec
+from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError, StoreMismatchError
 from distilpose.geometry import Geometry
+from distilpose.training.distributed import rank_rows, world
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
@@ -396,7 +396,7 @@ class _OnlineSource(IterableDataset):
 
 
 class StudentBatches:
-    """`epoch -> batches`, the iterable factory `distilpose.engine.Trainer` takes.
+    """`epoch -> batches`, the iterable factory `distilpose.training.engine.Trainer` takes.
 
     Batches: "images" [B, 3, H, W] float32 normalized, "coords" [B, K, 2] normalized crop
     coordinates, "weights" [B, K], "instance" [B], and in store mode the teacher targets the

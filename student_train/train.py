@@ -3,7 +3,7 @@
 The student reads the teacher's heatmaps and tokens from the store and never runs the teacher,
 unless `teacher_online` names a teacher checkpoint (the official method: the teacher runs on
 every batch; kept to compare speed and results). The loop itself is the shared
-`distilpose.engine.Trainer`; this module only wires data, loss and model into it.
+`distilpose.training.engine.Trainer`; this module only wires data, loss and model into it.
 
 Recipe (the paper's): Adam, lr 1e-3, linear warmup 500 iterations, x0.1 at 2/3 and 13/15 of the
 epochs; epoch e trains on the store's view `e mod V`. One deviation for short runs: by default
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distilpose.engine import TrainConfig, Trainer, resolve_device, world
+from distilpose.device import resolve_device
 from distilpose.errors import (
     BadCheckpointError,
     BadConfigError,
@@ -29,9 +29,11 @@ from distilpose.errors import (
     StoreMismatchError,
 )
 from distilpose.limits import load_json
-from distilpose.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.runs import StudentRun
+from distilpose.training.distributed import world
+from distilpose.training.engine import TrainConfig, Trainer
+from distilpose.training.losses import LOSS_NAMES, DistillationLoss, parse_losses
+from distilpose.training.runs import StudentRun
 from store import StoreReader
 from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets

@@ -50,12 +50,14 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.engine import amp_dtype, resolve_device, world
+from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter
-from distilpose.runs import DumpRun
+from distilpose.training.distributed import world
+from distilpose.training.engine import amp_dtype
+from distilpose.training.runs import DumpRun
 from store.pixels import decode_crop, encode_crop
 from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter

@@ -4,7 +4,7 @@ The teacher does not have to come from the official release: `train_teacher` fit
 `tokenpose_tiny`, `tokenpose_s` or `tokenpose_l_w48` as a heatmap model, as TokenPose was
 trained: seeded augmented crops (view = epoch, so every epoch draws fresh augmentation that any
 rerun reproduces), Gaussian targets (`HeatmapCodec`, sigma 2 at 64x48), joint MSE with target
-weights (`HeatmapLoss`), Adam with warmup and step decay (`distilpose.engine`).
+weights (`HeatmapLoss`), Adam with warmup and step decay (`distilpose.training.engine`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distilpose.codecs import HeatmapCodec
 from distilpose.data import (
     AugmentRecipe,
     PersonInstance,
@@ -30,13 +29,14 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.distributed import rank_share, world
-from distilpose.engine import TrainConfig, Trainer
+from distilpose.data.codecs import HeatmapCodec
 from distilpose.errors import BadConfigError
 from distilpose.geometry import Geometry
-from distilpose.losses import HeatmapLoss
 from distilpose.models import build_model, save_checkpoint
-from distilpose.runs import TeacherRun
+from distilpose.training.distributed import rank_share, world
+from distilpose.training.engine import TrainConfig, Trainer
+from distilpose.training.losses import HeatmapLoss
+from distilpose.training.runs import TeacherRun
 
 # The TokenPose-L teacher was trained with stronger scale and milder rotation than the
 # student recipe (OFFICIAL_FACTS: rotation 40, scale 0.5); flip and half-body as the student.
@@ -82,8 +82,8 @@ class TeacherBatches:
     """`epoch -> DataLoader`: a (seed, epoch) shuffle, this rank's share, view = epoch.
 
     The shuffle is cut into global batches of world_size x batch_size (whole ones only) and rank
-    r takes slice r of each (`distilpose.distributed.rank_share`), so R ranks x B see the same
-    global batches as one process with R x B.
+    r takes slice r of each (`distilpose.training.distributed.rank_share`), so R ranks x B see
+    the same global batches as one process with R x B.
     """
 
     def __init__(self, dataset: HeatmapCrops, batch_size: int, seed: int, workers: int) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distilpose.codecs import (
+from distilpose.data.codecs import (
     HeatmapCodec,
     RegressionCodec,
     crop_to_image,

@@ -15,9 +15,9 @@ import torch
 
 import cli
 from distilpose.data import MILD_RECIPE, make_demo_data
-from distilpose.eval_run import run_eval
-from distilpose.evaluation import keypoint_errors, load_coco
-from distilpose.runs import DumpRun, StudentRun
+from distilpose.evaluation.eval_run import run_eval
+from distilpose.evaluation.metrics import keypoint_errors, load_coco
+from distilpose.training.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher

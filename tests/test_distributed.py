@@ -22,7 +22,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_student_train import build_tiny_store  # noqa: E402
 
-from distilpose.distributed import (  # noqa: E402
+from distilpose.geometry import Geometry  # noqa: E402
+from distilpose.models import build_model  # noqa: E402
+from distilpose.training.distributed import (  # noqa: E402
     CrossRankBatchNorm2d,
     across_ranks,
     global_mean,
@@ -30,9 +32,7 @@ from distilpose.distributed import (  # noqa: E402
     rank_share,
     sync_batchnorm,
 )
-from distilpose.geometry import Geometry  # noqa: E402
-from distilpose.losses import DistillationLoss  # noqa: E402
-from distilpose.models import build_model  # noqa: E402
+from distilpose.training.losses import DistillationLoss  # noqa: E402
 from store import StoreReader  # noqa: E402
 from student_train.data import OnlineBatches, StudentBatches  # noqa: E402
 

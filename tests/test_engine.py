@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from distilpose.engine import TrainConfig, Trainer, lr_at
 from distilpose.errors import BadConfigError
 from distilpose.models import build_model
+from distilpose.training.engine import TrainConfig, Trainer, lr_at
 
 
 class Killed(Exception):

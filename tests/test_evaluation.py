@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distilpose.data.keypoints import OKS_SIGMAS
-from distilpose.evaluation import (
+from distilpose.evaluation.metrics import (
     coco_keypoint_eval,
     keypoint_errors,
     load_coco,

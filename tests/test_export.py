@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distilpose.errors import BadCheckpointError, BadConfigError
-from distilpose.export import check_onnx, export_onnx, output_names
+from distilpose.inference.export import check_onnx, export_onnx, output_names
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from distilpose.codecs import HeatmapCodec, crop_to_image
 from distilpose.data import (
     PersonInstance,
     box_to_center_scale,
@@ -22,14 +21,15 @@ from distilpose.data import (
     normalize,
     render_crop,
 )
+from distilpose.data.codecs import HeatmapCodec, crop_to_image
 from distilpose.data.keypoints import FLIP_INDEX, NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError
-from distilpose.eval_run import format_metrics_table, run_eval
-from distilpose.evaluation import coco_keypoint_eval, oks_nms, to_coco_results
+from distilpose.evaluation.eval_run import format_metrics_table, run_eval
+from distilpose.evaluation.metrics import coco_keypoint_eval, oks_nms, to_coco_results
 from distilpose.geometry import Geometry
-from distilpose.inference import default_use_scores, flip_student_output, predict_instances
+from distilpose.inference.predict import predict_source
+from distilpose.inference.topdown import default_use_scores, flip_student_output, predict_instances
 from distilpose.models import StudentOutput, TeacherOutput, build_model, save_checkpoint
-from distilpose.predict import predict_source
 
 MINI = Path(__file__).parent / "data" / "coco_mini"
 ANN = MINI / "annotations" / "person_keypoints.json"
@@ -324,7 +324,7 @@ def test_run_eval_student_gt_boxes_and_detections(tiny_ckpts, tmp_path):
 
 
 def test_run_eval_undistilled_student_ignores_its_scores(tiny_ckpts, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="distilpose.eval_run"):
+    with caplog.at_level(logging.WARNING, logger="distilpose.evaluation.eval_run"):
         res = run_eval(tiny_ckpts["undistilled"], ANN, IMAGES, out_json=tmp_path / "r.json")
     assert res["use_scores"] is False
     assert "confidence loss" in caplog.text

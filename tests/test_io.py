@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from distilpose.engine import resolve_device
+from distilpose.device import resolve_device
 from distilpose.io import atomic_open, atomic_path, write_json_atomic
 
 

@@ -43,6 +43,58 @@ def test_top_level_layout():
         assert (ROOT / name).is_file(), name
 
 
+# ---- distilpose/ grouped by role (the tree reads as the architecture) --------------------------
+
+SHARED = ROOT / "distilpose"
+# One subpackage per role, and the few small helpers every role uses, at the top of distilpose/.
+ROLES = {"models", "data", "training", "evaluation", "inference", "viz", "weights"}
+HELPERS = {"device", "errors", "geometry", "io", "limits", "progress"}
+
+
+def distilpose_imports(path: Path) -> set[str]:
+    """The parts of distilpose/ (a role or a helper) that one file imports, anywhere in it."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            dotted = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            dotted = [node.module]
+            if node.module == "distilpose":
+                dotted = [f"distilpose.{alias.name}" for alias in node.names]
+        else:
+            continue
+        names.update(d.split(".")[1] for d in dotted if d.startswith("distilpose."))
+    return names
+
+
+def test_shared_package_is_grouped_by_role():
+    modules = {path.stem for path in SHARED.glob("*.py")} - {"__init__"}
+    assert modules <= HELPERS, f"flat modules in distilpose/: {modules - HELPERS}"
+    packages = {path.parent.name for path in SHARED.glob("*/__init__.py")}
+    assert packages <= ROLES, f"unknown roles in distilpose/: {packages - ROLES}"
+    stray = {p.parent.name for p in SHARED.glob("*/*.py")} - packages
+    assert not stray, f"folders of modules without __init__.py: {stray}"
+
+
+def test_roles_are_layered():
+    """Helpers import only helpers; data no other role; models at most data; using a model
+    (inference, evaluation) does not need the trainer."""
+    allowed = {
+        **{name: HELPERS for name in HELPERS},
+        "data": HELPERS | {"data"},
+        "models": HELPERS | {"data", "models"},
+        "inference": HELPERS | ROLES - {"training"},
+        "evaluation": HELPERS | ROLES - {"training"},
+    }
+    found = []
+    for path in sorted(SHARED.rglob("*.py")):
+        rel = path.relative_to(SHARED)
+        part = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        if part in allowed and (extra := distilpose_imports(path) - allowed[part]):
+            found.append(f"distilpose/{rel} imports {sorted(extra)}")
+    assert not found, found
+
+
 # ---- each fact once (issue: one geometry, one home for each helper) ---------------------------
 
 PACKAGES = ("distilpose", *STAGES)

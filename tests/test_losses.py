@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from distilpose.errors import BadConfigError
 from distilpose.geometry import Geometry
-from distilpose.losses import (
+from distilpose.models import StudentOutput
+from distilpose.training.losses import (
     DEFAULT_WEIGHTS,
     LOSS_NAMES,
     DistillationLoss,
@@ -17,7 +18,6 @@ from distilpose.losses import (
     parse_losses,
     simulated_heatmap_mask,
 )
-from distilpose.models import StudentOutput
 
 HM = (4, 4)  # tiny heatmaps, (W, H)
 GEOMETRY = Geometry((16, 16), HM)

@@ -25,7 +25,7 @@ from distilpose.data import (
 )
 from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.runs import DumpRun
+from distilpose.training.runs import DumpRun
 from store import StoreMeta, StoreReader, store_info, store_verify
 from store.checks import format_store_info
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop

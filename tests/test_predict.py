@@ -25,12 +25,12 @@ from distilpose import Inferencer, PoseResult
 from distilpose.data import load_coco_instances
 from distilpose.data.demo import make_demo_video
 from distilpose.data.keypoints import NUM_KEYPOINTS
-from distilpose.detector import PERSON_LABEL, BoxesFile, TorchvisionDetector
 from distilpose.errors import BadConfigError, BadImageError
-from distilpose.evaluation import coco_keypoint_eval, to_coco_results
-from distilpose.inference import predict_instances
+from distilpose.evaluation.metrics import coco_keypoint_eval, to_coco_results
+from distilpose.inference.detector import PERSON_LABEL, BoxesFile, TorchvisionDetector
+from distilpose.inference.sources import Frame, ImageSource, open_source
+from distilpose.inference.topdown import predict_instances
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.sources import Frame, ImageSource, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "tests" / "data" / "coco_mini"
@@ -208,7 +208,7 @@ def test_predict_video_with_a_detector_and_with_gt_boxes(ckpts, det_weights, vid
 )
 @pytest.mark.parametrize("how", ["DISTILPOSE_OFFLINE", "network down"])
 def test_offline_without_weights_is_one_error_line(ckpts, tmp_path, monkeypatch, how):
-    import distilpose.detector as detector_module
+    import distilpose.inference.detector as detector_module
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
     if how == "network down":
@@ -249,11 +249,12 @@ def test_readme_inferencer_example_runs(ckpts, det_weights, tmp_path, monkeypatc
     student.symlink_to(ckpts["student"])
     (tmp_path / "tests").symlink_to(ROOT / "tests")
     monkeypatch.chdir(tmp_path)
-    import distilpose.inferencer
+    import distilpose.inference.inferencer
 
-    real = distilpose.inferencer.build_detector  # the test's detector runs small, to be quick
+    # the test's detector runs small, to be quick
+    real = distilpose.inference.inferencer.build_detector
     monkeypatch.setattr(
-        distilpose.inferencer,
+        distilpose.inference.inferencer,
         "build_detector",
         lambda *args, **kw: real(*args, **{**kw, "size": 64, "max_people": 3}),
     )
@@ -355,8 +356,8 @@ class _RunsCode:
     outcome="BadCheckpointError naming the file; the code never runs (weights_only=True)",
 )
 def test_detector_weights_are_never_unpickled(tmp_path):
-    from distilpose.detector import load_detector_state
     from distilpose.errors import BadCheckpointError
+    from distilpose.inference.detector import load_detector_state
 
     evil = tmp_path / "evil.pth"
     torch.save({"model": _RunsCode()}, evil)

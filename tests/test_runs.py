@@ -1,5 +1,5 @@
-"""Typed run configs (distilpose.runs): one object per stage run, saved to config.json and read
-back by `--resume`."""
+"""Typed run configs (distilpose.training.runs): one object per stage run, saved to config.json
+and read back by `--resume`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from test_student_train import build_tiny_store  # noqa: E402
 import cli  # noqa: E402
 from distilpose.data import MILD_RECIPE  # noqa: E402
 from distilpose.errors import BadConfigError  # noqa: E402
-from distilpose.runs import DumpRun, StudentRun, TeacherRun, saved_run  # noqa: E402
+from distilpose.training.runs import DumpRun, StudentRun, TeacherRun, saved_run  # noqa: E402
 
 RUNS = [
     TeacherRun(

@@ -30,9 +30,9 @@ from distilpose.data import (
     sample_crop_spec,
 )
 from distilpose.errors import BadConfigError, StoreMismatchError
-from distilpose.losses import DistillationLoss, parse_losses
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.runs import StudentRun
+from distilpose.training.losses import DistillationLoss, parse_losses
+from distilpose.training.runs import StudentRun
 from store import StoreMeta, StoreWriter
 from student_train.data import StudentBatches, target_fields, view_for_epoch
 from student_train.train import build_task, load_teacher, resolve_warmup, train_student

@@ -22,12 +22,12 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.engine import TrainConfig, Trainer
 from distilpose.errors import BadCheckpointError, StoreMismatchError
 from distilpose.geometry import Geometry
-from distilpose.losses import HeatmapLoss
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.runs import DumpRun, TeacherRun
+from distilpose.training.engine import TrainConfig, Trainer
+from distilpose.training.losses import HeatmapLoss
+from distilpose.training.runs import DumpRun, TeacherRun
 from store import StoreReader, array_specs, store_verify
 from store.pixels import decode_crop
 from teacher_dump.dump import dump_teacher

@@ -14,7 +14,7 @@ import torch
 from distilpose import viz
 from distilpose.data.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS
 from distilpose.errors import BadConfigError
-from distilpose.runs import DumpRun
+from distilpose.training.runs import DumpRun
 
 DATA = Path(__file__).parent / "data" / "coco_mini"
 ANN = DATA / "annotations" / "person_keypoints.json"

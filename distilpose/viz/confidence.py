@@ -9,7 +9,7 @@ from torch import nn
 
 from distilpose.data.keypoints import KEYPOINT_NAMES, OKS_SIGMAS
 from distilpose.errors import BadConfigError
-from distilpose.evaluation import keypoint_similarity
+from distilpose.evaluation.metrics import keypoint_similarity
 from distilpose.viz.common import (
     bgr_to_rgb,
     display_size,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distilpose.engine import MetricsLog
 from distilpose.errors import BadConfigError
+from distilpose.training.engine import MetricsLog
 from distilpose.viz.common import new_figure, save_figure
 
 CURVES_SIZE = (10.0, 4.0)

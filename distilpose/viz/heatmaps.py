@@ -140,8 +140,8 @@ def viz_heatmaps(
     the caller opens it. The crop is re-rendered from the slot's spec with the store's annotation
     file and image root, so the student sees exactly the pixels the teacher saw.
     """
-    from distilpose.codecs import simulated_heatmaps
     from distilpose.data import CropSpec, load_coco_instances, read_image, render_crop
+    from distilpose.data.codecs import simulated_heatmaps
 
     if isinstance(store, str | Path) or not hasattr(store, "read_slots"):
         raise BadConfigError(

@@ -15,7 +15,7 @@ import torch
 
 from distilpose.data import make_demo_data
 from distilpose.models import build_model, save_checkpoint
-from distilpose.runs import DumpRun
+from distilpose.training.runs import DumpRun
 from store import StoreReader, array_specs
 from teacher_dump.dump import dump_teacher
 

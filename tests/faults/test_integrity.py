@@ -41,7 +41,7 @@ from distilpose.errors import (  # noqa: E402
     StoreFormatError,
     StoreMismatchError,
 )
-from distilpose.runs import DumpRun, StudentRun  # noqa: E402
+from distilpose.training.runs import DumpRun, StudentRun  # noqa: E402
 from store import StoreReader, StoreWriter  # noqa: E402
 from store.checks import store_verify  # noqa: E402
 from student_train.data import StudentBatches  # noqa: E402

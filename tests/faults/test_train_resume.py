@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_student_train import build_tiny_store  # noqa: E402
 
-from distilpose.runs import StudentRun  # noqa: E402
+from distilpose.training.runs import StudentRun  # noqa: E402
 from student_train.train import train_student  # noqa: E402
 
 KILLS = 10

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distilpose.engine import resolve_device
+from distilpose.device import resolve_device
 from distilpose.errors import BadAnnotationError, BadCheckpointError, BadConfigError
-from distilpose.sources import Frame
+from distilpose.inference.sources import Frame
 
 Boxes = tuple[np.ndarray, np.ndarray]  # ([N, 4] x, y, w, h image px, [N] scores)
 Detector = Callable[[Sequence[Frame]], list[Boxes]]

@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 
 from distilpose.data import load_coco_instances
-from distilpose.evaluation import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
-from distilpose.inference import default_use_scores, predict_instances, resolve_device
+from distilpose.device import resolve_device
+from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
+from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.io import write_json_atomic
 from distilpose.models import build_from_checkpoint
 

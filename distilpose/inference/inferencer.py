@@ -11,7 +11,7 @@ returns a list over its images or frames. Frames are detected in groups of `fram
 and all people of a group go through the pose model in batches of `batch_size` crops, on the
 device `device` ("auto": CUDA when there is one). `stream` does the same lazily for long videos
 and cameras. Students are decoded from their coordinates, teachers from their heatmaps
-(`distilpose.inference`), so a teacher checkpoint works the same way.
+(`distilpose.inference.topdown`), so a teacher checkpoint works the same way.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 from distilpose.data import PersonInstance
 from distilpose.data.crop import box_to_center_scale
 from distilpose.data.keypoints import NUM_KEYPOINTS
-from distilpose.detector import DEFAULT_DETECTOR, Detector, build_detector
-from distilpose.engine import resolve_device
+from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError, BadImageError
-from distilpose.evaluation import to_coco_results
-from distilpose.inference import default_use_scores, predict_instances
+from distilpose.evaluation.metrics import to_coco_results
+from distilpose.inference.detector import DEFAULT_DETECTOR, Detector, build_detector
+from distilpose.inference.sources import IMAGE_SUFFIXES, Frame, open_source
+from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.models import build_from_checkpoint
-from distilpose.sources import IMAGE_SUFFIXES, Frame, open_source
 from distilpose.viz.skeleton import draw_pose
 
 
@@ -47,7 +47,7 @@ class PoseResult:
         keypoints: [N, K, 2] x, y (image px).
         keypoint_scores: [N, K] in [0, 1].
         scores: [N] person scores: box score x mean keypoint score above 0.2 (paper Eq. 3).
-        image_id: the id the COCO results carry (see `distilpose.sources`).
+        image_id: the id the COCO results carry (see `distilpose.inference.sources`).
         name: the image's file name (a video's for its frames; "" for arrays).
         frame_index: the frame's index in a video, else None.
     """
@@ -100,7 +100,7 @@ class Inferencer:
 
     Args:
         checkpoint: a student or teacher checkpoint (this project's or an official one).
-        detector: a torchvision detector name (`distilpose.detector.DETECTORS`), None for
+        detector: a torchvision detector name (`distilpose.inference.detector.DETECTORS`), None for
             "each image is one person", or any callable taking a list of `Frame`s and returning
             per frame (boxes [N, 4] x, y, w, h, scores [N]), e.g. `BoxesFile(path)`.
         detector_weights: a local weights file for a named detector (None: torchvision's COCO
@@ -111,7 +111,7 @@ class Inferencer:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
         batch_size: person crops per forward pass of the pose model.
         frames_per_batch: images detected together.
-        flip: flip test; flip_mode: "corrected" or "official" (students, see inference.py).
+        flip: flip test; flip_mode: "corrected" or "official" (students, see topdown.py).
         use_scores: None -> from the checkpoint (False for a student trained without the
             confidence loss: its keypoint scores are then 1 and people rank by box score).
 
@@ -176,7 +176,7 @@ class Inferencer:
     @staticmethod
     def _frame(x: np.ndarray | str | Path, position: int) -> Frame:
         """An array (id: its 0-based position in the call) or an image file (id: from its name,
-        see `distilpose.sources`)."""
+        see `distilpose.inference.sources`)."""
         if isinstance(x, np.ndarray):
             image = x
             if image.ndim == 2:

@@ -1,8 +1,8 @@
 """`distilpose predict`: every person's pose in images, folders, globs, videos or a camera.
 
-One path: `predict_source` opens the SOURCE (`distilpose.sources`), runs an `Inferencer`
-(detector in front, `distilpose.detector`; or a boxes file; or the whole image as one person)
-and writes what it returns:
+One path: `predict_source` opens the SOURCE (`distilpose.inference.sources`), runs an
+`Inferencer` (detector in front, `distilpose.inference.detector`; or a boxes file; or the whole
+image as one person) and writes what it returns:
 
 - a COCO keypoint results JSON (`image_id`, `category_id` 1, flat `keypoints`, `score`, plus
   `bbox`, `file_name` and, for video frames, `frame_index`; a frame's `image_id` is its index);
@@ -20,11 +20,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from distilpose.detector import DEFAULT_DETECTOR, BoxesFile, Detector
 from distilpose.errors import BadImageError
+from distilpose.inference.detector import DEFAULT_DETECTOR, BoxesFile, Detector
+from distilpose.inference.sources import VideoSource, open_source
 from distilpose.io import write_json_atomic
 from distilpose.progress import ProgressCounter
-from distilpose.sources import VideoSource, open_source
 
 KPT_DRAW_THR = 0.3
 VIDEO_FOURCC = "mp4v"  # in every OpenCV FFmpeg build; H.264 encoders often are not
@@ -64,8 +64,8 @@ def predict_source(
         checkpoint: a student or teacher checkpoint.
         sources: images, folders, globs, or one video file or camera index.
         detector: a torchvision detector name, None/"none" (whole image = one person) or a
-            detector callable (`distilpose.detector`); ignored when `boxes_json` is given.
-        boxes_json: person boxes (format in `distilpose.detector`) instead of a detector.
+            detector callable (`distilpose.inference.detector`); ignored when `boxes_json` is given.
+        boxes_json: person boxes (format in `distilpose.inference.detector`) instead of a detector.
         max_frames: stop a video or camera after this many frames.
         Others: as `Inferencer`.
 
@@ -73,7 +73,7 @@ def predict_source(
         {"results": the COCO results written, "frames", "people", "seconds", "frames_per_s",
         "detector_ms_per_frame", "pose_ms_per_frame", "out_json", "overlays": [paths]}.
     """
-    from distilpose.inferencer import Inferencer
+    from distilpose.inference.inferencer import Inferencer
 
     source = open_source(sources, max_frames=max_frames)
     inferencer = Inferencer(

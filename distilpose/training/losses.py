@@ -5,12 +5,12 @@
 weighted sum to backpropagate; each ``"loss_<name>"`` is the UNWEIGHTED value of one term,
 detached, for logging (so curves of different runs compare even when weights differ).
 
-Coordinates follow :mod:`distilpose.codecs`: normalized crop coordinates, heatmap position
+Coordinates follow :mod:`distilpose.data.codecs`: normalized crop coordinates, heatmap position
 ``u * W_hm``. All terms are computed in float32 (also under AMP) and are vectorized over samples
 and joints.
 
-Every mean is a sum over a count (`distilpose.distributed.global_mean`): in one process it is
-the plain mean; in a multi-process run the count is the global batch's, so R ranks x B samples
+Every mean is a sum over a count (`distilpose.training.distributed.global_mean`): in one process
+it is the plain mean; in a multi-process run the count is the global batch's, so R ranks x B samples
 give the loss and gradients of one process with R x B. Samples with `targets["valid"] = False`
 (padding of a short last batch under DDP) add to no sum and no count.
 """
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distilpose.codecs import Size, heatmap_values_at, simulated_heatmaps
-from distilpose.distributed import global_mean, global_total
+from distilpose.data.codecs import Size, heatmap_values_at, simulated_heatmaps
 from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER, Geometry
+from distilpose.training.distributed import global_mean, global_total
 
 if TYPE_CHECKING:
     from distilpose.models import StudentOutput

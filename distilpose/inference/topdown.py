@@ -1,7 +1,7 @@
 """Top-down inference: person instances in, keypoints in image pixels out.
 
 For each `PersonInstance` the evaluation crop (no augmentation) is rendered, normalized and run
-through the model; the output is decoded back to image pixels with `distilpose.codecs`:
+through the model; the output is decoded back to image pixels with `distilpose.data.codecs`:
 
 - Students (`StudentOutput`): `coords` are normalized crop coordinates; the keypoint score is the
   raw `scores` head (trained with an L1 loss against teacher heatmap values, so about [0, 1]; the
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distilpose.codecs import HeatmapCodec, RegressionCodec, crop_to_image
 from distilpose.data import PersonInstance, eval_crop_spec, read_image, render_crop
+from distilpose.data.codecs import HeatmapCodec, RegressionCodec, crop_to_image
 from distilpose.data.crop import normalize
 from distilpose.data.keypoints import FLIP_INDEX
-from distilpose.engine import resolve_device
+from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError
-from distilpose.evaluation import rescore
+from distilpose.evaluation.metrics import rescore
 from distilpose.models import StudentOutput, TeacherOutput
 from distilpose.progress import progress
 

@@ -9,7 +9,7 @@ The protocol is MMPose 0.x's top-down one, which the official DistilPose numbers
 3. the survivors go to pycocotools' `COCOeval(iouType="keypoints")` (`coco_keypoint_eval`).
 
 A prediction here is a dict with at least `image_id`, `keypoints` ([K, 3] image pixels plus the
-keypoint score), `score` (the instance score) and `area`; `distilpose.inference` makes them.
+keypoint score), `score` (the instance score) and `area`; `distilpose.inference.topdown` makes them.
 No file or command-line handling lives here beyond what pycocotools needs to read a file.
 """
 

@@ -5,7 +5,8 @@ style: the loop backpropagates "loss" and logs every other entry) and a `batches
 giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the run directory:
 
     config.json       the train config and the caller's full resolved config (`meta`), to replay,
-                      and the stage's run object ("run", `distilpose.runs`) that --resume reads
+                      and the stage's run object ("run", `distilpose.training.runs`) that
+                      --resume reads
     metrics.csv       one row per `log_every` steps ("step") and per epoch ("epoch"): epoch, step,
                       lr, each loss term, samples/s, and whatever `on_epoch_end` returned
     train.log         the same as text lines
@@ -29,8 +30,8 @@ half a cosine from `lr` to 0 over `total_steps`, step by step.
 Several processes: launched by torchrun (env RANK / WORLD_SIZE / LOCAL_RANK) the trainer joins
 the process group (nccl on CUDA, gloo otherwise), makes BatchNorm cross-rank (`sync_bn`) and
 wraps the model in DistributedDataParallel; only rank 0 writes files. `batches` gives this
-rank's slice of each global batch (`distilpose.distributed`: R ranks x batch B train the same
-run as one process with batch R x B, up to rounding; tested under torchrun on CPU).
+rank's slice of each global batch (`distilpose.training.distributed`: R ranks x batch B train
+the same run as one process with batch R x B, up to rounding; tested under torchrun on CPU).
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distilpose.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
+from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.io import atomic_open, write_text_atomic
 from distilpose.progress import ProgressCounter
-from distilpose.runs import PER_INVOCATION, run_changes
+from distilpose.training.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
+from distilpose.training.runs import PER_INVOCATION, run_changes
 
-log = logging.getLogger("distilpose.engine")
+log = logging.getLogger(__name__)
 
 PLOT_EVERY_S = 30.0  # loss_curves.png: redrawn at checkpoints no more often than this
 Task = Callable[[nn.Module, dict], dict]
@@ -116,17 +118,6 @@ def lr_at(config: TrainConfig, epoch: int, step: int) -> float:
     if step < config.warmup_iters:  # MMCV linear warmup
         lr *= 1 - (1 - step / config.warmup_iters) * (1 - config.warmup_ratio)
     return lr
-
-
-def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """ "auto" -> this rank's CUDA device when there is one, else CPU; a bare "cuda" -> this
-    rank's CUDA device. The one device resolver (training, dumping, inference)."""
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
 
 
 def amp_dtype(
@@ -321,7 +312,8 @@ class Trainer:
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
-        self.run = run  # the stage's run object as a dict (distilpose.runs), read by --resume
+        # the stage's run object as a dict (distilpose.training.runs), read by --resume
+        self.run = run
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
         self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)

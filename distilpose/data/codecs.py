@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from distilpose.data.keypoints import FLIP_INDEX
 from distilpose.geometry import PAPER, Geometry, Size
 
 Array = np.ndarray | torch.Tensor
@@ -171,9 +172,6 @@ class HeatmapCodec:
             ``[B, K, H_hm, W_hm]``, same type as the input.
         """
         if flip_index is None:
-            # Imported here so that the codecs do not pull in the data package at import time.
-            from distilpose.data.keypoints import FLIP_INDEX
-
             flip_index = FLIP_INDEX
         if heatmaps_flipped.shape[1] != len(flip_index):
             raise ValueError(
