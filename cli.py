@@ -1020,31 +1020,32 @@ def viz_curves(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of a demo run: the full one took 521 s on 2 quiet CPU cores (at 20 student epochs
-    233 s there, 22-23 min with three demos at once on shared cores), --quick under 3 min.
+    """Sizes of a demo run: the full one takes about 9 minutes on 2 quiet CPU cores, --quick
+    under 3 (benchmarks/results/demo_run.md).
 
     The teacher is the shipped `tokenpose_demo` (trained once, `distilpose.weights`); it is
     dumped to a store, and two `distilpose_demo` students train from that store with the same
     seed, steps and schedule: one with the paper's full objective, one with `reg` alone. Crops
     are 96x128 (heatmap grid 24x32: perfect heatmaps would score AP ~0.92 there). The students
     train at the same time, one per core, each with one torch thread and no loader workers:
-    on 2 cores, threads fighting over cores cost more than the model (measured 13x).
+    on 2 cores, threads fighting over cores cost more than the model (measured 13x). Epochs
+    fill the time left: about 16 s per epoch of 2,000 crops per student on a 2-core CPU.
     `teacher_*` fields are used by `--train-teacher` only.
     """
 
     num_train: int = 2000
     num_val: int = 600
     views: int = 2
-    student_epochs: int = 50  # 6,250 steps of 16: many cheap steps beat fewer big ones here
-    batch_size: int = 16
-    lr: float = 1e-3
+    student_epochs: int = 30  # 7,500 steps of 8: many cheap steps beat fewer big ones here
+    batch_size: int = 8
+    lr: float = 3e-3  # at --quick's size: AP 0.059 here against 0.013 with 1e-3 and 16 per step
     losses: str = "reg,kt=1,vt=0.05,sh,cs"  # token terms weighted for this teacher's token scale
     teacher_num_train: int = DEMO_TEACHER_RECIPE["num_train"]
     teacher_epochs: int = DEMO_TEACHER_RECIPE["epochs"]
 
 
 QUICK_DEMO = DemoPlan(
-    num_train=1000, num_val=300, student_epochs=6, teacher_num_train=2000, teacher_epochs=2
+    num_train=1000, num_val=300, student_epochs=18, teacher_num_train=2000, teacher_epochs=2
 )
 STUDENT_RUNS = {"student_distilled": "losses", "student_baseline": "reg"}
 

@@ -22,12 +22,13 @@ from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
 from student_train.train import train_student
 from teacher_dump.dump import dump_teacher
 
-STEPS = dict(epochs=16, batch_size=16)  # 16 epochs x 8 batches of the 128 people below
-# Mean joint error on 40 other people; measured at this size: distilled 21.1 vs reg-only 22.9 px
-# with the shipped teacher (seed 0), and 21.1 vs 21.6 px with an earlier teacher checkpoint and
-# training seed 1. Both students are still near the mean pose after 128 steps, so the margin a
-# test this fast can demand is small.
-MARGIN_PX = 0.25
+PLAN = cli.DemoPlan()
+STEPS = dict(epochs=32, batch_size=PLAN.batch_size)  # 32 epochs x 16 batches of 128 people
+# Mean joint error on 40 other people, measured at this size with the shipped teacher and the
+# demo's student, batch and lr: distilled 19.9 vs reg-only 21.9 px (seed 0; 20.1 vs 21.1 at 16
+# epochs). Both students are still far from converged after 512 steps, so the margin a test
+# this fast can demand is about half the measured gap.
+MARGIN_PX = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,10 @@ def test_distilled_student_beats_reg_only(demo_store):
     torch.set_num_threads(1)
     try:
         errors = {}
-        for name, losses in (("distilled", cli.DemoPlan().losses), ("baseline", "reg")):
+        for name, losses in (("distilled", PLAN.losses), ("baseline", "reg")):
             run = train_student(
                 StudentRun(
-                    str(store), "distilpose_demo", root / name, losses=losses, lr=cli.DemoPlan().lr,
+                    str(store), "distilpose_demo", root / name, losses=losses, lr=PLAN.lr,
                     schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
                 )
             )  # fmt: skip

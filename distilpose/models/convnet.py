@@ -4,9 +4,12 @@ Not from the paper: the paper's backbones (HRNet-W48, StemNet) need a GPU to tra
 the paper models' contract (a `[B, C, H/4, W/4]` feature map that the token encoder cuts into
 patches) at a size that trains in minutes on two CPU cores.
 
-- `EncoderDecoder` (teacher): stride-4 stem, two more stride-2 levels of BasicBlocks, then
-  top-down upsample-and-add back to stride 4, so every stride-4 feature sees a 1/16 context.
-- `StemLite` (student): two stride-2 convs and one BasicBlock at stride 4, ~20 MMACs at 96x128.
+- `EncoderDecoder`: stride-4 stem, two more stride-2 levels of BasicBlocks, then top-down
+  upsample-and-add back to stride 4, so every stride-4 feature sees a 1/16 context. The teacher
+  uses widths (32, 64, 96) with two blocks per level; the student a slimmer (24, 48, 72) with
+  one. A stride-4-only student (two convs and one BasicBlock, 121k parameters) was tried first:
+  at 20 epochs on the demo store it reached AP 0.020 against 0.153 for the slim
+  encoder-decoder: its receptive field is too small for the token encoder to find joints fast.
 """
 
 from __future__ import annotations
@@ -50,16 +53,3 @@ class EncoderDecoder(nn.Module):
         x2 = self.level2(x1)  # [B, w2, H/16, W/16]
         y1 = self.fuse1(F.relu(x1 + self._up(self.lateral2(x2), x1)))
         return self.fuse0(F.relu(x0 + self._up(self.lateral1(y1), x0)))  # [B, w0, H/4, W/4]
-
-
-class StemLite(nn.Module):
-    """images [B, 3, H, W] -> features [B, width, H/4, W/4]: conv s2, conv s2, BasicBlocks."""
-
-    def __init__(self, width: int = 32, stem: int = 16, blocks: int = 1):
-        super().__init__()
-        self.stem = nn.Sequential(conv_bn(3, stem, 3, stride=2), conv_bn(stem, width, 3, stride=2))
-        self.blocks = make_res_layer(BasicBlock, width, width, blocks)
-        self.out_channels = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))

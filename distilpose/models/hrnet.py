@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distilpose.models.convnet import EncoderDecoder, StemLite
+from distilpose.models.convnet import EncoderDecoder
 from distilpose.models.layers import (
     BasicBlock,
     Stem,
@@ -153,8 +153,8 @@ def build_backbone(name: str) -> nn.Module:
         model = Stem(width=32, out_channels=32, blocks=2)
     elif name == "encdec_demo":
         model = EncoderDecoder()
-    elif name == "stemlite_demo":
-        model = StemLite()
+    elif name == "encdec_demo_s":
+        model = EncoderDecoder(widths=(24, 48, 72), blocks=1, stem=16)
     else:
         raise ValueError(f"unknown backbone {name!r}")
     init_conv_weights(model)

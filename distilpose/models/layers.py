@@ -26,7 +26,7 @@ from distilpose.geometry import PAPER, Geometry
 ROLES = ("teacher", "student")
 BACKBONES = (
     "stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny",
-    "encdec_demo", "stemlite_demo",
+    "encdec_demo", "encdec_demo_s",
 )  # fmt: skip
 # "token": TokenPose / DistilPose token encoder; "similarity": the same encoder, heatmaps (demo
 # teacher) or soft-argmax coordinates (demo student) from keypoint x visual token similarity;

@@ -39,7 +39,7 @@ _MODELS: dict[str, dict] = {
     "deeppose_tiny": dict(role="student", backbone="resnet_tiny", head="fc", **_TINY),
     # the demo's pair (not the paper's): see the README's demo section
     "tokenpose_demo": dict(role="teacher", backbone="encdec_demo", head="similarity", **_DEMO),
-    "distilpose_demo": dict(role="student", backbone="stemlite_demo", head="similarity", **_DEMO),
+    "distilpose_demo": dict(role="student", backbone="encdec_demo_s", head="similarity", **_DEMO),
 }
 MODEL_NAMES = list(_MODELS)
 

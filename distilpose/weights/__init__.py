@@ -16,15 +16,15 @@ from distilpose.errors import BadCheckpointError
 from distilpose.io import file_sha256 as sha256_of
 
 DEMO_TEACHER_FILE = Path(__file__).with_name("demo_teacher.pth")
-DEMO_TEACHER_SHA256 = "c8b6671e045746e40c956c0f536f8c291c10a13d47cdbe8d21e47434fa6d1352"
+DEMO_TEACHER_SHA256 = "7bf14094fe5e26d08b2e77a34039f4574249299d45f1ccfb2b9385b0027aa71a"
 
 # How demo_teacher.pth was made: `distilpose make-demo-data` then `distilpose train-teacher`.
 DEMO_TEACHER_RECIPE = {
     "model": "tokenpose_demo",
     "data_seed": 1000,  # its own synthetic people: no overlap with any demo split
-    "num_train": 10000,
+    "num_train": 16000,
     "num_val": 600,
-    "epochs": 6,
+    "epochs": 20,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_iters": 300,
