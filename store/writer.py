@@ -11,9 +11,10 @@ Safety rules, in the order a unit is written:
 The marker holds the unit's manifest (per array: shard file size and crc32c), which readers
 check, so a shard deleted or truncated later is an error, never zeros.
 Writers started together on one store never work on the same unit: each takes a unit by
-creating `complete/.u<unit>.claim` (exclusive create, holding its pid) and skips units a live
-writer holds (live = it holds the flock on its `complete/.writer.<pid>.lock`, which the kernel
-drops when it dies); temp files carry the writer's pid and only dead writers' ones are removed.
+creating `complete/.u<unit>.claim` (exclusive: a hard link to a file already holding its
+pid) and skips units a live writer holds (live = it holds the flock on its
+`complete/.writer.<pid>.lock`, which the kernel drops when it dies); temp files carry the
+writer's pid and only dead writers' ones are removed.
 A killed writer leaves finished units marked and at most its current unit unmarked; a rerun
 rewrites exactly the pending units, and zstd output is deterministic, so the resumed store is
 byte-for-byte the uninterrupted one. Store metadata changes (creation, more views) happen under
@@ -258,22 +259,27 @@ class StoreWriter:
 
     def _take(self, unit: int) -> bool:
         path = self._claim_path(unit)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _claim_holder(path)
-                if holder and self._alive(holder):
-                    return holder == os.getpid()
-                if not holder and _age_s(path) < 10:  # just created, its pid not written yet
-                    return False
-                with contextlib.suppress(FileNotFoundError):  # a dead writer's claim
-                    os.unlink(path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return True
-        return False
+        # The claim gets its name only once the pid is in it (hard link of a written file): an
+        # empty claim left by a writer killed between create and write would read as "held"
+        # and stop a resumed dump.
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    holder = _claim_holder(path)
+                    if holder and self._alive(holder):
+                        return holder == os.getpid()
+                    with contextlib.suppress(FileNotFoundError):  # a dead writer's claim
+                        os.unlink(path)
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def claim_holder(self, unit: int) -> int:
         """pid of the live process holding `unit` (0: none)."""
@@ -472,15 +478,6 @@ class StoreWriter:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def _age_s(path: str) -> float:
-    import time
-
-    try:
-        return time.time() - os.path.getmtime(path)
-    except FileNotFoundError:
-        return float("inf")
 
 
 def _claim_holder(path: str) -> int:

@@ -762,3 +762,19 @@ def test_stale_claims_are_taken_over(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.reliability(
+    case="empty claim left by a writer killed between creating it and writing its pid",
+    outcome="taken over at once by the resumed dump (claims are named only once they hold the pid)",
+)
+def test_empty_claim_is_taken_over_at_once(tmp_path):
+    w = StoreWriter.create_or_open(tmp_path / "s", small_meta(views=1, n=32))
+    d = tmp_path / "s" / "complete"
+    (d / ".u0000001.json.claim").write_text("")  # as older versions could leave it
+    mine, others = w.claim(w.pending_units())
+    assert mine == [0, 1] and others == []
+    assert not [p.name for p in d.iterdir() if p.name.endswith(f".{os.getpid()}")]
+    fill(w, mine)
+    w.release()
+    assert check_complete_samples(tmp_path / "s") == 32
