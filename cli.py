@@ -31,6 +31,7 @@ from distilpose.training.runs import PER_INVOCATION, DumpRun, StudentRun, Teache
 from distilpose.weights import DEMO_TEACHER_RECIPE
 
 AnyRun = TypeVar("AnyRun", TeacherRun, StudentRun)
+_OWN_PACKAGES = ("distilpose", "store", "student_train", "teacher_dump", "cli", "benchmarks")
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
 _LIBRARIES = {  # module -> (what failed, what to do)
@@ -100,8 +101,14 @@ def describe_error(e: BaseException, command: str) -> str:
     if isinstance(e, RecursionError):
         return f"input nested too deeply to read {where}; expected a flat file ({debug})"
     if isinstance(e, ImportError):
+        name = e.name or _first_line(str(e))
+        if name.split(".")[0] in _OWN_PACKAGES:  # not an optional extra: a broken install
+            return (
+                f"missing module '{name}' of distilpose itself {where}; expected a complete "
+                "install of one version (reinstall it; do not update it under a running job)"
+            )
         return (
-            f"missing module '{e.name or _first_line(str(e))}' {where}; expected it installed "
+            f"missing module '{name}' {where}; expected it installed "
             "(pip install 'distilpose[remote]' for http:// and s3:// stores, "
             "'distilpose[export]' for ONNX)"
         )

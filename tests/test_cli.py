@@ -143,3 +143,14 @@ def test_bad_shard_option_names_the_option(tmp_path):
     )
     assert result.exit_code != 0
     assert "shard" in result.output.lower()
+
+
+def test_missing_module_line_tells_an_extra_from_a_broken_install():
+    """An optional extra names its pip install; a module of this package itself (moved under a
+    running job, or a partial install) is not sent to the extras."""
+    extra = cli.describe_error(ModuleNotFoundError("no s3fs", name="s3fs"), "dump-teacher")
+    own = cli.describe_error(
+        ModuleNotFoundError("gone", name="distilpose.evaluation.metrics"), "ablate"
+    )
+    assert "distilpose[remote]" in extra and "s3fs" in extra
+    assert "distilpose[remote]" not in own and "reinstall" in own and "metrics" in own
