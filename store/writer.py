@@ -11,8 +11,8 @@ Safety rules, in the order a unit is written:
 The marker holds the unit's manifest (per array: shard file size and crc32c), which readers
 check, so a shard deleted or truncated later is an error, never zeros.
 Writers started together on one store never work on the same unit: each takes a unit by
-creating `complete/.u<unit>.claim` (exclusive: a hard link to a file already holding its
-pid) and skips units a live writer holds (live = it holds the flock on its
+creating `complete/.u<unit>.claim` (exclusive: a hard link to its writer file, which holds
+its pid) and skips units a live writer holds (live = it holds the flock on its
 `complete/.writer.<pid>.lock`, which the kernel drops when it dies); temp files carry the
 writer's pid and only dead writers' ones are removed.
 A killed writer leaves finished units marked and at most its current unit unmarked; a rerun
@@ -252,6 +252,8 @@ class StoreWriter:
         if getattr(self, "_lock_fd", None) is None:
             self._lock_fd = os.open(self._writer_lock(os.getpid()), os.O_CREAT | os.O_RDWR, 0o644)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            os.ftruncate(self._lock_fd, 0)  # its content: our pid, which every claim links to
+            os.write(self._lock_fd, str(os.getpid()).encode())
         for unit in units:
             (mine if self._take(unit) else others).append(unit)
         self._claimed = set(mine)
@@ -259,27 +261,19 @@ class StoreWriter:
 
     def _take(self, unit: int) -> bool:
         path = self._claim_path(unit)
-        # The claim gets its name only once the pid is in it (hard link of a written file): an
-        # empty claim left by a writer killed between create and write would read as "held"
-        # and stop a resumed dump.
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(str(os.getpid()))
-        try:
-            for _ in range(3):
-                try:
-                    os.link(tmp, path)
-                    return True
-                except FileExistsError:
-                    holder = _claim_holder(path)
-                    if holder and self._alive(holder):
-                        return holder == os.getpid()
-                    with contextlib.suppress(FileNotFoundError):  # a dead writer's claim
-                        os.unlink(path)
-            return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        for _ in range(3):
+            try:
+                # A claim is a hard link to our writer file, which holds our pid before any claim
+                # exists: a claim is never empty, whenever its writer is killed.
+                os.link(self._writer_lock(os.getpid()), path)
+                return True
+            except FileExistsError:
+                holder = _claim_holder(path)
+                if holder and self._alive(holder):
+                    return holder == os.getpid()
+                with contextlib.suppress(FileNotFoundError):  # a dead writer's claim
+                    os.unlink(path)
+        return False
 
     def claim_holder(self, unit: int) -> int:
         """pid of the live process holding `unit` (0: none)."""
