@@ -81,11 +81,6 @@ class _Run:
     def from_json(cls: type[R], text: str | bytes, source: str = "") -> R:
         return cls.from_dict(loads_json(text, source or cls.__name__, BadConfigError), source)
 
-    def changes(self, other: _Run, ignore: tuple[str, ...] = ()) -> list[str]:
-        """'field: mine -> other' for every field that differs (except `ignore`)."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
-
     def replace(self: R, **changes: Any) -> R:
         return replace(self, **changes)
 
@@ -178,24 +173,24 @@ class StudentRun(_Run):
 PER_INVOCATION = ("resume", "allow_store_change")
 
 
+def _saved(run_dir: str | Path) -> tuple[Path, object]:
+    """`run_dir/config.json` and what it keeps under "run" (None: no such file or entry)."""
+    path = Path(run_dir) / "config.json"
+    doc = load_json(path, BadConfigError) if path.is_file() else None
+    return path, doc.get("run") if isinstance(doc, dict) else None
+
+
 def saved_run(kind: type[R], run_dir: str | Path) -> R | None:
     """The run saved in `run_dir/config.json`, or None (nothing started, or saved before runs
     were kept there)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return None
-    doc = load_json(path, BadConfigError)
-    if not isinstance(doc, dict) or "run" not in doc:
-        return None
-    return kind.from_dict(doc["run"], f"{path} (run)")
+    path, saved = _saved(run_dir)
+    return None if saved is None else kind.from_dict(saved, f"{path} (run)")
 
 
 def run_changes(run_dir: str | Path, run: dict) -> list[str]:
     """The fields of `run` (a run's dict) whose value differs from the run saved in
     `run_dir/config.json`; [] when none is saved there."""
-    path = Path(run_dir) / "config.json"
-    doc = load_json(path, BadConfigError) if path.is_file() else {}
-    saved = doc.get("run") if isinstance(doc, dict) else None
+    saved = _saved(run_dir)[1]
     if not isinstance(saved, dict):
         return []
     return [k for k, v in run.items() if k in saved and saved[k] != v]
