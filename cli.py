@@ -735,7 +735,13 @@ def evaluate(
     dark: Annotated[bool, typer.Option(help="Teachers: DARK refinement of heatmap peaks.")] = False,
     batch_size: Annotated[int, typer.Option(help="Crops per forward pass.")] = 32,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
-    out: Annotated[Path | None, typer.Option(help="Results JSON (COCO format).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Results JSON (COCO format); default <ckpt>_results.json beside the checkpoint "
+            "(in the working directory for the shipped demo teacher)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -185,3 +185,14 @@ def test_keypoint_errors_pck_and_pixels():
     expected = sum(n for n, ok in joints if ok) / sum(n for n, _ in joints)
     assert out["PCK"] == pytest.approx(expected)
     assert keypoint_errors(coco, [])["PCK"] == 0.0  # nobody predicted: every joint wrong
+
+
+def test_default_results_json_beside_checkpoint_but_not_inside_the_package(tmp_path):
+    from distilpose.evaluation.eval_run import default_results_json
+    from distilpose.weights import DEMO_TEACHER_FILE
+
+    assert default_results_json(tmp_path / "run" / "student.pth") == (
+        tmp_path / "run" / "student_results.json"
+    )
+    # the shipped teacher's folder is part of the install: results go to the working directory
+    assert default_results_json(DEMO_TEACHER_FILE) == Path("demo_teacher_results.json")

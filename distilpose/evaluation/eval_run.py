@@ -3,7 +3,8 @@
 The protocol is the official top-down one: GT boxes or person detections, evaluation crops,
 flip test, rescoring (box score x mean keypoint score above 0.2), OKS-NMS at 0.9, pycocotools.
 The predictions are written as a COCO results JSON (by default `<ckpt_stem>_results.json` next to
-the checkpoint) so that other tools can score or draw them.
+the checkpoint, or in the working directory for a checkpoint shipped inside the package) so
+that other tools can score or draw them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from distilpose.models import build_from_checkpoint
 log = logging.getLogger(__name__)
 
 OKS_NMS_THR = 0.9  # MMPose 0.x / official DistilPose test config
+
+
+def default_results_json(checkpoint: Path) -> Path:
+    """`<ckpt_stem>_results.json` beside the checkpoint; in the working directory when the
+    checkpoint ships inside this package, whose folder is not the user's to write in."""
+    name = f"{checkpoint.stem}_results.json"
+    packaged = checkpoint.resolve().is_relative_to(Path(__file__).resolve().parents[1])
+    return Path(name) if packaged else checkpoint.with_name(name)
 
 
 def run_eval(
@@ -51,7 +60,7 @@ def run_eval(
         dark: DARK decoding (teachers).
         device: "auto", "cpu", "cuda", ...
         out_json: where the COCO results go; default `<ckpt_stem>_results.json` beside the
-            checkpoint.
+            checkpoint (in the working directory for a packaged one, e.g. the demo teacher).
         use_scores: None -> from the checkpoint meta: False for a student trained without the
             confidence loss "cs" (its untrained score must not rank people), else True.
 
@@ -97,9 +106,7 @@ def run_eval(
     )
     kept = [predictions[i] for i in oks_nms(predictions, thr=OKS_NMS_THR)]
     results = to_coco_results(kept)
-    out_json = (
-        Path(out_json) if out_json else checkpoint.with_name(f"{checkpoint.stem}_results.json")
-    )
+    out_json = Path(out_json) if out_json else default_results_json(checkpoint)
     write_json_atomic(out_json, results)
     metrics = coco_keypoint_eval(load_coco(ann_file), results)
     return {
