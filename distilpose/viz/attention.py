@@ -172,5 +172,3 @@ def viz_attention(
             fontsize=8,
         )
     return save_figure(fig, out_png)
-
-

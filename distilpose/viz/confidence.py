@@ -152,4 +152,3 @@ def viz_confidence(
         labelled=labelled,
         title=f"{config.name}  image {inst.image_id}  ann {inst.ann_id}",
     )
-

@@ -117,5 +117,3 @@ def viz_predictions(
     return draw_skeletons(
         read_image(image_path), people, out_png, labels=labels, kpt_thr=kpt_thr, max_side=max_side
     )
-
-
