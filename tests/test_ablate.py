@@ -112,3 +112,13 @@ def test_weights_override_the_grid_terms_it_names():
     assert reweight("reg,cs,sh,kt,vt", "kt=1,vt=0.05") == "reg=1,cs=0.01,sh=1,kt=1,vt=0.05"
     with pytest.raises(BadConfigError, match="unknown loss"):
         reweight("reg", "kx=1")
+
+
+def test_demo_weights_grid_file_loads():
+    """The grid the demo's loss weights were chosen with (docs/notes.md) stays runnable."""
+    grid = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "demo_weights.toml"
+    runs = load_grid(grid)
+    assert [r["name"] for r in runs][-1] == "kt01_vt01"
+    import cli
+
+    assert runs[-1]["losses"] == cli.DemoPlan().losses
