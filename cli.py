@@ -1236,7 +1236,7 @@ def demo(
         bool,
         typer.Option(
             help="Train the teacher with the shipped one's recorded recipe instead of loading it "
-            "(about 30-60 min on 2 CPU cores; with --quick a 2-epoch plumbing check)."
+            "(about 90 min on 2 CPU cores; with --quick a 2-epoch plumbing check)."
         ),
     ] = False,
     config: ConfigOpt = None,

@@ -16,7 +16,7 @@ from distilpose.errors import BadCheckpointError
 from distilpose.io import file_sha256 as sha256_of
 
 DEMO_TEACHER_FILE = Path(__file__).with_name("demo_teacher.pth")
-DEMO_TEACHER_SHA256 = "7bf14094fe5e26d08b2e77a34039f4574249299d45f1ccfb2b9385b0027aa71a"
+DEMO_TEACHER_SHA256 = "0366bdcbefadd3408df3f2b53bbe598ce5ae39f2ffa8161d1f0584c702fec053"
 
 # How demo_teacher.pth was made: `distilpose make-demo-data` then `distilpose train-teacher`.
 DEMO_TEACHER_RECIPE = {
@@ -24,7 +24,7 @@ DEMO_TEACHER_RECIPE = {
     "data_seed": 1000,  # its own synthetic people: no overlap with any demo split
     "num_train": 16000,
     "num_val": 600,
-    "epochs": 20,
+    "epochs": 40,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_iters": 300,
