@@ -1082,6 +1082,23 @@ def _demo_student(job: dict) -> dict:
     return train_student(job["run"])
 
 
+def train_demo_students(runs: list[StudentRun], device: str) -> list[dict]:
+    """Train `runs` (their summaries back, in order): on a CPU with 2+ cores all at once, one
+    process and one torch thread each, else one after another with every core."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from distilpose.device import resolve_device
+
+    on_cpu = resolve_device(device).type == "cpu"
+    parallel = len(runs) if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+    jobs = [{"run": r, "threads": _demo_threads(parallel), "quiet": parallel > 1} for r in runs]
+    if parallel == 1:
+        return [_demo_student(job) for job in jobs]
+    with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_demo_student, jobs))
+
+
 def _demo_teacher(out: Path, plan: DemoPlan, device: str, say) -> Path:
     """--train-teacher: the shipped teacher's recorded recipe (sizes from the plan)."""
     from distilpose.data import MILD_RECIPE
@@ -1116,14 +1133,10 @@ def run_demo(
     plan: DemoPlan | None = None,
 ) -> list[dict]:
     """The mission end to end on demo data, through the very functions the commands call."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     import torch
 
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
-    from distilpose.device import resolve_device
     from distilpose.evaluation.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
     from distilpose.models import build_from_checkpoint, model_info
@@ -1151,25 +1164,19 @@ def run_demo(
             views=plan.views, seed=seed, device=device, recipe=MILD_RECIPE, workers=0,
         )
     )  # fmt: skip
-    on_cpu = resolve_device(device).type == "cpu"
-    parallel = len(STUDENT_RUNS) if on_cpu and (os.cpu_count() or 1) >= 2 else 1
-    jobs = []
+    runs = []
     for role, losses in STUDENT_RUNS.items():
         losses = plan.losses if losses == "losses" else losses
         step(f"train distilpose_demo from the store, losses {losses} -> {out / role}")
-        run = StudentRun(
-            out / "store", "distilpose_demo", out / role,
-            losses=losses, epochs=plan.student_epochs, batch_size=plan.batch_size,
-            lr=plan.lr, schedule="cosine", device=device, seed=seed, workers=0,
-            resume=(out / role / "last.pth").exists(),
+        runs.append(
+            StudentRun(
+                out / "store", "distilpose_demo", out / role,
+                losses=losses, epochs=plan.student_epochs, batch_size=plan.batch_size,
+                lr=plan.lr, schedule="cosine", device=device, seed=seed, workers=0,
+                resume=(out / role / "last.pth").exists(),
+            )
         )  # fmt: skip
-        jobs.append({"run": run, "threads": _demo_threads(parallel), "quiet": parallel > 1})
-    if parallel > 1:
-        with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_demo_student, jobs))
-    else:
-        for job in jobs:
-            _demo_student(job)
+    train_demo_students(runs, device)
     torch.set_num_threads(_demo_threads(1))
     rows = []
     coco = load_coco(data["val_ann"])

@@ -9,8 +9,6 @@ knowledge (a wrong target, sign or weight) removes the margin and fails this tes
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -51,22 +49,19 @@ def _pixel_error(data: dict, ckpt, out) -> float:
 
 
 def test_distilled_student_beats_reg_only(demo_store):
-    """Both students train at once, one process and one thread each, as in the demo."""
+    """Both students train as in the demo (at once, one process and thread each, on 2+ cores)."""
     data, store, root = demo_store
     roles = {"distilled": PLAN.losses, "baseline": "reg"}
-    jobs = [
-        {
-            "run": StudentRun(
+    runs = cli.train_demo_students(
+        [
+            StudentRun(
                 str(store), "distilpose_demo", str(root / name), losses=losses, lr=PLAN.lr,
                 schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
-            ),
-            "threads": 1,
-            "quiet": True,
-        }
-        for name, losses in roles.items()
-    ]  # fmt: skip
-    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
-        runs = list(pool.map(cli._demo_student, jobs))
+            )
+            for name, losses in roles.items()
+        ],
+        "cpu",
+    )  # fmt: skip
     errors = {
         name: _pixel_error(data, run["checkpoint"], root / f"{name}.json")
         for name, run in zip(roles, runs, strict=True)
