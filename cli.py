@@ -280,6 +280,45 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options: a JSON object of fsspec options (endpoint_url, profile, anon, ...)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(
+            f'expected a JSON object such as \'{{"endpoint_url": "http://..."}}\' ({e})',
+            param_hint="--storage-options",
+        ) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(
+            f"expected a JSON object, got {type(value).__name__}", param_hint="--storage-options"
+        )
+    return value
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave (not None): the run type keeps its own defaults for the rest."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help='fsspec options of a remote store, JSON: {"endpoint_url": ..., "profile": ..., '
+        '"anon": true, "timeout": seconds}.'
+    ),
+]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dask cluster: local[:N] (N worker processes; one per GPU with dask-cuda) or "
+        "tcp://scheduler:8786."
+    ),
+]
+
+
 def _parse_size(text: str, option: str) -> tuple[int, int]:
     try:
         w, h = (int(x) for x in text.lower().split("x"))
@@ -564,6 +603,8 @@ def dump_teacher(
             help="fp16 teacher outputs without zstd: 8% more bytes, no decompression on reads."
         ),
     ] = False,
+    storage_options: StorageOpt = None,
+    cluster: ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
@@ -587,6 +628,7 @@ def dump_teacher(
         pixels=pixels.value,
         jpeg_quality=jpeg_quality,
         targets_zstd=not raw_targets,
+        **_given(storage_options=_storage_options(storage_options), cluster=cluster),
     )
     typer.echo(json.dumps(dump(run), default=str))
 
@@ -598,13 +640,16 @@ def dump_teacher(
 def store_info(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    storage_options: StorageOpt = None,
+    cluster: ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Samples and views complete, bytes (pixels too), compression, teacher confidence, NaN/Inf."""
+    """Samples and views complete, bytes (pixels too), compression, teacher confidence, NaN/Inf;
+    every chunk read through the checked reader (crc32c, manifests), in parallel with Dask."""
     from store.checks import format_store_info
     from store.checks import store_info as info
 
-    result = info(store)
+    result = info(store, _storage_options(storage_options), cluster=cluster)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_store_info(result))
 
 
@@ -615,6 +660,8 @@ def store_verify(
         int | None, typer.Option(help="Check this many random samples (default 1000).")
     ] = None,
     all_slots: Annotated[bool, typer.Option("--all", help="Check every sample.")] = False,
+    storage_options: StorageOpt = None,
+    cluster: ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Check every array of sampled slots (checksums, manifests, layout, finite values), then
@@ -623,7 +670,12 @@ def store_verify(
     from store.checks import store_verify as verify
     from store.checks import verify_failure
 
-    result = verify(store, sample=None if all_slots else (sample or VERIFY_SAMPLE))
+    result = verify(
+        store,
+        sample=None if all_slots else (sample or VERIFY_SAMPLE),
+        storage_options=_storage_options(storage_options),
+        cluster=cluster,
+    )
     typer.echo(json.dumps(result, default=str))
     failure = verify_failure(result)
     if failure:
@@ -684,6 +736,7 @@ def train_student(
     ckpt_every_steps: Annotated[
         int, typer.Option(help="Also save last.pth every N steps (0: at epoch ends only).")
     ] = 0,
+    storage_options: StorageOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
@@ -710,6 +763,7 @@ def train_student(
         decode=decode.value,
         sync_bn=sync_bn,
         ckpt_every_steps=ckpt_every_steps,
+        **_given(storage_options=_storage_options(storage_options)),
     )
     run = _resumed(ctx, run, STUDENT_OPTIONS)
     typer.echo(json.dumps(train(run), default=str))

@@ -7,10 +7,9 @@ import os
 from collections.abc import Callable
 
 import dask
-import dask.array as da
 import numpy as np
 
-from distilpose.errors import StoreCorruptError, StoreFormatError
+from distilpose.errors import StoreCorruptError
 from distilpose.progress import progress
 from store.reader import StoreReader, load_store_instances
 from store.schema import PIXELS, TEACHER_OUTPUTS, read_fields
@@ -43,28 +42,69 @@ def _complete_slots(reader: StoreReader) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in chunks])
 
 
-def _dask(reader: StoreReader, name: str, chunks: list[tuple[int, int]]) -> da.Array:
-    """The complete real slots of one stored array as a dask array, one block per chunk."""
-    arr = reader.arrays[name]
-    full = da.from_array(arr, chunks=(reader.meta.chunk_samples, *arr.shape[1:]))
-    return da.concatenate([full[a:b] for a, b in chunks]) if chunks else full[:0]
+def _reader_for(path: str, options: dict | None, token: str) -> StoreReader:
+    """This process's reader of one check (`token`): opened once per worker, never reused by
+    another check (a reader caches what it checked, and the store may have changed since)."""
+    key = (path, repr(sorted((options or {}).items())), token)
+    if _READERS.get("key") != key:
+        _READERS.clear()
+        _READERS.update(key=key, reader=StoreReader.open(path, options))
+    return _READERS["reader"]
 
 
-def _culprit(reader: StoreReader, chunks: list[tuple[int, int]]) -> Exception | None:
-    """The named error of the first chunk that fails a checked read (None: none fails)."""
-    for a, b in chunks:
-        try:
-            reader.read_chunk(a, b, _stored_fields(reader))
-        except StoreFormatError as e:
-            return e
-    return None
+_READERS: dict = {}
 
 
-def store_info(path: object, storage_options: dict | None = None) -> dict:
+def _on_chunks(reader: StoreReader, task, jobs: list, cluster: str | None) -> list:
+    """[task(reader, *job) for job in jobs], in parallel: local threads sharing `reader`, or
+    the processes of a Dask cluster, each opening the store once. The first failing job's error
+    is raised as it is (a checked read's error names store, array and chunk)."""
+    if not jobs:
+        return []
+    if cluster is None:
+        tasks = [dask.delayed(task)(reader, *job) for job in jobs]
+        return list(dask.compute(*tasks, scheduler="threads", num_workers=CHECK_THREADS))
+    import uuid
+
+    from distilpose.cluster import dask_client
+
+    token = uuid.uuid4().hex
+    path, options = reader.path, reader.location.storage_options or None
+
+    def remote(*job):  # ships path and options, never the reader (its zarr handles)
+        return task(_reader_for(path, options, token), *job)
+
+    with dask_client(cluster) as client:
+        return client.gather(client.map(remote, *zip(*jobs, strict=True), pure=False))
+
+
+# threads for the checks without a cluster: reads release the GIL (I/O, zstd, crc32c)
+CHECK_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+def _chunk_summary(reader: StoreReader, start: int, stop: int) -> dict:
+    """One complete chunk read through the checked reader: heatmap peaks [n, K] and NaN/Inf
+    counts of the float arrays (a missing or damaged shard raises, never reads as zeros)."""
+    m = reader.meta
+    names = [n for n in ("spec", "keypoints", "weights", *m.teacher_outputs) if n in reader.specs]
+    x = reader.read_chunk(start, stop, names, dtype=np.float32)
+    out = {"peak": x["heatmaps"].max(axis=(2, 3))}  # [n, K] decoded values in every mode
+    for name in names:
+        if x[name].dtype.kind == "f":
+            out[f"nan:{name}"] = int(np.isnan(x[name]).sum())
+            out[f"inf:{name}"] = int(np.isinf(x[name]).sum())
+    return out
+
+
+def store_info(
+    path: object, storage_options: dict | None = None, cluster: str | None = None
+) -> dict:
     """Summary of a store: completeness, size on disk, compression, teacher confidence, NaN/Inf.
 
     Teacher confidence: per joint, the heatmap maximum of each complete sample, summarized as
-    mean and 5/50/95th percentiles over samples.
+    mean and 5/50/95th percentiles over samples. Every complete chunk is read through the
+    checked reader (crc32c, the unit's manifest), in parallel: local threads, or the Dask
+    cluster `cluster` names (local[:N], tcp://...); a damaged store raises, naming the chunk.
     """
     reader = StoreReader.open(path, storage_options)
     m, lay = reader.meta, reader.layout
@@ -122,23 +162,9 @@ def store_info(path: object, storage_options: dict | None = None) -> dict:
         info.update(nonfinite={}, confidence={})
         return info
 
-    with dask.config.set(scheduler="threads", num_workers=2):
-        hm = _dask(reader, "heatmaps", chunks)
-        peak = hm.max(axis=(2, 3)).astype(np.float32)  # [S, K]
-        if m.mode != "fp16":  # codes -> values: the peak code maps through the joint's scale
-            scale = _dask(reader, "heatmaps_scale", chunks)
-            peak = peak * scale[..., 1] + scale[..., 0]
-        checks = {"peak": peak}
-        for name in ("spec", "keypoints", "weights", *m.teacher_outputs):
-            s = reader.specs[name]
-            if np.dtype(s.dtype).kind == "f":
-                x = _dask(reader, name, chunks)
-                checks[f"nan:{name}"] = da.isnan(x).sum()
-                checks[f"inf:{name}"] = da.isinf(x).sum()
-        try:
-            (res,) = dask.compute(checks)
-        except Exception as e:  # a damaged chunk: find it and name it
-            raise _culprit(reader, chunks) or e from None
+    parts = _on_chunks(reader, _chunk_summary, chunks, cluster)
+    res = {k: sum(p[k] for p in parts) for k in parts[0] if k != "peak"}
+    res["peak"] = np.concatenate([p["peak"] for p in parts])
     peak = np.asarray(res.pop("peak"), dtype=np.float64)
     info["nonfinite"] = {k: int(v) for k, v in res.items()}
     info["nonfinite_total"] = int(sum(res.values()))
@@ -160,6 +186,7 @@ def store_verify(
     images: Callable[[object], np.ndarray] | None = None,
     seed: int = 0,
     storage_options: dict | None = None,
+    cluster: str | None = None,
 ) -> dict:
     """Check a store's sampled slots through every array, then their crops against the stored
     digests: decode them (stores with pixels), or re-render them from their specs and the
@@ -170,6 +197,7 @@ def store_verify(
     checked (chunk crc32c, instances and specs against the slot layout, finite values), and
     each touched unit's shard files are compared with its manifest (size and whole-file
     crc32c); each failure is a `problems` line naming array and chunk, counted in `corrupt`.
+    These reads run in parallel: local threads, or the Dask cluster `cluster` names.
     ann_file / image_root override the paths recorded in the store (its digest must match);
     images(instance) -> uint8 BGR image overrides reading `instance.image_path`.
     Returns counts: checked, ok, mismatched (crop pixels), keypoints_mismatched (stored crop
@@ -182,7 +210,7 @@ def store_verify(
     reader = StoreReader.open(path, storage_options)
     m = reader.meta
     by_chunk = _sample_slots(reader, sample, seed)
-    integrity = check_integrity(reader, by_chunk)
+    integrity = check_integrity(reader, by_chunk, cluster)
     readable = {c: v for c, v in by_chunk.items() if c not in integrity["bad_chunks"]}
     if m.pixels != "none":
         result = _verify_pixels(reader, path, readable)
@@ -302,9 +330,38 @@ def _stored_fields(reader: StoreReader) -> tuple[str, ...]:
     return tuple(f for f in (*read_fields(reader.meta), PIXELS) if f in reader.specs)
 
 
-def check_integrity(reader: StoreReader, by_chunk: dict[int, list[int]]) -> dict:
+def _unit_problem(reader: StoreReader, unit: int) -> tuple[bool, str | None]:
+    """(has a manifest, the problem line or None) of one unit's shard files (size, crc32c)."""
+    try:
+        manifest = reader.unit_manifest(unit) is not None
+    except StoreCorruptError as e:
+        return False, str(e)
+    try:
+        reader.check_unit_files(unit, crc=True)
+    except StoreCorruptError as e:
+        return manifest, str(e)
+    return manifest, None
+
+
+def _chunk_problem(reader: StoreReader, chunk: int) -> str | None:
+    """The problem line of one chunk's checked read of every array (None: it reads clean)."""
+    lay = reader.layout
+    reader.check_finite = True  # store-verify checks values even where checksums hold
+    start = chunk * lay.chunk_samples
+    stop = min(start + lay.chunk_samples, lay.num_slots(reader.meta.views))
+    try:
+        reader.read_chunk(start, stop, _stored_fields(reader))
+    except StoreCorruptError as e:
+        return str(e)
+    return None
+
+
+def check_integrity(
+    reader: StoreReader, by_chunk: dict[int, list[int]], cluster: str | None = None
+) -> dict:
     """Every array of the given chunks, read and checked (crc32c, layout, finite values), and
-    their units' shard files against the manifests (size and whole-file crc32c).
+    their units' shard files against the manifests (size and whole-file crc32c), in parallel
+    (local threads, or the Dask cluster `cluster` names).
 
     Returns problems (one line each, naming array and chunk), bad_chunks (chunk ids that cannot
     be read: not to use further) and manifests (whether the units have any: version-1 stores
@@ -313,28 +370,15 @@ def check_integrity(reader: StoreReader, by_chunk: dict[int, list[int]]) -> dict
     """
     lay = reader.layout
     reader.check_finite = True
-    problems: list[str] = []
-    manifests = False
     units = sorted({c * lay.chunk_samples // lay.unit_samples for c in by_chunk})
-    for unit in progress(units, desc="verify shards", unit="units"):
-        try:
-            manifests |= reader.unit_manifest(unit) is not None
-            reader.check_unit_files(unit, crc=True)
-        except StoreCorruptError as e:
-            problems.append(str(e))
-    bad_chunks: set[int] = set()
-    end = lay.num_slots(reader.meta.views)
-    for c in progress(list(by_chunk), desc="verify arrays", unit="chunks"):
-        start = c * lay.chunk_samples
-        try:
-            reader.read_chunk(start, min(start + lay.chunk_samples, end), _stored_fields(reader))
-        except StoreCorruptError as e:
-            problems.append(str(e))
-            bad_chunks.add(c)
+    unit_results = _on_chunks(reader, _unit_problem, [(u,) for u in units], cluster)
+    chunks = list(by_chunk)
+    chunk_results = _on_chunks(reader, _chunk_problem, [(c,) for c in chunks], cluster)
+    problems = [p for _, p in unit_results if p] + [p for p in chunk_results if p]
     return {
         "problems": list(dict.fromkeys(problems)),
-        "bad_chunks": bad_chunks,
-        "manifests": manifests,
+        "bad_chunks": {c for c, p in zip(chunks, chunk_results, strict=True) if p},
+        "manifests": any(m for m, _ in unit_results),
     }
 
 

@@ -587,7 +587,8 @@ def digest_rows(digests: object) -> np.ndarray:
 
 
 class StoreLocation:
-    """A store's address: a local directory (written and read) or any fsspec URL (read).
+    """A store's address: a local directory or any fsspec URL (read; written on object stores
+    such as S3: see store/remote.py).
 
     Completion markers are plain files under `complete/`; they are listed and written here
     rather than through zarr so that local writes can be fsynced and renamed into place.
@@ -609,6 +610,10 @@ class StoreLocation:
         else:
             import fsspec
 
+            from store.remote import fsspec_options  # request timeouts and retries (S3)
+
+            protocol = self.text.split("://", 1)[0]
+            self.storage_options = fsspec_options(protocol, self.storage_options)
             try:
                 self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
             except ImportError as e:

@@ -19,6 +19,9 @@ A killed writer leaves finished units marked and at most its current unit unmark
 rewrites exactly the pending units, and zstd output is deterministic, so the resumed store is
 byte-for-byte the uninterrupted one. Store metadata changes (creation, more views) happen under
 an exclusive lock file, arrays first and the metadata attribute last.
+On an object store (S3) step 1 is one PUT per shard file (atomic: no temp file, no rename),
+step 2 is those PUTs having returned, step 3 one PUT of the marker; there are no claims and no
+lock file: one writer per unit range (`shard=(i, n)` or a Dask cluster), see store/remote.py.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import zarr
 from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
+from store.remote import check_bucket
 from store.schema import (
     COMPLETE_DIR,
     META_KEY,
@@ -95,6 +99,8 @@ class StoreWriter:
         The store's chunk layout wins over the one in `meta` when reopening.
         """
         loc = StoreLocation(path, storage_options)
+        if not loc.is_local and loc.text.startswith(("s3://", "s3a://")):
+            check_bucket(loc.fs, loc.text)  # a PUT into a missing bucket reads "no such file"
         try:
             with _locked(loc):
                 group, stored = _open_existing(loc)

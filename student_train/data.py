@@ -350,9 +350,11 @@ class _StoreSource(IterableDataset):
         fields: tuple[str, ...],
         allow_incomplete: bool,
         num_batches: int,
+        storage_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.store, self.view, self.batch_size = store, view, batch_size
+        self.storage_options = storage_options
         self.seed, self.epoch, self.fields = seed, epoch, fields
         self.allow_incomplete = allow_incomplete
         self.num_batches = num_batches
@@ -362,7 +364,7 @@ class _StoreSource(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, nranks, _ = world()
-        yield from StoreReader.open(self.store).iter_batches(
+        yield from StoreReader.open(self.store, self.storage_options).iter_batches(
             self.view,
             self.batch_size * nranks,  # the global batch
             self.seed,
@@ -420,9 +422,11 @@ class StudentBatches:
         pin_memory: bool = False,
         device: str | torch.device = "cpu",
         decode: str = "auto",
+        storage_options: dict | None = None,
     ) -> None:
         self.store = str(store)
-        self.reader = StoreReader.open(self.store)
+        self.storage_options = storage_options  # fsspec options of a remote store
+        self.reader = StoreReader.open(self.store, storage_options)
         self.meta = self.reader.meta
         self.device = resolve_device(device) if isinstance(device, str) else device
         # a store with pixels needs neither images nor annotations (online mode re-renders)
@@ -472,6 +476,7 @@ class StudentBatches:
             self.fields,
             self.allow_incomplete,
             len(self),
+            self.storage_options,
         )
         return _RenderedBatches(source, self.renderer, verify=self.verify_digest)
 

@@ -133,7 +133,7 @@ class StudentPlan:
 
 def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) -> tuple:
     """(batches, store_meta, identity) from the run's store, after checking it fits the run."""
-    reader = StoreReader.open(run.store)
+    reader = StoreReader.open(run.store, run.storage_options)
     if not online:  # a loss the store has no target for fails before anything runs
         check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
     reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
@@ -158,6 +158,7 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
         allow_incomplete=run.allow_incomplete,
         device=resolve_device(run.device, world()[2]),
         decode=run.decode,
+        storage_options=run.storage_options,
     )
     return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
 

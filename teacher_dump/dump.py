@@ -59,7 +59,7 @@ from distilpose.training.distributed import world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
 from store.pixels import decode_crop, encode_crop
-from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
+from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreLocation, StoreMeta
 from store.writer import StoreWriter
 
 log = logging.getLogger("distilpose.dump")
@@ -198,17 +198,22 @@ def _concat(parts: list) -> object:
     return np.concatenate(parts)
 
 
-def _store_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def store_bytes(location: StoreLocation) -> int:
+    """Bytes of every file of the store (local directory or object store)."""
+    if not location.is_local:
+        return int(location.fs.du(location.root, total=True))
+    return sum(f.stat().st_size for f in Path(location.root).rglob("*") if f.is_file())
 
 
-def _open_store(out: Path, meta: StoreMeta, world_size: int, rank: int) -> StoreWriter:
+def _open_store(
+    out: str, meta: StoreMeta, world_size: int, rank: int, options: dict | None
+) -> StoreWriter:
     """Create or reopen the store; under torchrun rank 0 creates it, the others wait."""
     if world_size == 1:
-        return StoreWriter.create_or_open(out, meta)
-    writer = StoreWriter.create_or_open(out, meta) if rank == 0 else None
+        return StoreWriter.create_or_open(out, meta, **(options or {}))
+    writer = StoreWriter.create_or_open(out, meta, **(options or {})) if rank == 0 else None
     dist.barrier()
-    return writer or StoreWriter.create_or_open(out, meta)
+    return writer or StoreWriter.create_or_open(out, meta, **(options or {}))
 
 
 @dataclass
@@ -318,15 +323,15 @@ def dump_summary(
     run: DumpRun, plan: DumpPlan, tally: DumpTally, elapsed: float, info: dict
 ) -> dict:
     """The run summary (returned and printed as one stderr line); `info`: shard, teacher,
-    device, pixels."""
-    out, written, loop_s = Path(run.out), tally.written, tally.loop_s
+    device, pixels, bytes."""
+    out, written, loop_s = run.out, tally.written, tally.loop_s
     summary = {
         "store": str(out),
         "samples": written,
         "views": run.views,
         "units": len(plan.units),
         "shard": info["shard"],
-        "bytes": _store_bytes(out),
+        "bytes": info["bytes"],
         "time_s": round(elapsed, 3),
         "samples_per_s": round(written / max(elapsed, 1e-9), 1),
         # the pipeline alone, without loading the teacher, annotations and store
@@ -373,7 +378,7 @@ def dump_teacher(run: DumpRun) -> dict:
             "batch_size >= 1, views >= 1"
         )
     start = time.perf_counter()
-    out = Path(run.out)
+    out = str(run.out)  # a path or a URL (s3://...): never through Path, which folds "//"
     dev = resolve_device(run.device, local_rank)
     teacher = load_teacher(run.teacher_ckpt, run.model)
     cfg = teacher.config
@@ -409,7 +414,7 @@ def dump_teacher(run: DumpRun) -> dict:
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")  # barriers are all the ranks need from each other
-    writer = _open_store(out, meta, world_size, rank)
+    writer = _open_store(out, meta, world_size, rank, run.storage_options)
     plan = plan_dump(writer, shard, batch_size)
 
     cuda = dev.type == "cuda"
@@ -428,7 +433,7 @@ def dump_teacher(run: DumpRun) -> dict:
         pin_memory=cuda,
         prefetch_factor=4 if run.workers else None,
     )
-    tally = dump_loop(teacher, loader, plan, writer, outputs, dev, out.name)
+    tally = dump_loop(teacher, loader, plan, writer, outputs, dev, out.rstrip("/").rsplit("/")[-1])
     if world_size > 1:
         dist.barrier()  # the store is finished when every rank is
         if own_group:
@@ -439,5 +444,6 @@ def dump_teacher(run: DumpRun) -> dict:
         "teacher": cfg.name,
         "device": str(dev),
         "pixels": writer.meta.pixels,
+        "bytes": store_bytes(writer.location),
     }
     return dump_summary(run, plan, tally, time.perf_counter() - start, info)

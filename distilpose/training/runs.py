@@ -133,6 +133,8 @@ class DumpRun(_Run):
     pixels: str = "jpeg"
     jpeg_quality: int | None = None  # None: the store's default (store.schema.JPEG_QUALITY)
     targets_zstd: bool = True
+    storage_options: dict | None = None  # fsspec options of a remote `out` (endpoint, profile)
+    cluster: str | None = None  # None: this process (or torchrun ranks); local[:N] / tcp://...
 
 
 @dataclass
@@ -167,6 +169,7 @@ class StudentRun(_Run):
     channels_last: bool = False
     amp_dtype: str = "auto"
     schedule: str = "step"
+    storage_options: dict | None = None  # fsspec options of a remote `store` (endpoint, profile)
 
 
 # What a rerun decides for itself rather than inherits from the saved run.

@@ -1,0 +1,88 @@
+"""Dask distributed clusters named by one string: `local[:N]` or a scheduler address.
+
+    with dask_client("local:2") as client:      # 2 worker processes, 1 thread each
+        client.submit(...)
+    with dask_client("tcp://10.0.0.5:8786"):     # a running cluster (SLURM, cloud, ...)
+
+`local` without N: one worker per GPU through dask-cuda's LocalCUDACluster where CUDA is
+present and dask_cuda is installed (an optional import, not a dependency), else one worker per
+CPU core. Workers are processes with one thread each: a teacher forward or a chunk check
+already uses its core, and a worker process that dies takes only its own task with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from distilpose.errors import BadConfigError
+
+
+def parse_cluster(spec: str) -> tuple[str, int | None]:
+    """("local", N or None) or ("address", None); BadConfigError for anything else."""
+    text = spec.strip()
+    if text == "local":
+        return "local", None
+    if text.startswith("local:"):
+        n = text.split(":", 1)[1]
+        if n.isdigit() and int(n) >= 1:
+            return "local", int(n)
+    elif "://" in text or (":" in text and text.rsplit(":", 1)[1].isdigit()):
+        return text, None
+    raise BadConfigError(
+        f"--cluster {spec!r}: expected local, local:N (N >= 1 worker processes) or a scheduler "
+        "address such as tcp://host:8786"
+    )
+
+
+def _cuda_cluster(n: int | None):
+    """dask-cuda's one-worker-per-GPU cluster, or None where there is no GPU or no dask_cuda."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        return None
+    gpus = torch.cuda.device_count()
+    visible = ",".join(str(i) for i in range(min(n or gpus, gpus)))
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=1)
+
+
+def local_cluster(n: int | None):
+    """N worker processes of one thread each (one per GPU with dask-cuda)."""
+    from distributed import LocalCluster
+
+    cluster = _cuda_cluster(n)
+    if cluster is not None:
+        return cluster
+    return LocalCluster(
+        n_workers=n or os.cpu_count() or 1,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,  # no web server nobody looks at (and no port to collide on)
+        silence_logs=40,  # errors only: a worker killed on purpose is not news
+    )
+
+
+@contextlib.contextmanager
+def dask_client(spec: str) -> Iterator[object]:
+    """A distributed Client on the cluster `spec` names; a local cluster is closed on exit."""
+    from distributed import Client
+
+    where, n = parse_cluster(spec)
+    if where != "local":
+        try:
+            client = Client(where, timeout="30s")
+        except OSError as e:
+            raise BadConfigError(
+                f"--cluster {spec}: no Dask scheduler answers there ({e}); expected a running "
+                "scheduler (dask scheduler, dask-jobqueue, ...)"
+            ) from None
+        with client:
+            yield client
+        return
+    with local_cluster(n) as cluster, Client(cluster) as client:
+        yield client
