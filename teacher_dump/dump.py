@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ from distilpose.training.distributed import world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
 from store.pixels import decode_crop, encode_crop
-from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreLocation, StoreMeta
+from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
 log = logging.getLogger("distilpose.dump")
@@ -198,8 +199,9 @@ def _concat(parts: list) -> object:
     return np.concatenate(parts)
 
 
-def store_bytes(location: StoreLocation) -> int:
+def store_bytes(writer: StoreWriter) -> int:
     """Bytes of every file of the store (local directory or object store)."""
+    location = writer.location
     if not location.is_local:
         return int(location.fs.du(location.root, total=True))
     return sum(f.stat().st_size for f in Path(location.root).rglob("*") if f.is_file())
@@ -233,7 +235,13 @@ class DumpPlan:
 def plan_dump(writer: StoreWriter, shard: tuple[int, int], batch_size: int) -> DumpPlan:
     """Claim shard `shard`'s pending units of the store and align forward batches to them."""
     # writers started together on one store split its units instead of racing on them
-    units, elsewhere = writer.claim(writer.pending_units(shard=tuple(shard)))
+    return plan_units(writer, *writer.claim(writer.pending_units(shard=tuple(shard))), batch_size)
+
+
+def plan_units(
+    writer: StoreWriter, units: list[int], elsewhere: list[int], batch_size: int
+) -> DumpPlan:
+    """The plan of claimed `units`: their samples and forward batches aligned to them."""
     plan = DumpPlan(units, elsewhere)
     for unit in units:
         first = len(plan.samples)
@@ -353,33 +361,26 @@ def dump_summary(
     return summary
 
 
-def dump_teacher(run: DumpRun) -> dict:
-    """Fill store `run.out` with the teacher's outputs on `run.views` seeded crops of every
-    instance.
+class DumpSetup(NamedTuple):
+    """What every process of a dump derives from its run: the teacher (eval, on the CPU), its
+    config, the instances, the crop recipe, the outputs to store and the store's metadata."""
 
-    pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
-    runs on the decoded crop) so students train without the images; "none" keeps only specs.
-    targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
+    teacher: nn.Module
+    config: object
+    instances: list[PersonInstance]
+    recipe: AugmentRecipe
+    outputs: tuple[str, ...]
+    meta: StoreMeta
 
-    Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
-    loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every
-    n-th unit (under torchrun, rank i of n). Write units hold `chunk_samples * shard_chunks`
-    samples (the store may shrink `shard_chunks` for a small dataset); forward batches of
-    `batch_size` never cross a unit. An existing store keeps its own layout; a rerun must use
-    the same batch size and device for a bit-identical result.
-    """
-    rank, world_size, local_rank = world()
-    shard, views, batch_size = tuple(run.shard), run.views, run.batch_size
-    if world_size > 1:
-        shard = (rank, world_size)
+
+def dump_setup(run: DumpRun, shard: tuple[int, int] | None = None) -> DumpSetup:
+    """Check the run's numbers, load its teacher and instances, and describe its store."""
+    shard, views, batch_size = tuple(shard or run.shard), run.views, run.batch_size
     if not (0 <= shard[0] < shard[1]) or batch_size < 1 or views < 1:
         raise BadConfigError(
             f"shard={shard}, batch_size={batch_size}, views={views}; expected 0 <= i < n, "
             "batch_size >= 1, views >= 1"
         )
-    start = time.perf_counter()
-    out = str(run.out)  # a path or a URL (s3://...): never through Path, which folds "//"
-    dev = resolve_device(run.device, local_rank)
     teacher = load_teacher(run.teacher_ckpt, run.model)
     cfg = teacher.config
     recipe = run.recipe or AugmentRecipe()
@@ -411,29 +412,76 @@ def dump_teacher(run: DumpRun) -> dict:
         targets_zstd=run.targets_zstd,
         extra={"teacher_ckpt": run.teacher_ckpt, "batch_size": batch_size},
     )
+    return DumpSetup(teacher, cfg, instances, recipe, outputs, meta)
+
+
+def on_device(teacher: nn.Module, dev: torch.device) -> nn.Module:
+    """The teacher on `dev` (channels_last on CUDA, the layout its convolutions run fastest in)."""
+    teacher = teacher.to(dev)
+    return teacher.to(memory_format=torch.channels_last) if dev.type == "cuda" else teacher
+
+
+def dump_loader(
+    setup: DumpSetup, plan: DumpPlan, writer: StoreWriter, seed: int, workers: int, dev
+) -> DataLoader:
+    """Batches of `plan` rendered by `workers` processes (0: in this process)."""
+    cfg = setup.config
+    dataset = DumpCrops(
+        setup.instances, plan.samples, setup.recipe, seed, cfg.input_size, cfg.num_keypoints,
+        pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
+    )  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_sampler=plan.batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def dump_teacher(run: DumpRun) -> dict:
+    """Fill store `run.out` with the teacher's outputs on `run.views` seeded crops of every
+    instance.
+
+    pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
+    runs on the decoded crop) so students train without the images; "none" keeps only specs.
+    targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
+
+    Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
+    loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every
+    n-th unit (under torchrun, rank i of n). Write units hold `chunk_samples * shard_chunks`
+    samples (the store may shrink `shard_chunks` for a small dataset); forward batches of
+    `batch_size` never cross a unit. An existing store keeps its own layout; a rerun must use
+    the same batch size and device for a bit-identical result.
+    """
+    rank, world_size, local_rank = world()
+    shard, batch_size = tuple(run.shard), run.batch_size
+    if world_size > 1:
+        shard = (rank, world_size)
+    if run.cluster is not None:
+        if world_size > 1:
+            raise BadConfigError(
+                f"--cluster {run.cluster} under torchrun ({world_size} ranks); expected one or "
+                "the other: the cluster's scheduler spreads the units itself"
+            )
+        from teacher_dump.cluster import dump_on_cluster
+
+        return dump_on_cluster(run)
+    start = time.perf_counter()
+    out = str(run.out)  # a path or a URL (s3://...): never through Path, which folds "//"
+    dev = resolve_device(run.device, local_rank)
+    setup = dump_setup(run, shard)
+    cfg = setup.config
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")  # barriers are all the ranks need from each other
-    writer = _open_store(out, meta, world_size, rank, run.storage_options)
+    writer = _open_store(out, setup.meta, world_size, rank, run.storage_options)
     plan = plan_dump(writer, shard, batch_size)
-
-    cuda = dev.type == "cuda"
-    teacher = teacher.to(dev)
-    if cuda:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    dataset = DumpCrops(
-        instances, plan.samples, recipe, run.seed, cfg.input_size, cfg.num_keypoints,
-        pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
-    )  # fmt: skip
-    loader = DataLoader(
-        dataset,
-        batch_sampler=plan.batches,
-        num_workers=run.workers,
-        collate_fn=collate,
-        pin_memory=cuda,
-        prefetch_factor=4 if run.workers else None,
-    )
-    tally = dump_loop(teacher, loader, plan, writer, outputs, dev, out.rstrip("/").rsplit("/")[-1])
+    teacher = on_device(setup.teacher, dev)
+    loader = dump_loader(setup, plan, writer, run.seed, run.workers, dev)
+    name = out.rstrip("/").rsplit("/")[-1]
+    tally = dump_loop(teacher, loader, plan, writer, setup.outputs, dev, name)
     if world_size > 1:
         dist.barrier()  # the store is finished when every rank is
         if own_group:
@@ -444,6 +492,6 @@ def dump_teacher(run: DumpRun) -> dict:
         "teacher": cfg.name,
         "device": str(dev),
         "pixels": writer.meta.pixels,
-        "bytes": store_bytes(writer.location),
+        "bytes": store_bytes(writer),
     }
     return dump_summary(run, plan, tally, time.perf_counter() - start, info)
