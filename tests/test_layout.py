@@ -48,7 +48,7 @@ def test_top_level_layout():
 SHARED = ROOT / "distilpose"
 # One subpackage per role, and the few small helpers every role uses, at the top of distilpose/.
 ROLES = {"models", "data", "training", "evaluation", "inference", "viz", "weights"}
-HELPERS = {"device", "errors", "geometry", "io", "limits", "progress"}
+HELPERS = {"cluster", "device", "errors", "geometry", "io", "limits", "progress"}
 
 
 def distilpose_imports(path: Path) -> set[str]:
