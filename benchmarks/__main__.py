@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/results/latest.md.
 
-    python -m benchmarks [--quick] [--only model,store,dump,train,predict]
+    python -m benchmarks [--quick] [--only model,store,dump,train,predict,scale]
 
 Each benchmark module exposes `run(quick: bool) -> str` (a Markdown section) and also writes its
 own file in benchmarks/results/. This runner adds the machine it ran on, so the numbers can be
@@ -25,6 +25,7 @@ BENCHMARKS = {
     "dump": "benchmarks.dump_bench",
     "train": "benchmarks.train_bench",
     "predict": "benchmarks.predict_bench",
+    "scale": "benchmarks.scale_bench",
 }
 
 

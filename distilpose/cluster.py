@@ -1,13 +1,14 @@
 """Dask distributed clusters named by one string: `local[:N]` or a scheduler address.
 
-    with dask_client("local:2") as client:      # 2 worker processes, 1 thread each
+    with dask_client("local:2") as client:      # 2 worker processes
         client.submit(...)
     with dask_client("tcp://10.0.0.5:8786"):     # a running cluster (SLURM, cloud, ...)
 
 `local` without N: one worker per GPU through dask-cuda's LocalCUDACluster where CUDA is
 present and dask_cuda is installed (an optional import, not a dependency), else one worker per
-CPU core. Workers are processes with one thread each: a teacher forward or a chunk check
-already uses its core, and a worker process that dies takes only its own task with it.
+CPU core. Workers are processes of 2 threads (THREADS_PER_WORKER): the dump runs one forward
+pass at a time per worker and writes the previous unit beside it; a worker process that dies
+takes only its own tasks with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import os
 from collections.abc import Iterator
 
 from distilpose.errors import BadConfigError
+
+# 2 threads per worker process: one runs a unit's forward pass (the dump holds a per-worker lock
+# around it) while the other writes the previous unit (encode, zstd, checksums, sync)
+THREADS_PER_WORKER = 2
 
 
 def parse_cluster(spec: str) -> tuple[str, int | None]:
@@ -48,11 +53,11 @@ def _cuda_cluster(n: int | None):
         return None
     gpus = torch.cuda.device_count()
     visible = ",".join(str(i) for i in range(min(n or gpus, gpus)))
-    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=1)
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=THREADS_PER_WORKER)
 
 
 def local_cluster(n: int | None):
-    """N worker processes of one thread each (one per GPU with dask-cuda)."""
+    """N worker processes of THREADS_PER_WORKER threads (one per GPU with dask-cuda)."""
     from distributed import LocalCluster
 
     cluster = _cuda_cluster(n)
@@ -60,7 +65,7 @@ def local_cluster(n: int | None):
         return cluster
     return LocalCluster(
         n_workers=n or os.cpu_count() or 1,
-        threads_per_worker=1,
+        threads_per_worker=THREADS_PER_WORKER,
         processes=True,
         dashboard_address=None,  # no web server nobody looks at (and no port to collide on)
         silence_logs=40,  # errors only: a worker killed on purpose is not news

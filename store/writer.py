@@ -262,7 +262,8 @@ class StoreWriter:
             os.write(self._lock_fd, str(os.getpid()).encode())
         for unit in units:
             (mine if self._take(unit) else others).append(unit)
-        self._claimed = set(mine)
+        # added to, not replaced: a Dask worker claims one unit per task while it writes others
+        self._claimed = getattr(self, "_claimed", set()) | set(mine)
         return mine, others
 
     def _take(self, unit: int) -> bool:

@@ -6,7 +6,8 @@
 The client (this process) creates or reopens the store and lists its pending units (of
 `--shard i/n` when given); every unit becomes a task `dump_unit(job, unit)`. A worker loads the
 teacher once (cached by the checkpoint's sha256, with the instances and the store handle) and
-then renders, runs and writes units one at a time, one thread per worker process.
+then renders and runs units one at a time (one torch thread; a second task thread writes the
+previous unit meanwhile).
 
 Why a unit is safe to run twice: its bytes depend only on (store seed, unit, batch size,
 device), its shards are written whole and its marker last (store/writer.py). So when a worker
@@ -21,13 +22,14 @@ worker died, told by the workers' "dump-unit" events).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 import torch
 
-from distilpose.cluster import dask_client
+from distilpose.cluster import dask_client, parse_cluster
 from distilpose.device import resolve_device
 from distilpose.progress import ProgressCounter
 from distilpose.training.runs import DumpRun
@@ -37,12 +39,14 @@ from teacher_dump.dump import (
     DumpPlan,
     DumpTally,
     dump_loader,
-    dump_loop,
     dump_setup,
     dump_summary,
+    load_teacher,
     on_device,
     plan_units,
+    run_batch,
     store_bytes,
+    unit_arrays,
 )
 
 EVENT = "dump-unit"  # the topic workers log each unit's start under
@@ -59,48 +63,84 @@ class UnitJob:
     token: str  # this dump's task keys and events, apart from any other on the cluster
 
 
-_WORKER_CACHE: dict = {}  # per worker process: the one dump it serves
+_TEACHERS: dict = {}  # per worker process: sha256 -> teacher on its device (one at a time)
+_DUMP: dict = {}  # per worker process: the dump it serves (instances, store handle)
+
+
+def _teacher(job: UnitJob, dev: torch.device) -> torch.nn.Module:
+    """The job's teacher, loaded once per worker process for every dump that uses it."""
+    if job.teacher_sha256 not in _TEACHERS:
+        _TEACHERS.clear()  # one teacher in memory: a worker serves one dump at a time
+        teacher = load_teacher(job.run.teacher_ckpt, job.run.model)
+        _TEACHERS[job.teacher_sha256] = on_device(teacher, dev)
+    return _TEACHERS[job.teacher_sha256]
 
 
 def _worker_state(job: UnitJob) -> tuple:
     """(setup, teacher on its device, device, writer) of `job`'s dump, built once per worker
-    process (keyed by teacher sha256 and store): later units reuse the loaded teacher."""
-    key = (job.teacher_sha256, job.run.out, job.run.views)
-    if _WORKER_CACHE.get("key") != key:
-        _WORKER_CACHE.clear()
-        # one thread per worker process: the cluster's processes share the cores, and every
-        # worker computes a unit's batches exactly as a one-thread plain dump does
-        torch.set_num_threads(1)
-        setup = dump_setup(job.run)
-        dev = resolve_device(job.run.device, 0)  # dask-cuda: each worker sees one GPU
-        opts = job.run.storage_options or {}
-        writer = StoreWriter.create_or_open(job.run.out, job.meta, **opts)
-        _WORKER_CACHE.update(key=key, state=(setup, on_device(setup.teacher, dev), dev, writer))
-    return _WORKER_CACHE["state"]
+    process and dump: later units reuse it, later dumps the loaded teacher."""
+    key = (job.token, job.run.out)
+    with _SETUP:  # both task threads start at once: one builds, the other waits and reuses
+        if _DUMP.get("key") != key:
+            _DUMP.update(key=key, state=_build_state(job))
+    return _DUMP["state"]
+
+
+def _build_state(job: UnitJob) -> tuple:
+    """Teacher (cached), instances and the store's writer for a dump this worker starts on."""
+    release_claims()  # a previous dump's writer file, if release_claims did not run
+    _DUMP.clear()
+    # one torch thread per worker process: the cluster's processes share the cores, and every
+    # worker computes a unit's batches exactly as a one-thread plain dump does
+    torch.set_num_threads(1)
+    dev = resolve_device(job.run.device, 0)  # dask-cuda: each worker sees one GPU
+    teacher = _teacher(job, dev)
+    setup = dump_setup(job.run, teacher=teacher)
+    # one writer per process: a second one would wait forever on the first's writer flock
+    writer = StoreWriter.create_or_open(job.run.out, job.meta, **(job.run.storage_options or {}))
+    return setup, teacher, dev, writer
 
 
 def dump_unit(job: UnitJob, unit: int) -> dict:
     """Compute and write one unit on this worker; {"unit", "samples", "skipped", "forward_s",
-    "elsewhere"} (elsewhere: a live writer outside this dump holds the unit)."""
+    "elsewhere"} (elsewhere: a live writer outside this dump held the unit, now complete).
+
+    The task ends once the unit is durable (marker written), so a worker that dies loses
+    nothing the scheduler does not rerun. Rendering and the forward pass hold the worker's
+    compute lock; the write (encode, zstd, checksums, sync) does not, so with 2 threads per
+    worker the next unit's forward overlaps this unit's write, as the plain dump's writer
+    thread does."""
     from distributed import get_worker
 
     get_worker().log_event(EVENT, {"unit": unit, "dump": job.token})
     setup, teacher, dev, writer = _worker_state(job)
+    empty = {"unit": unit, "samples": 0, "skipped": 0, "forward_s": 0.0}
     if unit in writer.complete_units():  # done by an earlier attempt that died after its marker
-        return {"unit": unit, "samples": 0, "skipped": 0, "forward_s": 0.0, "elsewhere": False}
-    mine, elsewhere = writer.claim([unit])
-    plan = plan_units(writer, mine, [], job.run.batch_size)
-    loader = dump_loader(setup, plan, writer, job.run.seed, 0, dev)  # no processes in a worker
-    tally = dump_loop(teacher, loader, plan, writer, setup.outputs, dev, f"unit {unit}")
-    if elsewhere:
+        return {**empty, "elsewhere": False}
+    with _CLAIMS:
+        mine, elsewhere = writer.claim([unit])
+    if elsewhere:  # another dump of this store (not this cluster) is writing it
         writer.wait_for(elsewhere)
-    return {
-        "unit": unit,
-        "samples": tally.written,
-        "skipped": tally.skipped,
-        "forward_s": tally.forward_s,
-        "elsewhere": bool(elsewhere),
-    }
+        return {**empty, "elsewhere": True}
+    plan = plan_units(writer, mine, [], job.run.batch_size)
+    tally = DumpTally()
+    with _COMPUTE:
+        loader = dump_loader(setup, plan, writer, job.run.seed, 0, dev)  # no processes here
+        parts = [run_batch(teacher, b, setup.outputs, dev, writer, tally) for b in loader]
+    writer.write_unit(unit, unit_arrays(parts))  # marks the unit complete and drops its claim
+    return {**empty, "samples": plan.unit_size[unit], "skipped": tally.skipped,
+            "forward_s": tally.forward_s, "elsewhere": False}  # fmt: skip
+
+
+_COMPUTE = threading.Lock()  # one forward pass at a time per worker process
+_SETUP = threading.Lock()  # one dump state per worker process
+_CLAIMS = threading.Lock()  # a writer's claims are not thread-safe on their own
+
+
+def release_claims() -> None:
+    """Drop this worker's writer file (run on every worker when a dump ends)."""
+    if "state" in _DUMP:
+        _DUMP["state"][3].release()
 
 
 @dataclass
@@ -138,6 +178,7 @@ def dump_on_cluster(run: DumpRun) -> dict:
     """`dump_teacher` with `run.cluster` set: the pending units of shard `run.shard` as tasks on
     the cluster; returns the plain dump's summary plus workers, units_failed, units_retried."""
     start = time.perf_counter()
+    parse_cluster(run.cluster)  # a bad name fails before the store is touched
     setup = dump_setup(run)
     writer = StoreWriter.create_or_open(run.out, setup.meta, **(run.storage_options or {}))
     units = writer.pending_units(shard=tuple(run.shard))
@@ -146,6 +187,7 @@ def dump_on_cluster(run: DumpRun) -> dict:
     with dask_client(run.cluster) as client:
         workers = len(client.scheduler_info()["workers"])
         tally, results = _run_units(client, job, units, name)
+        client.run(release_claims)  # no writer files left behind by live workers
     print(
         f"dump-teacher --cluster {run.cluster}: {tally.done} units done, {tally.failed} failed, "
         f"{tally.retried} retried on {workers} workers",

@@ -280,6 +280,37 @@ def _forward(teacher: nn.Module, images: torch.Tensor, dev: torch.device) -> obj
         return teacher(images)
 
 
+def run_batch(
+    teacher: nn.Module,
+    batch: dict,
+    outputs: tuple[str, ...],
+    dev: torch.device,
+    writer: StoreWriter,
+    tally: DumpTally,
+) -> dict:
+    """One loader batch with the teacher's `outputs` added (float32 numpy, [B, ...]); samples
+    whose image could not be read get zero outputs (their zero weights mark them invalid)."""
+    t0 = time.perf_counter()
+    result = _forward(teacher, batch.pop("images"), dev)
+    for output in outputs:
+        batch[output] = getattr(result, output).float().cpu().numpy()
+    tally.forward_s += time.perf_counter() - t0  # .cpu() waited for the device
+    for i, err in enumerate(batch.pop("error")):
+        if err:  # the image could not be read: mark the sample invalid
+            tally.skipped += 1
+            slot, index = int(batch["slot"][i]), int(batch["instance"][i])
+            view = writer.slot_instance(slot)[1]
+            log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
+            for output in outputs:
+                batch[output][i] = 0
+    return batch
+
+
+def unit_arrays(parts: list[dict]) -> dict:
+    """The batches of one unit joined into the arrays `StoreWriter.write_unit` takes."""
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+
+
 def dump_loop(
     teacher: nn.Module,
     loader: DataLoader,
@@ -298,25 +329,11 @@ def dump_loop(
     try:
         with ProgressCounter(len(plan.samples), f"dump {name}", "samples") as bar:
             for unit, batch in zip(plan.unit_of_batch, loader, strict=True):
-                t0 = time.perf_counter()
-                result = _forward(teacher, batch.pop("images"), dev)
-                for output in outputs:
-                    batch[output] = getattr(result, output).float().cpu().numpy()
-                tally.forward_s += time.perf_counter() - t0  # .cpu() waited for the device
-                errors = batch.pop("error")
-                for i, err in enumerate(errors):
-                    if err:  # the image could not be read: mark the sample invalid
-                        tally.skipped += 1
-                        slot, index = int(batch["slot"][i]), int(batch["instance"][i])
-                        view = writer.slot_instance(slot)[1]
-                        log.warning(f"skipped slot {slot} (instance {index}, view {view}): {err}")
-                        for output in outputs:
-                            batch[output][i] = 0
+                batch = run_batch(teacher, batch, outputs, dev, writer, tally)
                 parts.append(batch)
-                bar.advance(len(errors))
+                bar.advance(len(batch["slot"]))
                 if sum(len(p["slot"]) for p in parts) == plan.unit_size[unit]:
-                    arrays = {k: _concat([p[k] for p in parts]) for k in parts[0]}
-                    unit_writer.put(unit, arrays)
+                    unit_writer.put(unit, unit_arrays(parts))
                     tally.written += plan.unit_size[unit]
                     parts = []
     finally:
@@ -373,15 +390,18 @@ class DumpSetup(NamedTuple):
     meta: StoreMeta
 
 
-def dump_setup(run: DumpRun, shard: tuple[int, int] | None = None) -> DumpSetup:
-    """Check the run's numbers, load its teacher and instances, and describe its store."""
+def dump_setup(
+    run: DumpRun, shard: tuple[int, int] | None = None, teacher: nn.Module | None = None
+) -> DumpSetup:
+    """Check the run's numbers, load its teacher (unless given) and instances, and describe
+    its store."""
     shard, views, batch_size = tuple(shard or run.shard), run.views, run.batch_size
     if not (0 <= shard[0] < shard[1]) or batch_size < 1 or views < 1:
         raise BadConfigError(
             f"shard={shard}, batch_size={batch_size}, views={views}; expected 0 <= i < n, "
             "batch_size >= 1, views >= 1"
         )
-    teacher = load_teacher(run.teacher_ckpt, run.model)
+    teacher = teacher if teacher is not None else load_teacher(run.teacher_ckpt, run.model)
     cfg = teacher.config
     recipe = run.recipe or AugmentRecipe()
     instances = load_coco_instances(run.ann_file, run.image_root, train=True)[: run.max_instances]

@@ -62,14 +62,14 @@ def reference(tmp_path_factory, teacher, data) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """2 worker processes of 1 thread; the scheduler here, so the test can find the workers."""
-    from distributed import Client, LocalCluster
+    """2 worker processes as `--cluster local:2` makes them; the scheduler here, so the test
+    can find the workers."""
+    from distributed import Client
+
+    from distilpose.cluster import local_cluster
 
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=50,
-        ) as lc,
+        local_cluster(2) as lc,
         Client(lc) as client,
     ):  # fmt: skip
         yield client
@@ -162,3 +162,13 @@ def test_store_info_names_a_deleted_shard(tmp_path, reference):
 def test_bad_cluster_names_are_refused(spec):
     with pytest.raises(BadConfigError, match="--cluster"):
         parse_cluster(spec)
+
+
+def test_bad_cluster_option_is_one_line_before_any_store(tmp_path, teacher, data):
+    out = tmp_path / "store"
+    args = ["--teacher", str(teacher), "--ann", data["train_ann"], "--images"]
+    args += [data["train_images"], "--out", str(out), "--device", "cpu", "--cluster", "local:0"]
+    result = runner.invoke(cli.app, ["dump-teacher", *args])
+    assert result.exit_code == 1 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cluster 'local:0'"), result.output
