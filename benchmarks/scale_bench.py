@@ -180,11 +180,12 @@ def format_record(dumps: list[dict], reads: list[dict], load: tuple, seconds: fl
         "rows on a started cluster whose workers have imported torch and loaded the teacher "
         "(a warm-up dump into another store); cluster start + warm-up is that one-off cost. "
         "With 2 cores shared by other jobs, 2 workers cannot show their full 2x; on a GPU node "
-        "each worker owns its GPU. Where the Dask rows lose on a CPU: each dump call loads the "
-        "teacher and annotations in the client and again in each worker for a new store, and "
-        "Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (memory handed back to "
-        "the OS after every large free; about a fifth of a 1-worker dump's time in a separate "
-        "check): fixed and per-allocation costs that a GPU teacher's forward pass dwarfs.",
+        "each worker owns its GPU. What a Dask worker pays that the plain dump does not: the "
+        "client and each worker read the annotations and open the store for every dump (the "
+        "teacher stays loaded in a worker), a task and its pickled job per unit, and Dask's "
+        "nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (memory handed back to the OS "
+        "after large frees). Each worker writes one unit while computing the next (2 task "
+        "threads, one forward at a time).",
         "",
         "| store read (iter_batches, every target) | samples | samples/s | MB/s decoded |",
         "|---|---:|---:|---:|",
