@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+import cli_support
 
 runner = CliRunner()
 
@@ -148,8 +149,8 @@ def test_bad_shard_option_names_the_option(tmp_path):
 def test_missing_module_line_tells_an_extra_from_a_broken_install():
     """An optional extra names its pip install; a module of this package itself (moved under a
     running job, or a partial install) is not sent to the extras."""
-    extra = cli.describe_error(ModuleNotFoundError("no s3fs", name="s3fs"), "dump-teacher")
-    own = cli.describe_error(
+    extra = cli_support.describe_error(ModuleNotFoundError("no s3fs", name="s3fs"), "dump-teacher")
+    own = cli_support.describe_error(
         ModuleNotFoundError("gone", name="distilpose.evaluation.metrics"), "ablate"
     )
     assert "distilpose[remote]" in extra and "s3fs" in extra

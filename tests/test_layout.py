@@ -5,6 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("store", "teacher_dump", "student_train")
+# Modules at the top beside the packages: the command line and the demo, which call both stages.
+TOP_MODULES = ("cli", "cli_support", "cli_viz", "demo")
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:
@@ -39,8 +41,17 @@ def test_stages_meet_only_through_the_store():
 def test_top_level_layout():
     for name in ("teacher_dump", "store", "student_train", "distilpose", "tests", "benchmarks"):
         assert (ROOT / name).is_dir(), name
-    for name in ("cli.py", "pyproject.toml", "README.md"):
+    for name in (*(f"{m}.py" for m in TOP_MODULES), "pyproject.toml", "README.md"):
         assert (ROOT / name).is_file(), name
+    stray = {p.stem for p in ROOT.glob("*.py")} - set(TOP_MODULES)
+    assert not stray, f"top-level modules not in TOP_MODULES: {stray}"
+
+
+def test_no_package_imports_the_top_level_modules():
+    """The command line and the demo sit on top: no package (shared code or stage) needs them."""
+    for package in ("distilpose", *STAGES):
+        for module, names in imported_packages(package).items():
+            assert not names & set(TOP_MODULES), f"{module} imports {names & set(TOP_MODULES)}"
 
 
 # ---- distilpose/ grouped by role (the tree reads as the architecture) --------------------------
@@ -113,7 +124,7 @@ def source_files(*roots: str) -> list[Path]:
 
 def nodes_outside_the_size_homes():
     """(file, AST node) of every node in non-test code outside PAPER_SIZE_HOMES."""
-    for path in source_files(*PACKAGES, "cli.py", "benchmarks", "docs"):
+    for path in source_files(*PACKAGES, *(f"{m}.py" for m in TOP_MODULES), "benchmarks", "docs"):
         rel = str(path.relative_to(ROOT))
         if rel not in PAPER_SIZE_HOMES:
             for node in ast.walk(ast.parse(path.read_text(), filename=rel)):

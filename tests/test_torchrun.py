@@ -36,6 +36,7 @@ import zarr
 from typer.testing import CliRunner
 
 import cli
+import cli_support
 from distilpose.data import make_demo_data
 from distilpose.models import build_model
 
@@ -128,7 +129,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def update_difference(a: Path, b: Path, model: str, argv: list[str], seed: int = 0) -> float:
     """||w_a - w_b|| / ||w_a - w_init||: the training runs' initial weights are rebuilt."""
     torch.manual_seed(seed)
-    overrides = cli._size_overrides(option(argv, "--input-size"))
+    overrides = cli_support.size_overrides(option(argv, "--input-size"))
     init = build_model(model, **overrides).state_dict()
     wa, wb = weights(a), weights(b)
     keys = [k for k, v in wa.items() if v.is_floating_point()]
