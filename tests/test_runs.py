@@ -106,3 +106,20 @@ def test_resume_on_a_changed_store_is_still_refused(tiny, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "the store changed" in result.output
     assert "--allow-store-change" in result.output
+
+
+def test_a_cli_run_without_warmup_iters_gets_the_capped_warmup(tiny, tmp_path):
+    """No --warmup-iters: the run keeps StudentRun's None, and the trainer warms up for the
+    paper's 500 steps capped at a tenth of the run (here 3 epochs x 4 batches: 1 step)."""
+    out = tmp_path / "run"
+    args = ["train-student", "--store", tiny["store"], "--model", "distilpose_tiny", "--out"]
+    args += [str(out), "--batch-size", "2", "--epochs", "3", "--device", "cpu", "--workers", "0"]
+    result = CliRunner().invoke(cli.app, [*args, "--losses", "reg"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["run"]["warmup_iters"] is None
+    steps = 3 * 8 // 2
+    assert doc["train_config"]["warmup_iters"] == min(500, steps // 10) == 1
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["kind"] == "epoch"]
+    # after the first epoch (4 steps) the lr is the run's (with 500 warmup steps: 1e-3 * 4/500)
+    assert float(rows[0]["lr"]) == pytest.approx(1e-3)
