@@ -212,7 +212,7 @@ def train_teacher(
     augment: Annotated[
         Augment | None,
         typer.Option(
-            help="paper (the teacher recipe) or mild (flip, small scale) [default: paper]"
+            help="paper (the teacher recipe) or mild (flip, small scale) (default: paper)."
         ),
     ] = None,
     sync_bn: Annotated[
@@ -260,7 +260,7 @@ def dump_teacher(
     augment: Annotated[
         Augment | None,
         typer.Option(
-            help="paper (the student recipe) or mild (flip, small scale) [default: paper]"
+            help="paper (the student recipe) or mild (flip, small scale) (default: paper)."
         ),
     ] = None,
     pixels: Annotated[
@@ -273,7 +273,9 @@ def dump_teacher(
     ] = None,
     jpeg_quality: Annotated[
         int | None,
-        typer.Option(help="JPEG quality of kept crops, 1-100 [default: store.schema.JPEG_QUALITY]"),
+        typer.Option(
+            help="JPEG quality of kept crops, 1-100 (default: store.schema.JPEG_QUALITY)."
+        ),
     ] = None,
     raw_targets: Annotated[
         bool | None,
@@ -358,7 +360,7 @@ def train_student(
     warmup_iters: Annotated[
         int | None,
         typer.Option(
-            help="Linear warmup steps [default: the paper's 500, at most a tenth of the run]"
+            help="Linear warmup steps (default: the paper's 500, at most a tenth of the run)."
         ),
     ] = None,
     device: Annotated[Device | None, _student("device", "auto = CUDA when available.")] = None,
@@ -481,7 +483,7 @@ def ablate(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Student model name [default: deeppose_tiny for table6, else distilpose_tiny]."
+            help="Student model name (default: deeppose_tiny for table6, else distilpose_tiny)."
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,

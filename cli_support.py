@@ -322,18 +322,19 @@ def size_overrides(input_size: str | None) -> dict | None:
 
 
 def default(kind: type, field: str) -> str:
-    """`[default: X]` for a help text, X the run type's default of `field` (the one place it
+    """`(default: X)` for a help text, X the run type's default of `field` (the one place it
     is written; the option itself defaults to None so that only given options reach the run)."""
     value = next(f.default for f in fields(kind) if f.name == field)
     assert value is not MISSING, f"{kind.__name__}.{field} has no default"
     if isinstance(value, tuple):
         value = "/".join(map(str, value))
-    return f"[default: {str(value).lower() if isinstance(value, bool) else value}]"
+    # in parentheses: typer's rich help would take "[default: X]" for a style tag and drop it
+    return f"(default: {str(value).lower() if isinstance(value, bool) else value})"
 
 
 def run_option(kind: type, field: str, text: str, **option: Any) -> Any:
     """The typer option of run field `field`, its help `text` ending in the field's default."""
-    return typer.Option(help=f"{text} {default(kind, field)}", **option)
+    return typer.Option(help=f"{text.rstrip('.')} {default(kind, field)}.", **option)
 
 
 def run_from_options(

@@ -198,6 +198,14 @@ def test_no_option_restates_a_run_default(command):
             assert cli_support.default(kind, field) in param.help, (command, param.name)
 
 
+def test_help_shows_the_run_types_defaults():
+    """typer's rich help drops "[default: X]" as a style tag; "(default: X)" is shown."""
+    result = runner.invoke(cli.app, ["train-student", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert f"(default: {StudentRun.epochs})" in result.output
+    assert "(default: the paper's 500, at most a tenth of the run)" in result.output
+
+
 def _parsed_run(command: str, args: list[str]):
     """The run `command args` would start (parsed by click, built as the command builds it)."""
     kind, renamed = cli.RUN_COMMANDS[command]
