@@ -6,12 +6,13 @@ command; options given on the command line win over the file. Every command runs
 error handler (`cli_support.OneLineErrors`): whatever fails prints one line `error: ...` and
 exits with code 1; `--debug` or DISTILPOSE_DEBUG=1 adds the traceback. The options of a run
 command (train-teacher, dump-teacher, train-student) default to None: only the options given
-reach the run, whose type holds every default (`cli_support.run_from_options`).
+reach the run, whose type holds every default (`cli_support.RunOptions`).
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,13 +29,13 @@ from cli_support import (
     FlipMode,
     OneLineErrors,
     Pixels,
+    RunOptions,
     Schedule,
     StoreMode,
     fail,
     parse_shard,
     parse_size,
     recipe,
-    run_from_options,
     run_option,
     size_overrides,
 )
@@ -63,16 +64,26 @@ app.add_typer(viz_app, name="viz")
 
 
 VERIFY_SAMPLE = 1000  # store-verify's default sample: a minute on a laptop, --all for everything
-# The run field each option of a run command sets (the others have the field's name).
-TEACHER_OPTIONS = {"ann": "ann_file", "images": "image_root", "out": "out_dir",
-                   "input_size": "model_overrides", "augment": "recipe"}  # fmt: skip
-DUMP_OPTIONS = {"teacher": "teacher_ckpt", "ann": "ann_file", "images": "image_root",
-                "augment": "recipe", "raw_targets": "targets_zstd"}  # fmt: skip
-STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides"}
-# command -> (its run type, renamed options): tests/test_cli.py checks no option restates a default
-RUN_COMMANDS = {"train-teacher": (TeacherRun, TEACHER_OPTIONS),
-                "dump-teacher": (DumpRun, DUMP_OPTIONS),
-                "train-student": (StudentRun, STUDENT_OPTIONS)}  # fmt: skip
+# How each run command's options become its run: the run field each renamed option sets (the
+# others have the field's name), and how an option's value becomes the field's.
+TEACHER_OPTIONS = RunOptions(
+    TeacherRun,
+    {"ann": "ann_file", "images": "image_root", "out": "out_dir", "input_size": "model_overrides",
+     "augment": "recipe"},
+    {"input_size": size_overrides, "augment": recipe},
+)  # fmt: skip
+DUMP_OPTIONS = RunOptions(
+    DumpRun,
+    {"teacher": "teacher_ckpt", "ann": "ann_file", "images": "image_root", "augment": "recipe",
+     "raw_targets": "targets_zstd"},
+    {"shard": parse_shard, "augment": recipe, "raw_targets": operator.not_},
+)  # fmt: skip
+STUDENT_OPTIONS = RunOptions(
+    StudentRun, {"out": "out_dir", "input_size": "model_overrides"}, {"input_size": size_overrides}
+)
+# tests/test_cli.py checks that no option of these commands restates its run type's default
+RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,
+                "train-student": STUDENT_OPTIONS}  # fmt: skip
 
 
 _teacher = partial(run_option, TeacherRun)  # an option of a run field, its default in the help
@@ -223,9 +234,7 @@ def train_teacher(
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
     from teacher_dump.train import train_teacher as train
 
-    run = run_from_options(
-        TeacherRun, ctx.params, TEACHER_OPTIONS, input_size=size_overrides, augment=recipe
-    )
+    run = TEACHER_OPTIONS.run(ctx.params)
     typer.echo(json.dumps(train(run), default=str))
 
 
@@ -289,10 +298,7 @@ def dump_teacher(
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
     from teacher_dump.dump import dump_teacher as dump
 
-    run = run_from_options(
-        DumpRun, ctx.params, DUMP_OPTIONS, shard=parse_shard, augment=recipe,
-        raw_targets=lambda raw: not raw,
-    )  # fmt: skip
+    run = DUMP_OPTIONS.run(ctx.params)
     typer.echo(json.dumps(dump(run), default=str))
 
 
@@ -407,7 +413,7 @@ def train_student(
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
     from student_train.train import train_student as train
 
-    run = run_from_options(StudentRun, ctx.params, STUDENT_OPTIONS, input_size=size_overrides)
+    run = STUDENT_OPTIONS.run(ctx.params)
     typer.echo(json.dumps(train(run), default=str))
 
 

@@ -4,7 +4,7 @@ Every command runs inside one error handler (`OneLineErrors`): whatever fails (b
 mismatched or damaged stores, a library such as zarr, OpenCV or the JSON parser, a DataLoader
 worker, memory) prints one line `error: <what>, <where>, <what to do>` and exits with code 1;
 `--debug` or DISTILPOSE_DEBUG=1 adds the traceback. A run command's options default to None and
-only the options given become fields of its run (`run_from_options`), so each default is written
+only the options given become fields of its run (`RunOptions`), so each default is written
 once, in the run type (distilpose/training/runs.py).
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Callable
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import click
 import typer
@@ -24,11 +24,10 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
-from distilpose.training.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
+from distilpose.training.runs import PER_INVOCATION, saved_run
 
-AnyRun = TypeVar("AnyRun", TeacherRun, DumpRun, StudentRun)
 _OWN_PACKAGES = ("distilpose", "store", "student_train", "teacher_dump", "benchmarks")
-_OWN_MODULES = ("cli", "cli_support", "demo")  # the top-level modules beside the packages
+_OWN_MODULES = ("cli", "cli_support", "cli_viz", "demo")  # top-level modules beside them
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
 _LIBRARIES = {  # module -> (what failed, what to do)
@@ -337,31 +336,34 @@ def run_option(kind: type, field: str, text: str, **option: Any) -> Any:
     return typer.Option(help=f"{text.rstrip('.')} {default(kind, field)}.", **option)
 
 
-def run_from_options(
-    kind: type[AnyRun],
-    options: dict[str, Any],
-    renamed: dict[str, str],
-    **convert: Callable[[Any], Any],
-) -> AnyRun:
-    """The run of type `kind` made of the options the user gave (on the command line or in
-    --config; None = not given) on top of the run type's defaults.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run command's options become its run: an option sets the field of `kind` of its
+    name, or `renamed[option]`; `convert[option]` turns its value into the field's (Enum
+    members become their values)."""
 
-    An option sets the run field of its name, or `renamed[option]`; `convert[option]` turns its
-    value into the field's (Enum members become their values). With --resume the base is the
-    run saved in OUT/config.json instead of the defaults, so the run that continues is the run
-    that started, with the options given this time on top; `PER_INVOCATION` fields are this
-    invocation's. The trainer logs what changed (train.log); the stage refuses a changed store
-    unless --allow-store-change."""
-    names = {f.name for f in fields(kind)}
-    given: dict[str, Any] = {}
-    for option, value in options.items():
-        field = renamed.get(option, option)
-        if field in names and value is not None:
-            value = convert[option](value) if option in convert else value
-            given[field] = value.value if isinstance(value, Enum) else value
-    run = kind(**given)
-    saved = saved_run(kind, run.out_dir) if getattr(run, "resume", False) else None
-    if saved is None:
-        return run
-    kept = {*given, *(f for f in PER_INVOCATION if f in names)}
-    return saved.replace(**{f: getattr(run, f) for f in kept})
+    kind: type
+    renamed: dict[str, str]
+    convert: dict[str, Callable[[Any], Any]]
+
+    def run(self, options: dict[str, Any]) -> Any:
+        """The run made of the options the user gave (on the command line or in --config;
+        None = not given) on top of the run type's defaults.
+
+        With --resume the base is the run saved in OUT/config.json instead of the defaults, so
+        the run that continues is the run that started, with the options given this time on
+        top; `PER_INVOCATION` fields are this invocation's. The trainer logs what changed
+        (train.log); the stage refuses a changed store unless --allow-store-change."""
+        names = {f.name for f in fields(self.kind)}
+        given: dict[str, Any] = {}
+        for option, value in options.items():
+            field = self.renamed.get(option, option)
+            if field in names and value is not None:
+                value = self.convert[option](value) if option in self.convert else value
+                given[field] = value.value if isinstance(value, Enum) else value
+        run = self.kind(**given)
+        saved = saved_run(self.kind, run.out_dir) if getattr(run, "resume", False) else None
+        if saved is None:
+            return run
+        kept = {*given, *(f for f in PER_INVOCATION if f in names)}
+        return saved.replace(**{f: getattr(run, f) for f in kept})

@@ -180,7 +180,7 @@ def test_no_option_restates_a_run_default(command):
     """Every option of a run command sets a field of its run type; where the field has a
     default, the option defaults to None (so only given options reach the run) and its help
     shows the run type's default."""
-    kind, renamed = cli.RUN_COMMANDS[command]
+    kind, renamed = cli.RUN_COMMANDS[command].kind, cli.RUN_COMMANDS[command].renamed
     run_fields = {f.name: f for f in dataclasses.fields(kind)}
     for param in _command(command).params:
         if param.name == "config":
@@ -208,13 +208,8 @@ def test_help_shows_the_run_types_defaults():
 
 def _parsed_run(command: str, args: list[str]):
     """The run `command args` would start (parsed by click, built as the command builds it)."""
-    kind, renamed = cli.RUN_COMMANDS[command]
     ctx = _command(command).make_context(command, [str(a) for a in args])
-    convert = {"input_size": cli_support.size_overrides, "augment": cli_support.recipe}
-    if kind is DumpRun:
-        convert = {"augment": cli_support.recipe, "shard": cli_support.parse_shard,
-                   "raw_targets": lambda raw: not raw}  # fmt: skip
-    return cli_support.run_from_options(kind, ctx.params, renamed, **convert)
+    return cli.RUN_COMMANDS[command].run(ctx.params)
 
 
 def test_options_left_out_keep_the_run_types_defaults(tmp_path):
