@@ -27,7 +27,14 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import PAPER, Geometry
-from distilpose.training.runs import PER_INVOCATION, DumpRun, StudentRun, TeacherRun, saved_run
+from distilpose.training.runs import (
+    PER_INVOCATION,
+    DumpRun,
+    StudentRun,
+    TeacherRun,
+    check_field,
+    saved_run,
+)
 from distilpose.weights import DEMO_TEACHER_RECIPE
 
 AnyRun = TypeVar("AnyRun", TeacherRun, StudentRun)
@@ -243,6 +250,7 @@ def _config_callback(ctx: click.Context, param: click.Parameter, value: Path | N
         _fail(
             BadConfigError(f"{value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'")
         )
+    _check_run_values(ctx.info_name or "", values, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
@@ -350,6 +358,27 @@ class Decode(str, Enum):
 TEACHER_OPTIONS = {"ann": "ann_file", "images": "image_root", "out": "out_dir",
                    "input_size": "model_overrides", "augment": "recipe"}  # fmt: skip
 STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides"}
+
+
+# Commands whose options set run fields: checked by the run type when a config file gives them,
+# before click converts them (so epochs = "ten" is one `error:` line naming the field).
+RUN_OPTIONS = {"train-student": (StudentRun, STUDENT_OPTIONS),
+               "train-teacher": (TeacherRun, TEACHER_OPTIONS)}  # fmt: skip
+NOT_RUN_VALUES = ("input_size", "augment")  # options whose value the CLI turns into the field's
+
+
+def _check_run_values(command: str, values: dict[str, Any], path: Path) -> None:
+    if command not in RUN_OPTIONS:
+        return
+    kind, renamed = RUN_OPTIONS[command]
+    fields = set(kind.__dataclass_fields__)
+    for option, v in values.items():
+        name = renamed.get(option, option)
+        if name in fields and option not in NOT_RUN_VALUES:
+            try:
+                check_field(kind, name, v)
+            except BadConfigError as e:
+                _fail(BadConfigError(f"{path}: {e}"))
 
 
 def _resumed(ctx: typer.Context, run: AnyRun, renamed: dict[str, str]) -> AnyRun:

@@ -133,7 +133,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
     loss_curves.png}; config.json keeps `run` under "run" for `--resume`. teacher.pth has meta
     {"role": "teacher", "model", "ann_digest", ...} and loads with
     `distilpose.models.build_from_checkpoint`. `eval_fn(model) -> metrics` runs every
-    `run.eval_every` epochs and after the last; its metrics go into metrics.csv.
+    `run.val_every` epochs and after the last; its metrics go into metrics.csv.
     """
     out, seed, epochs = Path(run.out_dir), run.seed, run.epochs
     recipe = run.recipe or TEACHER_RECIPE
@@ -174,7 +174,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
     }
 
     def on_epoch_end(epoch: int, model: nn.Module) -> dict:
-        if eval_fn is None or ((epoch + 1) % run.eval_every and epoch + 1 != epochs):
+        if eval_fn is None or ((epoch + 1) % run.val_every and epoch + 1 != epochs):
             return {}
         return eval_fn(model)
 

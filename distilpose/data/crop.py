@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from distilpose.data.keypoints import FLIP_INDEX, LOWER_BODY_IDS, UPPER_BODY_IDS
+from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER
 
 if TYPE_CHECKING:  # torch is imported lazily: loaders and dataset workers never need it
@@ -77,8 +78,16 @@ class AugmentRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentRecipe:
+        """The recipe `d` describes; an unknown key is an error (a misspelt key would
+        otherwise train silently with the default)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadConfigError(
+                f"recipe: unknown key(s) {', '.join(unknown)}; expected keys among "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**d)
 
 
 # For data that already varies pose, scale and rotation (the synthetic demo people): flips and a
