@@ -354,10 +354,71 @@ class Decode(str, Enum):
     cpu = "cpu"
 
 
+class LrScale(str, Enum):
+    linear = "linear"
+    none = "none"
+
+
+class AmpDtype(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# Options shared by train-student and train-teacher; None: the run type's default (runs.py).
+ValAnnOpt = Annotated[
+    Path | None,
+    typer.Option(help="Validate on this COCO keypoints file while training (as `eval` does).",
+                 exists=True, dir_okay=False),
+]  # fmt: skip
+ValImagesOpt = Annotated[
+    Path | None, typer.Option(help="Image folder of --val-ann.", exists=True, file_okay=False)
+]
+ValDetsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Person detections for validation; GT boxes if unset.", exists=True),
+]
+ValEveryOpt = Annotated[
+    int | None, typer.Option(help="Epochs between validations (default 10); the last always.")
+]
+EmaOpt = Annotated[
+    float | None,
+    typer.Option(help="EMA decay of the weights, e.g. 0.9998; the EMA is validated and kept."),
+]
+AccumOpt = Annotated[
+    int | None, typer.Option(help="Batches per optimizer step (gradient accumulation; default 1).")
+]
+LrScaleOpt = Annotated[
+    LrScale | None,
+    typer.Option(
+        help="linear: lr x global batch / 512 (the paper's lr is for 8 GPUs x 64 = 512); "
+        "none (default): lr as given."
+    ),
+]
+BackboneWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="ImageNet backbone checkpoint, torchvision/timm keys (conv1.weight, layer1.0...; "
+        "fc.* ignored), e.g. resnet50's.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options given (not None), enum values as their strings, paths as str."""
+    out = {}
+    for name, value in options.items():
+        if value is not None:
+            out[name] = value.value if isinstance(value, Enum) else value
+    return out
+
+
 # The run field each option of a resumable command sets (the others have the field's name).
 TEACHER_OPTIONS = {"ann": "ann_file", "images": "image_root", "out": "out_dir",
                    "input_size": "model_overrides", "augment": "recipe"}  # fmt: skip
-STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides"}
+STUDENT_OPTIONS = {"out": "out_dir", "input_size": "model_overrides", "ann": "ann_file"}
 
 
 # Commands whose options set run fields: checked by the run type when a config file gives them,
@@ -527,6 +588,14 @@ def train_teacher(
         bool,
         typer.Option(help="Under torchrun: BatchNorm statistics over all ranks' samples."),
     ] = True,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    val_dets: ValDetsOpt = None,
+    val_every: ValEveryOpt = None,
+    ema: EmaOpt = None,
+    accum_steps: AccumOpt = None,
+    lr_scale: LrScaleOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
@@ -548,7 +617,11 @@ def train_teacher(
         model_overrides=_size_overrides(input_size),
         recipe=_recipe(augment),
         sync_bn=sync_bn,
-    )
+        **_given(
+            val_ann=val_ann, val_images=val_images, val_dets=val_dets, val_every=val_every,
+            ema=ema, accum_steps=accum_steps, lr_scale=lr_scale, backbone_weights=backbone_weights,
+        ),
+    )  # fmt: skip
     run = _resumed(ctx, run, TEACHER_OPTIONS)
     typer.echo(json.dumps(train(run), default=str))
 
@@ -713,6 +786,48 @@ def train_student(
     ckpt_every_steps: Annotated[
         int, typer.Option(help="Also save last.pth every N steps (0: at epoch ends only).")
     ] = 0,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    val_dets: ValDetsOpt = None,
+    val_every: ValEveryOpt = None,
+    ema: EmaOpt = None,
+    accum_steps: AccumOpt = None,
+    lr_scale: LrScaleOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
+    ann: Annotated[
+        Path | None,
+        typer.Option(
+            help="The dataset's annotation file now (a store made with --pixels none).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,  # fmt: skip
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="The dataset's image folder now (a store made with --pixels none).",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,  # fmt: skip
+    allow_incomplete: Annotated[
+        bool | None,
+        typer.Option("--allow-incomplete", help="Train on a store whose dump has not finished."),
+    ] = None,
+    verify_digest: Annotated[
+        bool | None,
+        typer.Option(
+            "--verify-digest/--no-verify-digest",
+            help="Check the annotation file given by --ann is the one the store was made from.",
+        ),
+    ] = None,
+    amp_dtype: Annotated[
+        AmpDtype | None, typer.Option(help="CUDA autocast dtype; auto = bf16 where supported.")
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last", help="CUDA: NHWC layout (faster convolutions)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""
@@ -739,7 +854,13 @@ def train_student(
         decode=decode.value,
         sync_bn=sync_bn,
         ckpt_every_steps=ckpt_every_steps,
-    )
+        **_given(
+            val_ann=val_ann, val_images=val_images, val_dets=val_dets, val_every=val_every,
+            ema=ema, accum_steps=accum_steps, lr_scale=lr_scale, backbone_weights=backbone_weights,
+            ann_file=ann, images=images, allow_incomplete=allow_incomplete,
+            verify_digest=verify_digest, amp_dtype=amp_dtype, channels_last=channels_last,
+        ),
+    )  # fmt: skip
     run = _resumed(ctx, run, STUDENT_OPTIONS)
     typer.echo(json.dumps(train(run), default=str))
 

@@ -31,6 +31,7 @@ from distilpose.data import (
 )
 from distilpose.data.codecs import HeatmapCodec
 from distilpose.errors import BadConfigError
+from distilpose.evaluation.eval_run import coco_validator
 from distilpose.geometry import Geometry
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.distributed import rank_share, world
@@ -139,7 +140,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
     recipe = run.recipe or TEACHER_RECIPE
     instances = load_coco_instances(run.ann_file, run.image_root, train=True)[: run.max_instances]
     torch.manual_seed(seed)  # the initial weights are part of the run's identity
-    net = build_model(run.model, **(run.model_overrides or {}))
+    net = build_model(run.model, run.backbone_weights, **(run.model_overrides or {}))
     cfg = net.config
     if cfg.role != "teacher":
         raise BadConfigError(
@@ -159,6 +160,10 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
         num_workers=run.workers,
         log_every=run.log_every,
         sync_bn=run.sync_bn,
+        accum_steps=run.accum_steps,
+        ema_decay=run.ema,
+        lr_scale=run.lr_scale,
+        val_every=run.val_every,
     )
     meta = {
         "role": "teacher",
@@ -173,6 +178,12 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
         "train": asdict(config),
     }
 
+    validate = None
+    if run.val_ann or run.val_images or run.val_dets:
+        if not (run.val_ann and run.val_images):
+            raise BadConfigError("val_ann, val_images: expected both to validate while training")
+        validate = coco_validator(run.val_ann, run.val_images, out, meta, dets_file=run.val_dets)
+
     def on_epoch_end(epoch: int, model: nn.Module) -> dict:
         if eval_fn is None or ((epoch + 1) % run.val_every and epoch + 1 != epochs):
             return {}
@@ -180,7 +191,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
 
     trainer = Trainer(
         net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end,
-        run=run.to_dict(),
+        run=run.to_dict(), validate=validate,
     )  # fmt: skip
     summary = trainer.fit(resume=run.resume)
     final = out / "teacher.pth"

@@ -10,10 +10,15 @@ that other tools can score or draw them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from distilpose.data import load_coco_instances
 from distilpose.device import resolve_device
+from distilpose.errors import BadConfigError
 from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
 from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.io import write_json_atomic
@@ -70,8 +75,47 @@ def run_eval(
         "use_scores", "flip", "flip_mode", "dark", "boxes"}.
     """
     checkpoint = Path(checkpoint)
-    dev = resolve_device(device)
     model, meta = build_from_checkpoint(checkpoint, map_location="cpu")
+    return evaluate_model(
+        model,
+        meta,
+        ann_file,
+        image_root,
+        dets_file=dets_file,
+        det_score_thr=det_score_thr,
+        flip=flip,
+        flip_mode=flip_mode,
+        dark=dark,
+        batch_size=batch_size,
+        device=device,
+        out_json=Path(out_json) if out_json else default_results_json(checkpoint),
+        use_scores=use_scores,
+        num_workers=num_workers,
+        name=checkpoint.name,
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    meta: dict,
+    ann_file: str | Path,
+    image_root: str | Path,
+    *,
+    out_json: str | Path,
+    dets_file: str | Path | None = None,
+    det_score_thr: float = 0.0,
+    flip: bool = True,
+    flip_mode: str = "corrected",
+    dark: bool = False,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    use_scores: bool | None = None,
+    num_workers: int = 0,
+    name: str = "model",
+) -> dict:
+    """`run_eval` on a model in memory (validation while training); `meta` is what its
+    checkpoint would hold (for the default `use_scores`). The model is left in eval mode."""
+    dev = resolve_device(device) if isinstance(device, str) else device
     config = model.config
     if use_scores is None:
         use_scores = default_use_scores(config.role, meta)
@@ -79,7 +123,7 @@ def run_eval(
             log.warning(
                 "%s: student trained without the confidence loss 'cs' (losses %s): ranking "
                 "people by box score only (use_scores=False)",
-                checkpoint.name,
+                name,
                 meta.get("losses"),
             )
     width, height = config.input_size
@@ -106,7 +150,6 @@ def run_eval(
     )
     kept = [predictions[i] for i in oks_nms(predictions, thr=OKS_NMS_THR)]
     results = to_coco_results(kept)
-    out_json = Path(out_json) if out_json else default_results_json(checkpoint)
     write_json_atomic(out_json, results)
     metrics = coco_keypoint_eval(load_coco(ann_file), results)
     return {
@@ -152,3 +195,36 @@ def format_metrics_table(result: dict) -> str:
         f"results: {result['results_json']}",
     ]
     return "\n".join(lines)
+
+
+def coco_validator(
+    ann_file: str | Path,
+    image_root: str | Path,
+    out_dir: str | Path,
+    meta: dict,
+    *,
+    dets_file: str | Path | None = None,
+    batch_size: int = 32,
+) -> Callable[[nn.Module], dict]:
+    """The trainer's `validate`: `evaluate_model` with `eval`'s defaults (flip test, OKS-NMS,
+    pycocotools) on `ann_file`, its results in out_dir/val_results.json. The files are
+    checked here, before training starts."""
+    for what, path in (("val_ann", ann_file), ("val_images", image_root), ("val_dets", dets_file)):
+        if path is not None and not Path(path).exists():
+            raise BadConfigError(f"{what}: {path} does not exist; expected a file or folder")
+
+    def validate(model: nn.Module) -> dict:
+        device = next(model.parameters()).device
+        return evaluate_model(
+            model,
+            meta,
+            ann_file,
+            image_root,
+            dets_file=dets_file,
+            batch_size=batch_size,
+            device=device,
+            out_json=Path(out_dir) / "val_results.json",
+            name=str(meta.get("model", "model")),
+        )
+
+    return validate
