@@ -20,10 +20,10 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from faults.test_train_resume import wait_for_checkpoints  # noqa: E402
 from test_student_train import build_tiny_store  # noqa: E402
 
 import cli  # noqa: E402
+from faults.test_train_resume import wait_for_checkpoints  # noqa: E402
 
 KILLS = 3
 EPOCHS = 3
