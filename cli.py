@@ -1029,6 +1029,14 @@ def predict(
             exists=True,
         ),
     ] = None,
+    box_thr: Annotated[
+        float | None,
+        typer.Option(help="Keep boxes scoring above this, detector or --boxes (default 0.3)."),
+    ] = None,
+    nms_thr: Annotated[
+        float | None,
+        typer.Option(help="Then drop boxes overlapping a kept one above this IoU (default 0.3)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="COCO-format results JSON.")] = Path("predictions.json"),
     overlay_dir: Annotated[
         Path | None,
@@ -1060,6 +1068,7 @@ def predict(
         device=device.value,
         batch_size=batch_size,
         max_frames=max_frames,
+        **_given(box_thr=box_thr, nms_thr=nms_thr),
     )
     where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
     typer.echo(

@@ -370,3 +370,88 @@ def test_detector_weights_are_never_unpickled(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
     assert list(load_detector_state(plain, DETECTOR)) == ["w"]
+
+
+# ------------------------------------------------------------------------- box filtering (issue 27)
+
+DETS = MINI / "annotations" / "person_detections.json"  # 118 boxes of the 56.4-AP detector
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+def hand_count(entries: list[dict], box_thr: float = 0.3, nms_thr: float = 0.3) -> dict[int, int]:
+    """People per image as MMPose's inferencer keeps them, in plain Python: scores above
+    box_thr, then greedy NMS (highest score first; a box overlapping a kept one above nms_thr
+    is dropped)."""
+    kept: dict[int, list[list[float]]] = {}
+    for d in sorted(entries, key=lambda d: -d["score"]):
+        mine = kept.setdefault(d["image_id"], [])
+        if d["score"] > box_thr and all(_iou(d["bbox"], k) <= nms_thr for k in mine):
+            mine.append(d["bbox"])
+    return {image: len(boxes) for image, boxes in kept.items()}
+
+
+@pytest.mark.reliability(
+    case="predict --boxes with a whole detections file (118 boxes, scores down to 0)",
+    outcome="only boxes scoring above 0.3 after NMS at 0.3 are posed: 19 people",
+)
+def test_predict_with_the_detections_file_keeps_boxes_above_thr_after_nms(ckpts, tmp_path):
+    entries = json.loads(DETS.read_text())
+    want = hand_count(entries)
+    assert len(entries) == 118 and want == {785: 1, 40083: 5, 196141: 8, 197388: 5}  # by hand
+    out = tmp_path / "p.json"
+    args = ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES), "--out", str(out)]
+    _ok(runner.invoke(cli.app, [*args, "--boxes", str(DETS)]))
+    results = json.loads(out.read_text())
+    got: dict[int, int] = {}
+    for r in results:
+        got[r["image_id"]] = got.get(r["image_id"], 0) + 1
+    assert got == want and len(results) == 19
+    kept = {(d["image_id"], tuple(round(v, 2) for v in d["bbox"])) for d in entries}
+    assert all((r["image_id"], tuple(r["bbox"])) in kept for r in results)  # the file's boxes
+    # --box-thr 0 --nms-thr 1 keeps every box with a score above 0
+    _ok(runner.invoke(cli.app, [*args, "--boxes", str(DETS), "--box-thr", "0", "--nms-thr", "1"]))
+    assert len(json.loads(out.read_text())) == sum(d["score"] > 0 for d in entries)
+
+
+@pytest.mark.reliability(
+    case="predict --boxes with a file whose entries name none of the images",
+    outcome="one error line naming the boxes file, exit 1",
+)
+def test_boxes_file_matching_no_image_is_an_error(ckpts, tmp_path):
+    boxes = tmp_path / "other.json"
+    boxes.write_text(json.dumps([{"image_id": 5, "bbox": [1, 1, 9, 9], "file_name": "x.jpg"}]))
+    result = runner.invoke(
+        cli.app, ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES),
+                  "--boxes", str(boxes), "--out", str(tmp_path / "p.json")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {boxes}: no entry names any of the 4")
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.reliability(
+    case="predict on a video cut off mid-way (MJPG AVI, 20 frames declared, 9 readable)",
+    outcome="one error line naming the video and the frame index that failed, exit 1",
+)
+def test_video_read_failure_mid_way_names_the_frame(ckpts, tmp_path):
+    path = tmp_path / "v.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the second half is gone
+    result = runner.invoke(
+        cli.app, ["predict", "--checkpoint", str(ckpts["student"]), str(path),
+                  "--detector", "none", "--out", str(tmp_path / "p.json")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.match(rf"error: {re.escape(str(path))}: cannot decode frame 9 \(of 20", lines[0])

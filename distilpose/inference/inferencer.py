@@ -30,7 +30,14 @@ from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError, BadImageError
 from distilpose.evaluation.metrics import to_coco_results
-from distilpose.inference.detector import DEFAULT_DETECTOR, Detector, build_detector
+from distilpose.inference.detector import (
+    BOX_THR,
+    DEFAULT_DETECTOR,
+    NMS_THR,
+    Detector,
+    build_detector,
+    keep_people,
+)
 from distilpose.inference.sources import IMAGE_SUFFIXES, Frame, open_source
 from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.models import build_from_checkpoint
@@ -105,7 +112,10 @@ class Inferencer:
             per frame (boxes [N, 4] x, y, w, h, scores [N]), e.g. `BoxesFile(path)`.
         detector_weights: a local weights file for a named detector (None: torchvision's COCO
             weights from torch's cache, downloaded when online; "random": untrained).
-        det_thr: detections scoring below it are not people.
+        det_thr: a named detector's own score threshold (torchvision's box_score_thresh).
+        box_thr, nms_thr: of every detector's (or boxes file's) boxes, those scoring above
+            `box_thr` are kept, then greedy NMS at IoU `nms_thr` (MMPose's inferencer: 0.3, 0.3;
+            `distilpose.inference.detector.keep_people`).
         det_size: the detector's input shorter side (None: the model's default).
         max_people: a named detector keeps at most this many people per image.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
@@ -128,6 +138,8 @@ class Inferencer:
         det_thr: float = 0.5,
         det_size: int | None = None,
         max_people: int = 100,
+        box_thr: float = BOX_THR,
+        nms_thr: float = NMS_THR,
         device: str = "auto",
         batch_size: int = 32,
         frames_per_batch: int = 8,
@@ -151,6 +163,7 @@ class Inferencer:
             size=det_size,
             max_people=max_people,
         )
+        self.box_thr, self.nms_thr = float(box_thr), float(nms_thr)
         self.batch_size = batch_size
         self.frames_per_batch = frames_per_batch
         self.flip = flip
@@ -210,7 +223,10 @@ class Inferencer:
 
     def _predict(self, frames: list[Frame]) -> list[PoseResult]:
         t0 = time.perf_counter()
-        detections = self.detector(frames)
+        detections = [
+            keep_people(boxes, scores, self.box_thr, self.nms_thr)
+            for boxes, scores in self.detector(frames)
+        ]
         self._sync()
         t1 = time.perf_counter()
         width, height = self.config.input_size

@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from distilpose.errors import BadImageError
-from distilpose.inference.detector import DEFAULT_DETECTOR, BoxesFile, Detector
+from distilpose.errors import BadAnnotationError, BadImageError
+from distilpose.inference.detector import BOX_THR, DEFAULT_DETECTOR, NMS_THR, BoxesFile, Detector
 from distilpose.inference.sources import VideoSource, open_source
 from distilpose.io import write_json_atomic
 from distilpose.progress import ProgressCounter
@@ -47,6 +47,8 @@ def predict_source(
     det_thr: float = 0.5,
     det_size: int | None = None,
     max_people: int = 100,
+    box_thr: float = BOX_THR,
+    nms_thr: float = NMS_THR,
     boxes_json: str | Path | None = None,
     out_json: str | Path = "predictions.json",
     overlay_dir: str | Path | None = None,
@@ -76,13 +78,16 @@ def predict_source(
     from distilpose.inference.inferencer import Inferencer
 
     source = open_source(sources, max_frames=max_frames)
+    boxes_file = BoxesFile(boxes_json) if boxes_json is not None else None
     inferencer = Inferencer(
         checkpoint,
-        BoxesFile(boxes_json) if boxes_json is not None else detector,
+        boxes_file or detector,
         detector_weights=detector_weights,
         det_thr=det_thr,
         det_size=det_size,
         max_people=max_people,
+        box_thr=box_thr,
+        nms_thr=nms_thr,
         device=device,
         batch_size=batch_size,
         flip=flip,
@@ -124,6 +129,12 @@ def predict_source(
             if writer is not None:
                 writer.release()
     seconds = time.perf_counter() - started
+    if boxes_file is not None and not boxes_file.matched and inferencer.timings["frames"]:
+        raise BadAnnotationError(
+            f"{boxes_json}: no entry names any of the {inferencer.timings['frames']} "
+            f"{'frames' if isinstance(source, VideoSource) else 'images'} read; expected entries "
+            "whose 'file_name' (base name) or 'image_id' (image id or frame index) match them"
+        )
     write_json_atomic(out_json, results)
     frames = inferencer.timings["frames"]
     per_frame = 1000.0 / frames if frames else 0.0
