@@ -746,7 +746,7 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
-    from distilpose.evaluation.eval_run import format_metrics_table, run_eval
+    from distilpose.inference.eval_run import format_metrics_table, run_eval
 
     result = run_eval(
         checkpoint,
@@ -1137,7 +1137,7 @@ def run_demo(
 
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
     from distilpose.models import build_from_checkpoint, model_info
     from distilpose.weights import demo_teacher_path

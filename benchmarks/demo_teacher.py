@@ -50,7 +50,7 @@ def command() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from distilpose.data import make_demo_data
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -167,7 +167,7 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
 
 
 def evaluate(student: Path, ann: Path, images: Path, work: Path) -> Path:
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.eval_run import run_eval
 
     out = work / "student_results.json"
     run_eval(student, ann, images, out_json=out, device="cpu", flip=False)

@@ -115,7 +115,7 @@ def _ap(metrics: dict) -> float:
 
 def _run_one(job: dict) -> dict:
     """Train and evaluate one combination (in this process or a pool worker)."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.eval_run import run_eval
     from student_train.train import train_student
 
     run_dir = Path(job["run_dir"])
@@ -310,7 +310,7 @@ def ablate(
 def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
     """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
     evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.eval_run import run_eval
     from store import StoreReader
 
     meta = StoreReader.open(str(store)).meta

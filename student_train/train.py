@@ -34,6 +34,7 @@ from distilpose.training.distributed import world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.training.runs import StudentRun
+from distilpose.viz.curves import draw_run_loss_curves
 from store import StoreReader
 from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
@@ -279,6 +280,7 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
         find_unused_parameters=set(plan.weights) != set(LOSS_NAMES),
         run=run.to_dict(),
+        on_save=draw_run_loss_curves,
     )
     summary = trainer.fit(resume=run.resume)
 

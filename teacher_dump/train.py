@@ -37,6 +37,7 @@ from distilpose.training.distributed import rank_share, world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import HeatmapLoss
 from distilpose.training.runs import TeacherRun
+from distilpose.viz.curves import draw_run_loss_curves
 
 # The TokenPose-L teacher was trained with stronger scale and milder rotation than the
 # student recipe (OFFICIAL_FACTS: rotation 40, scale 0.5); flip and half-body as the student.
@@ -180,7 +181,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
 
     trainer = Trainer(
         net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end,
-        run=run.to_dict(),
+        run=run.to_dict(), on_save=draw_run_loss_curves,
     )  # fmt: skip
     summary = trainer.fit(resume=run.resume)
     final = out / "teacher.pth"

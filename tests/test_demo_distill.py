@@ -14,7 +14,7 @@ import pytest
 
 import cli
 from distilpose.data import MILD_RECIPE, make_demo_data
-from distilpose.evaluation.eval_run import run_eval
+from distilpose.inference.eval_run import run_eval
 from distilpose.evaluation.metrics import keypoint_errors, load_coco
 from distilpose.training.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path

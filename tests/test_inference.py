@@ -24,7 +24,7 @@ from distilpose.data import (
 from distilpose.data.codecs import HeatmapCodec, crop_to_image
 from distilpose.data.keypoints import FLIP_INDEX, NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError
-from distilpose.evaluation.eval_run import format_metrics_table, run_eval
+from distilpose.inference.eval_run import format_metrics_table, run_eval
 from distilpose.evaluation.metrics import coco_keypoint_eval, oks_nms, to_coco_results
 from distilpose.geometry import Geometry
 from distilpose.inference.predict import predict_source
@@ -324,7 +324,7 @@ def test_run_eval_student_gt_boxes_and_detections(tiny_ckpts, tmp_path):
 
 
 def test_run_eval_undistilled_student_ignores_its_scores(tiny_ckpts, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="distilpose.evaluation.eval_run"):
+    with caplog.at_level(logging.WARNING, logger="distilpose.inference.eval_run"):
         res = run_eval(tiny_ckpts["undistilled"], ANN, IMAGES, out_json=tmp_path / "r.json")
     assert res["use_scores"] is False
     assert "confidence loss" in caplog.text

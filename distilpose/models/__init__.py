@@ -26,9 +26,7 @@ from __future__ import annotations
 
 from distilpose.models.checkpoint import (
     build_from_checkpoint,
-    checkpoint_filter_fn,
     identify_checkpoint,
-    load_backbone_weights,
     load_checkpoint,
     save_checkpoint,
 )
@@ -38,6 +36,7 @@ from distilpose.models.distilpose import DistilPose, StudentOutput
 from distilpose.models.layers import ModelConfig
 from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
 from distilpose.models.simplebaseline import SimpleBaseline
+from distilpose.models.state_io import checkpoint_filter_fn, load_backbone_weights
 from distilpose.models.tokenpose import TeacherOutput, TokenPose
 
 __all__ = [
