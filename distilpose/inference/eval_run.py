@@ -10,11 +10,13 @@ that other tools can score or draw them.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from distilpose.data import load_coco_instances
 from distilpose.device import resolve_device
 from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
+from distilpose.inference.config import InferConfig
 from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.io import write_json_atomic
 from distilpose.models import build_from_checkpoint
@@ -39,13 +41,8 @@ def run_eval(
     *,
     dets_file: str | Path | None = None,
     det_score_thr: float = 0.0,
-    flip: bool = True,
-    flip_mode: str = "corrected",
-    dark: bool = False,
-    batch_size: int = 32,
-    device: str = "auto",
+    config: InferConfig = InferConfig(),
     out_json: str | Path | None = None,
-    use_scores: bool | None = None,
     num_workers: int = 0,
 ) -> dict:
     """Evaluate a student or teacher checkpoint with COCO keypoint AP.
@@ -56,13 +53,11 @@ def run_eval(
         image_root: folder the annotation's `file_name`s are relative to.
         dets_file: person detections (COCO results format); None -> ground-truth boxes.
         det_score_thr: detections scoring below it are dropped.
-        flip: flip test. flip_mode: students' flip handling, "corrected" (default) or "official".
-        dark: DARK decoding (teachers).
-        device: "auto", "cpu", "cuda", ...
+        config: the test-time settings (`InferConfig`); its `use_scores=None` is read from the
+            checkpoint meta: False for a student trained without the confidence loss "cs" (its
+            untrained score must not rank people), else True.
         out_json: where the COCO results go; default `<ckpt_stem>_results.json` beside the
             checkpoint (in the working directory for a packaged one, e.g. the demo teacher).
-        use_scores: None -> from the checkpoint meta: False for a student trained without the
-            confidence loss "cs" (its untrained score must not rank people), else True.
 
     Returns:
         {"model", "role", "AP", "AP50", "AP75", "APm", "APl", "AR", "samples_per_s",
@@ -70,19 +65,18 @@ def run_eval(
         "use_scores", "flip", "flip_mode", "dark", "boxes"}.
     """
     checkpoint = Path(checkpoint)
-    dev = resolve_device(device)
+    dev = resolve_device(config.device)
     model, meta = build_from_checkpoint(checkpoint, map_location="cpu")
-    config = model.config
-    if use_scores is None:
-        use_scores = default_use_scores(config.role, meta)
-        if not use_scores:
+    if config.use_scores is None:
+        config = replace(config, use_scores=default_use_scores(model.config.role, meta))
+        if not config.use_scores:
             log.warning(
                 "%s: student trained without the confidence loss 'cs' (losses %s): ranking "
                 "people by box score only (use_scores=False)",
                 checkpoint.name,
                 meta.get("losses"),
             )
-    width, height = config.input_size
+    width, height = model.config.input_size
     instances = load_coco_instances(
         ann_file,
         image_root,
@@ -94,15 +88,10 @@ def run_eval(
     predictions = predict_instances(
         model,
         instances,
-        batch_size=batch_size,
-        device=dev,
-        flip=flip,
-        flip_mode=flip_mode,
-        dark=dark,
-        use_scores=use_scores,
+        replace(config, device=dev),
         num_workers=num_workers,
         stats=stats,
-        desc=f"eval {config.name}",
+        desc=f"eval {model.config.name}",
     )
     kept = [predictions[i] for i in oks_nms(predictions, thr=OKS_NMS_THR)]
     results = to_coco_results(kept)
@@ -110,8 +99,8 @@ def run_eval(
     write_json_atomic(out_json, results)
     metrics = coco_keypoint_eval(load_coco(ann_file), results)
     return {
-        "model": config.name,
-        "role": config.role,
+        "model": model.config.name,
+        "role": model.config.role,
         **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APm", "APl", "AR")},
         "samples_per_s": stats.get("samples_per_s", 0.0),
         "forward_samples_per_s": stats.get("forward_samples_per_s", 0.0),
@@ -119,10 +108,10 @@ def run_eval(
         "num_instances": len(instances),
         "num_results": len(results),
         "results_json": str(out_json),
-        "use_scores": bool(use_scores),
-        "flip": flip,
-        "flip_mode": flip_mode,
-        "dark": dark,
+        "use_scores": bool(config.use_scores),
+        "flip": config.flip,
+        "flip_mode": config.flip_mode,
+        "dark": config.dark,
         "boxes": "detections" if dets_file else "ground truth",
     }
 
