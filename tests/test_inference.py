@@ -353,9 +353,20 @@ def test_run_eval_undistilled_student_ignores_its_scores(tiny_ckpts, tmp_path, c
     assert forced["use_scores"] is True
 
 
+def test_infer_config_refuses_bad_settings():
+    with pytest.raises(BadConfigError, match="flip_mode: got 'mirror'"):
+        InferConfig(flip_mode="mirror")
+    with pytest.raises(BadConfigError, match="batch_size: got 0"):
+        InferConfig(batch_size=0)
+
+
 def test_run_eval_teacher(tiny_ckpts, tmp_path):
     res = run_eval(
-        tiny_ckpts["tokenpose_tiny"], ANN, IMAGES, dark=True, out_json=tmp_path / "t.json"
+        tiny_ckpts["tokenpose_tiny"],
+        ANN,
+        IMAGES,
+        config=InferConfig(dark=True),
+        out_json=tmp_path / "t.json",
     )
     assert res["role"] == "teacher" and 0.0 <= res["AP"] <= 1.0
     _check_results_json(res["results_json"], res["num_results"])
