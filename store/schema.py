@@ -1,5 +1,8 @@
 """The teacher store's on-disk format, written down in one place.
 
+(Where a store lives, local or an fsspec URL, and how its markers are listed and written:
+`store.location`. The lossy modes' quantizers: `store.quantize`.)
+
 A store is a zarr v3 group. Its attribute `distilpose_store` holds `StoreMeta`; its arrays all
 have the sample slot as first axis; `complete/u<unit>.json` files mark finished write units.
 

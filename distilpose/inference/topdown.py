@@ -1,5 +1,8 @@
 """Top-down inference: person instances in, keypoints in image pixels out.
 
+The settings named below (`flip`, `flip_mode`, `dark`, `use_scores`) are `InferConfig` fields
+(`distilpose.inference.config`).
+
 For each `PersonInstance` the evaluation crop (no augmentation) is rendered, normalized and run
 through the model; the output is decoded back to image pixels with `distilpose.data.codecs`:
 
