@@ -15,7 +15,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, capsys):
     text = out.read_text()
     assert "--dry-run: CPU, tiny models" in text
     expected = ["| distilpose_tiny |", "| tokenpose_tiny |", "Dump vs forward alone",
-                "Multi-rank dump (2 ranks", "float arrays within 0.", "| store_bf16 |",
+                "Multi-rank dump (2 ranks", "float arrays within", "| store_bf16 |",
                 "| store_fp16 |", "| online |", "| DDP, 2 rank(s) |",
                 "GPU JPEG decode: "]  # fmt: skip
     for line in expected:
@@ -37,3 +37,27 @@ def test_bench_gpu_from_the_cli_without_a_gpu(monkeypatch):
     result = CliRunner().invoke(cli.app, ["bench", "--gpu"])
     assert result.exit_code == 1
     assert "error: no CUDA device" in result.output
+
+
+def _group(path, heatmaps, slots):
+    import zarr
+
+    g = zarr.open_group(path, mode="w")
+    g.create_array("heatmaps", data=heatmaps)
+    g.create_array("slot", data=slots)
+    return path
+
+
+def test_multi_rank_dump_comparison_fails_past_the_tolerance(tmp_path):
+    import numpy as np
+    import pytest
+
+    hm = np.random.default_rng(0).random((4, 3, 8, 6)).astype(np.float16)
+    slots = np.arange(4, dtype=np.int64)
+    one = _group(tmp_path / "one", hm, slots)
+    rounding = hm + np.float16(gpu.RANK_TOLERANCE / 4)
+    assert gpu.compare_dumps(one, _group(tmp_path / "close", rounding, slots)) < gpu.RANK_TOLERANCE
+    with pytest.raises(RuntimeError, match="differ from the 1-rank dump by"):
+        gpu.compare_dumps(one, _group(tmp_path / "far", hm[::-1].copy(), slots))
+    with pytest.raises(RuntimeError, match="array 'slot' differs"):
+        gpu.compare_dumps(one, _group(tmp_path / "slots", hm, slots[::-1].copy()))
