@@ -896,21 +896,14 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
-    from distilpose.evaluation.eval_run import format_metrics_table, run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import format_metrics_table, run_eval
 
+    infer = InferConfig(flip, flip_mode.value, dark, device=device.value, batch_size=batch_size)
     result = run_eval(
-        checkpoint,
-        ann,
-        images,
-        dets_file=dets,
-        det_score_thr=det_score_thr,
-        flip=flip,
-        flip_mode=flip_mode.value,
-        dark=dark,
-        batch_size=batch_size,
-        device=device.value,
+        checkpoint, ann, images, dets_file=dets, det_score_thr=det_score_thr, config=infer,
         out_json=out,
-    )
+    )  # fmt: skip
     typer.echo(
         json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result)
     )
@@ -1051,24 +1044,20 @@ def predict(
     config: ConfigOpt = None,
 ) -> None:
     """Poses of every person in images, folders, globs, a video or a camera (detector in front)."""
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.detector import BoxesFile
+    from distilpose.inference.inferencer import Inferencer
     from distilpose.inference.predict import predict_source
 
-    summary = predict_source(
-        checkpoint,
-        source,
-        detector=detector,
-        detector_weights=detector_weights,
-        det_thr=det_thr,
-        det_size=det_size,
+    inferencer = Inferencer(
+        checkpoint, BoxesFile(boxes) if boxes is not None else detector,
+        detector_weights=detector_weights, det_thr=det_thr, det_size=det_size,
         max_people=max_people,
-        boxes_json=boxes,
-        out_json=out,
-        overlay_dir=overlay_dir,
-        flip=flip,
-        device=device.value,
-        batch_size=batch_size,
-        max_frames=max_frames,
         **_given(box_thr=box_thr, nms_thr=nms_thr),
+        config=InferConfig(flip=flip, device=device.value, batch_size=batch_size),
+    )  # fmt: skip
+    summary = predict_source(
+        inferencer, source, out_json=out, overlay_dir=overlay_dir, max_frames=max_frames
     )
     where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
     typer.echo(
@@ -1296,8 +1285,9 @@ def run_demo(
 
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
-    from distilpose.evaluation.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from distilpose.models import build_from_checkpoint, model_info
     from distilpose.weights import demo_teacher_path
     from teacher_dump.dump import dump_teacher as dump
@@ -1345,7 +1335,7 @@ def run_demo(
         results_json = out / "results" / f"{role}.json"
         result = run_eval(
             ckpt, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
-            device=device, out_json=results_json,
+            config=InferConfig(device=device), out_json=results_json,
         )  # fmt: skip
         errors = keypoint_errors(coco, json.loads(results_json.read_text()))
         info = model_info(build_from_checkpoint(ckpt, map_location="cpu")[0])

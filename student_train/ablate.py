@@ -115,7 +115,8 @@ def _ap(metrics: dict) -> float:
 
 def _run_one(job: dict) -> dict:
     """Train and evaluate one combination (in this process or a pool worker)."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from student_train.train import train_student
 
     run_dir = Path(job["run_dir"])
@@ -151,7 +152,7 @@ def _run_one(job: dict) -> dict:
         s["val_ann"],
         s["val_images"],
         dets_file=s["val_dets"],
-        device=job["device"],
+        config=InferConfig(device=job["device"]),
         out_json=run_dir / "results.json",
     )
     ap = _ap(metrics)
@@ -310,7 +311,8 @@ def ablate(
 def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
     """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
     evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from store import StoreReader
 
     meta = StoreReader.open(str(store)).meta
@@ -328,7 +330,7 @@ def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> d
         settings["val_ann"],
         settings["val_images"],
         dets_file=settings["val_dets"],
-        device=device,
+        config=InferConfig(device=device),
         out_json=done.parent / "results.json",
     )
     row = {

@@ -28,13 +28,14 @@ from distilpose.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
-from distilpose.evaluation.eval_run import coco_validator
+from distilpose.inference.eval_run import coco_validator
 from distilpose.limits import load_json
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from distilpose.training.distributed import world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.training.runs import StudentRun
+from distilpose.viz.curves import draw_run_loss_curves
 from store import StoreReader
 from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
@@ -295,6 +296,7 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         find_unused_parameters=set(plan.weights) != set(LOSS_NAMES),
         run=run.to_dict(),
         validate=validate,
+        on_save=draw_run_loss_curves,
     )
     summary = trainer.fit(resume=run.resume)
 

@@ -31,13 +31,14 @@ from distilpose.data import (
 )
 from distilpose.data.codecs import HeatmapCodec
 from distilpose.errors import BadConfigError
-from distilpose.evaluation.eval_run import coco_validator
 from distilpose.geometry import Geometry
+from distilpose.inference.eval_run import coco_validator
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.distributed import rank_share, world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import HeatmapLoss
 from distilpose.training.runs import TeacherRun
+from distilpose.viz.curves import draw_run_loss_curves
 
 # The TokenPose-L teacher was trained with stronger scale and milder rotation than the
 # student recipe (OFFICIAL_FACTS: rotation 40, scale 0.5); flip and half-body as the student.
@@ -191,7 +192,7 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
 
     trainer = Trainer(
         net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end,
-        run=run.to_dict(), validate=validate,
+        run=run.to_dict(), validate=validate, on_save=draw_run_loss_curves,
     )  # fmt: skip
     summary = trainer.fit(resume=run.resume)
     final = out / "teacher.pth"

@@ -27,6 +27,7 @@ from distilpose.data.demo import make_demo_video
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadConfigError, BadImageError
 from distilpose.evaluation.metrics import coco_keypoint_eval, to_coco_results
+from distilpose.inference.config import InferConfig
 from distilpose.inference.detector import PERSON_LABEL, BoxesFile, TorchvisionDetector
 from distilpose.inference.sources import Frame, ImageSource, open_source
 from distilpose.inference.topdown import predict_instances
@@ -100,7 +101,7 @@ def test_predict_coco_images_with_gt_boxes_scores_and_matches_eval(ckpts, tmp_pa
     evaluation path (`predict_instances` on the same boxes)."""
     model, _ = build_from_checkpoint(ckpts["student"])
     instances = load_coco_instances(ANN, IMAGES, aspect_ratio=0.75)  # 12 labelled people
-    expected = to_coco_results(predict_instances(model, instances, device="cpu"))
+    expected = to_coco_results(predict_instances(model, instances, InferConfig(device="cpu")))
 
     out = tmp_path / "gt.json"
     args = ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES), "--out", str(out)]
@@ -129,7 +130,8 @@ def test_predict_coco_images_with_gt_boxes_scores_and_matches_eval(ckpts, tmp_pa
             out.append((np.array([p.bbox for p in people]), np.ones(len(people))))
         return out
 
-    pose = Inferencer(ckpts["student"], detector=gt_detector, device="cpu", frames_per_batch=3)
+    cpu = InferConfig(device="cpu")
+    pose = Inferencer(ckpts["student"], detector=gt_detector, config=cpu, frames_per_batch=3)
     api = [r for res in pose(str(IMAGES)) for r in res.to_coco()]
     assert len(api) == 12
 
@@ -275,7 +277,7 @@ def test_inferencer_arrays_lists_batches_and_teachers(ckpts, tmp_path):
         return [(box, np.array([0.9], np.float32)) for _ in frames]
 
     for role in ("student", "teacher"):  # a teacher's heatmaps decode the same way
-        pose = Inferencer(ckpts[role], detector=one_box, device="cpu", flip=False)
+        pose = Inferencer(ckpts[role], one_box, config=InferConfig(flip=False, device="cpu"))
         single = pose(image)
         assert isinstance(single, PoseResult) and single.image_id == 0 and single.name == ""
         assert single.keypoints.shape == (1, NUM_KEYPOINTS, 2)
@@ -288,7 +290,7 @@ def test_inferencer_arrays_lists_batches_and_teachers(ckpts, tmp_path):
         np.testing.assert_allclose(batched[1].keypoints, single.keypoints, atol=1e-4)
         assert pose.timings["frames"] == 4
 
-    whole = Inferencer(ckpts["student"], detector=None, device="cpu")(image)
+    whole = Inferencer(ckpts["student"], detector=None, config=InferConfig(device="cpu"))(image)
     assert whole.boxes.tolist() == [[0.0, 0.0, image.shape[1], image.shape[0]]]
     nobody = Inferencer(
         ckpts["student"], detector=lambda fs: [(np.zeros((0, 4)), np.zeros(0))] * len(fs)

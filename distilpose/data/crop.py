@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from distilpose.data.instance import PersonInstance
 from distilpose.data.keypoints import FLIP_INDEX, LOWER_BODY_IDS, UPPER_BODY_IDS
 from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER
 
 if TYPE_CHECKING:  # torch is imported lazily: loaders and dataset workers never need it
     import torch
-
-    from distilpose.data.coco import PersonInstance
 
 PIXEL_STD = 200.0  # MMPose 0.x: scale is box size / 200
 BOX_PADDING = 1.25  # MMPose 0.x top-down box padding

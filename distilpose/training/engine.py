@@ -15,7 +15,9 @@ giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the ru
                       every `ckpt_every` epochs and `ckpt_every_steps`
     best.pth          with a `validate` function: the weights (the EMA's, with `ema_decay`) of
                       the epoch with the highest validation AP so far
-    loss_curves.png   one line per loss term, log y; redrawn at each checkpoint
+    loss_curves.png   one line per loss term, log y: drawn by the stage's `on_save` hook
+                      (`distilpose.viz.curves.draw_run_loss_curves`), so this loop imports no
+                      drawing code
 
 Exact resume: every epoch starts with torch/numpy/random seeded from (seed, epoch), so an
 epoch's batches and random ops depend only on the epoch; a mid-epoch checkpoint also stores the
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import datetime
 import json
 import logging
@@ -77,19 +78,20 @@ from torch import nn
 
 from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError
-from distilpose.io import atomic_open, write_text_atomic
+from distilpose.io import MetricsLog, write_text_atomic
 from distilpose.progress import ProgressCounter
 from distilpose.training.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
 from distilpose.training.runs import PER_INVOCATION, run_changes
 
 log = logging.getLogger(__name__)
 
-PLOT_EVERY_S = 30.0  # loss_curves.png: redrawn at checkpoints no more often than this
+SAVE_HOOK_EVERY_S = 30.0  # `on_save` (a plot costs ~0.2 s) runs at checkpoints at most this often
 Task = Callable[[nn.Module, dict], dict]
 Batches = Callable[[int], Iterable[dict]]
 Validate = Callable[[nn.Module], dict]  # model -> metrics with "AP" (COCO keypoint AP, 0-1)
 REFERENCE_BATCH = 512  # the global batch the paper's lr 1e-3 is for: 8 GPUs x 64 crops
 VAL_TIMEOUT_S = 3 * 3600  # ranks wait this long for rank 0's validation (COCO val: minutes)
+OnSave = Callable[[Path], None]  # run_dir -> None; e.g. redraws loss_curves.png from metrics.csv
 
 
 @dataclass
@@ -283,51 +285,6 @@ class Meter:
         return m
 
 
-class MetricsLog:
-    """metrics.csv: appended row by row; a row with new columns rewrites the file once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fields: list[str] = []
-        if path.exists():
-            with path.open(newline="") as f:
-                self.fields = list(csv.DictReader(f).fieldnames or [])
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        with atomic_open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    def keep(self, keep: Callable[[dict], bool]) -> None:
-        """Drop the rows a killed run logged after its last checkpoint."""
-        if self.path.exists():
-            self._rewrite([r for r in self.rows() if keep(r)])
-
-    def append(self, row: dict) -> None:
-        new = [k for k in row if k not in self.fields]
-        if new or not self.path.exists():
-            rows = self.rows()
-            self.fields += new
-            self._rewrite(rows + [row])
-            return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.fields, restval="").writerow(row)
-
-
-def plot_losses(rows: list[dict], out_png: Path) -> None:
-    """loss_curves.png: every loss column of the step rows against the step, log y."""
-    from distilpose.viz.curves import draw_loss_curves, metrics_columns  # matplotlib on demand
-
-    draw_loss_curves(metrics_columns(rows), out_png)
-
-
 class _NoBar:
     """Ranks other than 0 draw no progress bar."""
 
@@ -387,12 +344,14 @@ class Trainer:
         find_unused_parameters: bool = False,
         run: dict | None = None,
         validate: Validate | None = None,
+        on_save: OnSave | None = None,
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
         # the stage's run object as a dict (distilpose.training.runs), read by --resume
         self.run = run
         self.validate = validate
+        self.on_save = on_save
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
         self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)
@@ -429,7 +388,7 @@ class Trainer:
         self.step = 0  # optimizer steps completed, over the whole run
         self.epoch_step = 0  # batches consumed in the current (unfinished) epoch
         self._resume_rng: dict | None = None
-        self._plotted = -math.inf
+        self._hooked = -math.inf
         self._epoch_meter = Meter()  # this epoch's running means, kept across a mid-epoch resume
         self.metrics = MetricsLog(self.run_dir / "metrics.csv")
 
@@ -481,7 +440,7 @@ class Trainer:
         self.best_epoch = int(best.get("epoch", 0))
 
     def save(self) -> Path:
-        """Atomically write run_dir/last.pth and redraw the loss curves (rank 0 only)."""
+        """Atomically write run_dir/last.pth and run `on_save` (rank 0 only)."""
         from distilpose.models import save_checkpoint
 
         path = self.run_dir / "last.pth"
@@ -493,14 +452,15 @@ class Trainer:
                 meta=self.meta,
                 extra={k: v for k, v in state.items() if k != "state_dict"},
             )
-            # Redrawn with the checkpoint, but at most every PLOT_EVERY_S (a plot costs ~0.2 s).
-            if time.perf_counter() - self._plotted >= PLOT_EVERY_S:
-                self._plot()
+            # With the checkpoint, but at most every SAVE_HOOK_EVERY_S.
+            if time.perf_counter() - self._hooked >= SAVE_HOOK_EVERY_S:
+                self._run_save_hook()
         return path
 
-    def _plot(self) -> None:
-        plot_losses(self.metrics.rows(), self.run_dir / "loss_curves.png")
-        self._plotted = time.perf_counter()
+    def _run_save_hook(self) -> None:
+        if self.on_save is not None:
+            self.on_save(self.run_dir)
+        self._hooked = time.perf_counter()
 
     def _resume(self) -> None:
         path = self.run_dir / "last.pth"
@@ -712,7 +672,7 @@ class Trainer:
             while self.epoch < self.config.epochs:
                 row = self.train_epoch()
             if self.is_main:
-                self._plot()
+                self._run_save_hook()
             return {
                 "run_dir": str(self.run_dir),
                 "checkpoint": str(self.run_dir / "last.pth"),

@@ -242,6 +242,8 @@ class StudentRun(_Run):
     store: str | None
     model: str = "distilpose_s"
     out_dir: str = "runs/student"
+    # every loss term at its official weight: `losses.DEFAULT_LOSSES`, written out here because
+    # this module stays torch-free for the CLI (tests/test_losses.py keeps the two equal)
     losses: str = "reg,kt,vt,sh,cs"
     epochs: int = 300
     batch_size: int = 64
