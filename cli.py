@@ -12,7 +12,6 @@ reach the run, whose type holds every default (`cli_support.RunOptions`).
 from __future__ import annotations
 
 import json
-import operator
 import sys
 from functools import partial
 from pathlib import Path
@@ -22,20 +21,30 @@ import typer
 
 from cli_support import (
     DEBUG_ENV,
+    DUMP_OPTIONS,
+    STUDENT_OPTIONS,
+    TEACHER_OPTIONS,
+    AccumOpt,
+    AmpDtype,
     Augment,
+    BackboneWeightsOpt,
     ConfigOpt,
     Decode,
     Device,
+    EmaOpt,
     FlipMode,
+    LrScaleOpt,
     OneLineErrors,
     Pixels,
-    RunOptions,
     Schedule,
     StoreMode,
+    ValAnnOpt,
+    ValDetsOpt,
+    ValEveryOpt,
+    ValImagesOpt,
     fail,
-    parse_shard,
+    given,
     parse_size,
-    recipe,
     run_option,
     size_overrides,
 )
@@ -64,26 +73,6 @@ app.add_typer(viz_app, name="viz")
 
 
 VERIFY_SAMPLE = 1000  # store-verify's default sample: a minute on a laptop, --all for everything
-# How each run command's options become its run: the run field each renamed option sets (the
-# others have the field's name), and how an option's value becomes the field's.
-TEACHER_OPTIONS = RunOptions(
-    TeacherRun,
-    {"ann": "ann_file", "images": "image_root", "out": "out_dir", "input_size": "model_overrides",
-     "augment": "recipe"},
-    {"input_size": size_overrides, "augment": recipe},
-)  # fmt: skip
-DUMP_OPTIONS = RunOptions(
-    DumpRun,
-    {"teacher": "teacher_ckpt", "ann": "ann_file", "images": "image_root", "augment": "recipe",
-     "raw_targets": "targets_zstd"},
-    {"shard": parse_shard, "augment": recipe, "raw_targets": operator.not_},
-)  # fmt: skip
-STUDENT_OPTIONS = RunOptions(
-    StudentRun, {"out": "out_dir", "input_size": "model_overrides"}, {"input_size": size_overrides}
-)
-# tests/test_cli.py checks that no option of these commands restates its run type's default
-RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,
-                "train-student": STUDENT_OPTIONS}  # fmt: skip
 
 
 _teacher = partial(run_option, TeacherRun)  # an option of a run field, its default in the help
@@ -104,28 +93,13 @@ def models(
     config: ConfigOpt = None,
 ) -> None:
     """List the built-in models with params and GFLOPs measured now (1 crop at their input size)."""
-    from distilpose.models import list_model_infos
+    from distilpose.models.complexity import format_model_infos, list_model_infos
 
     infos = list_model_infos()
     if as_json:
         _echo_json(infos)
         return
-    header = (
-        f"{'name':<19} {'role':<8} {'input (w x h)':<14} {'params':>12} "
-        f"{'GFLOPs':>8} {'GFLOPs full':>12}"
-    )
-    typer.echo(header)
-    typer.echo("-" * len(header))
-    for m in infos:
-        w, h = m["input_size"]
-        typer.echo(
-            f"{m['name']:<19} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
-            f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
-        )
-    typer.echo(
-        "GFLOPs counted as the paper did (MMCV: conv/linear MACs plus norms and activations,"
-        " attention matmuls not counted); 'full' adds attention's matrix products."
-    )
+    typer.echo(format_model_infos(infos))
 
 
 @app.command("checkpoint-info")
@@ -229,6 +203,14 @@ def train_teacher(
     sync_bn: Annotated[
         bool | None, _teacher("sync_bn", "Under torchrun: BatchNorm statistics over all ranks.")
     ] = None,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    val_dets: ValDetsOpt = None,
+    val_every: ValEveryOpt = None,
+    ema: EmaOpt = None,
+    accum_steps: AccumOpt = None,
+    lr_scale: LrScaleOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a heatmap teacher (TokenPose) on a COCO-format dataset."""
@@ -351,16 +333,9 @@ def train_student(
     out: Annotated[Path, typer.Option(help="Run directory.")],
     model: Annotated[str | None, _student("model", "Student model name.")] = None,
     losses: Annotated[
-        str | None,
-        _student(
-            "losses",
-            "Loss terms, e.g. reg,kt,vt,sh,cs or reg=1,kt=5e-4; 'reg' alone is the undistilled "
-            "baseline.",
-        ),
+        str | None, _student("losses", "Loss terms, e.g. reg,kt=5e-4; 'reg' alone: the baseline.")
     ] = None,
-    epochs: Annotated[
-        int | None, _student("epochs", "Training epochs (view = epoch mod views).")
-    ] = None,
+    epochs: Annotated[int | None, _student("epochs", "Epochs (view = epoch mod views).")] = None,
     batch_size: Annotated[int | None, _student("batch_size", "Crops per step (per GPU).")] = None,
     lr: Annotated[float | None, _student("lr", "Adam learning rate.")] = None,
     warmup_iters: Annotated[
@@ -392,10 +367,7 @@ def train_student(
     ] = None,
     allow_store_change: Annotated[
         bool | None,
-        _student(
-            "allow_store_change",
-            "With --resume: continue even if the store's views or identity changed.",
-        ),
+        _student("allow_store_change", "With --resume: go on though the store's views changed."),
     ] = None,
     decode: Annotated[
         Decode | None,
@@ -407,6 +379,41 @@ def train_student(
     ckpt_every_steps: Annotated[
         int | None,
         _student("ckpt_every_steps", "Also save last.pth every N steps (0: at epoch ends only)."),
+    ] = None,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    val_dets: ValDetsOpt = None,
+    val_every: ValEveryOpt = None,
+    ema: EmaOpt = None,
+    accum_steps: AccumOpt = None,
+    lr_scale: LrScaleOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
+    ann: Annotated[
+        Path | None,
+        typer.Option(
+            help="Annotation file now (a --pixels none store).", exists=True, dir_okay=False
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Image folder now (a --pixels none store).", exists=True, file_okay=False
+        ),
+    ] = None,
+    allow_incomplete: Annotated[
+        bool | None,
+        _student("allow_incomplete", "Train on an unfinished store.", "--allow-incomplete"),
+    ] = None,
+    verify_digest: Annotated[
+        bool | None,
+        _student("verify_digest", "Check --ann is the file the store was made from."),
+    ] = None,
+    amp_dtype: Annotated[
+        AmpDtype | None, _student("amp_dtype", "CUDA autocast dtype; auto = bf16 where supported.")
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        _student("channels_last", "CUDA: NHWC layout (faster convolutions).", "--channels-last"),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -448,21 +455,14 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Top-down COCO keypoint evaluation (AP, AP50, AP75, APm, APl, AR) and speed."""
-    from distilpose.evaluation.eval_run import format_metrics_table, run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import format_metrics_table, run_eval
 
+    infer = InferConfig(flip, flip_mode.value, dark, device=device.value, batch_size=batch_size)
     result = run_eval(
-        checkpoint,
-        ann,
-        images,
-        dets_file=dets,
-        det_score_thr=det_score_thr,
-        flip=flip,
-        flip_mode=flip_mode.value,
-        dark=dark,
-        batch_size=batch_size,
-        device=device.value,
+        checkpoint, ann, images, dets_file=dets, det_score_thr=det_score_thr, config=infer,
         out_json=out,
-    )
+    )  # fmt: skip
     typer.echo(
         json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result)
     )
@@ -567,6 +567,14 @@ def predict(
             exists=True,
         ),
     ] = None,
+    box_thr: Annotated[
+        float | None,
+        typer.Option(help="Keep boxes scoring above this, detector or --boxes (default 0.3)."),
+    ] = None,
+    nms_thr: Annotated[
+        float | None,
+        typer.Option(help="Then drop boxes overlapping a kept one above this IoU (default 0.3)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="COCO-format results JSON.")] = Path("predictions.json"),
     overlay_dir: Annotated[
         Path | None,
@@ -581,23 +589,20 @@ def predict(
     config: ConfigOpt = None,
 ) -> None:
     """Poses of every person in images, folders, globs, a video or a camera (detector in front)."""
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.detector import BoxesFile
+    from distilpose.inference.inferencer import Inferencer
     from distilpose.inference.predict import predict_source
 
-    summary = predict_source(
-        checkpoint,
-        source,
-        detector=detector,
-        detector_weights=detector_weights,
-        det_thr=det_thr,
-        det_size=det_size,
+    inferencer = Inferencer(
+        checkpoint, BoxesFile(boxes) if boxes is not None else detector,
+        detector_weights=detector_weights, det_thr=det_thr, det_size=det_size,
         max_people=max_people,
-        boxes_json=boxes,
-        out_json=out,
-        overlay_dir=overlay_dir,
-        flip=flip,
-        device=device.value,
-        batch_size=batch_size,
-        max_frames=max_frames,
+        **given(box_thr=box_thr, nms_thr=nms_thr),
+        config=InferConfig(flip=flip, device=device.value, batch_size=batch_size),
+    )  # fmt: skip
+    summary = predict_source(
+        inferencer, source, out_json=out, overlay_dir=overlay_dir, max_frames=max_frames
     )
     where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
     typer.echo(
@@ -632,12 +637,8 @@ def export(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory for everything the demo makes.")] = Path(
-        "demo_run"
-    ),
-    quick: Annotated[
-        bool, typer.Option(help="Smaller data and fewer epochs (about 3 minutes).")
-    ] = False,
+    out: Annotated[Path, typer.Option(help="Directory for all the demo makes.")] = Path("demo_run"),
+    quick: Annotated[bool, typer.Option(help="Smaller data, fewer epochs (about 3 min).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final table as JSON.")] = False,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Seed of data, store and training.")] = 0,

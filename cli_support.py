@@ -10,6 +10,7 @@ once, in the run type (distilpose/training/runs.py).
 
 from __future__ import annotations
 
+import operator
 import os
 import traceback
 from collections.abc import Callable
@@ -24,7 +25,14 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
-from distilpose.training.runs import PER_INVOCATION, saved_run
+from distilpose.training.runs import (
+    PER_INVOCATION,
+    DumpRun,
+    StudentRun,
+    TeacherRun,
+    check_field,
+    saved_run,
+)
 
 _OWN_PACKAGES = ("distilpose", "store", "student_train", "teacher_dump", "benchmarks")
 _OWN_MODULES = ("cli", "cli_support", "cli_viz", "demo")  # top-level modules beside them
@@ -218,8 +226,25 @@ def _config_callback(ctx: click.Context, param: click.Parameter, value: Path | N
         fail(
             BadConfigError(f"{value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'")
         )
+    _check_run_values(ctx.info_name or "", values, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _check_run_values(command: str, values: dict[str, Any], path: Path) -> None:
+    """A run command's config-file values checked by the run type before click converts them
+    (so `epochs = "ten"` is one `error:` line naming the file and the field)."""
+    options = RUN_COMMANDS.get(command)
+    if options is None:
+        return
+    names = {f.name for f in fields(options.kind)}
+    for option, v in values.items():
+        field = options.renamed.get(option, option)
+        if field in names and option not in options.convert:  # converted: not the field's value
+            try:
+                check_field(options.kind, field, v)
+            except BadConfigError as e:
+                fail(BadConfigError(f"{path}: {e}"))
 
 
 ConfigOpt = Annotated[
@@ -281,6 +306,17 @@ class Decode(str, Enum):
     cpu = "cpu"
 
 
+class LrScale(str, Enum):
+    linear = "linear"
+    none = "none"
+
+
+class AmpDtype(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -331,9 +367,14 @@ def default(kind: type, field: str) -> str:
     return f"(default: {str(value).lower() if isinstance(value, bool) else value})"
 
 
-def run_option(kind: type, field: str, text: str, **option: Any) -> Any:
+def run_option(kind: type, field: str, text: str, *names: str, **option: Any) -> Any:
     """The typer option of run field `field`, its help `text` ending in the field's default."""
-    return typer.Option(help=f"{text.rstrip('.')} {default(kind, field)}.", **option)
+    return typer.Option(*names, help=f"{text.rstrip('.')} {default(kind, field)}.", **option)
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options given (not None), Enum members as their values."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in options.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -355,15 +396,85 @@ class RunOptions:
         top; `PER_INVOCATION` fields are this invocation's. The trainer logs what changed
         (train.log); the stage refuses a changed store unless --allow-store-change."""
         names = {f.name for f in fields(self.kind)}
-        given: dict[str, Any] = {}
-        for option, value in options.items():
-            field = self.renamed.get(option, option)
-            if field in names and value is not None:
-                value = self.convert[option](value) if option in self.convert else value
-                given[field] = value.value if isinstance(value, Enum) else value
-        run = self.kind(**given)
+        values = {
+            self.renamed.get(option, option): self.convert.get(option, _same)(value)
+            for option, value in given(**options).items()
+            if self.renamed.get(option, option) in names
+        }
+        run = self.kind(**values)
         saved = saved_run(self.kind, run.out_dir) if getattr(run, "resume", False) else None
         if saved is None:
             return run
-        kept = {*given, *(f for f in PER_INVOCATION if f in names)}
+        kept = {*values, *(f for f in PER_INVOCATION if f in names)}
         return saved.replace(**{f: getattr(run, f) for f in kept})
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# How each run command's options become its run: the run field each renamed option sets (the
+# others have the field's name), and how an option's value becomes the field's.
+TEACHER_OPTIONS = RunOptions(
+    TeacherRun,
+    {"ann": "ann_file", "images": "image_root", "out": "out_dir", "input_size": "model_overrides",
+     "augment": "recipe"},
+    {"input_size": size_overrides, "augment": recipe},
+)  # fmt: skip
+DUMP_OPTIONS = RunOptions(
+    DumpRun,
+    {"teacher": "teacher_ckpt", "ann": "ann_file", "images": "image_root", "augment": "recipe",
+     "raw_targets": "targets_zstd"},
+    {"shard": parse_shard, "augment": recipe, "raw_targets": operator.not_},
+)  # fmt: skip
+STUDENT_OPTIONS = RunOptions(
+    StudentRun,
+    {"out": "out_dir", "input_size": "model_overrides", "ann": "ann_file"},
+    {"input_size": size_overrides},
+)
+# tests/test_cli.py checks that no option of these commands restates its run type's default
+RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,
+                "train-student": STUDENT_OPTIONS}  # fmt: skip
+
+# Options of train-teacher and train-student alike (the same defaults in both run types).
+ValAnnOpt = Annotated[
+    Path | None,
+    typer.Option(help="Validate on this COCO keypoints file while training (as `eval` does).",
+                 exists=True, dir_okay=False),
+]  # fmt: skip
+ValImagesOpt = Annotated[
+    Path | None, typer.Option(help="Image folder of --val-ann.", exists=True, file_okay=False)
+]
+ValDetsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Person detections for validation; GT boxes if unset.", exists=True),
+]
+ValEveryOpt = Annotated[
+    int | None,
+    run_option(StudentRun, "val_every", "Epochs between validations; the last always."),
+]
+EmaOpt = Annotated[
+    float | None,
+    typer.Option(help="EMA decay of the weights, e.g. 0.9998; the EMA is validated and kept."),
+]
+AccumOpt = Annotated[
+    int | None,
+    run_option(StudentRun, "accum_steps", "Batches per optimizer step (gradient accumulation)."),
+]
+LrScaleOpt = Annotated[
+    LrScale | None,
+    run_option(
+        StudentRun, "lr_scale",
+        "linear: lr x global batch / 512 (the paper's lr is for 8 GPUs x 64 = 512); none: lr as "
+        "given.",
+    ),
+]  # fmt: skip
+BackboneWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="ImageNet backbone checkpoint, torchvision/timm keys (conv1.weight, layer1.0...; "
+        "fc.* ignored), e.g. resnet50's.",
+        exists=True,
+        dir_okay=False,
+    ),
+]

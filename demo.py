@@ -91,8 +91,9 @@ def run_demo(
 
     from distilpose.data import MILD_RECIPE
     from distilpose.data import make_demo_data as make
-    from distilpose.evaluation.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from distilpose.models import build_from_checkpoint, model_info
     from distilpose.weights import demo_teacher_path
     from teacher_dump.dump import dump_teacher as dump
@@ -140,7 +141,7 @@ def run_demo(
         results_json = out / "results" / f"{role}.json"
         result = run_eval(
             ckpt, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
-            device=device, out_json=results_json,
+            config=InferConfig(device=device), out_json=results_json,
         )  # fmt: skip
         errors = keypoint_errors(coco, json.loads(results_json.read_text()))
         info = model_info(build_from_checkpoint(ckpt, map_location="cpu")[0])

@@ -144,7 +144,8 @@ def _student_run(job: dict) -> StudentRun:
 
 def _evaluate(job: dict, summary: dict) -> dict:
     """Evaluate one trained combination; its result, also written to its result.json."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
 
     s, run_dir = job["settings"], Path(job["run_dir"])
     metrics = run_eval(
@@ -152,7 +153,7 @@ def _evaluate(job: dict, summary: dict) -> dict:
         s["val_ann"],
         s["val_images"],
         dets_file=s["val_dets"],
-        device=job["device"],
+        config=InferConfig(device=job["device"]),
         out_json=run_dir / "results.json",
     )
     result = {
@@ -315,7 +316,8 @@ def ablate(
 def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
     """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
     evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from store import StoreReader
 
     meta = StoreReader.open(str(store)).meta
@@ -333,7 +335,7 @@ def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> d
         settings["val_ann"],
         settings["val_images"],
         dets_file=settings["val_dets"],
-        device=device,
+        config=InferConfig(device=device),
         out_json=done.parent / "results.json",
     )
     row = {

@@ -175,12 +175,15 @@ def _command(name: str) -> click.Command:
     return group.get_command(click.Context(group), name)
 
 
-@pytest.mark.parametrize("command", sorted(cli.RUN_COMMANDS))
+@pytest.mark.parametrize("command", sorted(cli_support.RUN_COMMANDS))
 def test_no_option_restates_a_run_default(command):
     """Every option of a run command sets a field of its run type; where the field has a
     default, the option defaults to None (so only given options reach the run) and its help
     shows the run type's default."""
-    kind, renamed = cli.RUN_COMMANDS[command].kind, cli.RUN_COMMANDS[command].renamed
+    kind, renamed = (
+        cli_support.RUN_COMMANDS[command].kind,
+        cli_support.RUN_COMMANDS[command].renamed,
+    )
     run_fields = {f.name: f for f in dataclasses.fields(kind)}
     for param in _command(command).params:
         if param.name == "config":
@@ -209,7 +212,7 @@ def test_help_shows_the_run_types_defaults():
 def _parsed_run(command: str, args: list[str]):
     """The run `command args` would start (parsed by click, built as the command builds it)."""
     ctx = _command(command).make_context(command, [str(a) for a in args])
-    return cli.RUN_COMMANDS[command].run(ctx.params)
+    return cli_support.RUN_COMMANDS[command].run(ctx.params)
 
 
 def test_options_left_out_keep_the_run_types_defaults(tmp_path):

@@ -14,8 +14,9 @@ import pytest
 
 import demo
 from distilpose.data import MILD_RECIPE, make_demo_data
-from distilpose.evaluation.eval_run import run_eval
 from distilpose.evaluation.metrics import keypoint_errors, load_coco
+from distilpose.inference.config import InferConfig
+from distilpose.inference.eval_run import run_eval
 from distilpose.training.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
 from student_train.many import train_many
@@ -45,7 +46,9 @@ def demo_store(tmp_path_factory):
 
 
 def _pixel_error(data: dict, ckpt, out) -> float:
-    run_eval(ckpt, data["val_ann"], data["val_images"], device="cpu", out_json=out)
+    run_eval(
+        ckpt, data["val_ann"], data["val_images"], config=InferConfig(device="cpu"), out_json=out
+    )
     return keypoint_errors(load_coco(data["val_ann"]), json.loads(out.read_text()))["pixel_error"]
 
 

@@ -177,6 +177,11 @@ def test_train_teacher_two_ranks_match_one_rank_with_the_global_batch(demo, teac
     # The logged losses are the global batch's, whatever the world size.
     a, b = epoch_rows(one), epoch_rows(teacher)
     assert len(b) == 1 and float(a[0]["loss"]) == pytest.approx(float(b[0]["loss"]), rel=1e-3)
+    # Validation on rank 0 (issue 27): one val_AP per epoch row, best.pth of the EMA weights.
+    assert b[0]["val_AP"] != "" and float(b[0]["best_AP"]) == float(b[0]["val_AP"])
+    best = torch.load(teacher / "best.pth", map_location="cpu", weights_only=True)
+    assert best["meta"]["best"] == {"AP": float(b[0]["val_AP"]), "epoch": 1, "ema": True}
+    assert "validation epoch 1: AP" in (teacher / "train.log").read_text()
 
 
 def test_dump_two_ranks_equals_one_rank_byte_for_byte(demo, store):
