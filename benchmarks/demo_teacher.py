@@ -50,8 +50,9 @@ def command() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from distilpose.data import make_demo_data
-    from distilpose.evaluation.eval_run import run_eval
     from distilpose.evaluation.metrics import keypoint_errors, load_coco
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = a.val_data / "teacher_results.json"
     result = run_eval(
         DEMO_TEACHER_FILE, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
-        device="cpu", out_json=out_json,
+        config=InferConfig(device="cpu"), out_json=out_json,
     )  # fmt: skip
     errors = keypoint_errors(load_coco(data["val_ann"]), json.loads(out_json.read_text()))
     with open(a.run_dir / "metrics.csv", newline="") as f:

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from distilpose.geometry import PAPER
+from distilpose.training.losses import LOSS_NAMES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, D = 17, 192  # COCO joints, DistilPose-S token dim
 INPUT, (WH, HH), P = PAPER.input_size, PAPER.heatmap_size, PAPER.num_patches
-LOSSES = ("reg", "kt", "vt", "sh", "cs")
+LOSSES = LOSS_NAMES
 
 
 def _outputs(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -30,7 +30,9 @@ import torch
 
 from benchmarks import update_readme_block
 from distilpose.data.demo import make_demo_video
+from distilpose.inference.config import InferConfig
 from distilpose.inference.detector import BoxesFile, TorchvisionDetector
+from distilpose.inference.inferencer import Inferencer
 from distilpose.inference.predict import predict_source
 from distilpose.inference.sources import open_source
 from distilpose.models import build_model, save_checkpoint
@@ -84,13 +86,12 @@ def run(quick: bool = False, frames: int | None = None) -> str:
         for name in POSE_MODELS:
             ckpt = root / f"{name}.pth"
             save_checkpoint(ckpt, build_model(name), meta={"losses": ["reg", "cs"]})
+            inferencer = Inferencer(ckpt, stand_in, config=InferConfig(device="cpu"))
             summary = predict_source(
-                ckpt,
+                inferencer,
                 [str(video["video"])],
-                detector=stand_in,
                 out_json=root / f"{name}.json",
                 overlay_dir=root / name,
-                device="cpu",
             )
             n = summary["frames"]
             det_ms, pose_ms = summary["detector_ms_per_frame"], summary["pose_ms_per_frame"]

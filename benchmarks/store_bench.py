@@ -43,7 +43,7 @@ from distilpose.geometry import PAPER
 from distilpose.training.runs import DumpRun
 from store import StoreMeta, StoreWriter
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
-from store.schema import (
+from store.quantize import (
     dequantize_heatmaps,
     dequantize_tokens,
     quantize_heatmaps,

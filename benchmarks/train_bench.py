@@ -36,14 +36,14 @@ import torch
 from distilpose.data import make_demo_data
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.engine import TrainConfig, Trainer
-from distilpose.training.losses import DistillationLoss, parse_losses
+from distilpose.training.losses import DEFAULT_LOSSES, DistillationLoss, parse_losses
 from distilpose.training.runs import DumpRun
 from student_train.data import StudentBatches
 from student_train.train import build_task
 from teacher_dump.dump import dump_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = "reg,kt,vt,sh,cs"
+ALL = DEFAULT_LOSSES
 
 # (label, online teacher, teacher that dumps the store, student, batch, warm-up steps,
 #  timed steps, quick timed steps)

@@ -5,6 +5,7 @@ figures, ONNX files, store completion markers) is written to a temporary file be
 destination and `os.replace`d into place, so a crash or a full disk leaves either the old file
 or the new one, never half of one. `durable=True` also fsyncs the file before the rename and the
 directory after it (checkpoints and store markers, whose presence others rely on).
+`MetricsLog` is a run's metrics.csv (the trainer appends to it, the curves read it back).
 
     with atomic_open(run_dir / "metrics.csv", "w", newline="") as f:
         f.write(text)
@@ -15,12 +16,13 @@ directory after it (checkpoints and store markers, whose presence others rely on
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -113,3 +115,41 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class MetricsLog:
+    """metrics.csv: appended row by row; a row with new columns rewrites the file once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fields: list[str] = []
+        if path.exists():
+            with path.open(newline="") as f:
+                self.fields = list(csv.DictReader(f).fieldnames or [])
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        with atomic_open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    def keep(self, keep: Callable[[dict], bool]) -> None:
+        """Drop the rows a killed run logged after its last checkpoint."""
+        if self.path.exists():
+            self._rewrite([r for r in self.rows() if keep(r)])
+
+    def append(self, row: dict) -> None:
+        new = [k for k in row if k not in self.fields]
+        if new or not self.path.exists():
+            rows = self.rows()
+            self.fields += new
+            self._rewrite(rows + [row])
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields, restval="").writerow(row)

@@ -146,13 +146,14 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
     except ImportError:
         return None
     from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, to_coco_results
+    from distilpose.inference.config import InferConfig
     from distilpose.inference.topdown import predict_instances
 
     people = load_coco_instances(ann, images, aspect_ratio=96 / 128)
     coco = load_coco(ann)
 
     def eval_fn(epoch: int, model) -> dict:
-        preds = predict_instances(model, people, device="cpu", flip=False, amp=False)
+        preds = predict_instances(model, people, InferConfig(flip=False, device="cpu"), amp=False)
         return {"AP": coco_keypoint_eval(coco, to_coco_results(preds))["AP"]}
 
     run = work / "student_run"
@@ -167,10 +168,11 @@ def short_run(store: Path, ann: Path, images: Path, work: Path) -> Path | None:
 
 
 def evaluate(student: Path, ann: Path, images: Path, work: Path) -> Path:
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
 
     out = work / "student_results.json"
-    run_eval(student, ann, images, out_json=out, device="cpu", flip=False)
+    run_eval(student, ann, images, config=InferConfig(flip=False, device="cpu"), out_json=out)
     return out
 
 

@@ -53,9 +53,11 @@ from distilpose.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
-from distilpose.geometry import Geometry
 from distilpose.limits import max_json_bytes
+from distilpose.models.layers import ModelConfig
 from distilpose.training.distributed import rank_rows
+from store.location import StoreLocation, first_line, is_connection_error
+from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
     CHECKSUMS_SINCE,
     META_KEY,
@@ -63,14 +65,9 @@ from store.schema import (
     READ_FIELDS,
     TEACHER_OUTPUTS,
     StoreLayout,
-    StoreLocation,
     StoreMeta,
     array_specs,
-    dequantize_heatmaps,
-    dequantize_tokens,
-    first_line,
     has_checksums,
-    is_connection_error,
     read_fields,
     shard_key,
     stored_dtype,
@@ -213,42 +210,34 @@ class StoreReader:
 
     # ---- fit to a student -----------------------------------------------------------------
 
-    def check_student(self, model_config: object) -> None:
-        """Refuse (StoreMismatchError) a store whose sizes do not fit a student ModelConfig.
+    def check_student(self, config: ModelConfig | dict) -> None:
+        """Refuse (StoreMismatchError) a store whose sizes do not fit a student's ModelConfig
+        (or its `to_dict()`).
 
         Checks input_size, heatmap_size, num_keypoints, and where both store and student have
-        tokens, the token dim (teacher_dim if the student projects its tokens, else dim) and the
-        patch count from heatmap_size / patch_size.
+        tokens (`ModelConfig.has_tokens`), the token dim (`ModelConfig.token_dim`: teacher_dim if
+        the student projects its tokens, else dim) and the patch grid and count.
         """
-        cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-        m, mine = self.meta, self.meta.geometry
-        theirs = Geometry(
-            *(cfg.get(k) or getattr(mine, k) for k in ("input_size", "heatmap_size", "patch_size"))
-        )
+        cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+        m, mine, theirs = self.meta, self.meta.geometry, cfg.geometry
         problems = []
 
         def check(name: str, store_value: object, student_value: object) -> None:
-            if student_value is not None and list(np.atleast_1d(store_value)) != list(
-                np.atleast_1d(student_value)
-            ):
+            if list(np.atleast_1d(store_value)) != list(np.atleast_1d(student_value)):
                 problems.append(f"{name} store={store_value} student={student_value}")
 
         check("input_size", list(mine.input_size), list(theirs.input_size))
         check("heatmap_size", list(mine.heatmap_size), list(theirs.heatmap_size))
-        check("num_keypoints", m.num_keypoints, cfg.get("num_keypoints"))
+        check("num_keypoints", m.num_keypoints, cfg.num_keypoints)
         # no tokens on one side (SimpleBaseline store, DeepPose student): no token sizes to compare
-        from distilpose.models.layers import TOKEN_HEADS  # torch is loaded with any student
-
-        both = m.has("keypoint_tokens") and cfg.get("head", "token") in TOKEN_HEADS
-        tok = cfg if both else {}
-        dim = tok.get("teacher_dim") or tok.get("dim")
-        check("token dim (teacher_dim or dim)", m.token_dim, dim)
-        if both and m.has("visual_tokens"):
-            check("patch grid", list(m.patch_grid), list(theirs.patch_grid))
-            check("num_patches", m.num_patches, theirs.num_patches)
+        if m.has("keypoint_tokens") and cfg.has_tokens:
+            check("token dim (teacher_dim or dim)", m.token_dim, cfg.token_dim)
+            if m.has("visual_tokens"):
+                check("patch grid", list(m.patch_grid), list(theirs.patch_grid))
+                check("num_patches", m.num_patches, theirs.num_patches)
         if problems:
             raise StoreMismatchError(
-                f"{self.path}: teacher store does not fit student '{cfg.get('name', '?')}': "
+                f"{self.path}: teacher store does not fit student '{cfg.name}': "
                 f"{'; '.join(problems)}; expected equal sizes (set teacher_dim to project tokens)"
             )
 

@@ -1,5 +1,8 @@
 """The teacher store's on-disk format, written down in one place.
 
+(Where a store lives, local or an fsspec URL, and how its markers are listed and written:
+`store.location`. The lossy modes' quantizers: `store.quantize`.)
+
 A store is a zarr v3 group. Its attribute `distilpose_store` holds `StoreMeta`; its arrays all
 have the sample slot as first axis; `complete/u<unit>.json` files mark finished write units.
 
@@ -80,10 +83,7 @@ Reader rule for version-1 stores (no chunk checksums, no manifests): they still 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -93,9 +93,8 @@ from functools import lru_cache
 import numpy as np
 
 from distilpose import __version__
-from distilpose.errors import BadConfigError, StoreConnectionError, StoreFormatError
+from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.geometry import PAPER, Geometry
-from distilpose.io import atomic_open, fsync_dir, fsync_path  # noqa: F401 (writer imports them here)
 
 # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
 # unit manifests. Version-1 stores read as before (no pixels, no checksums).
@@ -518,57 +517,6 @@ def _permutation(seed: int, view: int, n: int) -> np.ndarray:
     return perm
 
 
-# ---- lossy codecs: quantization of teacher outputs -------------------------------------------
-
-
-def quantize_heatmaps(heatmaps: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """[S, K, H, W] float -> (codes uint8/uint16, [S, K, 2] float32 (offset, step)).
-
-    Per sample and joint, [min, max] maps onto [0, 2^bits - 1]. The peak keeps its argmax: any
-    other pixel that rounds to the top code is lowered by one code (error <= 1 step), so decoding
-    the stored heatmap finds the same peak pixel as the teacher's.
-    """
-    top = (1 << bits) - 1
-    h = heatmaps.astype(np.float32)
-    s, k = h.shape[:2]
-    flat = h.reshape(s, k, -1)
-    lo = flat.min(-1)
-    hi = flat.max(-1)
-    step = (hi - lo) / top
-    step = np.where(step > 0, step, 1.0).astype(np.float32)
-    codes = np.rint((flat - lo[..., None]) / step[..., None])
-    codes = np.clip(codes, 0, top)
-    peak = flat.argmax(-1)
-    at_top = codes == top
-    at_top[np.arange(s)[:, None], np.arange(k)[None, :], peak] = False
-    codes[at_top] = top - 1
-    codes[np.arange(s)[:, None], np.arange(k)[None, :], peak] = np.where(hi > lo, top, 0)
-    dtype = np.uint8 if bits == 8 else np.uint16
-    return codes.astype(dtype).reshape(h.shape), np.stack([lo, step], -1).astype(np.float32)
-
-
-def dequantize_heatmaps(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Inverse of `quantize_heatmaps`: [S, K, H, W] float32."""
-    return codes.astype(np.float32) * scale[..., 1, None, None] + scale[..., 0, None, None]
-
-
-def quantize_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[S, T, D] float -> (int8 codes, [S, T] float32 scale): symmetric, per token absmax/127."""
-    t = tokens.astype(np.float32)
-    scale = np.abs(t).max(-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(t / scale[..., None]), -127, 127).astype(np.int8)
-    return codes, scale
-
-
-def dequantize_tokens(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float32) * scale[..., None]
-
-
-def heatmap_bits(mode: str) -> int:
-    return {"lossy": 8, "lossy16": 16}[mode]
-
-
 def digest_rows(digests: object) -> np.ndarray:
     """A batch's crop digests as the store keeps them: n 32-byte `crop_digest`s (a list) ->
     uint8 [n, 32]; an array is passed on as it is (the writer checks its shape)."""
@@ -581,230 +529,3 @@ def digest_rows(digests: object) -> np.ndarray:
                 f"crop_digest[{i}] is {d!r:.80}; expected the 32-byte sha256 of crop_digest()"
             )
     return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 32)
-
-
-# ---- where a store lives ----------------------------------------------------------------------
-
-
-class StoreLocation:
-    """A store's address: a local directory or any fsspec URL (read; written on object stores
-    such as S3: see store/remote.py).
-
-    Completion markers are plain files under `complete/`; they are listed and written here
-    rather than through zarr so that local writes can be fsynced and renamed into place.
-    """
-
-    def __init__(self, path_or_url: object, storage_options: dict | None = None) -> None:
-        self.text = str(path_or_url)
-        self.storage_options = dict(storage_options or {})
-        # seconds a remote read may take before it is an error (not a hang)
-        self.timeout = float(
-            self.storage_options.pop("timeout", None)
-            or os.environ.get("DISTILPOSE_REMOTE_TIMEOUT")
-            or DEFAULT_REMOTE_TIMEOUT_S
-        )
-        self.is_local = "://" not in self.text
-        if self.is_local:
-            self.root = os.path.abspath(os.path.expanduser(self.text))
-            self.fs = None
-        else:
-            import fsspec
-
-            from store.remote import fsspec_options  # request timeouts and retries (S3)
-
-            protocol = self.text.split("://", 1)[0]
-            self.storage_options = fsspec_options(protocol, self.storage_options)
-            try:
-                self.fs, self.root = fsspec.core.url_to_fs(self.text, **self.storage_options)
-            except ImportError as e:
-                protocol = self.text.split("://", 1)[0]
-                raise StoreFormatError(
-                    f"{self.text}: {protocol}:// stores need the remote extra ({e}); "
-                    "expected it installed: pip install 'distilpose[remote]'"
-                ) from None
-            except ValueError as e:
-                raise StoreFormatError(f"{self.text}: not a store URL fsspec knows ({e})") from None
-            self.root = self.root.rstrip("/")
-
-    def remote(self, fn, *args, what: str = "read"):
-        """Call `fn(*args)` against a remote store within `timeout`; connection failures and
-        silence become StoreConnectionError (FileNotFoundError passes through)."""
-        import threading
-
-        box: dict = {}
-
-        def target() -> None:
-            try:
-                box["value"] = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                box["error"] = e
-
-        t = threading.Thread(target=target, daemon=True, name="store_remote")
-        t.start()
-        t.join(self.timeout)
-        if t.is_alive():
-            raise StoreConnectionError(
-                f"{self}: no answer within {self.timeout:g} s ({what}); expected a reachable "
-                "store (check the network, or raise DISTILPOSE_REMOTE_TIMEOUT)"
-            )
-        if "error" in box:
-            e = box["error"]
-            if isinstance(e, FileNotFoundError) and is_connection_error(e.__cause__):
-                e = e.__cause__  # fsspec's http reports a refused connection as "not found"
-            elif isinstance(e, FileNotFoundError) or not is_connection_error(e):
-                raise e
-            raise StoreConnectionError(
-                f"{self}: cannot reach the store ({type(e).__name__}: {first_line(e)}) during "
-                f"{what}; expected a reachable store (check the URL and the network)"
-            ) from e
-        return box.get("value")
-
-    def __str__(self) -> str:
-        return self.text
-
-    def zarr_store(self, read_only: bool):
-        from zarr.storage import FsspecStore, LocalStore
-
-        if self.is_local:
-            return LocalStore(self.root, read_only=read_only)
-        return FsspecStore.from_url(
-            self.text, storage_options=self.storage_options or None, read_only=read_only
-        )
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def exists(self, *parts: str) -> bool:
-        p = self.join(*parts)
-        if self.is_local:
-            return os.path.exists(p)
-        try:  # not fs.exists: it reads a dropped connection as "no such file"
-            self.remote(self.fs.info, p, what=f"looking up {'/'.join(parts)}")
-        except FileNotFoundError:
-            return False
-        return True
-
-    def list_markers(self) -> list[int]:
-        """Units whose completion marker exists."""
-        d = self.join(COMPLETE_DIR)
-        try:
-            names = (
-                os.listdir(d)
-                if self.is_local
-                else [
-                    n.rsplit("/", 1)[-1]
-                    for n in self.remote(self.fs.ls, d, False, what="listing markers")
-                ]
-            )
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(int(m.group(1)) for n in names if (m := _MARKER.fullmatch(n)))
-
-    def write_marker(self, unit: int, payload: dict) -> None:
-        """Write unit's marker durably: temp file, fsync, rename, fsync the directory."""
-        data = json.dumps(payload, sort_keys=True).encode()
-        name = marker_name(unit)
-        if not self.is_local:
-            self.fs.makedirs(self.join(COMPLETE_DIR), exist_ok=True)
-            self.fs.pipe_file(self.join(COMPLETE_DIR, name), data)
-            return
-        d = self.join(COMPLETE_DIR)
-        os.makedirs(d, exist_ok=True)
-        # temp markers a killed writer left are removed by the writer that holds the unit
-        # (StoreWriter._clear_partials): never here, where another live writer's could be hit
-        with atomic_open(os.path.join(d, name), "wb", durable=True) as f:
-            f.write(data)
-
-    def read_marker(self, unit: int) -> dict:
-        """A unit's marker payload ({} for a legacy empty one); StoreFormatError if unreadable."""
-        from distilpose.limits import loads_json
-
-        path = self.join(COMPLETE_DIR, marker_name(unit))
-        try:
-            data = self._read_bytes(path)
-        except FileNotFoundError:
-            raise StoreFormatError(f"{self}: marker of unit {unit} vanished ({path})") from None
-        return loads_json(data, path) if data.strip() else {}
-
-    def _read_bytes(self, path: str) -> bytes:
-        if self.is_local:
-            with open(path, "rb") as f:
-                return f.read()
-        return self.remote(self.fs.cat_file, path, what=f"reading {path}")
-
-    def file_size(self, relpath: str) -> int:
-        """Size in bytes of a file of the store; 0 if it does not exist."""
-        path = self.join(relpath)
-        try:
-            if self.is_local:
-                return os.path.getsize(path)
-            return int(self.remote(self.fs.size, path, what=f"sizing {path}") or 0)
-        except FileNotFoundError:
-            return 0
-
-    def file_crc32c(self, relpath: str) -> tuple[int, int]:
-        """(size, crc32c) of a file of the store; (0, 0) if it does not exist."""
-        import google_crc32c
-
-        try:
-            data = self._read_bytes(self.join(relpath))
-        except FileNotFoundError:
-            return 0, 0
-        return len(data), int(google_crc32c.value(data)) if data else 0
-
-
-_MARKER = re.compile(r"u(\d+)\.json")
-DEFAULT_REMOTE_TIMEOUT_S = 60.0
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def is_connection_error(e: BaseException | None) -> bool:
-    """Network trouble (refused, reset, DNS, timeouts, HTTP client errors), not bad data."""
-    if e is None:
-        return False
-    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
-        return False
-    module = type(e).__module__.split(".")[0]
-    return isinstance(e, OSError | TimeoutError | ConnectionError) or module in (
-        "aiohttp",
-        "botocore",
-        "requests",
-        "urllib3",
-    )
-
-
-def marker_name(unit: int) -> str:
-    return f"u{unit:07d}.json"
-
-
-def syncfs(path: str) -> bool:
-    """Flush the whole filesystem holding `path` (Linux syncfs): one call instead of an fsync
-    per shard file and directory, about 50x faster for a unit's ~40 new files and directories.
-    False where unavailable (the caller then fsyncs file by file)."""
-    global _SYNCFS
-    if _SYNCFS is None:
-        try:
-            import ctypes
-
-            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):
-            _SYNCFS = False
-    if not _SYNCFS:
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _SYNCFS(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-    return True
-
-
-_SYNCFS = None

@@ -39,6 +39,9 @@ import zarr
 from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
+from distilpose.io import fsync_dir, fsync_path
+from store.location import StoreLocation, marker_name, syncfs
+from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
 from store.remote import check_bucket
 from store.schema import (
     COMPLETE_DIR,
@@ -46,21 +49,13 @@ from store.schema import (
     PIXELS,
     READ_FIELDS,
     StoreLayout,
-    StoreLocation,
     StoreMeta,
     array_compressors,
     array_specs,
     digest_rows,
-    fsync_dir,
-    fsync_path,
-    heatmap_bits,
-    marker_name,
-    quantize_heatmaps,
-    quantize_tokens,
     quiet_vlen_bytes,
     read_fields,
     shard_key,
-    syncfs,
 )
 
 # what a writer must hand over per unit: every readable field except those the layout derives

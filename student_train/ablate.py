@@ -18,14 +18,12 @@ Grid file (TOML or JSON), data only, never executed:
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from distilpose.errors import BadConfigError
 from distilpose.training.losses import parse_losses
 from distilpose.training.runs import StudentRun
+from student_train.many import shares_cpu, train_many
 
 # The paper's Table 4 (DistilPose-S student, COCO val): row name, loss spec, paper AP (%).
 # The paper's extracted table shows two all-ticked rows; the text ("TDE ... brings 11.5%")
@@ -113,23 +111,20 @@ def _ap(metrics: dict) -> float:
     raise KeyError(f"no AP in evaluation result keys {sorted(metrics)}")
 
 
-def _run_one(job: dict) -> dict:
-    """Train and evaluate one combination (in this process or a pool worker)."""
-    from distilpose.evaluation.eval_run import run_eval
-    from student_train.train import train_student
-
-    run_dir = Path(job["run_dir"])
-    done = run_dir / "result.json"
+def _finished(job: dict) -> dict | None:
+    """The result of a combination already trained and evaluated with the same settings."""
+    done = Path(job["run_dir"]) / "result.json"
     if done.is_file():
         prev = json.loads(done.read_text())
         if prev.get("settings") == job["settings"]:
             return prev
-    s = job["settings"]
-    if job.get("threads"):  # a pool worker on a shared CPU: its share of the cores, not all
-        import torch
+    return None
 
-        torch.set_num_threads(job["threads"])
-    run = StudentRun(
+
+def _student_run(job: dict) -> StudentRun:
+    """The training run of one combination."""
+    s, run_dir = job["settings"], Path(job["run_dir"])
+    return StudentRun(
         s["store"],
         s["model"],
         run_dir,
@@ -145,26 +140,44 @@ def _run_one(job: dict) -> dict:
         lr=s.get("lr", 1e-3),
         schedule=s.get("schedule", "step"),
     )
-    summary = train_student(run)
+
+
+def _evaluate(job: dict, summary: dict) -> dict:
+    """Evaluate one trained combination; its result, also written to its result.json."""
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
+
+    s, run_dir = job["settings"], Path(job["run_dir"])
     metrics = run_eval(
         summary["checkpoint"],
         s["val_ann"],
         s["val_images"],
         dets_file=s["val_dets"],
-        device=job["device"],
+        config=InferConfig(device=job["device"]),
         out_json=run_dir / "results.json",
     )
-    ap = _ap(metrics)
     result = {
         "name": job["name"],
         "settings": s,
         "losses": parse_losses(s["losses"]),
-        "ap": ap,
+        "ap": _ap(metrics),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
         "checkpoint": summary["checkpoint"],
     }
-    done.write_text(json.dumps(result, indent=2))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _run_all(jobs: list[dict], parallel: int) -> list[dict]:
+    """Every combination's result, in order: finished ones reused, the others trained
+    `parallel` at a time (`train_many`), then evaluated one after another."""
+    results = [_finished(job) for job in jobs]
+    todo = [job for job, result in zip(jobs, results, strict=True) if result is None]
+    if todo:
+        summaries = train_many([_student_run(j) for j in todo], todo[0]["device"], parallel)
+        evaluated = iter([_evaluate(j, s) for j, s in zip(todo, summaries, strict=True)])
+        results = [result or next(evaluated) for result in results]
+    return results
 
 
 def _devices(device: str, parallel: int) -> list[str]:
@@ -214,7 +227,7 @@ def ablate(
     grid: str | Path = "table4",
     out_dir: str | Path = "runs/ablation",
     *,
-    model: str = "distilpose_tiny",
+    model: str | None = None,  # None: deeppose_tiny for table6 (token-free), else distilpose_tiny
     epochs: int = 30,
     batch_size: int = 32,
     val_ann: str | Path,
@@ -238,6 +251,7 @@ def ablate(
     `weights` ("kt=1,vt=0.05") replaces the default weight of those terms in every run that has
     them (the grid names the terms, `weights` their strength); lr and schedule as train-student.
     """
+    model = model or ("deeppose_tiny" if str(grid) == "table6" else "distilpose_tiny")
     runs = load_grid(grid)
     if weights:
         runs = [{**r, "losses": reweight(r["losses"], weights)} for r in runs]
@@ -259,27 +273,19 @@ def ablate(
         "val_dets": str(val_dets) if val_dets else None,
     }
     devices = _devices(device, parallel)
-    threads = 0
-    if parallel > 1 and not devices[0].startswith("cuda"):
-        # several runs share the CPU: each gets its share of the cores and renders its own
-        # crops (loader workers on top would oversubscribe the cores)
-        threads = max(1, (os.cpu_count() or 1) // parallel)
+    if shares_cpu(devices[0], parallel):
+        # each run renders its own crops: loader workers on top would oversubscribe the cores
         settings["workers"] = 0
     jobs = [
         {
             "name": r["name"],
             "run_dir": str(out / "runs" / r["name"]),
             "device": devices[i % len(devices)],
-            "threads": threads,
             "settings": {**settings, "losses": r["losses"]},
         }
         for i, r in enumerate(runs)
     ]
-    if parallel > 1:
-        with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_run_one, jobs))
-    else:
-        results = [_run_one(j) for j in jobs]
+    results = _run_all(jobs, parallel)
     for r, spec in zip(results, runs, strict=True):
         r["paper_ap"] = spec.get("paper_ap")
 
@@ -310,7 +316,8 @@ def ablate(
 def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> dict | None:
     """Table 6's teacher row: the store's teacher checkpoint (as recorded by dump-teacher)
     evaluated like the students, reused from out/teacher/result.json; None if not at hand."""
-    from distilpose.evaluation.eval_run import run_eval
+    from distilpose.inference.config import InferConfig
+    from distilpose.inference.eval_run import run_eval
     from store import StoreReader
 
     meta = StoreReader.open(str(store)).meta
@@ -328,7 +335,7 @@ def _teacher_row(store: str | Path, out: Path, device: str, settings: dict) -> d
         settings["val_ann"],
         settings["val_images"],
         dets_file=settings["val_dets"],
-        device=device,
+        config=InferConfig(device=device),
         out_json=done.parent / "results.json",
     )
     row = {

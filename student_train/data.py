@@ -61,19 +61,12 @@ from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError, StoreMismatchError
 from distilpose.geometry import Geometry
 from distilpose.training.distributed import rank_rows, world
+from distilpose.training.losses import LOSS_NAMES, LOSS_TERMS
 from store import StoreReader
 from store.pixels import decode_rgb_batch
 from store.reader import load_store_instances
 from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
-# Which store arrays each distillation term needs: a reg-only run reads no teacher output at all.
-TARGET_FIELDS: dict[str, tuple[str, ...]] = {
-    "reg": (),
-    "sh": ("heatmaps",),
-    "cs": ("heatmaps",),
-    "kt": ("keypoint_tokens",),
-    "vt": ("visual_tokens",),
-}
 TOKEN_FIELDS = ("keypoint_tokens", "visual_tokens")
 # Always read: where the sample comes from and its regression target.
 INDEX_FIELDS = ("spec", "instance", "view", "keypoints", "weights")
@@ -92,7 +85,7 @@ def check_targets(
     """Refuse, by name, a loss term whose target the teacher's `outputs` lack (a store of a
     teacher without tokens) or whose output the student lacks (DeepPose has no tokens)."""
     for name in losses:
-        for f in TARGET_FIELDS.get(name, ()):
+        for f in _term_targets(name):
             if f not in outputs:
                 raise BadConfigError(
                     f"{name} needs {OUTPUT_WORDS[f]}; this store's teacher ({teacher_name}) "
@@ -104,11 +97,17 @@ def check_targets(
                 )
 
 
+def _term_targets(name: str) -> tuple[str, ...]:
+    """The store arrays a loss term reads (the loss table's `targets`; a reg-only run reads no
+    teacher output at all)."""
+    return LOSS_TERMS[name].targets if name in LOSS_TERMS else ()
+
+
 def target_fields(losses: Iterable[str]) -> tuple[str, ...]:
     """Teacher arrays the given loss terms need, in a stable order."""
     fields: list[str] = []
     for name in losses:
-        for f in TARGET_FIELDS.get(name, ()):
+        for f in _term_targets(name):
             if f not in fields:
                 fields.append(f)
     return tuple(fields)
@@ -412,7 +411,7 @@ class StudentBatches:
         batch_size: int,
         seed: int = 0,
         workers: int = 2,
-        losses: Iterable[str] = ("reg", "kt", "vt", "sh", "cs"),
+        losses: Iterable[str] = LOSS_NAMES,
         online: bool = False,
         ann_file: str | None = None,
         images: str | None = None,

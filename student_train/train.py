@@ -28,12 +28,14 @@ from distilpose.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
+from distilpose.inference.eval_run import coco_validator
 from distilpose.limits import load_json
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from distilpose.training.distributed import world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import LOSS_NAMES, DistillationLoss, parse_losses
 from distilpose.training.runs import StudentRun
+from distilpose.viz.curves import draw_run_loss_curves
 from store import StoreReader
 from store.schema import TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
@@ -168,7 +170,7 @@ def plan_student(run: StudentRun) -> StudentPlan:
     losses against targets, sizes and store identity fails here, before training starts."""
     weights = parse_losses(run.losses)
     torch.manual_seed(run.seed)  # the student's initialisation is part of the run's identity
-    student = build_model(run.model, **(run.model_overrides or {}))
+    student = build_model(run.model, run.backbone_weights, **(run.model_overrides or {}))
     cfg = student.config
 
     teacher = load_teacher(run.teacher_online, cfg) if run.teacher_online else None
@@ -211,7 +213,12 @@ def student_train_config(run: StudentRun, batches_per_epoch: int) -> TrainConfig
         amp_dtype=run.amp_dtype,
         ckpt_every_steps=run.ckpt_every_steps,
         schedule=run.schedule,
-        total_steps=total_iters if run.schedule == "cosine" else 0,
+        # cosine decays over optimizer steps: an accumulation of K batches is one
+        total_steps=-(-total_iters // run.accum_steps) if run.schedule == "cosine" else 0,
+        accum_steps=run.accum_steps,
+        ema_decay=run.ema,
+        lr_scale=run.lr_scale,
+        val_every=run.val_every,
     )
 
 
@@ -250,7 +257,11 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     train.log}; config.json keeps `run` under "run" for `--resume`. `schedule`: "step" (the
     paper's x0.1 drops at 2/3 and 13/15 of the epochs) or "cosine" (smooth decay to 0 over the
     run, for short runs). eval_fn(epoch, model) -> dict runs after every epoch (its values land
-    in the epoch rows of metrics.csv).
+    in the epoch rows of metrics.csv). With `val_ann` and `val_images` (and optionally
+    `val_dets`), the run validates every `val_every` epochs with `eval`'s protocol, the EMA
+    weights when `ema` is set, and keeps the best AP's weights in best.pth (val_AP, best_AP in
+    metrics.csv). `backbone_weights`: an ImageNet backbone file to start from
+    (`distilpose.models.load_backbone_weights`).
     student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
     `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
     paths recorded in the store; with `store=None` and `teacher_online`, they are required and
@@ -269,6 +280,11 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     )
     config = student_train_config(run, len(plan.data))
     meta = student_meta(run, plan, config)
+    validate = None
+    if run.val_ann or run.val_images or run.val_dets:
+        if not (run.val_ann and run.val_images):
+            raise BadConfigError("val_ann, val_images: expected both to validate while training")
+        validate = coco_validator(run.val_ann, run.val_images, out, meta, dets_file=run.val_dets)
     trainer = Trainer(
         plan.student,
         build_task(loss_fn, plan.teacher),
@@ -280,6 +296,8 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
         find_unused_parameters=set(plan.weights) != set(LOSS_NAMES),
         run=run.to_dict(),
+        validate=validate,
+        on_save=draw_run_loss_curves,
     )
     summary = trainer.fit(resume=run.resume)
 

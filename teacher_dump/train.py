@@ -32,11 +32,13 @@ from distilpose.data import (
 from distilpose.data.codecs import HeatmapCodec
 from distilpose.errors import BadConfigError
 from distilpose.geometry import Geometry
+from distilpose.inference.eval_run import coco_validator
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.distributed import rank_share, world
 from distilpose.training.engine import TrainConfig, Trainer
 from distilpose.training.losses import HeatmapLoss
 from distilpose.training.runs import TeacherRun
+from distilpose.viz.curves import draw_run_loss_curves
 
 # The TokenPose-L teacher was trained with stronger scale and milder rotation than the
 # student recipe (OFFICIAL_FACTS: rotation 40, scale 0.5); flip and half-body as the student.
@@ -133,13 +135,13 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
     loss_curves.png}; config.json keeps `run` under "run" for `--resume`. teacher.pth has meta
     {"role": "teacher", "model", "ann_digest", ...} and loads with
     `distilpose.models.build_from_checkpoint`. `eval_fn(model) -> metrics` runs every
-    `run.eval_every` epochs and after the last; its metrics go into metrics.csv.
+    `run.val_every` epochs and after the last; its metrics go into metrics.csv.
     """
     out, seed, epochs = Path(run.out_dir), run.seed, run.epochs
     recipe = run.recipe or TEACHER_RECIPE
     instances = load_coco_instances(run.ann_file, run.image_root, train=True)[: run.max_instances]
     torch.manual_seed(seed)  # the initial weights are part of the run's identity
-    net = build_model(run.model, **(run.model_overrides or {}))
+    net = build_model(run.model, run.backbone_weights, **(run.model_overrides or {}))
     cfg = net.config
     if cfg.role != "teacher":
         raise BadConfigError(
@@ -159,6 +161,10 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
         num_workers=run.workers,
         log_every=run.log_every,
         sync_bn=run.sync_bn,
+        accum_steps=run.accum_steps,
+        ema_decay=run.ema,
+        lr_scale=run.lr_scale,
+        val_every=run.val_every,
     )
     meta = {
         "role": "teacher",
@@ -173,14 +179,20 @@ def train_teacher(run: TeacherRun, eval_fn: Callable[[nn.Module], dict] | None =
         "train": asdict(config),
     }
 
+    validate = None
+    if run.val_ann or run.val_images or run.val_dets:
+        if not (run.val_ann and run.val_images):
+            raise BadConfigError("val_ann, val_images: expected both to validate while training")
+        validate = coco_validator(run.val_ann, run.val_images, out, meta, dets_file=run.val_dets)
+
     def on_epoch_end(epoch: int, model: nn.Module) -> dict:
-        if eval_fn is None or ((epoch + 1) % run.eval_every and epoch + 1 != epochs):
+        if eval_fn is None or ((epoch + 1) % run.val_every and epoch + 1 != epochs):
             return {}
         return eval_fn(model)
 
     trainer = Trainer(
         net, heatmap_task(HeatmapLoss()), batches, config, out, meta, on_epoch_end,
-        run=run.to_dict(),
+        run=run.to_dict(), validate=validate, on_save=draw_run_loss_curves,
     )  # fmt: skip
     summary = trainer.fit(resume=run.resume)
     final = out / "teacher.pth"

@@ -119,6 +119,6 @@ def test_demo_weights_grid_file_loads():
     grid = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "demo_weights.toml"
     runs = load_grid(grid)
     assert [r["name"] for r in runs][-1] == "kt01_vt01"
-    import cli
+    import demo
 
-    assert runs[-1]["losses"] == cli.DemoPlan().losses
+    assert runs[-1]["losses"] == demo.DemoPlan().losses

@@ -120,11 +120,13 @@ def test_every_stage_from_the_command_line(tmp_path):
 def test_demo_json_contract(tmp_path, monkeypatch):
     """`distilpose demo --json`: a list of rows with the documented keys and roles (here with
     `--train-teacher`, so the teacher-training path runs too)."""
-    tiny = cli.DemoPlan(
+    import demo
+
+    tiny = demo.DemoPlan(
         num_train=24, num_val=8, views=2, student_epochs=2, batch_size=8,
         teacher_num_train=40, teacher_epochs=1,
     )  # fmt: skip
-    monkeypatch.setattr(cli, "QUICK_DEMO", tiny)
+    monkeypatch.setattr(demo, "QUICK_DEMO", tiny)
     out = invoke(
         "demo", "--quick", "--json", "--train-teacher", "--out", tmp_path / "demo",
         "--device", "cpu",

@@ -309,3 +309,85 @@ def test_losses_are_checked_against_teacher_and_student():
         BadConfigError, match=r"^vt needs visual tokens; the student \(deeppose_tiny\)"
     ):
         check_targets(["reg", "vt"], TEACHER_OUTPUTS, "tokenpose_tiny", deeppose)
+
+
+# --------------------------------------------------------------------------- --backbone-weights
+
+
+def test_torchvision_resnet50_file_loads_into_the_r50_pair(tmp_path):
+    """torchvision's own layout (resnet50(weights=None).state_dict(), fc included): every
+    trunk tensor of both R50 models comes from the file."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(1)
+    state = resnet50(weights=None).state_dict()
+    torch.save(state, tmp_path / "resnet50.pth")
+    for name in ("deeppose_r50", "simplebaseline_r50"):
+        trunk = build_model(name, weights=tmp_path / "resnet50.pth").backbone.state_dict()
+        assert set(trunk) == set(state) - {"fc.weight", "fc.bias"}
+        assert all(torch.equal(v, state[k]) for k, v in trunk.items())
+
+
+def _torchvision_layout_file(path, seed: int = 3) -> dict[str, torch.Tensor]:
+    """The tiny trunk's keys as torchvision names them (conv1, bn1, layerN.i..., fc), values
+    far from any initialisation: weights +1, BN means 5, num_batches_tracked 1000."""
+    torch.manual_seed(seed)
+    state = {}
+    for k, v in build_model("deeppose_tiny").backbone.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.tensor(1000)
+        else:
+            state[k] = v + (5.0 if k.endswith("running_mean") else 1.0)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 128), torch.zeros(1000)
+    torch.save(state, path)
+    return state
+
+
+def test_cnn_pair_trains_from_the_cli_with_backbone_weights(tmp_path):
+    """train-teacher simplebaseline_tiny and train-student deeppose_tiny with --backbone-weights:
+    at a negligible lr every trunk parameter still equals the file's (so each was loaded, none
+    left at its initialisation), BatchNorm counters continue from the file's, and --resume
+    keeps the option (the run in config.json)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_student_train import build_tiny_store
+
+    torch.set_num_threads(1)
+    tiny = build_tiny_store(tmp_path / "tiny", views=1, num_train=8, num_val=2)
+    weights = tmp_path / "trunk.pth"
+    state = _torchvision_layout_file(weights)
+    opts = ("--epochs", 1, "--batch-size", 4, "--workers", 0, "--device", "cpu", "--lr", 1e-12)
+    runs = {
+        "teacher": ("train-teacher", "--model", "simplebaseline_tiny", "--ann", tiny["train_ann"],
+                    "--images", tiny["train_images"]),
+        "student": ("train-student", "--model", "deeppose_tiny", "--store", tiny["store"],
+                    "--losses", "reg,sh,cs"),
+    }  # fmt: skip
+    for role, args in runs.items():
+        out = tmp_path / role
+        _invoke(*args, "--out", out, *opts, "--backbone-weights", weights)
+        last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+        steps = int(last["step"])
+        trunk = {k[len("backbone.") :]: v for k, v in last["state_dict"].items()
+                 if k.startswith("backbone.")}  # fmt: skip
+        assert set(trunk) == set(state) - {"fc.weight", "fc.bias"} and steps == 2
+        for k, v in trunk.items():
+            if k.endswith("num_batches_tracked"):
+                assert int(v) == 1000 + steps, k
+            elif "running" not in k:  # BN statistics move with every batch
+                assert torch.allclose(v, state[k], atol=1e-6), k
+        saved = json.loads((out / "config.json").read_text())["run"]
+        assert saved["backbone_weights"] == str(weights)
+        _invoke(*args, "--out", out, "--resume", "--epochs", 2)  # the file again, from the run
+        again = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+        assert int(again["epoch"]) == 2
+        key = "backbone.bn1.num_batches_tracked"
+        assert int(again["state_dict"][key]) == 1000 + 2 * steps
+    bad = tmp_path / "bad.pth"
+    torch.save({**state, "layer9.weight": torch.zeros(1)}, bad)
+    out = _invoke(*runs["student"], "--out", tmp_path / "bad", *opts, "--backbone-weights", bad,
+                  code=1)  # fmt: skip
+    assert len(out.strip().splitlines()) == 1 and "1 unexpected keys [layer9.weight]" in out

@@ -12,15 +12,17 @@ import json
 
 import pytest
 
-import cli
+import demo
 from distilpose.data import MILD_RECIPE, make_demo_data
-from distilpose.evaluation.eval_run import run_eval
 from distilpose.evaluation.metrics import keypoint_errors, load_coco
+from distilpose.inference.config import InferConfig
+from distilpose.inference.eval_run import run_eval
 from distilpose.training.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
+from student_train.many import train_many
 from teacher_dump.dump import dump_teacher
 
-PLAN = cli.DemoPlan()
+PLAN = demo.DemoPlan()
 STEPS = dict(epochs=64, batch_size=PLAN.batch_size)  # 64 epochs x 16 batches of 128 people
 # Mean joint error on 40 other people, measured at this size with the shipped teacher and the
 # demo's student, batch, lr and losses: distilled 18.4 vs reg-only 22.7 px (seed 0; at 32 epochs
@@ -44,7 +46,9 @@ def demo_store(tmp_path_factory):
 
 
 def _pixel_error(data: dict, ckpt, out) -> float:
-    run_eval(ckpt, data["val_ann"], data["val_images"], device="cpu", out_json=out)
+    run_eval(
+        ckpt, data["val_ann"], data["val_images"], config=InferConfig(device="cpu"), out_json=out
+    )
     return keypoint_errors(load_coco(data["val_ann"]), json.loads(out.read_text()))["pixel_error"]
 
 
@@ -52,7 +56,7 @@ def test_distilled_student_beats_reg_only(demo_store):
     """Both students train as in the demo (at once, one process and thread each, on 2+ cores)."""
     data, store, root = demo_store
     roles = {"distilled": PLAN.losses, "baseline": "reg"}
-    runs = cli.train_demo_students(
+    runs = train_many(
         [
             StudentRun(
                 str(store), "distilpose_demo", str(root / name), losses=losses, lr=PLAN.lr,

@@ -12,6 +12,7 @@ import torch
 from distilpose.errors import BadConfigError
 from distilpose.models import build_model
 from distilpose.training.engine import TrainConfig, Trainer, lr_at
+from distilpose.viz.curves import draw_run_loss_curves
 
 
 class Killed(Exception):
@@ -137,6 +138,7 @@ def test_run_directory_files(tmp_path):
         tmp_path,
         meta,
         on_epoch_end=on_epoch_end,
+        on_save=draw_run_loss_curves,  # what the stages pass: the loop itself draws nothing
     )
     summary = t.fit()
     assert evals == [(0, True), (1, True)]

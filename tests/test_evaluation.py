@@ -188,7 +188,7 @@ def test_keypoint_errors_pck_and_pixels():
 
 
 def test_default_results_json_beside_checkpoint_but_not_inside_the_package(tmp_path):
-    from distilpose.evaluation.eval_run import default_results_json
+    from distilpose.inference.eval_run import default_results_json
     from distilpose.weights import DEMO_TEACHER_FILE
 
     assert default_results_json(tmp_path / "run" / "student.pth") == (

@@ -24,9 +24,12 @@ from distilpose.data import (
 from distilpose.data.codecs import HeatmapCodec, crop_to_image
 from distilpose.data.keypoints import FLIP_INDEX, NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError
-from distilpose.evaluation.eval_run import format_metrics_table, run_eval
 from distilpose.evaluation.metrics import coco_keypoint_eval, oks_nms, to_coco_results
 from distilpose.geometry import Geometry
+from distilpose.inference.config import InferConfig
+from distilpose.inference.detector import BoxesFile
+from distilpose.inference.eval_run import format_metrics_table, run_eval
+from distilpose.inference.inferencer import Inferencer
 from distilpose.inference.predict import predict_source
 from distilpose.inference.topdown import default_use_scores, flip_student_output, predict_instances
 from distilpose.models import StudentOutput, TeacherOutput, build_model, save_checkpoint
@@ -168,9 +171,13 @@ def test_flip_student_output_formulas():
 
 def test_student_flip_corrected_matches_unflipped_official_is_half_pixel_off(stub_instances):
     model = CentroidStudent()
-    plain = _kpts(predict_instances(model, stub_instances, flip=False, batch_size=2))
-    corrected = predict_instances(model, stub_instances, flip=True, flip_mode="corrected")
-    official = predict_instances(model, stub_instances, flip=True, flip_mode="official")
+    plain = _kpts(
+        predict_instances(model, stub_instances, InferConfig(False, batch_size=2, device="cpu"))
+    )
+    corrected = predict_instances(
+        model, stub_instances, InferConfig(True, "corrected", device="cpu")
+    )
+    official = predict_instances(model, stub_instances, InferConfig(True, "official", device="cpu"))
     # the stub's scores differ between left and right joints: the swap matters
     assert np.abs(plain[:, 1, 2] - plain[:, 2, 2]).min() > 0.01
     np.testing.assert_allclose(_kpts(corrected), plain, atol=1e-4)
@@ -186,7 +193,7 @@ def test_student_flip_corrected_matches_unflipped_official_is_half_pixel_off(stu
 
 def test_student_decoding_to_image_pixels_and_scores(stub_instances):
     model = CentroidStudent()
-    preds = predict_instances(model, stub_instances, flip=False)
+    preds = predict_instances(model, stub_instances, InferConfig(flip=False, device="cpu"))
     for inst, pred in zip(stub_instances, preds, strict=True):
         crop = render_crop(
             cv2.imread(inst.image_path), eval_crop_spec(inst), inst.keypoints, (IN_W, IN_H)
@@ -202,7 +209,9 @@ def test_student_decoding_to_image_pixels_and_scores(stub_instances):
 
 
 def test_use_scores_false_ranks_by_box_score(stub_instances):
-    preds = predict_instances(CentroidStudent(), stub_instances, use_scores=False)
+    preds = predict_instances(
+        CentroidStudent(), stub_instances, InferConfig(use_scores=False, device="cpu")
+    )
     assert np.all(_kpts(preds)[..., 2] == 1.0)
     assert [p["score"] for p in preds] == pytest.approx([0.8, 0.8])
 
@@ -210,8 +219,11 @@ def test_use_scores_false_ranks_by_box_score(stub_instances):
 def test_teacher_flip_test_with_heatmaps(stub_instances):
     model = CentroidTeacher()
     stats: dict = {}
-    plain = _kpts(predict_instances(model, stub_instances, flip=False, dark=True))
-    flipped = _kpts(predict_instances(model, stub_instances, flip=True, dark=True, stats=stats))
+    plain = _kpts(
+        predict_instances(model, stub_instances, InferConfig(False, dark=True, device="cpu"))
+    )
+    dark = InferConfig(True, dark=True, device="cpu")
+    flipped = _kpts(predict_instances(model, stub_instances, dark, stats=stats))
     zoom = np.array([inst.scale[0] * 200 / IN_W for inst in stub_instances])[:, None]
     # flip_back's one-pixel shift approximates the 3/4-px mirror offset at stride 4: within
     # a crop pixel; without the left/right swap the joints would be 12 px apart
@@ -259,7 +271,7 @@ def test_ground_truth_through_the_whole_pipeline_scores_ap_one():
     coords = np.stack([c.keypoints for c in crops]) / np.array([IN_W, IN_H])  # normalized
     scores = np.stack([(i.keypoints[:, 2] > 0).astype(np.float32) for i in instances])
     model = OracleStudent(coords, scores)
-    preds = predict_instances(model, instances, flip=False, batch_size=5)
+    preds = predict_instances(model, instances, InferConfig(False, batch_size=5, device="cpu"))
     kept = [preds[i] for i in oks_nms(preds)]
     assert len(kept) == len(instances)  # distinct people all survive OKS-NMS
     metrics = coco_keypoint_eval(ANN, to_coco_results(kept))
@@ -305,7 +317,7 @@ def _check_results_json(path: str, num: int) -> list[dict]:
 def test_run_eval_student_gt_boxes_and_detections(tiny_ckpts, tmp_path):
     torch.set_num_threads(1)
     ckpt = tiny_ckpts["distilpose_tiny"]
-    res = run_eval(ckpt, ANN, IMAGES, device="cpu", batch_size=8)
+    res = run_eval(ckpt, ANN, IMAGES, config=InferConfig(device="cpu", batch_size=8))
     assert res["role"] == "student" and res["model"] == "distilpose_tiny"
     assert 0.0 <= res["AP"] <= 1.0 and 0.0 <= res["AR"] <= 1.0
     assert res["num_instances"] == 12  # people with labelled keypoints
@@ -316,7 +328,8 @@ def test_run_eval_student_gt_boxes_and_detections(tiny_ckpts, tmp_path):
     assert "AP50" in table and "samples/s" in table
 
     out = tmp_path / "dets_results.json"
-    res = run_eval(ckpt, ANN, IMAGES, dets_file=DETS, det_score_thr=0.5, out_json=out, device="cpu")
+    cpu = InferConfig(device="cpu")
+    res = run_eval(ckpt, ANN, IMAGES, dets_file=DETS, det_score_thr=0.5, config=cpu, out_json=out)
     assert res["num_instances"] == 18 and res["results_json"] == str(out)
     assert 1 <= res["num_results"] <= 18  # OKS-NMS may drop duplicates
     _check_results_json(res["results_json"], res["num_results"])
@@ -324,7 +337,7 @@ def test_run_eval_student_gt_boxes_and_detections(tiny_ckpts, tmp_path):
 
 
 def test_run_eval_undistilled_student_ignores_its_scores(tiny_ckpts, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="distilpose.evaluation.eval_run"):
+    with caplog.at_level(logging.WARNING, logger="distilpose.inference.eval_run"):
         res = run_eval(tiny_ckpts["undistilled"], ANN, IMAGES, out_json=tmp_path / "r.json")
     assert res["use_scores"] is False
     assert "confidence loss" in caplog.text
@@ -334,16 +347,26 @@ def test_run_eval_undistilled_student_ignores_its_scores(tiny_ckpts, tmp_path, c
         tiny_ckpts["undistilled"],
         ANN,
         IMAGES,
+        config=InferConfig(flip=False, use_scores=True),
         out_json=tmp_path / "f.json",
-        use_scores=True,
-        flip=False,
     )
     assert forced["use_scores"] is True
 
 
+def test_infer_config_refuses_bad_settings():
+    with pytest.raises(BadConfigError, match="flip_mode: got 'mirror'"):
+        InferConfig(flip_mode="mirror")
+    with pytest.raises(BadConfigError, match="batch_size: got 0"):
+        InferConfig(batch_size=0)
+
+
 def test_run_eval_teacher(tiny_ckpts, tmp_path):
     res = run_eval(
-        tiny_ckpts["tokenpose_tiny"], ANN, IMAGES, dark=True, out_json=tmp_path / "t.json"
+        tiny_ckpts["tokenpose_tiny"],
+        ANN,
+        IMAGES,
+        config=InferConfig(dark=True),
+        out_json=tmp_path / "t.json",
     )
     assert res["role"] == "teacher" and 0.0 <= res["AP"] <= 1.0
     _check_results_json(res["results_json"], res["num_results"])
@@ -354,9 +377,8 @@ def test_predict_source_whole_image_and_boxes(tiny_ckpts, tmp_path):
     image = IMAGES / "000000000785.jpg"
     out = tmp_path / "whole.json"
     results = predict_source(
-        tiny_ckpts["distilpose_tiny"],
+        Inferencer(tiny_ckpts["distilpose_tiny"], "none"),
         [image],
-        detector="none",
         out_json=out,
         overlay_dir=tmp_path / "ov",
     )["results"]
@@ -383,22 +405,21 @@ def test_predict_source_whole_image_and_boxes(tiny_ckpts, tmp_path):
         )
     )
     # a folder: images without boxes have no people; 40083's box is used
-    results = predict_source(
-        tiny_ckpts["distilpose_tiny"], [IMAGES], boxes_json=boxes, out_json=out, flip=False
-    )["results"]
+    no_flip = InferConfig(flip=False)
+    boxed = Inferencer(tiny_ckpts["distilpose_tiny"], BoxesFile(boxes), config=no_flip)
+    results = predict_source(boxed, [IMAGES], out_json=out)["results"]
     assert [(r["file_name"], r["image_id"]) for r in results] == [
         ("000000000785.jpg", 785),
         ("000000000785.jpg", 785),
         ("000000040083.jpg", 40083),
     ]
     # one image: the other image's box is ignored
-    results = predict_source(
-        tiny_ckpts["distilpose_tiny"], [image], boxes_json=boxes, out_json=out, flip=False
-    )["results"]
+    results = predict_source(boxed, [image], out_json=out)["results"]
     assert [r["bbox"] for r in results] == [[280.0, 44.0, 218.0, 346.0], [10.0, 10.0, 100.0, 200.0]]
     xs = np.array(results[0]["keypoints"]).reshape(17, 3)[:, 0]
     assert np.all((xs >= 280.0 - 60) & (xs <= 280.0 + 218 + 60))  # inside the padded box
 
     boxes.write_text(json.dumps([{"file_name": "000000000785.jpg", "bbox": [0, 0, 0, 10]}]))
     with pytest.raises(BadAnnotationError, match="bbox"):
-        predict_source(tiny_ckpts["distilpose_tiny"], [image], boxes_json=boxes, out_json=out)
+        boxed = Inferencer(tiny_ckpts["distilpose_tiny"], BoxesFile(boxes))
+        predict_source(boxed, [image], out_json=out)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("store", "teacher_dump", "student_train")
+# Modules at the top beside the packages: the command line and the demo, which call both stages.
+TOP_MODULES = ("cli", "cli_support", "cli_viz", "demo")
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:
@@ -39,8 +41,17 @@ def test_stages_meet_only_through_the_store():
 def test_top_level_layout():
     for name in ("teacher_dump", "store", "student_train", "distilpose", "tests", "benchmarks"):
         assert (ROOT / name).is_dir(), name
-    for name in ("cli.py", "pyproject.toml", "README.md"):
+    for name in (*(f"{m}.py" for m in TOP_MODULES), "pyproject.toml", "README.md"):
         assert (ROOT / name).is_file(), name
+    stray = {p.stem for p in ROOT.glob("*.py")} - set(TOP_MODULES)
+    assert not stray, f"top-level modules not in TOP_MODULES: {stray}"
+
+
+def test_no_package_imports_the_top_level_modules():
+    """The command line and the demo sit on top: no package (shared code or stage) needs them."""
+    for package in ("distilpose", *STAGES):
+        for module, names in imported_packages(package).items():
+            assert not names & set(TOP_MODULES), f"{module} imports {names & set(TOP_MODULES)}"
 
 
 # ---- distilpose/ grouped by role (the tree reads as the architecture) --------------------------
@@ -77,14 +88,16 @@ def test_shared_package_is_grouped_by_role():
 
 
 def test_roles_are_layered():
-    """Helpers import only helpers; data no other role; models at most data; using a model
-    (inference, evaluation) does not need the trainer."""
+    """Helpers import only helpers; data no other role; models at most data; evaluation's pure
+    metrics at most data (inference scores through them); using a model (inference) does not
+    need the trainer; the trainer draws nothing (the stages pass it a drawing hook)."""
     allowed = {
         **{name: HELPERS for name in HELPERS},
         "data": HELPERS | {"data"},
         "models": HELPERS | {"data", "models"},
         "inference": HELPERS | ROLES - {"training"},
-        "evaluation": HELPERS | ROLES - {"training"},
+        "evaluation": HELPERS | {"data", "evaluation"},
+        "training": HELPERS | ROLES - {"viz", "inference", "evaluation"},
     }
     found = []
     for path in sorted(SHARED.rglob("*.py")):
@@ -113,7 +126,7 @@ def source_files(*roots: str) -> list[Path]:
 
 def nodes_outside_the_size_homes():
     """(file, AST node) of every node in non-test code outside PAPER_SIZE_HOMES."""
-    for path in source_files(*PACKAGES, "cli.py", "benchmarks", "docs"):
+    for path in source_files(*PACKAGES, *(f"{m}.py" for m in TOP_MODULES), "benchmarks", "docs"):
         rel = str(path.relative_to(ROOT))
         if rel not in PAPER_SIZE_HOMES:
             for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
@@ -172,3 +185,133 @@ def test_registry_is_imported_at_module_top():
                 ):
                     found.append(f"{rel}:{node.lineno}")
     assert not found, f"function-local imports of the model registry: {found}"
+
+
+# ---- no import cycles (issue 26) ---------------------------------------------------------------
+# Every import counts: at module top, inside functions (lazy) and under `if TYPE_CHECKING:`. A
+# lazy import still says "this module needs that one", so a cycle through it is still a cycle.
+
+GRAPH_ROOTS = ("distilpose", *STAGES, "benchmarks", *(f"{m}.py" for m in TOP_MODULES))
+
+
+def module_name(path: Path, root: Path) -> str:
+    """distilpose/models/registry.py -> "distilpose.models.registry"; a package's __init__.py is
+    the package itself."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The project modules one file imports: absolute and relative imports, `from pkg import
+    mod` as the module `pkg.mod`, a name from a package (`from pkg import f`) as `pkg`."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                here = name.split(".") if is_package else name.split(".")[:-1]
+                here = here[: len(here) - (node.level - 1)]
+                base = ".".join([*here, *([node.module] if node.module else [])])
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # `import a.b.c` of a name inside a.b
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph(root: Path, roots: tuple[str, ...]) -> dict[str, set[str]]:
+    """{module: the project modules it imports} over every .py file under `roots`."""
+    paths = {module_name(p, root): p for p in source_files_in(root, roots)}
+    return {name: imported_modules(p, name, set(paths)) for name, p in paths.items()}
+
+
+def source_files_in(root: Path, roots: tuple[str, ...]) -> list[Path]:
+    files: list[Path] = []
+    for r in roots:
+        path = root / r
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return files
+
+
+def package_of(module: str) -> str:
+    """The package level: a subpackage of distilpose/ (`distilpose.models`) or a top-level one
+    (`store`); the helpers at the top of distilpose/ (`distilpose.io`) and cli.py are modules of no
+    subpackage and stand for themselves; `distilpose` is its __init__ (the lazy `Inferencer`)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "distilpose" else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        here = package_of(module)
+        packages.setdefault(here, set()).update(package_of(t) for t in targets)
+        packages[here].discard(here)
+    return packages
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a] (depth-first search), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph(ROOT, GRAPH_ROOTS)
+    assert len(graph) > 60 and "distilpose.models.registry" in graph  # the whole tree was read
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_import_cycle_between_packages():
+    packages = package_graph(import_graph(ROOT, GRAPH_ROOTS))
+    assert {"distilpose.inference", "distilpose.evaluation", "store", "cli"} <= set(packages)
+    cycle = find_cycle(packages)
+    assert cycle is None, "import cycle between packages: " + " -> ".join(cycle or [])
+
+
+def test_cycle_finder_sees_lazy_and_relative_imports(tmp_path):
+    """The graph counts a function-local relative import: a.x -> a.y -> (lazily) a.x is a cycle,
+    and so is the package loop a.x -> b.z -> a.y."""
+    for rel, text in {
+        "a/__init__.py": "",
+        "a/x.py": "from a import y\n",
+        "a/y.py": "def f():\n    from . import x\n",
+        "b/__init__.py": "",
+        "b/z.py": "import a.y\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    graph = import_graph(tmp_path, ("a", "b"))
+    assert find_cycle(graph) == ["a.x", "a.y", "a.x"]
+    graph["a.y"] = {"b.z"}
+    graph["b.z"] = {"a.x"}
+    assert find_cycle(graph) == ["a.x", "a.y", "b.z", "a.x"]
+    assert find_cycle(package_graph(graph)) == ["a", "b", "a"]
+    assert find_cycle({"a.x": {"a.y"}, "a.y": set()}) is None

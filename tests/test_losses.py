@@ -2,6 +2,7 @@
 gradient paths, the official sh-weight quirk, loss-spec parsing, and the teacher's heatmap loss."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,19 @@ from distilpose.errors import BadConfigError
 from distilpose.geometry import Geometry
 from distilpose.models import StudentOutput
 from distilpose.training.losses import (
+    DEFAULT_LOSSES,
     DEFAULT_WEIGHTS,
     LOSS_NAMES,
+    LOSS_TERMS,
     DistillationLoss,
     HeatmapLoss,
+    LossTerm,
     parse_losses,
     simulated_heatmap_mask,
 )
+from distilpose.training.runs import StudentRun
+from store.schema import TEACHER_OUTPUTS
+from student_train.data import target_fields
 
 HM = (4, 4)  # tiny heatmaps, (W, H)
 GEOMETRY = Geometry((16, 16), HM)
@@ -244,7 +251,8 @@ def test_cs_ignores_masked_joints():
     assert a == pytest.approx(abs(0.1 - 9 / 16) / 2, rel=1e-6) and a == b
 
 
-def test_all_terms_together_sum_with_weights():
+def _student_and_targets() -> tuple[StudentOutput, dict]:
+    """A random student output and a batch with every target, N=2, K=3, P=5, D=4."""
     torch.manual_seed(0)
     b, k, p, d = 2, 3, 5, 4
     s = StudentOutput(
@@ -261,6 +269,11 @@ def test_all_terms_together_sum_with_weights():
         "keypoint_tokens": torch.randn(b, k, d),
         "visual_tokens": torch.randn(b, p, d),
     }
+    return s, targets
+
+
+def test_all_terms_together_sum_with_weights():
+    s, targets = _student_and_targets()
     out = DistillationLoss(DEFAULT_WEIGHTS, geometry=GEOMETRY)(s, targets)
     assert set(out) == {"loss"} | {f"loss_{n}" for n in LOSS_NAMES}
     total = sum(DEFAULT_WEIGHTS[n] * out[f"loss_{n}"] for n in LOSS_NAMES)
@@ -288,3 +301,57 @@ def test_heatmap_loss_hand_computed_and_matches_joints_mse():
     ]
     ref = sum(per_joint) / 4
     assert HeatmapLoss()(pred, target, w)["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+# ---- the loss table: one row per term, everything else derived ---------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+
+def test_loss_table_is_the_one_source_of_names_weights_and_targets():
+    assert LOSS_NAMES == tuple(LOSS_TERMS) == ("reg", "kt", "vt", "sh", "cs")  # Eq. 7's order
+    assert DEFAULT_WEIGHTS == {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
+    assert parse_losses(DEFAULT_LOSSES) == DEFAULT_WEIGHTS
+    # runs.py stays torch-free for the CLI, so it writes the default out: kept equal here
+    assert StudentRun(store=None).losses == DEFAULT_LOSSES
+    for term in LOSS_TERMS.values():
+        assert set(term.targets) <= set(TEACHER_OUTPUTS)
+    assert target_fields(LOSS_NAMES) == ("keypoint_tokens", "visual_tokens", "heatmaps")
+    assert target_fields(["reg"]) == ()
+
+
+def _docs_loss_rows() -> list[tuple[str, float, tuple[str, ...]]]:
+    """(term, default weight, stored targets) of the loss-term table in docs/architecture.md."""
+    rows = []
+    for line in DOCS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4 and cells[3].startswith("loss_"):
+            targets = (
+                () if cells[2] == "none" else tuple(t.strip(" `") for t in cells[2].split(","))
+            )
+            rows.append((cells[0].strip("`"), float(cells[1]), targets))
+    return rows
+
+
+def test_docs_list_the_loss_terms_of_the_table():
+    assert _docs_loss_rows() == [(n, t.weight, t.targets) for n, t in LOSS_TERMS.items()]
+
+
+def test_a_new_loss_term_is_a_table_row_and_its_function(monkeypatch):
+    """What docs/architecture.md promises: a row in LOSS_TERMS (with its function) is parsed,
+    computed, weighted and logged, and its stored target is read, with nothing else changed."""
+
+    def mean_abs_sigma(x, name):  # a made-up term, reading the teacher heatmaps it declares
+        (key,) = LOSS_TERMS[name].targets
+        assert x.target(key).shape[0] == x.coords.shape[0]
+        return x.student.sigmas.float().abs().mean()
+
+    monkeypatch.setitem(LOSS_TERMS, "ms", LossTerm(0.5, ("heatmaps",), mean_abs_sigma))
+    weights = parse_losses("reg,ms")
+    assert weights == {"reg": 1.0, "ms": 0.5}
+    assert target_fields(weights) == ("heatmaps",)
+    s, targets = _student_and_targets()
+    out = DistillationLoss(weights, geometry=GEOMETRY)(s, targets)
+    assert set(out) == {"loss", "loss_reg", "loss_ms"}
+    expected = out["loss_reg"] + 0.5 * s.sigmas.abs().mean()
+    torch.testing.assert_close(out["loss"], expected)

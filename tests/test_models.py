@@ -363,3 +363,49 @@ def test_demo_student_soft_argmax_units_match_the_codec():
         head.key = torch.nn.Identity()
         coords = head.soft_argmax(maps_query, keys)
     assert torch.allclose(coords[0, 0], torch.tensor([5 / wh, 9 / hh]), atol=1e-4)
+
+
+# ---- the models table and the backbone table (one table per extension point) -----------------
+
+
+def _models_table() -> list[list[str]]:
+    """Rows of the table in distilpose.models' docstring: [name, role, backbone, tokens, paper]."""
+    import distilpose.models
+
+    rows = []
+    for line in (distilpose.models.__doc__ or "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            rows.append([cells[0].strip("`"), *cells[1:]])
+    return rows
+
+
+def test_models_table_lists_every_model_with_its_config():
+    import distilpose.models
+
+    rows = _models_table()
+    assert [r[0] for r in rows] == MODEL_NAMES
+    for name, role, _, tokens, _ in rows:
+        config = model_config(name)
+        assert role == config.role, name
+        assert tokens == (f"{config.dim} x {config.depth}" if config.has_tokens else "none"), name
+    # sizes are written width x height (the project's convention), as the configs hold them
+    doc = " ".join((distilpose.models.__doc__ or "").split())
+    for name, words in (("distilpose_tiny", "Tiny models take"), ("distilpose_demo", "pair takes")):
+        c = model_config(name)
+        (w, h), (hw, hh), (pw, ph) = c.input_size, c.heatmap_size, c.patch_size
+        expected = (
+            f"{words} {w}x{h} crops (heatmaps {hw}x{hh}, {c.num_patches} patches of {pw}x{ph})"
+        )
+        assert expected in doc, expected
+
+
+def test_backbone_table_is_the_one_list_of_backbones():
+    from distilpose.models.hrnet import _FAMILIES
+    from distilpose.models.layers import BACKBONES
+
+    used = {model_config(name).backbone for name in MODEL_NAMES}
+    assert used == set(BACKBONES)  # every row is a built-in model's, and no model's is missing
+    assert {spec.family for spec in BACKBONES.values()} == {*_FAMILIES, "resnet"}
+    with pytest.raises(BadConfigError, match="expected one of \\('stemnet'"):
+        model_config("distilpose_tiny", backbone="vgg")

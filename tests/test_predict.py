@@ -27,6 +27,7 @@ from distilpose.data.demo import make_demo_video
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadConfigError, BadImageError
 from distilpose.evaluation.metrics import coco_keypoint_eval, to_coco_results
+from distilpose.inference.config import InferConfig
 from distilpose.inference.detector import PERSON_LABEL, BoxesFile, TorchvisionDetector
 from distilpose.inference.sources import Frame, ImageSource, open_source
 from distilpose.inference.topdown import predict_instances
@@ -100,7 +101,7 @@ def test_predict_coco_images_with_gt_boxes_scores_and_matches_eval(ckpts, tmp_pa
     evaluation path (`predict_instances` on the same boxes)."""
     model, _ = build_from_checkpoint(ckpts["student"])
     instances = load_coco_instances(ANN, IMAGES, aspect_ratio=0.75)  # 12 labelled people
-    expected = to_coco_results(predict_instances(model, instances, device="cpu"))
+    expected = to_coco_results(predict_instances(model, instances, InferConfig(device="cpu")))
 
     out = tmp_path / "gt.json"
     args = ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES), "--out", str(out)]
@@ -129,7 +130,8 @@ def test_predict_coco_images_with_gt_boxes_scores_and_matches_eval(ckpts, tmp_pa
             out.append((np.array([p.bbox for p in people]), np.ones(len(people))))
         return out
 
-    pose = Inferencer(ckpts["student"], detector=gt_detector, device="cpu", frames_per_batch=3)
+    cpu = InferConfig(device="cpu")
+    pose = Inferencer(ckpts["student"], detector=gt_detector, config=cpu, frames_per_batch=3)
     api = [r for res in pose(str(IMAGES)) for r in res.to_coco()]
     assert len(api) == 12
 
@@ -275,7 +277,7 @@ def test_inferencer_arrays_lists_batches_and_teachers(ckpts, tmp_path):
         return [(box, np.array([0.9], np.float32)) for _ in frames]
 
     for role in ("student", "teacher"):  # a teacher's heatmaps decode the same way
-        pose = Inferencer(ckpts[role], detector=one_box, device="cpu", flip=False)
+        pose = Inferencer(ckpts[role], one_box, config=InferConfig(flip=False, device="cpu"))
         single = pose(image)
         assert isinstance(single, PoseResult) and single.image_id == 0 and single.name == ""
         assert single.keypoints.shape == (1, NUM_KEYPOINTS, 2)
@@ -288,7 +290,7 @@ def test_inferencer_arrays_lists_batches_and_teachers(ckpts, tmp_path):
         np.testing.assert_allclose(batched[1].keypoints, single.keypoints, atol=1e-4)
         assert pose.timings["frames"] == 4
 
-    whole = Inferencer(ckpts["student"], detector=None, device="cpu")(image)
+    whole = Inferencer(ckpts["student"], detector=None, config=InferConfig(device="cpu"))(image)
     assert whole.boxes.tolist() == [[0.0, 0.0, image.shape[1], image.shape[0]]]
     nobody = Inferencer(
         ckpts["student"], detector=lambda fs: [(np.zeros((0, 4)), np.zeros(0))] * len(fs)
@@ -370,3 +372,88 @@ def test_detector_weights_are_never_unpickled(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
     assert list(load_detector_state(plain, DETECTOR)) == ["w"]
+
+
+# ------------------------------------------------------------------------- box filtering (issue 27)
+
+DETS = MINI / "annotations" / "person_detections.json"  # 118 boxes of the 56.4-AP detector
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+def hand_count(entries: list[dict], box_thr: float = 0.3, nms_thr: float = 0.3) -> dict[int, int]:
+    """People per image as MMPose's inferencer keeps them, in plain Python: scores above
+    box_thr, then greedy NMS (highest score first; a box overlapping a kept one above nms_thr
+    is dropped)."""
+    kept: dict[int, list[list[float]]] = {}
+    for d in sorted(entries, key=lambda d: -d["score"]):
+        mine = kept.setdefault(d["image_id"], [])
+        if d["score"] > box_thr and all(_iou(d["bbox"], k) <= nms_thr for k in mine):
+            mine.append(d["bbox"])
+    return {image: len(boxes) for image, boxes in kept.items()}
+
+
+@pytest.mark.reliability(
+    case="predict --boxes with a whole detections file (118 boxes, scores down to 0)",
+    outcome="only boxes scoring above 0.3 after NMS at 0.3 are posed: 19 people",
+)
+def test_predict_with_the_detections_file_keeps_boxes_above_thr_after_nms(ckpts, tmp_path):
+    entries = json.loads(DETS.read_text())
+    want = hand_count(entries)
+    assert len(entries) == 118 and want == {785: 1, 40083: 5, 196141: 8, 197388: 5}  # by hand
+    out = tmp_path / "p.json"
+    args = ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES), "--out", str(out)]
+    _ok(runner.invoke(cli.app, [*args, "--boxes", str(DETS)]))
+    results = json.loads(out.read_text())
+    got: dict[int, int] = {}
+    for r in results:
+        got[r["image_id"]] = got.get(r["image_id"], 0) + 1
+    assert got == want and len(results) == 19
+    kept = {(d["image_id"], tuple(round(v, 2) for v in d["bbox"])) for d in entries}
+    assert all((r["image_id"], tuple(r["bbox"])) in kept for r in results)  # the file's boxes
+    # --box-thr 0 --nms-thr 1 keeps every box with a score above 0
+    _ok(runner.invoke(cli.app, [*args, "--boxes", str(DETS), "--box-thr", "0", "--nms-thr", "1"]))
+    assert len(json.loads(out.read_text())) == sum(d["score"] > 0 for d in entries)
+
+
+@pytest.mark.reliability(
+    case="predict --boxes with a file whose entries name none of the images",
+    outcome="one error line naming the boxes file, exit 1",
+)
+def test_boxes_file_matching_no_image_is_an_error(ckpts, tmp_path):
+    boxes = tmp_path / "other.json"
+    boxes.write_text(json.dumps([{"image_id": 5, "bbox": [1, 1, 9, 9], "file_name": "x.jpg"}]))
+    result = runner.invoke(
+        cli.app, ["predict", "--checkpoint", str(ckpts["student"]), str(IMAGES),
+                  "--boxes", str(boxes), "--out", str(tmp_path / "p.json")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {boxes}: no entry names any of the 4")
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.reliability(
+    case="predict on a video cut off mid-way (MJPG AVI, 20 frames declared, 9 readable)",
+    outcome="one error line naming the video and the frame index that failed, exit 1",
+)
+def test_video_read_failure_mid_way_names_the_frame(ckpts, tmp_path):
+    path = tmp_path / "v.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the second half is gone
+    result = runner.invoke(
+        cli.app, ["predict", "--checkpoint", str(ckpts["student"]), str(path),
+                  "--detector", "none", "--out", str(tmp_path / "p.json")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.match(rf"error: {re.escape(str(path))}: cannot decode frame 9 \(of 20", lines[0])

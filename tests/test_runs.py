@@ -106,3 +106,77 @@ def test_resume_on_a_changed_store_is_still_refused(tiny, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "the store changed" in result.output
     assert "--allow-store-change" in result.output
+
+
+def test_a_cli_run_without_warmup_iters_gets_the_capped_warmup(tiny, tmp_path):
+    """No --warmup-iters: the run keeps StudentRun's None, and the trainer warms up for the
+    paper's 500 steps capped at a tenth of the run (here 3 epochs x 4 batches: 1 step)."""
+    out = tmp_path / "run"
+    args = ["train-student", "--store", tiny["store"], "--model", "distilpose_tiny", "--out"]
+    args += [str(out), "--batch-size", "2", "--epochs", "3", "--device", "cpu", "--workers", "0"]
+    result = CliRunner().invoke(cli.app, [*args, "--losses", "reg"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["run"]["warmup_iters"] is None
+    steps = 3 * 8 // 2
+    assert doc["train_config"]["warmup_iters"] == min(500, steps // 10) == 1
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["kind"] == "epoch"]
+    # after the first epoch (4 steps) the lr is the run's (with 500 warmup steps: 1e-3 * 4/500)
+    assert float(rows[0]["lr"]) == pytest.approx(1e-3)
+
+
+# ------------------------------------------------------------------ types and ranges (issue 27)
+
+BAD_FIELDS = [  # (config file line, the error after "error: <file>: ")
+    ('epochs = "ten"', "StudentRun.epochs: got 'ten' (str); expected an integer"),
+    ("batch_size = -3", "StudentRun.batch_size: got -3; expected an integer of at least 1"),
+    ("batch_size = 0", "StudentRun.batch_size: got 0; expected an integer of at least 1"),
+    ("lr = -1", "StudentRun.lr: got -1; expected a finite number > 0"),
+    ("lr = nan", "StudentRun.lr: got nan; expected a finite number > 0"),
+    ("workers = -3", "StudentRun.workers: got -3; expected an integer of at least 0"),
+    (
+        "epochs = 9223372036854775808",
+        "StudentRun.epochs: got 9223372036854775808; expected an integer within int64",
+    ),
+    ("ema = 1.5", "StudentRun.ema: got 1.5; expected a decay between 0 and 1"),
+    ("accum_steps = 0", "StudentRun.accum_steps: got 0; expected an integer of at least 1"),
+]
+
+
+@pytest.mark.reliability(
+    case="train-student --config with a field of the wrong type or out of range",
+    outcome="one error line naming the file, the field and what was expected; exit 1",
+)
+@pytest.mark.parametrize("line, error", BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
+def test_bad_config_field_is_one_error_line(tmp_path, line, error):
+    config = tmp_path / "c.toml"
+    config.write_text(line + "\n")
+    out = tmp_path / "o"
+    args = ["train-student", "--config", str(config), "--store", "s", "--out", str(out)]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: {error}"), lines
+    assert not out.exists()
+
+
+def test_bad_fields_on_the_command_line_and_in_json_are_one_error_line(tmp_path):
+    ann = tmp_path / "a.json"
+    ann.write_text("{}")
+    args = ["train-teacher", "--ann", str(ann), "--images", str(tmp_path), "--out", "o"]
+    result = CliRunner().invoke(cli.app, [*args, "--batch-size", "0"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: TeacherRun.batch_size: got 0; expected an integer of at least 1"
+    )
+    good = StudentRun("s").to_dict()
+    for change, message in (
+        ({"epochs": True}, r"StudentRun.epochs: got True \(bool\); expected an integer"),
+        ({"lr_scale": "sqrt"}, "StudentRun.lr_scale: got 'sqrt'; expected one of linear, none"),
+        ({"store": 3}, r"StudentRun.store: got 3 \(int\); expected a string \(or null\)"),
+    ):
+        with pytest.raises(BadConfigError, match=message):
+            StudentRun.from_dict({**good, **change})
+    teacher = TeacherRun("m", "a", "i", "o").to_dict()
+    with pytest.raises(BadConfigError, match="recipe: unknown key.s. flip; expected keys among"):
+        TeacherRun.from_dict({**teacher, "recipe": {"flip": 0.5}})

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from distilpose.errors import StoreFormatError, StoreMismatchError  # noqa: E402
 from distilpose.geometry import Geometry  # noqa: E402
 from store import StoreMeta, StoreWriter  # noqa: E402
-from store.schema import (  # noqa: E402
+from store.quantize import (  # noqa: E402
     dequantize_heatmaps,
     dequantize_tokens,
     quantize_heatmaps,

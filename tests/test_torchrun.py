@@ -36,6 +36,7 @@ import zarr
 from typer.testing import CliRunner
 
 import cli
+import cli_support
 from distilpose.data import make_demo_data
 from distilpose.models import build_model
 
@@ -128,7 +129,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def update_difference(a: Path, b: Path, model: str, argv: list[str], seed: int = 0) -> float:
     """||w_a - w_b|| / ||w_a - w_init||: the training runs' initial weights are rebuilt."""
     torch.manual_seed(seed)
-    overrides = cli._size_overrides(option(argv, "--input-size"))
+    overrides = cli_support.size_overrides(option(argv, "--input-size"))
     init = build_model(model, **overrides).state_dict()
     wa, wb = weights(a), weights(b)
     keys = [k for k, v in wa.items() if v.is_floating_point()]
@@ -176,6 +177,11 @@ def test_train_teacher_two_ranks_match_one_rank_with_the_global_batch(demo, teac
     # The logged losses are the global batch's, whatever the world size.
     a, b = epoch_rows(one), epoch_rows(teacher)
     assert len(b) == 1 and float(a[0]["loss"]) == pytest.approx(float(b[0]["loss"]), rel=1e-3)
+    # Validation on rank 0 (issue 27): one val_AP per epoch row, best.pth of the EMA weights.
+    assert b[0]["val_AP"] != "" and float(b[0]["best_AP"]) == float(b[0]["val_AP"])
+    best = torch.load(teacher / "best.pth", map_location="cpu", weights_only=True)
+    assert best["meta"]["best"] == {"AP": float(b[0]["val_AP"]), "epoch": 1, "ema": True}
+    assert "validation epoch 1: AP" in (teacher / "train.log").read_text()
 
 
 def test_dump_two_ranks_equals_one_rank_byte_for_byte(demo, store):

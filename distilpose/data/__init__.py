@@ -1,7 +1,6 @@
 """COCO person data, seeded crop specs and their renderer, and the built-in demo dataset."""
 
 from distilpose.data.coco import (
-    PersonInstance,
     annotation_digest,
     load_coco_instances,
     read_image,
@@ -22,6 +21,7 @@ from distilpose.data.crop import (
     sample_crop_spec,
 )
 from distilpose.data.demo import make_demo_data
+from distilpose.data.instance import PersonInstance
 from distilpose.data.keypoints import (
     FLIP_INDEX,
     FLIP_PAIRS,

@@ -21,12 +21,12 @@ import logging
 import math
 import os
 import posixpath
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from distilpose.data.crop import box_to_center_scale
+from distilpose.data.instance import PersonInstance
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
@@ -35,22 +35,6 @@ from distilpose.limits import check_image_pixels, image_size_from_header, load_j
 logger = logging.getLogger(__name__)
 
 PERSON_CATEGORY_ID = 1
-
-
-@dataclass(frozen=True, eq=False)
-class PersonInstance:
-    """One person to crop (ground-truth box or detection)."""
-
-    index: int  # position in the dataset list (image_id, then ann id / detection order)
-    image_id: int
-    ann_id: int  # -1 for detections
-    image_path: str  # resolved, inside the image root
-    bbox: tuple[float, float, float, float]  # x, y, w, h image px (GT: clipped as MMPose 0.x)
-    score: float  # 1.0 for ground-truth boxes, detector score otherwise
-    keypoints: np.ndarray  # [K, 3] float32 (x, y, visibility 0/1/2) image px; zeros for detections
-    center: np.ndarray  # [2] float32
-    scale: np.ndarray  # [2] float32, units of 200 px
-    area: float  # annotation area (GT) or w * h
 
 
 def annotation_digest(ann_file) -> str:

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from distilpose.data.instance import PersonInstance
 from distilpose.data.keypoints import FLIP_INDEX, LOWER_BODY_IDS, UPPER_BODY_IDS
+from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER
 
 if TYPE_CHECKING:  # torch is imported lazily: loaders and dataset workers never need it
     import torch
-
-    from distilpose.data.coco import PersonInstance
 
 PIXEL_STD = 200.0  # MMPose 0.x: scale is box size / 200
 BOX_PADDING = 1.25  # MMPose 0.x top-down box padding
@@ -77,8 +77,16 @@ class AugmentRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentRecipe:
+        """The recipe `d` describes; an unknown key is an error (a misspelt key would
+        otherwise train silently with the default)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadConfigError(
+                f"recipe: unknown key(s) {', '.join(unknown)}; expected keys among "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**d)
 
 
 # For data that already varies pose, scale and rotation (the synthetic demo people): flips and a

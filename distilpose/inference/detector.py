@@ -15,8 +15,12 @@ boxes [N, 4] (x, y, w, h in image px, float32) and their scores [N]. Three ship 
 Boxes file: a JSON list of ``{"file_name": "a.jpg" or "image_id": 785, "bbox": [x, y, w, h],
 "score": 0.98}`` (`score` optional, default 1.0; entries with a `category_id` other than 1 are
 skipped). An entry names its image by `file_name` (the base name; images only) or by `image_id`
-(an image's id, or a video frame's index). An image without entries has no people. Each box is
-one person: no NMS is applied.
+(an image's id, or a video frame's index). An image without entries has no people.
+
+Whatever the source, the `Inferencer` then keeps the boxes scoring above `box_thr` and removes
+overlaps by greedy NMS at IoU `nms_thr` (`keep_people`; MMPose's top-down inferencer does the
+same with bbox_thr=0.3, nms_thr=0.3): a detections file made for evaluation (every box down
+to score 0) would otherwise draw several skeletons per person.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ PERSON_LABEL = 1  # "person" in torchvision's COCO category list
 OFFLINE_ENV = "DISTILPOSE_OFFLINE"
 # torchvision resizes an image's shorter side to min_size, its longer side at most max_size
 _MAX_TO_MIN_SIZE = 1333 / 800
+BOX_THR = 0.3  # MMPose's top-down inferencer: bbox_thr=0.3 (boxes scoring above it are people)
+NMS_THR = 0.3  # ... and nms_thr=0.3 between the kept boxes
 
 
 def _empty() -> Boxes:
@@ -109,6 +115,24 @@ def load_detector_state(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BadCheckpointError(f"{path}: expected a {name} state dict of tensors")
     return obj
+
+
+def keep_people(
+    boxes: np.ndarray, scores: np.ndarray, box_thr: float = BOX_THR, nms_thr: float = NMS_THR
+) -> Boxes:
+    """The boxes [N, 4] (x, y, w, h) scoring above `box_thr`, then greedy NMS at IoU `nms_thr`
+    (torchvision.ops.nms; nms_thr >= 1 keeps every box); in their original order."""
+    from torchvision.ops import nms
+
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    above = np.flatnonzero(scores > box_thr)
+    if len(above) == 0:
+        return _empty()
+    xywh = torch.from_numpy(boxes[above])
+    xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # [M, 4]
+    kept = above[np.sort(nms(xyxy, torch.from_numpy(scores[above]), nms_thr).numpy())]
+    return boxes[kept], scores[kept]
 
 
 class TorchvisionDetector:
@@ -209,6 +233,7 @@ class BoxesFile:
             raise BadAnnotationError(f"{path}: not a readable JSON file ({e})") from e
         if not isinstance(entries, list):
             raise BadAnnotationError(f"{path}: expected a JSON list of box entries")
+        self.matched = False  # whether any frame asked for so far had entries
         self.by_name: dict[str, list[tuple[int, list[float], float]]] = defaultdict(list)
         self.by_id: dict[int, list[tuple[int, list[float], float]]] = defaultdict(list)
         for n, entry in enumerate(entries):
@@ -246,6 +271,7 @@ class BoxesFile:
             if not records:
                 out.append(_empty())
                 continue
+            self.matched = True
             records.sort(key=lambda r: r[0])  # the file's order
             boxes = np.array([r[1] for r in records], np.float32)
             out.append((boxes, np.array([r[2] for r in records], np.float32)))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,15 @@ from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError, BadImageError
 from distilpose.evaluation.metrics import to_coco_results
-from distilpose.inference.detector import DEFAULT_DETECTOR, Detector, build_detector
+from distilpose.inference.config import InferConfig
+from distilpose.inference.detector import (
+    BOX_THR,
+    DEFAULT_DETECTOR,
+    NMS_THR,
+    Detector,
+    build_detector,
+    keep_people,
+)
 from distilpose.inference.sources import IMAGE_SUFFIXES, Frame, open_source
 from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.models import build_from_checkpoint
@@ -105,15 +113,17 @@ class Inferencer:
             per frame (boxes [N, 4] x, y, w, h, scores [N]), e.g. `BoxesFile(path)`.
         detector_weights: a local weights file for a named detector (None: torchvision's COCO
             weights from torch's cache, downloaded when online; "random": untrained).
-        det_thr: detections scoring below it are not people.
+        det_thr: a named detector's own score threshold (torchvision's box_score_thresh).
+        box_thr, nms_thr: of every detector's (or boxes file's) boxes, those scoring above
+            `box_thr` are kept, then greedy NMS at IoU `nms_thr` (MMPose's inferencer: 0.3, 0.3;
+            `distilpose.inference.detector.keep_people`).
         det_size: the detector's input shorter side (None: the model's default).
         max_people: a named detector keeps at most this many people per image.
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
-        batch_size: person crops per forward pass of the pose model.
+        config: the test-time settings (`InferConfig`: flip test, flip mode, DARK, score use,
+            device, batch size); `use_scores=None` is read from the checkpoint (False for a
+            student trained without the confidence loss: its keypoint scores are then 1 and
+            people rank by box score).
         frames_per_batch: images detected together.
-        flip: flip test; flip_mode: "corrected" or "official" (students, see topdown.py).
-        use_scores: None -> from the checkpoint (False for a student trained without the
-            confidence loss: its keypoint scores are then 1 and people rank by box score).
 
     Attributes:
         timings: seconds spent so far: {"frames", "detector_s", "pose_s"}.
@@ -128,21 +138,21 @@ class Inferencer:
         det_thr: float = 0.5,
         det_size: int | None = None,
         max_people: int = 100,
-        device: str = "auto",
-        batch_size: int = 32,
+        box_thr: float = BOX_THR,
+        nms_thr: float = NMS_THR,
+        config: InferConfig = InferConfig(),
         frames_per_batch: int = 8,
-        flip: bool = True,
-        flip_mode: str = "corrected",
-        use_scores: bool | None = None,
     ) -> None:
-        if batch_size < 1 or frames_per_batch < 1:
-            raise BadConfigError("batch_size and frames_per_batch: expected at least 1")
-        self.device = resolve_device(device)
+        if frames_per_batch < 1:
+            raise BadConfigError(f"frames_per_batch: got {frames_per_batch}; expected at least 1")
+        self.device = resolve_device(config.device)
         self.model, meta = build_from_checkpoint(checkpoint, map_location=self.device)
         self.config = self.model.config
-        self.use_scores = (
-            default_use_scores(self.config.role, meta) if use_scores is None else use_scores
-        )
+        use_scores = config.use_scores
+        if use_scores is None:
+            use_scores = default_use_scores(self.config.role, meta)
+        # resolved once: every batch runs on this device with this score use
+        self.infer = replace(config, device=self.device, use_scores=use_scores)
         self.detector = build_detector(
             detector,
             weights=detector_weights,
@@ -151,10 +161,8 @@ class Inferencer:
             size=det_size,
             max_people=max_people,
         )
-        self.batch_size = batch_size
+        self.box_thr, self.nms_thr = float(box_thr), float(nms_thr)
         self.frames_per_batch = frames_per_batch
-        self.flip = flip
-        self.flip_mode = flip_mode
         self.timings = {"frames": 0, "detector_s": 0.0, "pose_s": 0.0}
 
     def __call__(
@@ -210,7 +218,10 @@ class Inferencer:
 
     def _predict(self, frames: list[Frame]) -> list[PoseResult]:
         t0 = time.perf_counter()
-        detections = self.detector(frames)
+        detections = [
+            keep_people(boxes, scores, self.box_thr, self.nms_thr)
+            for boxes, scores in self.detector(frames)
+        ]
         self._sync()
         t1 = time.perf_counter()
         width, height = self.config.input_size
@@ -238,11 +249,7 @@ class Inferencer:
         preds = predict_instances(
             self.model,
             instances,
-            batch_size=self.batch_size,
-            device=self.device,
-            flip=self.flip,
-            flip_mode=self.flip_mode,
-            use_scores=self.use_scores,
+            self.infer,
             image_arrays=arrays,
             show_progress=False,
         )

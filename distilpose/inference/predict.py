@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from distilpose.errors import BadImageError
-from distilpose.inference.detector import DEFAULT_DETECTOR, BoxesFile, Detector
-from distilpose.inference.sources import VideoSource, open_source
+from distilpose.errors import BadAnnotationError, BadImageError
+from distilpose.inference.detector import BoxesFile
+from distilpose.inference.sources import ImageSource, VideoSource, open_source
 from distilpose.io import write_json_atomic
 from distilpose.progress import ProgressCounter
+
+if TYPE_CHECKING:  # predict_source takes one; building it is the caller's (the CLI, a script)
+    from distilpose.inference.inferencer import Inferencer
 
 KPT_DRAW_THR = 0.3
 VIDEO_FOURCC = "mp4v"  # in every OpenCV FFmpeg build; H.264 encoders often are not
@@ -39,58 +43,46 @@ def _video_writer(path: Path, fps: float, image: np.ndarray) -> cv2.VideoWriter:
 
 
 def predict_source(
-    checkpoint: str | Path,
+    inferencer: Inferencer,
     sources: str | Path | int | list[str | Path | int],
     *,
-    detector: str | Detector | None = DEFAULT_DETECTOR,
-    detector_weights: str | Path | None = None,
-    det_thr: float = 0.5,
-    det_size: int | None = None,
-    max_people: int = 100,
-    boxes_json: str | Path | None = None,
     out_json: str | Path = "predictions.json",
     overlay_dir: str | Path | None = None,
-    flip: bool = True,
-    flip_mode: str = "corrected",
-    device: str = "auto",
-    batch_size: int = 32,
     max_frames: int | None = None,
-    use_scores: bool | None = None,
     kpt_thr: float = KPT_DRAW_THR,
 ) -> dict:
-    """Predict every person's keypoints in SOURCE(s) and write the outputs (module docstring).
+    """Predict every person's keypoints in SOURCE(s) with `inferencer` and write the outputs
+    (module docstring).
 
     Args:
-        checkpoint: a student or teacher checkpoint.
+        inferencer: the detector (or boxes file) and pose model, with its `InferConfig`.
         sources: images, folders, globs, or one video file or camera index.
-        detector: a torchvision detector name, None/"none" (whole image = one person) or a
-            detector callable (`distilpose.inference.detector`); ignored when `boxes_json` is given.
-        boxes_json: person boxes (format in `distilpose.inference.detector`) instead of a detector.
         max_frames: stop a video or camera after this many frames.
-        Others: as `Inferencer`.
+        kpt_thr: overlays draw joints scoring above it.
 
     Returns:
         {"results": the COCO results written, "frames", "people", "seconds", "frames_per_s",
-        "detector_ms_per_frame", "pose_ms_per_frame", "out_json", "overlays": [paths]}.
+        "detector_ms_per_frame", "pose_ms_per_frame", "out_json", "overlays": [paths]}
+        (timings of this call only).
     """
-    from distilpose.inference.inferencer import Inferencer
-
     source = open_source(sources, max_frames=max_frames)
-    inferencer = Inferencer(
-        checkpoint,
-        BoxesFile(boxes_json) if boxes_json is not None else detector,
-        detector_weights=detector_weights,
-        det_thr=det_thr,
-        det_size=det_size,
-        max_people=max_people,
-        device=device,
-        batch_size=batch_size,
-        flip=flip,
-        flip_mode=flip_mode,
-        use_scores=use_scores,
-    )
+    frames_per_batch, before = inferencer.frames_per_batch, dict(inferencer.timings)
     if isinstance(source, VideoSource) and source.camera:
         inferencer.frames_per_batch = 1  # live: answer every frame as it comes
+    try:
+        return _write_outputs(inferencer, source, Path(out_json), overlay_dir, kpt_thr, before)
+    finally:
+        inferencer.frames_per_batch = frames_per_batch
+
+
+def _write_outputs(
+    inferencer: Inferencer,
+    source: ImageSource | VideoSource,
+    out_json: Path,
+    overlay_dir: str | Path | None,
+    kpt_thr: float,
+    before: dict,
+) -> dict:
     overlay = Path(overlay_dir) if overlay_dir is not None else None
     if overlay is not None:
         overlay.mkdir(parents=True, exist_ok=True)
@@ -124,8 +116,17 @@ def predict_source(
             if writer is not None:
                 writer.release()
     seconds = time.perf_counter() - started
+    boxes_file = inferencer.detector if isinstance(inferencer.detector, BoxesFile) else None
+    read = inferencer.timings["frames"] - before["frames"]
+    if boxes_file is not None and not boxes_file.matched and read:
+        raise BadAnnotationError(
+            f"{boxes_file.path}: no entry names any of the {read} "
+            f"{'frames' if isinstance(source, VideoSource) else 'images'} read; expected entries "
+            "whose 'file_name' (base name) or 'image_id' (image id or frame index) match them"
+        )
     write_json_atomic(out_json, results)
-    frames = inferencer.timings["frames"]
+    spent = {k: v - before[k] for k, v in inferencer.timings.items()}
+    frames = spent["frames"]
     per_frame = 1000.0 / frames if frames else 0.0
     return {
         "results": results,
@@ -133,8 +134,8 @@ def predict_source(
         "people": len(results),
         "seconds": seconds,
         "frames_per_s": frames / seconds if seconds > 0 else 0.0,
-        "detector_ms_per_frame": inferencer.timings["detector_s"] * per_frame,
-        "pose_ms_per_frame": inferencer.timings["pose_s"] * per_frame,
+        "detector_ms_per_frame": spent["detector_s"] * per_frame,
+        "pose_ms_per_frame": spent["pose_s"] * per_frame,
         "out_json": str(out_json),
         "overlays": written,
     }

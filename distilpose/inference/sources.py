@@ -150,6 +150,13 @@ class VideoSource:
             index = 0
             while self.max_frames is None or index < self.max_frames:
                 ok, image = capture.read()
+                if not ok and self.total is not None and index < self.total:
+                    # the header promised more frames: a damaged or cut file, not the end
+                    raise BadImageError(
+                        f"{self.target}: cannot decode frame {index} (of {self.total} the file "
+                        f"declares); expected a readable video (re-encode it, or pass "
+                        f"--max-frames {index} to keep the frames before it)"
+                    )
                 if not ok:
                     break
                 yield Frame(image, self.name, index, index)

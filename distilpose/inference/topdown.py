@@ -1,5 +1,8 @@
 """Top-down inference: person instances in, keypoints in image pixels out.
 
+The settings named below (`flip`, `flip_mode`, `dark`, `use_scores`) are `InferConfig` fields
+(`distilpose.inference.config`).
+
 For each `PersonInstance` the evaluation crop (no augmentation) is rendered, normalized and run
 through the model; the output is decoded back to image pixels with `distilpose.data.codecs`:
 
@@ -46,12 +49,11 @@ from distilpose.data.keypoints import FLIP_INDEX
 from distilpose.device import resolve_device
 from distilpose.errors import BadConfigError
 from distilpose.evaluation.metrics import rescore
+from distilpose.inference.config import FLIP_MODES, InferConfig
 from distilpose.models import StudentOutput, TeacherOutput
 from distilpose.progress import progress
 
 log = logging.getLogger(__name__)
-
-FLIP_MODES = ("corrected", "official")
 
 
 def default_use_scores(role: str, meta: dict | None) -> bool:
@@ -224,13 +226,8 @@ def _instance_result(inst: PersonInstance, coords: np.ndarray, scores: np.ndarra
 def predict_instances(
     model: nn.Module,
     instances: Sequence[PersonInstance],
+    config: InferConfig = InferConfig(),
     *,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    flip: bool = True,
-    flip_mode: str = "corrected",
-    dark: bool = False,
-    use_scores: bool = True,
     num_workers: int = 0,
     amp: bool = True,
     stats: dict | None = None,
@@ -244,14 +241,12 @@ def predict_instances(
         model: a built model; `model.config.geometry` gives the crop and heatmap
             sizes.
         instances: `PersonInstance` records (GT boxes or detections).
-        batch_size: crops per forward pass.
-        device: "cpu", "cuda", "cuda:1" or "auto". The model is moved there and put in eval mode
-            (its train/eval mode is restored afterwards). On CUDA with `amp`, the forward pass runs
+        config: the test-time settings (`InferConfig`: flip test, flip mode, DARK, score use,
+            device, batch size). The model is moved to the device and put in eval mode (its
+            train/eval mode is restored afterwards). On CUDA with `amp`, the forward pass runs
             under float16 autocast (fp16 rather than bf16 keeps sub-pixel precision in `coords`).
-        flip: flip test (see the module docstring).
-        flip_mode: students only: "corrected" (default) or "official".
-        dark: teachers only: DARK heatmap decoding.
-        use_scores: False -> keypoint scores all 1 and instance score = box score.
+            `use_scores=False`: keypoint scores all 1 and instance score = box score; None (no
+            checkpoint meta here): the scores are used.
         num_workers: DataLoader worker processes for JPEG decoding and cropping.
         stats: if given, filled with "samples", "forward_s", "total_s", "forward_samples_per_s"
             (model only, flipped pass included) and "samples_per_s" (end to end).
@@ -265,27 +260,26 @@ def predict_instances(
         "box_score", "score" (box score x mean keypoint score above 0.2, paper Eq. 3),
         "center" [2], "scale" [2] and "area" (prod(scale * 200), the OKS-NMS area).
     """
-    if flip_mode not in FLIP_MODES:
-        raise BadConfigError(f"flip_mode: got {flip_mode!r}; expected one of {FLIP_MODES}")
-    dev = resolve_device(device)
-    config = getattr(model, "config", None)
-    if config is None:
+    dev = resolve_device(config.device)
+    use_scores = config.use_scores is not False
+    model_config = getattr(model, "config", None)
+    if model_config is None:
         raise BadConfigError(
             "model: no 'config' with its input and heatmap sizes; expected a model built by "
             "distilpose.models (build_model, build_from_checkpoint)"
         )
-    geometry = config.geometry
+    geometry = model_config.geometry
     input_size = geometry.input_size
     regression, heatmap_codec = RegressionCodec(geometry), HeatmapCodec(geometry)
     use_amp = amp and dev.type == "cuda"
     decoders = {
-        TeacherOutput: _HeatmapDecode(heatmap_codec, dark, dev),
-        StudentOutput: _RegressionDecode(regression, input_size[0], flip_mode),
+        TeacherOutput: _HeatmapDecode(heatmap_codec, config.dark, dev),
+        StudentOutput: _RegressionDecode(regression, input_size[0], config.flip_mode),
     }
 
     loader = DataLoader(
         _EvalCrops(instances, input_size, image_arrays),
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -310,7 +304,7 @@ def predict_instances(
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
                 out = forward(images)
-                out_f = forward(torch.flip(images, dims=[3])) if flip else None
+                out_f = forward(torch.flip(images, dims=[3])) if config.flip else None
                 decoder = _decoder(out, decoders)
                 gathered = decoder.gather(out, out_f)  # on the host: the forward pass is over
                 forward_s += time.perf_counter() - t0

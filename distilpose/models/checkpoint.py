@@ -13,14 +13,14 @@ Two file layouts are read, both with `torch.load(path, map_location="cpu", weigh
   load the same way; DeepPose's `head.confidence.*` (scores, sigmas: not in MMPose) may be
   absent from them and then keeps its initial values (`OPTIONAL_KEYS`).
 
-`checkpoint_filter_fn` is the one place foreign keys are renamed to ours (`head.*`).
+`checkpoint_filter_fn` (in `state_io`, with the file reading) is the one place foreign keys are
+renamed to ours (`head.*`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -32,126 +32,31 @@ from distilpose.io import atomic_open
 from distilpose.models.complexity import count_params
 from distilpose.models.layers import ModelConfig
 from distilpose.models.registry import MODEL_NAMES, build_model, create_model, model_config
+from distilpose.models.state_io import (
+    OFFICIAL_HEAD_PREFIXES,
+    checkpoint_filter_fn,
+    diff_state,
+    mismatch_message,
+    read_checkpoint_file,
+    unpack_checkpoint,
+    unwrap,
+)
 
 FORMAT = "distilpose/1"
-HEAD_PREFIX = "head."
-# most specific first: the MMPose CNN heads sit directly under `keypoint_head.`
-OFFICIAL_HEAD_PREFIXES = ("keypoint_head.tokenpose.", "keypoint_head.tokenhead.", "keypoint_head.")
-# our keys a foreign file may lack: DeepPose's score/sigma head exists only in this project
-OPTIONAL_KEYS = ("head.confidence.",)
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_SHOW = 5  # keys listed per kind in an error message before "(+N more)"
-
-
-def checkpoint_filter_fn(state_dict: dict) -> dict:
-    """Rename official keys to this package's: strip a leading `module.` (DataParallel/DDP) and
-    map `keypoint_head.tokenpose.` / `keypoint_head.tokenhead.` / `keypoint_head.` to `head.`.
-    Other keys unchanged."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module.") :]
-        for prefix in OFFICIAL_HEAD_PREFIXES:
-            if key.startswith(prefix):
-                key = HEAD_PREFIX + key[len(prefix) :]
-                break
-        out[key] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def _read(path: str | os.PathLike) -> dict:
-    """torch.load a checkpoint file safely; every failure is one BadCheckpointError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadCheckpointError(f"{path}: no such file; expected a checkpoint (.pth)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):
-            raise BadCheckpointError(
-                f"{path}: refused: the file holds pickled code or objects, which weights-only "
-                "loading does not run; expected tensors, numbers, strings, lists and dicts only"
-            ) from None
-        raise BadCheckpointError(f"{path}: not a PyTorch checkpoint (unreadable pickle)") from None
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        reason = (str(e).splitlines() or [""])[0][:80]
-        detail = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-        raise BadCheckpointError(f"{path}: not a PyTorch checkpoint ({detail})") from None
-    if not isinstance(obj, dict):
-        raise BadCheckpointError(
-            f"{path}: holds a {type(obj).__name__}; expected a dict with a 'state_dict'"
-        )
-    return obj
-
-
-def _unpack(obj: dict, source: str) -> tuple[dict, dict, dict | None, str]:
-    """-> (state dict as in the file, meta, model config dict or None, format name)."""
-    if isinstance(obj.get("state_dict"), dict):
-        state, fmt = obj["state_dict"], obj.get("format", "mmpose")
-    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, fmt = obj, "state_dict"
-    else:
-        raise BadCheckpointError(
-            f"{source}: no 'state_dict' entry and not a bare state dict; "
-            "expected a distilpose or MMPose checkpoint"
-        )
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad or not state:
-        raise BadCheckpointError(
-            f"{source}: 'state_dict' is empty or has non-tensor entries {_short(bad)}"
-        )
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    config = obj.get("model") if isinstance(obj.get("model"), dict) else None
-    return state, meta, config, str(fmt)
-
-
-def _short(keys: list) -> str:
-    shown = ", ".join(str(k) for k in keys[:_SHOW])
-    more = f", ... (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return f"[{shown}{more}]"
-
-
-def _diff(state: dict, reference: dict) -> tuple[list, list, list]:
-    """Compare a (renamed) state dict with a model's {key: shape}: missing, unexpected, mismatched.
-    BN `num_batches_tracked` (older files) and `OPTIONAL_KEYS` may be absent: not reported."""
-    missing = [
-        k
-        for k in reference
-        if k not in state
-        and not k.endswith("num_batches_tracked")
-        and not k.startswith(OPTIONAL_KEYS)
-    ]
-    unexpected = [k for k in state if k not in reference]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(reference[k])}"
-        for k in state
-        if k in reference and tuple(state[k].shape) != tuple(reference[k])
-    ]
-    return missing, unexpected, mismatched
-
-
-def _mismatch_message(source: str, name: str, missing: list, unexpected: list, bad: list) -> str:
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys {_short(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys {_short(unexpected)}")
-    if bad:
-        parts.append(f"{len(bad)} shape mismatches {_short(bad)}")
-    return f"{source}: checkpoint does not fit model '{name}': " + "; ".join(parts)
-
-
 def _load_state(model: nn.Module, state: dict, source: str, strict: bool) -> None:
     state = checkpoint_filter_fn(state)
     own = model.state_dict()
-    missing, unexpected, bad = _diff(state, {k: v.shape for k, v in own.items()})
+    missing, unexpected, bad = diff_state(state, {k: v.shape for k, v in own.items()})
     if strict and (missing or unexpected or bad):
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
-        message = _mismatch_message(source, name, missing, unexpected, bad)
+        message = mismatch_message(source, name, missing, unexpected, bad)
         fits = _identify_state(state)["model"]
         if fits and fits != name:
             message += f"; the keys fit built-in model '{fits}'"
@@ -178,39 +83,14 @@ def load_checkpoint(
     if isinstance(path_or_state, dict):
         obj, source = path_or_state, "<checkpoint dict>"
     else:
-        obj, source = _read(path_or_state), str(path_or_state)
-    state, meta, _, _ = _unpack(obj, source)
-    _load_state(_unwrap(model), state, source, strict)
+        obj, source = read_checkpoint_file(path_or_state), str(path_or_state)
+    state, meta, _, _ = unpack_checkpoint(obj, source)
+    _load_state(unwrap(model), state, source, strict)
     return dict(meta)
-
-
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local backbone file strictly into `model.backbone`: a bare state dict or a
-    checkpoint whose keys are the trunk's (torchvision's ResNet files: their classifier `fc.*` is
-    dropped) or `backbone.*` (an MMPose checkpoint: other keys are ignored)."""
-    obj = _read(path)
-    state, _, _, _ = _unpack(obj, str(path))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    backbone = _unwrap(model).backbone
-    missing, unexpected, bad = _diff(state, {k: v.shape for k, v in backbone.state_dict().items()})
-    if missing or unexpected or bad:
-        name = getattr(getattr(_unwrap(model), "config", None), "name", type(model).__name__)
-        raise BadCheckpointError(
-            _mismatch_message(str(path), f"{name}'s backbone", missing, unexpected, bad)
-        )
-    backbone.load_state_dict(state, strict=False)  # num_batches_tracked may be absent
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers."""
-    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
 def _check_plain(value: object, where: str) -> None:
@@ -244,7 +124,7 @@ def save_checkpoint(
     a temporary file in the same directory, flushed and fsynced, then `os.replace`d into place,
     so a crash leaves either the old file or the new one, never half of one. A read-only or
     full disk raises BadCheckpointError naming `path`."""
-    model = _unwrap(model)
+    model = unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise BadConfigError(
@@ -290,7 +170,7 @@ def _identify_state(state: dict) -> dict:
     best, best_n = None, None
     for name in MODEL_NAMES:
         keys, _ = _signature(name)
-        missing, unexpected, bad = _diff(state, dict(keys))
+        missing, unexpected, bad = diff_state(state, dict(keys))
         n = len(missing) + len(unexpected) + len(bad)
         if n == 0:
             return {"model": name, "closest": name, "differences": 0}
@@ -314,8 +194,8 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
     "role", "config" (own files), "fits" (keys and shapes equal the model's), "closest",
     "differences", "params" (trainable), "num_tensors", "keys" ({top-level prefix: count}),
     "official_head_prefix", "meta_keys"}. Raises BadCheckpointError if it is no checkpoint."""
-    obj = _read(path)
-    state, meta, config, fmt = _unpack(obj, str(path))
+    obj = read_checkpoint_file(path)
+    state, meta, config, fmt = unpack_checkpoint(obj, str(path))
     renamed = checkpoint_filter_fn(state)
     found = _identify_state(renamed)
     info: dict = {"path": str(path), "format": fmt, "model": found["model"], "config": None}
@@ -328,7 +208,7 @@ def identify_checkpoint(path: str | os.PathLike) -> dict:
             ) from None
         with torch.device("meta"):
             model = create_model(cfg)
-        missing, unexpected, bad = _diff(
+        missing, unexpected, bad = diff_state(
             renamed, {k: v.shape for k, v in model.state_dict().items()}
         )
         info.update(model=cfg.name, role=cfg.role, config=cfg.to_dict(), params=count_params(model))
@@ -363,8 +243,8 @@ def build_from_checkpoint(
     """Rebuild the model a checkpoint was made for and load it strictly -> (model in eval mode on
     `map_location`, meta). Own files rebuild from their saved config (overrides included);
     official files from the built-in model their keys and shapes fit."""
-    obj = _read(path)
-    state, meta, config, _ = _unpack(obj, str(path))
+    obj = read_checkpoint_file(path)
+    state, meta, config, _ = unpack_checkpoint(obj, str(path))
     if config is not None:
         try:
             model = create_model(ModelConfig.from_dict(config))

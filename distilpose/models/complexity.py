@@ -124,3 +124,23 @@ def model_info(name_or_model: str | nn.Module) -> dict:
 def list_model_infos() -> list[dict]:
     """`model_info` of every built-in model, in MODEL_NAMES order."""
     return [model_info(name) for name in MODEL_NAMES]
+
+
+def format_model_infos(infos: list[dict]) -> str:
+    """`distilpose models`' table of `model_info` rows, with how GFLOPs are counted."""
+    header = (
+        f"{'name':<19} {'role':<8} {'input (w x h)':<14} {'params':>12} "
+        f"{'GFLOPs':>8} {'GFLOPs full':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for m in infos:
+        w, h = m["input_size"]
+        lines.append(
+            f"{m['name']:<19} {m['role']:<8} {f'{w} x {h}':<14} {m['params']:>12,} "
+            f"{m['gflops']:>8.2f} {m['gflops_full']:>12.2f}"
+        )
+    lines.append(
+        "GFLOPs counted as the paper did (MMCV: conv/linear MACs plus norms and activations,"
+        " attention matmuls not counted); 'full' adds attention's matrix products."
+    )
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ from torch import nn
 
 from distilpose.models.convnet import EncoderDecoder
 from distilpose.models.layers import (
+    BACKBONES,
     BasicBlock,
     Stem,
     conv_bn,
@@ -140,22 +141,20 @@ class HRNet(Stem):
         return ys[0]  # [B, width, H/4, W/4]
 
 
+# The families of `layers.BACKBONES` that give a feature map at heatmap resolution.
+_FAMILIES = {
+    "stem": Stem,
+    "hrnet": lambda **args: HRNet(HRNetConfig(**args)),
+    "encdec": EncoderDecoder,
+}
+
+
 def build_backbone(name: str) -> nn.Module:
-    """Backbone by config name; the module has `out_channels` (channels at input / 4)."""
-    if name == "hrnet_w48":
-        model: nn.Module = HRNet(HRNetConfig(num_stages=4))
-    elif name == "hrnet_w48_s3":
-        model = HRNet(HRNetConfig(num_stages=3))
-    elif name == "stemnet":
-        model = Stem(width=64, out_channels=256, blocks=4)
-    elif name == "stemnet_tiny":
-        # for demo and tests: 32 channels everywhere, two bottlenecks, trains fast on a CPU
-        model = Stem(width=32, out_channels=32, blocks=2)
-    elif name == "encdec_demo":
-        model = EncoderDecoder()
-    elif name == "encdec_demo_s":
-        model = EncoderDecoder(widths=(24, 48, 72), blocks=1, stem=16)
-    else:
+    """Backbone by config name (a row of `layers.BACKBONES`); the module has `out_channels`
+    (channels at input / 4)."""
+    spec = BACKBONES.get(name)
+    if spec is None or spec.family not in _FAMILIES:
         raise ValueError(f"unknown backbone {name!r}")
+    model = _FAMILIES[spec.family](**spec.args)
     init_conv_weights(model)
     return model

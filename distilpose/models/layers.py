@@ -14,7 +14,7 @@ Everything here is used by more than one model file and is never re-implemented 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,34 @@ from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER, Geometry
 
 ROLES = ("teacher", "student")
-BACKBONES = (
-    "stemnet", "hrnet_w48", "hrnet_w48_s3", "stemnet_tiny", "resnet50", "resnet_tiny",
-    "encdec_demo", "encdec_demo_s",
-)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A row of the backbone table: the builder family and its settings.
+
+    Families: "stem" (`Stem`), "hrnet" (`hrnet.HRNet` from `HRNetConfig` fields), "encdec"
+    (`convnet.EncoderDecoder`) give a feature map at heatmap resolution (input / 4) for the token
+    and similarity heads; "resnet" (`resnet.ResNetTrunk`: torchvision's ResNet-50 without
+    `widths`, else BasicBlock stages of these widths) is a strided trunk for the CNN heads.
+    """
+
+    family: str
+    args: dict = field(default_factory=dict)
+
+
+# The one table of backbones: adding one is a row here (and a family builder if it is new).
+BACKBONES: dict[str, BackboneSpec] = {
+    "stemnet": BackboneSpec("stem", dict(width=64, out_channels=256, blocks=4)),
+    "hrnet_w48": BackboneSpec("hrnet", dict(num_stages=4)),
+    "hrnet_w48_s3": BackboneSpec("hrnet", dict(num_stages=3)),  # DistilPose-L: stages 1-3
+    # demo and tests: 32 channels everywhere, two bottlenecks, trains fast on a CPU
+    "stemnet_tiny": BackboneSpec("stem", dict(width=32, out_channels=32, blocks=2)),
+    "resnet50": BackboneSpec("resnet"),
+    "resnet_tiny": BackboneSpec("resnet", dict(widths=(32, 64, 128))),
+    "encdec_demo": BackboneSpec("encdec"),
+    "encdec_demo_s": BackboneSpec("encdec", dict(widths=(24, 48, 72), blocks=1, stem=16)),
+}
 # "token": TokenPose / DistilPose token encoder; "similarity": the same encoder, heatmaps (demo
 # teacher) or soft-argmax coordinates (demo student) from keypoint x visual token similarity;
 # "deconv": SimpleBaseline's deconvolution heatmap head (teacher); "fc": DeepPose's pooled
@@ -35,7 +59,8 @@ BACKBONES = (
 HEADS = ("token", "similarity", "deconv", "fc")
 TOKEN_HEADS = ("token", "similarity")
 _HEAD_ROLE = {"deconv": "teacher", "fc": "student"}
-_RESNETS = ("resnet50", "resnet_tiny")  # output stride 32 / 16: only the CNN heads fit them
+# output stride 32 / 16: only the CNN heads fit them
+_RESNETS = tuple(name for name, spec in BACKBONES.items() if spec.family == "resnet")
 
 
 @dataclass
@@ -71,7 +96,7 @@ class ModelConfig:
             raise BadConfigError(f"model config 'role' is {self.role!r}; expected one of {ROLES}")
         if self.backbone not in BACKBONES:
             raise BadConfigError(
-                f"model config 'backbone' is {self.backbone!r}; expected one of {BACKBONES}"
+                f"model config 'backbone' is {self.backbone!r}; expected one of {tuple(BACKBONES)}"
             )
         if self.head not in HEADS:
             raise BadConfigError(f"model config 'head' is {self.head!r}; expected one of {HEADS}")

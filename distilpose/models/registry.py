@@ -1,7 +1,8 @@
 """The name -> builder table: each built-in model is a name and the ModelConfig fields that
 differ from the defaults (the full DistilPose-S). See `distilpose.models` for the table of
-models. Imports only the model files, so checkpoint loading and the complexity counter import
-it at their top."""
+models. Imports only the model files and `state_io` (reading a backbone's weights), so
+`checkpoint` and the complexity counter import it at their top: checkpoint -> registry ->
+state_io, never back."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from distilpose.models.deeppose import DeepPose
 from distilpose.models.distilpose import DistilPose
 from distilpose.models.layers import ModelConfig
 from distilpose.models.simplebaseline import SimpleBaseline
+from distilpose.models.state_io import load_backbone_weights
 from distilpose.models.tokenpose import TokenPose
 
 _TINY = dict(input_size=(96, 128), heatmap_size=(24, 32), patch_size=(3, 4), dim=64, heads=4)
@@ -72,7 +74,5 @@ def build_model(name: str, weights: str | os.PathLike | None = None, **overrides
     strictly into `model.backbone` (a classifier `fc.*` in it is dropped)."""
     model = create_model(model_config(name, **overrides))
     if weights is not None:
-        from distilpose.models.checkpoint import load_backbone_weights  # it imports this module
-
         load_backbone_weights(model, weights)
     return model

@@ -16,6 +16,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, resnet50
 
+from distilpose.models.layers import BACKBONES
+
 
 def _stage(
     block: type[nn.Module], in_ch: int, width: int, blocks: int, stride: int
@@ -38,7 +40,10 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, name: str = "resnet50"):
         super().__init__()
-        if name == "resnet50":
+        spec = BACKBONES.get(name)
+        if spec is None or spec.family != "resnet":
+            raise ValueError(f"unknown ResNet trunk {name!r}")
+        if "widths" not in spec.args:  # torchvision's ResNet-50
             net = resnet50(weights=None)  # torchvision's init (Kaiming convs, unit BN)
             self.conv1, self.bn1, self.relu, self.maxpool = (
                 net.conv1,
@@ -50,8 +55,8 @@ class ResNetTrunk(nn.Module):
             for s in self.stages:
                 setattr(self, s, getattr(net, s))
             self.out_channels, self.stride = 512 * Bottleneck.expansion, 32
-        elif name == "resnet_tiny":
-            widths = (32, 64, 128)
+        else:
+            widths = spec.args["widths"]
             self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(widths[0])
             self.relu = nn.ReLU(inplace=True)
@@ -65,8 +70,6 @@ class ResNetTrunk(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        else:
-            raise ValueError(f"unknown ResNet trunk {name!r}")
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, C, H/4, W/4]

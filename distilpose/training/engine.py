@@ -10,9 +10,14 @@ giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the ru
     metrics.csv       one row per `log_every` steps ("step") and per epoch ("epoch"): epoch, step,
                       lr, each loss term, samples/s, and whatever `on_epoch_end` returned
     train.log         the same as text lines
-    last.pth          model, optimizer, grad scaler, epoch/step and RNG states (atomic, loads
-                      with weights_only=True); every `ckpt_every` epochs and `ckpt_every_steps`
-    loss_curves.png   one line per loss term, log y; redrawn at each checkpoint
+    last.pth          model, optimizer, grad scaler, epoch/step and RNG states, the EMA weights,
+                      the best validation AP so far (atomic, loads with weights_only=True);
+                      every `ckpt_every` epochs and `ckpt_every_steps`
+    best.pth          with a `validate` function: the weights (the EMA's, with `ema_decay`) of
+                      the epoch with the highest validation AP so far
+    loss_curves.png   one line per loss term, log y: drawn by the stage's `on_save` hook
+                      (`distilpose.viz.curves.draw_run_loss_curves`), so this loop imports no
+                      drawing code
 
 Exact resume: every epoch starts with torch/numpy/random seeded from (seed, epoch), so an
 epoch's batches and random ops depend only on the epoch; a mid-epoch checkpoint also stores the
@@ -23,6 +28,24 @@ Learning rate (the paper's recipe, as MMPose's `step` policy with linear warmup)
 linear warmup from `lr * warmup_ratio` over `warmup_iters` steps, x`gamma` when the epoch reaches
 each of `milestones` (fractions of `epochs`: 2/3 and 13/15 of 300 are epochs 200 and 260). The lr
 is a pure function of (epoch, step), so the "scheduler" needs no state beyond those two numbers.
+
+Global batch and lr rule: one optimizer step sees batch_size x processes x accum_steps crops
+(the global batch). `lr_scale="linear"` (Goyal et al.) trains at lr x global batch /
+REFERENCE_BATCH, where REFERENCE_BATCH = 512 is the batch the paper's lr is for (8 GPUs x 64);
+"none" trains at `lr` whatever the batch. The run's first log line states both.
+
+Gradient accumulation (`accum_steps` K): each optimizer step averages the gradients of K
+consecutive batches (each loss / K); checkpoints are written only between optimizer steps, so
+`epoch_step` (batches consumed) is always a multiple of K there. An epoch whose batch count is
+not a multiple of K ends with one step over its last batches.
+
+EMA (`ema_decay` d, timm's ModelEmaV2): after each optimizer step every floating tensor of the
+state dict (weights and BatchNorm statistics) becomes d x ema + (1 - d) x model. With a
+`validate` function, the EMA weights are the ones validated and kept in best.pth.
+
+Validation: every `val_every` epochs and after the last, rank 0 calls `validate(model)`, which
+returns metrics with "AP"; they land in the epoch row as val_AP, ... . Other ranks wait at a
+barrier whose timeout (VAL_TIMEOUT_S, set on the process group) allows a COCO-size validation.
 
 Short runs (the demo) may use `schedule="cosine"` instead: after the warmup, the lr follows
 half a cosine from `lr` to 0 over `total_steps`, step by step.
@@ -36,7 +59,9 @@ the same run as one process with batch R x B, up to rounding; tested under torch
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import copy
+import datetime
 import json
 import logging
 import math
@@ -53,16 +78,20 @@ from torch import nn
 
 from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError
-from distilpose.io import atomic_open, write_text_atomic
+from distilpose.io import MetricsLog, write_text_atomic
 from distilpose.progress import ProgressCounter
 from distilpose.training.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
 from distilpose.training.runs import PER_INVOCATION, run_changes
 
 log = logging.getLogger(__name__)
 
-PLOT_EVERY_S = 30.0  # loss_curves.png: redrawn at checkpoints no more often than this
+SAVE_HOOK_EVERY_S = 30.0  # `on_save` (a plot costs ~0.2 s) runs at checkpoints at most this often
 Task = Callable[[nn.Module, dict], dict]
 Batches = Callable[[int], Iterable[dict]]
+Validate = Callable[[nn.Module], dict]  # model -> metrics with "AP" (COCO keypoint AP, 0-1)
+REFERENCE_BATCH = 512  # the global batch the paper's lr 1e-3 is for: 8 GPUs x 64 crops
+VAL_TIMEOUT_S = 3 * 3600  # ranks wait this long for rank 0's validation (COCO val: minutes)
+OnSave = Callable[[Path], None]  # run_dir -> None; e.g. redraws loss_curves.png from metrics.csv
 
 
 @dataclass
@@ -90,6 +119,10 @@ class TrainConfig:
     )
     ckpt_every: int = 1  # epochs between last.pth checkpoints; the final epoch always saves
     ckpt_every_steps: int = 0  # > 0: also checkpoint mid-epoch (long epochs, preemptible machines)
+    accum_steps: int = 1  # batches per optimizer step: a larger global batch on fewer GPUs
+    ema_decay: float | None = None  # EMA of the weights (timm's default 0.9998); None: no EMA
+    lr_scale: str = "none"  # "linear": lr x global batch / REFERENCE_BATCH; "none": lr as given
+    val_every: int = 1  # epochs between validations (with a validate function); the last always
 
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)  # JSON gives lists
@@ -100,6 +133,11 @@ class TrainConfig:
                 f"TrainConfig: schedule={self.schedule!r}, total_steps={self.total_steps}; "
                 "expected 'step', or 'cosine' with total_steps > 0"
             )
+        if self.lr_scale not in ("linear", "none") or self.accum_steps < 1 or self.val_every < 1:
+            raise BadConfigError(
+                f"TrainConfig: lr_scale={self.lr_scale!r}, accum_steps={self.accum_steps}, "
+                f"val_every={self.val_every}; expected 'linear' or 'none', and counts >= 1"
+            )
         if self.epochs < 1 or self.lr <= 0 or self.log_every < 1 or self.ckpt_every < 1:
             raise BadConfigError(
                 f"TrainConfig: epochs={self.epochs}, lr={self.lr}, log_every={self.log_every}, "
@@ -107,14 +145,24 @@ class TrainConfig:
             )
 
 
-def lr_at(config: TrainConfig, epoch: int, step: int) -> float:
-    """Learning rate of global step `step` in epoch `epoch` (both 0-based)."""
+def scaled_lr(config: TrainConfig, global_batch: int) -> float:
+    """The peak lr a run trains at: `config.lr`, times global_batch / REFERENCE_BATCH when
+    `lr_scale` is "linear"."""
+    if config.lr_scale == "linear":
+        return config.lr * global_batch / REFERENCE_BATCH
+    return config.lr
+
+
+def lr_at(config: TrainConfig, epoch: int, step: int, peak: float | None = None) -> float:
+    """Learning rate of global step `step` in epoch `epoch` (both 0-based); `peak`: the lr
+    after the warmup (default `config.lr`; the Trainer passes `scaled_lr`)."""
+    peak = config.lr if peak is None else peak
     if config.schedule == "cosine":  # short runs: a smooth decay instead of two late drops
         t = min(step / config.total_steps, 1.0)
-        lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        lr = peak * 0.5 * (1.0 + math.cos(math.pi * t))
     else:
         decays = sum(epoch >= round(m * config.epochs) for m in config.milestones)
-        lr = config.lr * config.gamma**decays
+        lr = peak * config.gamma**decays
     if step < config.warmup_iters:  # MMCV linear warmup
         lr *= 1 - (1 - step / config.warmup_iters) * (1 - config.warmup_ratio)
     return lr
@@ -237,51 +285,6 @@ class Meter:
         return m
 
 
-class MetricsLog:
-    """metrics.csv: appended row by row; a row with new columns rewrites the file once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fields: list[str] = []
-        if path.exists():
-            with path.open(newline="") as f:
-                self.fields = list(csv.DictReader(f).fieldnames or [])
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        with atomic_open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    def keep(self, keep: Callable[[dict], bool]) -> None:
-        """Drop the rows a killed run logged after its last checkpoint."""
-        if self.path.exists():
-            self._rewrite([r for r in self.rows() if keep(r)])
-
-    def append(self, row: dict) -> None:
-        new = [k for k in row if k not in self.fields]
-        if new or not self.path.exists():
-            rows = self.rows()
-            self.fields += new
-            self._rewrite(rows + [row])
-            return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.fields, restval="").writerow(row)
-
-
-def plot_losses(rows: list[dict], out_png: Path) -> None:
-    """loss_curves.png: every loss column of the step rows against the step, log y."""
-    from distilpose.viz.curves import draw_loss_curves, metrics_columns  # matplotlib on demand
-
-    draw_loss_curves(metrics_columns(rows), out_png)
-
-
 class _NoBar:
     """Ranks other than 0 draw no progress bar."""
 
@@ -295,8 +298,39 @@ class _NoBar:
         pass
 
 
+class ModelEma:
+    """An exponential moving average of a model (timm's ModelEmaV2): after each optimizer step
+    every floating state-dict tensor becomes decay x ema + (1 - decay) x model; integer ones
+    (BatchNorm's num_batches_tracked) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = zip(self.module.state_dict().values(), model.state_dict().values(), strict=True)
+        for ema, now in pairs:
+            if ema.is_floating_point():
+                ema.mul_(self.decay).add_(now.detach(), alpha=1.0 - self.decay)
+            else:
+                ema.copy_(now)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+VAL_COLUMNS = ("AP", "AP50", "AP75", "APm", "APl", "AR")  # validate's metrics in metrics.csv
+
+
 class Trainer:
-    """Adam + warmup/step decay over `batches(epoch)`, AMP and DDP on CUDA, exact resume."""
+    """Adam + warmup/step decay over `batches(epoch)`, AMP and DDP on CUDA, exact resume;
+    optionally gradient accumulation, an EMA of the weights and validation with best.pth."""
 
     def __init__(
         self,
@@ -309,11 +343,15 @@ class Trainer:
         on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
         find_unused_parameters: bool = False,
         run: dict | None = None,
+        validate: Validate | None = None,
+        on_save: OnSave | None = None,
     ) -> None:
         self.config, self.task, self.batches = config, task, batches
         self.run_dir, self.meta, self.on_epoch_end = Path(run_dir), dict(meta or {}), on_epoch_end
         # the stage's run object as a dict (distilpose.training.runs), read by --resume
         self.run = run
+        self.validate = validate
+        self.on_save = on_save
         self.rank, self.world_size, local_rank = world()
         self.device = resolve_device(config.device, local_rank)
         self.amp_dtype = amp_dtype(self.device, config.amp, config.amp_dtype)
@@ -324,7 +362,11 @@ class Trainer:
         self.train_model: nn.Module = self.model
         if self.world_size > 1:
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                dist.init_process_group(
+                    "nccl" if self.device.type == "cuda" else "gloo",
+                    # the other ranks wait at a barrier while rank 0 validates
+                    timeout=datetime.timedelta(seconds=VAL_TIMEOUT_S),
+                )
             if config.sync_bn:  # same state-dict keys: checkpoints do not change
                 self.model = sync_batchnorm(self.model, self.device)
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -333,16 +375,20 @@ class Trainer:
                 self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
             )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.global_batch = config.batch_size * self.world_size * config.accum_steps
+        self.peak_lr = scaled_lr(config, self.global_batch)
         self.optimizer = torch.optim.Adam(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
+            self.params, lr=self.peak_lr, weight_decay=config.weight_decay
         )
+        self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay else None
+        self.best_ap, self.best_epoch = -math.inf, 0  # best validation AP and its epoch (1-based)
         # Loss scaling is for fp16 only; disabled, the scaler passes everything through.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch = 0  # epochs completed = the next epoch to run
         self.step = 0  # optimizer steps completed, over the whole run
-        self.epoch_step = 0  # of which in the current (unfinished) epoch
+        self.epoch_step = 0  # batches consumed in the current (unfinished) epoch
         self._resume_rng: dict | None = None
-        self._plotted = -math.inf
+        self._hooked = -math.inf
         self._epoch_meter = Meter()  # this epoch's running means, kept across a mid-epoch resume
         self.metrics = MetricsLog(self.run_dir / "metrics.csv")
 
@@ -360,12 +406,18 @@ class Trainer:
             "scheduler": {
                 "epoch": self.epoch,
                 "step": self.step,
-                "lr": lr_at(self.config, self.epoch, self.step),
+                "lr": lr_at(self.config, self.epoch, self.step, self.peak_lr),
+                "peak_lr": self.peak_lr,
+                "global_batch": self.global_batch,
             },
             "epoch": self.epoch,
             "step": self.step,
             "epoch_step": self.epoch_step,
             "epoch_meter": self._epoch_meter.state_dict(),  # the epoch row's means after resume
+            # saved only between optimizer steps: epoch_step is a multiple of accum_steps
+            "accum_steps": self.config.accum_steps,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": {"AP": self.best_ap, "epoch": self.best_epoch},
             "rng": rng_state(),
             "train_config": asdict(self.config),
         }
@@ -379,9 +431,16 @@ class Trainer:
         self.epoch_step = int(state.get("epoch_step", 0))
         self._resume_rng = state.get("rng") if self.epoch_step else None
         self._epoch_meter = Meter.from_state(state.get("epoch_meter") if self.epoch_step else None)
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise KeyError("no EMA weights in the checkpoint; resume without --ema")
+            self.ema.load_state_dict(state["ema"])
+        best = state.get("best") or {}
+        self.best_ap = float(best.get("AP", -math.inf))
+        self.best_epoch = int(best.get("epoch", 0))
 
     def save(self) -> Path:
-        """Atomically write run_dir/last.pth and redraw the loss curves (rank 0 only)."""
+        """Atomically write run_dir/last.pth and run `on_save` (rank 0 only)."""
         from distilpose.models import save_checkpoint
 
         path = self.run_dir / "last.pth"
@@ -393,14 +452,15 @@ class Trainer:
                 meta=self.meta,
                 extra={k: v for k, v in state.items() if k != "state_dict"},
             )
-            # Redrawn with the checkpoint, but at most every PLOT_EVERY_S (a plot costs ~0.2 s).
-            if time.perf_counter() - self._plotted >= PLOT_EVERY_S:
-                self._plot()
+            # With the checkpoint, but at most every SAVE_HOOK_EVERY_S.
+            if time.perf_counter() - self._hooked >= SAVE_HOOK_EVERY_S:
+                self._run_save_hook()
         return path
 
-    def _plot(self) -> None:
-        plot_losses(self.metrics.rows(), self.run_dir / "loss_curves.png")
-        self._plotted = time.perf_counter()
+    def _run_save_hook(self) -> None:
+        if self.on_save is not None:
+            self.on_save(self.run_dir)
+        self._hooked = time.perf_counter()
 
     def _resume(self) -> None:
         path = self.run_dir / "last.pth"
@@ -425,32 +485,44 @@ class Trainer:
         log.info(f"resume: {path} at epoch {self.epoch}, step {self.step}")
 
     # ---- loop -------------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict:
-        """One optimizer step on one batch; returns the task's loss dict (detached later)."""
-        lr = lr_at(self.config, self.epoch, self.step)
+    def train_step(self, batch: dict, step_now: bool = True) -> dict:
+        """Forward and backward of one batch (its loss / accum_steps); with `step_now` (the
+        accumulation's last batch) the optimizer step. Returns the task's loss dict."""
+        batch = to_device(batch, self.device, self.channels_last)
+        # DDP: gradients are all-reduced only with the backward of the step's last batch
+        accumulating = self.world_size > 1 and not step_now
+        with self.train_model.no_sync() if accumulating else contextlib.nullcontext():
+            with (
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.bfloat16,
+                    enabled=self.amp_dtype is not None,
+                ),
+                across_ranks(self.world_size > 1),  # normalisers and BatchNorm: global batch
+            ):
+                losses = self.task(self.train_model, batch)
+            self.scaler.scale(losses["loss"] / self.config.accum_steps).backward()
+        if step_now:
+            self.optimizer_step()
+        if self.world_size > 1:  # log the global batch's losses, not rank 0's slice
+            scalars = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
+            losses = {**losses, **mean_over_ranks(scalars)}
+        return losses
+
+    def optimizer_step(self) -> None:
+        """Adam on the accumulated gradients at this step's lr, then the EMA update."""
+        lr = lr_at(self.config, self.epoch, self.step, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = to_device(batch, self.device, self.channels_last)
-        with (
-            torch.autocast(
-                self.device.type,
-                dtype=self.amp_dtype or torch.bfloat16,
-                enabled=self.amp_dtype is not None,
-            ),
-            across_ranks(self.world_size > 1),  # normalisers and BatchNorm over the global batch
-        ):
-            losses = self.task(self.train_model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
         if self.config.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.world_size > 1:  # log the global batch's losses, not rank 0's slice
-            scalars = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
-            losses = {**losses, **mean_over_ranks(scalars)}
-        return losses
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
 
     def _log_row(self, kind: str, meter: Meter, extra: dict | None = None) -> dict:
         means = meter.means()
@@ -463,7 +535,7 @@ class Trainer:
             "kind": kind,
             "epoch": self.epoch,
             "step": self.step,
-            "lr": f"{lr_at(self.config, self.epoch, max(self.step - 1, 0)):.6g}",
+            "lr": f"{lr_at(self.config, self.epoch, max(self.step - 1, 0), self.peak_lr):.6g}",
             **{k: f"{v:.6g}" for k, v in means.items()},
             "samples_per_s": f"{meter.rate() * self.world_size:.1f}",
             **(extra or {}),
@@ -499,23 +571,29 @@ class Trainer:
             bar.advance(self.epoch_step * cfg.batch_size)
             for batch in it:
                 n = batch_len(batch)
-                losses = self.train_step(batch)
-                self.step += 1
                 self.epoch_step += 1
+                step_now = self.epoch_step % cfg.accum_steps == 0
+                losses = self.train_step(batch, step_now)
                 window.add(losses, n)
                 epoch_meter.add(losses, n)
                 bar.advance(n)
+                if not step_now:
+                    continue
                 if self.step % cfg.log_every == 0:
                     self._log_row("step", window)
                     window = Meter()
                 if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
                     self.save()
+        if self.epoch_step % cfg.accum_steps:  # the epoch's last, shorter accumulation
+            self.optimizer_step()
         if window.steps:
             self._log_row("step", window)
         extra = {}
         if self.on_epoch_end is not None and self.is_main:
             extra = self.on_epoch_end(self.epoch, self.model) or {}
             self.train_model.train()
+        if self._validates_now() and self.is_main:
+            extra.update(self._validate())
         if self.world_size > 1:
             dist.barrier()  # the other ranks wait for rank 0's evaluation
         row = self._log_row("epoch", epoch_meter, extra)
@@ -525,6 +603,30 @@ class Trainer:
         if self.epoch % cfg.ckpt_every == 0 or self.epoch == cfg.epochs:
             self.save()
         return row
+
+    def _validates_now(self) -> bool:
+        every, done = self.config.val_every, self.epoch + 1
+        return self.validate is not None and (done % every == 0 or done == self.config.epochs)
+
+    def _validate(self) -> dict:
+        """Validate the EMA (else the model); a new best AP rewrites best.pth. -> epoch row
+        columns val_AP, ..., best_AP."""
+        from distilpose.models import save_checkpoint
+
+        model = self.ema.module if self.ema is not None else self.model
+        metrics = self.validate(model)
+        self.train_model.train()  # the EMA copy is never trained: it stays in eval mode
+        ap = float(metrics["AP"])
+        if ap > self.best_ap:
+            self.best_ap, self.best_epoch = ap, self.epoch + 1
+            best = {"AP": ap, "epoch": self.best_epoch, "ema": self.ema is not None}
+            save_checkpoint(self.run_dir / "best.pth", model, meta={**self.meta, "best": best})
+        log.info(
+            f"validation epoch {self.epoch + 1}: AP {ap:.4f} (best {self.best_ap:.4f} at epoch "
+            f"{self.best_epoch}){' EMA weights' if self.ema is not None else ''}"
+        )
+        row = {f"val_{k}": f"{float(metrics[k]):.6g}" for k in VAL_COLUMNS if k in metrics}
+        return {**row, "best_AP": f"{self.best_ap:.6g}"}
 
     def fit(self, resume: bool = False) -> dict:
         """Train to `config.epochs`; with `resume`, continue exactly from run_dir/last.pth."""
@@ -558,11 +660,19 @@ class Trainer:
                     )
                 )
                 self._write_config()
+                cfg = self.config
+                log.info(
+                    f"global batch {self.global_batch} = {cfg.batch_size} per process x "
+                    f"{self.world_size} process(es) x {cfg.accum_steps} accumulation step(s); "
+                    f"lr {self.peak_lr:.6g} (lr_scale {cfg.lr_scale}: the given lr {cfg.lr:.6g}"
+                    + (f" x {self.global_batch}/{REFERENCE_BATCH})" if cfg.lr_scale == "linear"
+                       else f", the paper's lr is for a global batch of {REFERENCE_BATCH})")
+                )  # fmt: skip
             start, row = time.perf_counter(), {}
             while self.epoch < self.config.epochs:
                 row = self.train_epoch()
             if self.is_main:
-                self._plot()
+                self._run_save_hook()
             return {
                 "run_dir": str(self.run_dir),
                 "checkpoint": str(self.run_dir / "last.pth"),
@@ -570,6 +680,15 @@ class Trainer:
                 "steps": self.step,
                 "time_s": round(time.perf_counter() - start, 3),
                 "final": row,
+                **(
+                    {
+                        "best": str(self.run_dir / "best.pth"),
+                        "best_AP": self.best_ap,
+                        "best_epoch": self.best_epoch,
+                    }
+                    if self.validate is not None
+                    else {}
+                ),
             }
         finally:
             if handler is not None:

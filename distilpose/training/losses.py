@@ -17,7 +17,10 @@ give the loss and gradients of one process with R x B. Samples with `targets["va
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,9 +35,6 @@ from distilpose.training.distributed import global_mean, global_total
 if TYPE_CHECKING:
     from distilpose.models import StudentOutput
 
-LOSS_NAMES = ("reg", "kt", "vt", "sh", "cs")  # paper Eq. 7 terms, in the paper's order
-DEFAULT_WEIGHTS = {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
-
 
 def parse_losses(spec: str) -> dict[str, float]:
     """Parse a ``--losses`` string into ``{name: weight}``.
@@ -47,17 +47,19 @@ def parse_losses(spec: str) -> dict[str, float]:
     items = [item.strip() for item in str(spec).split(",") if item.strip()]
     if not items:
         raise BadConfigError(
-            f"losses: expected a comma-separated subset of {LOSS_NAMES}, got {spec!r}"
+            f"losses: expected a comma-separated subset of {tuple(LOSS_TERMS)}, got {spec!r}"
         )
     weights: dict[str, float] = {}
     for item in items:
         name, sep, value = (part.strip() for part in item.partition("="))
-        if name not in LOSS_NAMES:
-            raise BadConfigError(f"losses: unknown loss {item!r}; expected one of {LOSS_NAMES}")
+        if name not in LOSS_TERMS:
+            raise BadConfigError(
+                f"losses: unknown loss {item!r}; expected one of {tuple(LOSS_TERMS)}"
+            )
         if name in weights:
             raise BadConfigError(f"losses: {name!r} given twice in {spec!r}")
         if not sep:
-            weights[name] = DEFAULT_WEIGHTS[name]
+            weights[name] = LOSS_TERMS[name].weight
             continue
         try:
             weight = float(value)
@@ -73,11 +75,13 @@ def _check_weights(weights: dict[str, float] | str) -> dict[str, float]:
     if isinstance(weights, str):
         return parse_losses(weights)
     if not weights:
-        raise BadConfigError(f"losses: expected at least one of {LOSS_NAMES}, got none")
+        raise BadConfigError(f"losses: expected at least one of {tuple(LOSS_TERMS)}, got none")
     out = {}
     for name, weight in weights.items():
-        if name not in LOSS_NAMES:
-            raise BadConfigError(f"losses: unknown loss {name!r}; expected one of {LOSS_NAMES}")
+        if name not in LOSS_TERMS:
+            raise BadConfigError(
+                f"losses: unknown loss {name!r}; expected one of {tuple(LOSS_TERMS)}"
+            )
         try:
             value = float(weight)
         except (TypeError, ValueError):
@@ -197,93 +201,128 @@ class DistillationLoss(nn.Module):
         Returns:
             ``{"loss": weighted sum, "loss_<name>": unweighted term (detached), ...}``.
         """
-        coords = student.coords.float()
-        device = coords.device
-        valid = _valid(targets, coords)  # [N] 1.0 for real samples, 0.0 for padding
-        weights = self._target(targets, "weights", device).reshape(coords.shape[:2])
-        weights = weights * valid[:, None]
-        samples = valid.sum()
-        terms: dict[str, torch.Tensor] = {}
-        if "reg" in self.weights:
-            gt = self._target(targets, "coords", device)
-            terms["reg"] = regression_loss(coords, gt, weights, beta=self.reg_beta)
-        for name, attr in (("kt", "keypoint_tokens"), ("vt", "visual_tokens")):
-            if name in self.weights:
-                mine = getattr(student, attr)
-                if mine is None:  # DeepPose: nothing to match the teacher's tokens with
-                    raise BadConfigError(
-                        f"{name} needs {attr.replace('_', ' ')}; the student has none"
-                    )
-                teacher = self._target(targets, attr, device)
-                mine = mine.float()
-                if mine.shape != teacher.shape:
-                    raise BadConfigError(
-                        f"targets[{attr!r}]: teacher shape {tuple(teacher.shape)} differs from "
-                        f"the student's {tuple(mine.shape)}; set the model's teacher_dim"
-                    )
-                sq = (mine - teacher).pow(2) * valid.reshape(-1, *([1] * (mine.dim() - 1)))
-                terms[name] = global_mean(sq.sum(), samples * mine[0].numel())
-        if "sh" in self.weights or "cs" in self.weights:
-            heatmaps = self._target(targets, "heatmaps", device)
-            wh, hh = self.heatmap_size
-            if heatmaps.dim() != 4 or heatmaps.shape != (*coords.shape[:2], hh, wh):
-                raise BadConfigError(
-                    f"targets['heatmaps']: expected [N, K, {self.heatmap_size[1]}, "
-                    f"{self.heatmap_size[0]}] for N, K = {tuple(coords.shape[:2])}, "
-                    f"got {tuple(heatmaps.shape)}"
-                )
-            if "sh" in self.weights:
-                terms["sh"] = self._sh(coords, student.sigmas.float(), heatmaps, weights, valid)
-            if "cs" in self.weights:
-                terms["cs"] = self._cs(coords, student.scores.float(), heatmaps, weights, samples)
-
+        inputs = LossInputs(self, student, targets)
+        # the table's order (the paper's), so the weighted sum adds up in a fixed order
+        terms = {
+            name: term.compute(inputs, name)
+            for name, term in LOSS_TERMS.items()
+            if name in self.weights
+        }
         total = sum(self.weights[name] * value for name, value in terms.items())
         out = {"loss": total}
         out.update({f"loss_{name}": value.detach() for name, value in terms.items()})
         return out
 
-    @staticmethod
-    def _target(targets: dict, key: str, device: torch.device) -> torch.Tensor:
-        if key not in targets:
+
+class LossInputs:
+    """What the terms of one `DistillationLoss` call read: the student's outputs, the batch's
+    targets as float32 tensors, and the per-joint weights with DDP padding zeroed."""
+
+    def __init__(self, loss: DistillationLoss, student: StudentOutput, targets: dict) -> None:
+        self.loss, self.student, self.targets = loss, student, targets
+        self.coords = student.coords.float()  # [N, K, 2]
+        self.device = self.coords.device
+        self.valid = _valid(targets, self.coords)  # [N] 1.0 for real samples, 0.0 for padding
+        weights = self.target("weights").reshape(self.coords.shape[:2])
+        self.weights = weights * self.valid[:, None]  # [N, K]
+        self.samples = self.valid.sum()
+
+    def target(self, key: str) -> torch.Tensor:
+        if key not in self.targets:
             raise BadConfigError(f"targets: missing {key!r}, needed by the enabled losses")
-        return torch.as_tensor(targets[key]).to(device=device, dtype=torch.float32)
+        return torch.as_tensor(self.targets[key]).to(device=self.device, dtype=torch.float32)
 
-    def _sh(
-        self,
-        coords: torch.Tensor,
-        sigmas: torch.Tensor,
-        heatmaps: torch.Tensor,
-        weights: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
-        simulated = simulated_heatmaps(coords, sigmas, self.heatmap_size)  # [N, K, H, W]
-        in_bounds = simulated_heatmap_mask(coords, sigmas, self.heatmap_size).float()  # [N, K]
-        w = weights * in_bounds  # weights are already 0 for padding samples
-        per_sample = heatmaps[0].numel()  # K * H * W
-        if not self.official_sh_weight:
-            err = (simulated - heatmaps) * w[..., None, None]
-            return global_mean(err.pow(2).sum(), valid.sum() * per_sample)
-        # Official: the simulated map is zeroed by the bounds mask, and the error of every sample
-        # is weighted by the batch mean of w^2 for its joint (a global-batch mean, a constant).
-        err = (simulated * in_bounds[..., None, None] - heatmaps).pow(2)
-        err = (err * valid[:, None, None, None]).sum(dim=(0, 2, 3))  # [K]
-        w2 = global_total(w.pow(2).sum(0)) / global_total(valid.sum()).clamp(min=1)  # [K]
-        return global_mean((err * w2).sum(), valid.sum() * per_sample)
+    @functools.cached_property
+    def heatmaps(self) -> torch.Tensor:
+        """The teacher's ``[N, K, H, W]`` heatmaps, checked against the student's sizes."""
+        heatmaps = self.target("heatmaps")
+        wh, hh = self.loss.heatmap_size
+        if heatmaps.dim() != 4 or heatmaps.shape != (*self.coords.shape[:2], hh, wh):
+            raise BadConfigError(
+                f"targets['heatmaps']: expected [N, K, {hh}, {wh}] for N, K = "
+                f"{tuple(self.coords.shape[:2])}, got {tuple(heatmaps.shape)}"
+            )
+        return heatmaps
 
-    @staticmethod
-    def _cs(
-        coords: torch.Tensor,
-        scores: torch.Tensor,
-        heatmaps: torch.Tensor,
-        weights: torch.Tensor,
-        samples: torch.Tensor,
-    ) -> torch.Tensor:
-        scores = scores.reshape(coords.shape[:2])  # also accepts the official [N, K, 1]
-        # Values at the rounded prediction; rounding stops gradients into coords by itself, and
-        # the teacher heatmap is a constant.
-        teacher = heatmap_values_at(heatmaps, coords.detach()) * _inside_unit(coords.detach())
-        err = ((scores - teacher) * weights).abs().sum()
-        return global_mean(err, samples * scores.shape[1])
+
+# ---- the terms: each a function (inputs, its name) -> scalar, listed in LOSS_TERMS ------------
+
+
+def _reg_term(x: LossInputs, name: str) -> torch.Tensor:
+    return regression_loss(x.coords, x.target("coords"), x.weights, beta=x.loss.reg_beta)
+
+
+def _token_term(x: LossInputs, name: str) -> torch.Tensor:
+    """MSE between the student's and the teacher's tokens named by the term's one target."""
+    (attr,) = LOSS_TERMS[name].targets
+    mine = getattr(x.student, attr)
+    if mine is None:  # DeepPose: nothing to match the teacher's tokens with
+        raise BadConfigError(f"{name} needs {attr.replace('_', ' ')}; the student has none")
+    teacher = x.target(attr)
+    mine = mine.float()
+    if mine.shape != teacher.shape:
+        raise BadConfigError(
+            f"targets[{attr!r}]: teacher shape {tuple(teacher.shape)} differs from "
+            f"the student's {tuple(mine.shape)}; set the model's teacher_dim"
+        )
+    sq = (mine - teacher).pow(2) * x.valid.reshape(-1, *([1] * (mine.dim() - 1)))
+    return global_mean(sq.sum(), x.samples * mine[0].numel())
+
+
+def _sh_term(x: LossInputs, name: str) -> torch.Tensor:
+    coords, sigmas, heatmaps, size = (
+        x.coords,
+        x.student.sigmas.float(),
+        x.heatmaps,
+        x.loss.heatmap_size,
+    )
+    simulated = simulated_heatmaps(coords, sigmas, size)  # [N, K, H, W]
+    in_bounds = simulated_heatmap_mask(coords, sigmas, size).float()  # [N, K]
+    w = x.weights * in_bounds  # weights are already 0 for padding samples
+    per_sample = heatmaps[0].numel()  # K * H * W
+    if not x.loss.official_sh_weight:
+        err = (simulated - heatmaps) * w[..., None, None]
+        return global_mean(err.pow(2).sum(), x.valid.sum() * per_sample)
+    # Official: the simulated map is zeroed by the bounds mask, and the error of every sample
+    # is weighted by the batch mean of w^2 for its joint (a global-batch mean, a constant).
+    err = (simulated * in_bounds[..., None, None] - heatmaps).pow(2)
+    err = (err * x.valid[:, None, None, None]).sum(dim=(0, 2, 3))  # [K]
+    w2 = global_total(w.pow(2).sum(0)) / global_total(x.valid.sum()).clamp(min=1)  # [K]
+    return global_mean((err * w2).sum(), x.valid.sum() * per_sample)
+
+
+def _cs_term(x: LossInputs, name: str) -> torch.Tensor:
+    coords = x.coords
+    scores = x.student.scores.float().reshape(coords.shape[:2])  # also the official [N, K, 1]
+    # Values at the rounded prediction; rounding stops gradients into coords by itself, and
+    # the teacher heatmap is a constant.
+    teacher = heatmap_values_at(x.heatmaps, coords.detach()) * _inside_unit(coords.detach())
+    err = ((scores - teacher) * x.weights).abs().sum()
+    return global_mean(err, x.samples * scores.shape[1])
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of paper Eq. 7."""
+
+    weight: float  # the official weight (a1..a4; 1 for reg)
+    targets: tuple[str, ...]  # the teacher outputs it reads (store.schema.TEACHER_OUTPUTS)
+    compute: Callable[[LossInputs, str], torch.Tensor]  # (inputs, the term's name) -> scalar
+
+
+# The one table of loss terms, in the paper's order: adding a term is a row here and its
+# function above. Names, default weights, the default `--losses` and the store arrays a run
+# reads are all derived from it.
+LOSS_TERMS: dict[str, LossTerm] = {
+    "reg": LossTerm(1.0, (), _reg_term),
+    "kt": LossTerm(5e-4, ("keypoint_tokens",), _token_term),
+    "vt": LossTerm(5e-4, ("visual_tokens",), _token_term),
+    "sh": LossTerm(1.0, ("heatmaps",), _sh_term),
+    "cs": LossTerm(1e-2, ("heatmaps",), _cs_term),
+}
+LOSS_NAMES = tuple(LOSS_TERMS)
+DEFAULT_WEIGHTS = {name: term.weight for name, term in LOSS_TERMS.items()}
+DEFAULT_LOSSES = ",".join(LOSS_NAMES)  # every term at its official weight: "reg,kt,vt,sh,cs"
 
 
 class HeatmapLoss(nn.Module):

@@ -9,13 +9,20 @@ the options given again on top.
     run = StudentRun("teacher_store", "distilpose_s", "runs/s", epochs=300)
     StudentRun.from_json(run.to_json()) == run  # plain JSON: paths as str, tuples as lists
 
-Reading is strict: an unknown field or a missing required one is one `BadConfigError` line.
+Reading is strict: an unknown field or a missing required one is one `BadConfigError` line,
+and so is a value of the wrong type or out of range (`check_field`: epochs="ten",
+batch_size=0, lr=nan, an integer beyond int64), whether it came from a config file, JSON or
+Python.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +32,90 @@ from distilpose.errors import BadConfigError
 from distilpose.limits import load_json, loads_json
 
 R = TypeVar("R", bound="_Run")
+
+INT64_MAX = 2**63 - 1  # torch, numpy and the checkpoint keep counters as int64
+# Range of each bounded field (inclusive lower bound, or "> 0" for floats), one table for all runs.
+AT_LEAST_1 = ("epochs", "batch_size", "log_every", "views", "chunk_samples", "shard_chunks",
+              "val_every", "accum_steps", "jpeg_quality")  # fmt: skip
+AT_LEAST_0 = ("workers", "warmup_iters", "seed", "ckpt_every_steps", "max_instances")
+POSITIVE = ("lr",)  # finite and > 0
+CHOICES = {
+    "lr_scale": ("linear", "none"),
+    "amp_dtype": ("auto", "bf16", "fp16"),
+    "schedule": ("step", "cosine"),
+    "decode": ("auto", "gpu", "cpu"),
+}
+
+
+def _type_name(kind: object) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if kind in names:
+        return names[kind]
+    return getattr(kind, "__name__", str(kind))
+
+
+def _fits(value: object, kind: object) -> bool:
+    """Whether `value` (as normalised by `_Run.__post_init__`) has the annotated type `kind`."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:  # True is an int in Python, not an epoch count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(kind)
+        return (
+            isinstance(value, tuple)
+            and len(value) == len(args)
+            and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        )
+    if origin is dict or kind is dict:
+        return isinstance(value, dict)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+@functools.cache
+def _hints(kind: type) -> dict[str, object]:
+    return typing.get_type_hints(kind)
+
+
+def check_field(kind: type, name: str, value: object) -> None:
+    """One BadConfigError line if `value` is not a valid `kind.name` (type, then range)."""
+    expected = _hints(kind)[name]
+    if not _fits(value, expected):
+        options = [a for a in typing.get_args(expected) if a is not type(None)] or [expected]
+        what = " or ".join(_type_name(a) for a in options)
+        none = " (or null)" if type(None) in typing.get_args(expected) else ""
+        raise BadConfigError(
+            f"{kind.__name__}.{name}: got {value!r} ({type(value).__name__}); expected {what}{none}"
+        )
+    problem = _range_problem(name, value)
+    if problem:
+        raise BadConfigError(f"{kind.__name__}.{name}: got {value!r}; expected {problem}")
+
+
+def _range_problem(name: str, value: object) -> str | None:
+    """What `value` should be when it is out of `name`'s range, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"an integer within int64 (at most {INT64_MAX})"
+    if value is None:
+        return None
+    if name in AT_LEAST_1 and value < 1:
+        return "an integer of at least 1"
+    if name in AT_LEAST_0 and value < 0:
+        return "an integer of at least 0"
+    if name in POSITIVE and not (math.isfinite(value) and value > 0):
+        return "a finite number > 0"
+    if name == "ema" and not (math.isfinite(value) and 0 < value < 1):
+        return "a decay between 0 and 1 (e.g. 0.9999), or null for no EMA"
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"one of {', '.join(CHOICES[name])}"
+    return None
 
 
 @dataclass
@@ -47,6 +138,8 @@ class _Run:
                     f.name,
                     {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()},
                 )
+        for f in fields(self):  # after normalising: a Path is a str, a list a tuple
+            check_field(type(self), f.name, getattr(self, f.name))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (the recipe as its dict, tuples as lists)."""
@@ -106,8 +199,15 @@ class TeacherRun(_Run):
     max_instances: int | None = None
     recipe: AugmentRecipe | None = None  # None: the teacher recipe (TEACHER_RECIPE)
     log_every: int = 20
-    eval_every: int = 10  # epochs between calls of the eval function, if one is given
     sync_bn: bool = True
+    val_ann: str | None = None  # COCO keypoints file to validate on; None: no validation
+    val_images: str | None = None  # its image folder
+    val_dets: str | None = None  # person detections for validation; None: ground-truth boxes
+    val_every: int = 10  # epochs between validations (MMPose: interval=10); the last always
+    ema: float | None = None  # EMA decay of the weights (timm: 0.9998); validated and in best.pth
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation)
+    lr_scale: str = "none"  # "linear": lr x global batch / 512 (the paper's 8 GPUs x 64)
+    backbone_weights: str | None = None  # ImageNet backbone (torchvision/timm keys) to start from
 
 
 @dataclass
@@ -144,6 +244,8 @@ class StudentRun(_Run):
     store: str | None
     model: str = "distilpose_s"
     out_dir: str = "runs/student"
+    # every loss term at its official weight: `losses.DEFAULT_LOSSES`, written out here because
+    # this module stays torch-free for the CLI (tests/test_losses.py keeps the two equal)
     losses: str = "reg,kt,vt,sh,cs"
     epochs: int = 300
     batch_size: int = 64
@@ -169,6 +271,14 @@ class StudentRun(_Run):
     channels_last: bool = False
     amp_dtype: str = "auto"
     schedule: str = "step"
+    val_ann: str | None = None  # COCO keypoints file to validate on; None: no validation
+    val_images: str | None = None  # its image folder
+    val_dets: str | None = None  # person detections for validation; None: ground-truth boxes
+    val_every: int = 10  # epochs between validations (MMPose: interval=10); the last always
+    ema: float | None = None  # EMA decay of the weights (timm: 0.9998); validated and in best.pth
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation)
+    lr_scale: str = "none"  # "linear": lr x global batch / 512 (the paper's 8 GPUs x 64)
+    backbone_weights: str | None = None  # ImageNet backbone (torchvision/timm keys) to start from
     storage_options: dict | None = None  # fsspec options of a remote `store` (endpoint, profile)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from distilpose.errors import BadConfigError
-from distilpose.training.engine import MetricsLog
+from distilpose.io import MetricsLog
 from distilpose.viz.common import new_figure, save_figure
 
 CURVES_SIZE = (10.0, 4.0)
@@ -87,13 +87,20 @@ def plot_losses(ax, metrics: dict[str, np.ndarray]) -> None:
 
 
 def draw_loss_curves(metrics: dict[str, np.ndarray], out_png: str | Path) -> Path:
-    """A run's loss_curves.png (the trainer redraws it at checkpoints): `plot_losses` alone."""
+    """A run's loss_curves.png: `plot_losses` alone."""
     fig = new_figure(LOSS_CURVES_SIZE)
     ax = fig.add_subplot()
     plot_losses(ax, metrics)
     ax.set_ylabel("loss (log)")
     fig.tight_layout()
     return save_figure(fig, out_png)
+
+
+def draw_run_loss_curves(run_dir: Path) -> None:
+    """run_dir/metrics.csv -> run_dir/loss_curves.png: the `Trainer`'s `on_save` hook the stages
+    pass (at checkpoints and at the end of a run), so the training loop imports no drawing code."""
+    rows = MetricsLog(run_dir / "metrics.csv").rows()
+    draw_loss_curves(metrics_columns(rows), run_dir / "loss_curves.png")
 
 
 def draw_curves(metrics: dict[str, np.ndarray], out_png: str | Path, title: str = "") -> Path:

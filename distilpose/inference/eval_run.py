@@ -10,11 +10,17 @@ that other tools can score or draw them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+from torch import nn
 
 from distilpose.data import load_coco_instances
 from distilpose.device import resolve_device
+from distilpose.errors import BadConfigError
 from distilpose.evaluation.metrics import coco_keypoint_eval, load_coco, oks_nms, to_coco_results
+from distilpose.inference.config import InferConfig
 from distilpose.inference.topdown import default_use_scores, predict_instances
 from distilpose.io import write_json_atomic
 from distilpose.models import build_from_checkpoint
@@ -39,13 +45,8 @@ def run_eval(
     *,
     dets_file: str | Path | None = None,
     det_score_thr: float = 0.0,
-    flip: bool = True,
-    flip_mode: str = "corrected",
-    dark: bool = False,
-    batch_size: int = 32,
-    device: str = "auto",
+    config: InferConfig = InferConfig(),
     out_json: str | Path | None = None,
-    use_scores: bool | None = None,
     num_workers: int = 0,
 ) -> dict:
     """Evaluate a student or teacher checkpoint with COCO keypoint AP.
@@ -56,13 +57,11 @@ def run_eval(
         image_root: folder the annotation's `file_name`s are relative to.
         dets_file: person detections (COCO results format); None -> ground-truth boxes.
         det_score_thr: detections scoring below it are dropped.
-        flip: flip test. flip_mode: students' flip handling, "corrected" (default) or "official".
-        dark: DARK decoding (teachers).
-        device: "auto", "cpu", "cuda", ...
+        config: the test-time settings (`InferConfig`); its `use_scores=None` is read from the
+            checkpoint meta: False for a student trained without the confidence loss "cs" (its
+            untrained score must not rank people), else True.
         out_json: where the COCO results go; default `<ckpt_stem>_results.json` beside the
             checkpoint (in the working directory for a packaged one, e.g. the demo teacher).
-        use_scores: None -> from the checkpoint meta: False for a student trained without the
-            confidence loss "cs" (its untrained score must not rank people), else True.
 
     Returns:
         {"model", "role", "AP", "AP50", "AP75", "APm", "APl", "AR", "samples_per_s",
@@ -70,19 +69,47 @@ def run_eval(
         "use_scores", "flip", "flip_mode", "dark", "boxes"}.
     """
     checkpoint = Path(checkpoint)
-    dev = resolve_device(device)
     model, meta = build_from_checkpoint(checkpoint, map_location="cpu")
-    config = model.config
-    if use_scores is None:
-        use_scores = default_use_scores(config.role, meta)
-        if not use_scores:
+    return evaluate_model(
+        model,
+        meta,
+        ann_file,
+        image_root,
+        dets_file=dets_file,
+        det_score_thr=det_score_thr,
+        config=config,
+        out_json=Path(out_json) if out_json else default_results_json(checkpoint),
+        num_workers=num_workers,
+        name=checkpoint.name,
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    meta: dict,
+    ann_file: str | Path,
+    image_root: str | Path,
+    *,
+    out_json: str | Path,
+    dets_file: str | Path | None = None,
+    det_score_thr: float = 0.0,
+    config: InferConfig = InferConfig(),
+    num_workers: int = 0,
+    name: str = "model",
+) -> dict:
+    """`run_eval` on a model in memory (validation while training); `meta` is what its
+    checkpoint would hold (for the default `use_scores`). The model is left in eval mode."""
+    dev = resolve_device(config.device)
+    if config.use_scores is None:
+        config = replace(config, use_scores=default_use_scores(model.config.role, meta))
+        if not config.use_scores:
             log.warning(
                 "%s: student trained without the confidence loss 'cs' (losses %s): ranking "
                 "people by box score only (use_scores=False)",
-                checkpoint.name,
+                name,
                 meta.get("losses"),
             )
-    width, height = config.input_size
+    width, height = model.config.input_size
     instances = load_coco_instances(
         ann_file,
         image_root,
@@ -94,24 +121,18 @@ def run_eval(
     predictions = predict_instances(
         model,
         instances,
-        batch_size=batch_size,
-        device=dev,
-        flip=flip,
-        flip_mode=flip_mode,
-        dark=dark,
-        use_scores=use_scores,
+        replace(config, device=dev),
         num_workers=num_workers,
         stats=stats,
-        desc=f"eval {config.name}",
+        desc=f"eval {model.config.name}",
     )
     kept = [predictions[i] for i in oks_nms(predictions, thr=OKS_NMS_THR)]
     results = to_coco_results(kept)
-    out_json = Path(out_json) if out_json else default_results_json(checkpoint)
     write_json_atomic(out_json, results)
     metrics = coco_keypoint_eval(load_coco(ann_file), results)
     return {
-        "model": config.name,
-        "role": config.role,
+        "model": model.config.name,
+        "role": model.config.role,
         **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APm", "APl", "AR")},
         "samples_per_s": stats.get("samples_per_s", 0.0),
         "forward_samples_per_s": stats.get("forward_samples_per_s", 0.0),
@@ -119,10 +140,10 @@ def run_eval(
         "num_instances": len(instances),
         "num_results": len(results),
         "results_json": str(out_json),
-        "use_scores": bool(use_scores),
-        "flip": flip,
-        "flip_mode": flip_mode,
-        "dark": dark,
+        "use_scores": bool(config.use_scores),
+        "flip": config.flip,
+        "flip_mode": config.flip_mode,
+        "dark": config.dark,
         "boxes": "detections" if dets_file else "ground truth",
     }
 
@@ -152,3 +173,35 @@ def format_metrics_table(result: dict) -> str:
         f"results: {result['results_json']}",
     ]
     return "\n".join(lines)
+
+
+def coco_validator(
+    ann_file: str | Path,
+    image_root: str | Path,
+    out_dir: str | Path,
+    meta: dict,
+    *,
+    dets_file: str | Path | None = None,
+    batch_size: int = 32,
+) -> Callable[[nn.Module], dict]:
+    """The trainer's `validate`: `evaluate_model` with `eval`'s defaults (flip test, OKS-NMS,
+    pycocotools) on `ann_file`, its results in out_dir/val_results.json. The files are
+    checked here, before training starts."""
+    for what, path in (("val_ann", ann_file), ("val_images", image_root), ("val_dets", dets_file)):
+        if path is not None and not Path(path).exists():
+            raise BadConfigError(f"{what}: {path} does not exist; expected a file or folder")
+
+    def validate(model: nn.Module) -> dict:
+        device = next(model.parameters()).device
+        return evaluate_model(
+            model,
+            meta,
+            ann_file,
+            image_root,
+            dets_file=dets_file,
+            config=InferConfig(batch_size=batch_size, device=device),
+            out_json=Path(out_dir) / "val_results.json",
+            name=str(meta.get("model", "model")),
+        )
+
+    return validate
