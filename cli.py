@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+import cli_support as support
 from cli_support import (
     DEBUG_ENV,
     DUMP_OPTIONS,
@@ -28,7 +29,6 @@ from cli_support import (
     AmpDtype,
     Augment,
     BackboneWeightsOpt,
-    ClusterOpt,
     ConfigOpt,
     Decode,
     Device,
@@ -38,7 +38,6 @@ from cli_support import (
     OneLineErrors,
     Pixels,
     Schedule,
-    StorageOpt,
     StoreMode,
     ValAnnOpt,
     ValDetsOpt,
@@ -47,7 +46,6 @@ from cli_support import (
     fail,
     given,
     parse_size,
-    parse_storage_options,
     run_option,
     size_overrides,
 )
@@ -278,12 +276,12 @@ def dump_teacher(
             help="fp16 teacher outputs without zstd: 8% more bytes, no decompression on reads.",
         ),
     ] = None,
-    storage_options: StorageOpt = None,
-    cluster: ClusterOpt = None,
+    storage_options: support.StorageOpt = None,
+    cluster: support.ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the teacher once over seeded augmented crops and write its outputs to a zarr store."""
-    from teacher_dump.dump import dump_teacher as dump
+    from teacher_dump import dump_teacher as dump
 
     run = DUMP_OPTIONS.run(ctx.params)
     typer.echo(json.dumps(dump(run), default=str))
@@ -296,17 +294,15 @@ def dump_teacher(
 def store_info(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
-    storage_options: StorageOpt = None,
-    cluster: ClusterOpt = None,
+    storage_options: support.StorageOpt = None,
+    cluster: support.ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Samples and views complete, bytes (pixels too), compression, teacher confidence, NaN/Inf;
-    every chunk read through the checked reader (crc32c, manifests), in parallel with Dask."""
+    """Samples and views complete, bytes (pixels too), compression, teacher confidence, NaN/Inf."""
     from store.checks import format_store_info
     from store.checks import store_info as info
 
-    options = parse_storage_options(storage_options) if storage_options else None
-    result = info(store, options, cluster=cluster)
+    result = info(store, storage_options, cluster=cluster)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_store_info(result))
 
 
@@ -317,22 +313,17 @@ def store_verify(
         int | None, typer.Option(help="Check this many random samples (default 1000).")
     ] = None,
     all_slots: Annotated[bool, typer.Option("--all", help="Check every sample.")] = False,
-    storage_options: StorageOpt = None,
-    cluster: ClusterOpt = None,
+    storage_options: support.StorageOpt = None,
+    cluster: support.ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Check every array of sampled slots (checksums, manifests, layout, finite values), then
-    decode the stored crops (or re-render them from their specs, for stores without pixels) and
-    check them against the stored digests; exit 1 on any mismatch of any kind."""
+    """Check sampled slots through every array (checksums, manifests, layout, finite values)
+    and their crops against the stored digests (decoded, or re-rendered); exit 1 on any."""
     from store.checks import store_verify as verify
     from store.checks import verify_failure
 
-    result = verify(
-        store,
-        sample=None if all_slots else (sample or VERIFY_SAMPLE),
-        storage_options=parse_storage_options(storage_options) if storage_options else None,
-        cluster=cluster,
-    )
+    sample = None if all_slots else (sample or VERIFY_SAMPLE)
+    result = verify(store, sample=sample, storage_options=storage_options, cluster=cluster)
     typer.echo(json.dumps(result, default=str))
     failure = verify_failure(result)
     if failure:
@@ -431,7 +422,7 @@ def train_student(
         bool | None,
         _student("channels_last", "CUDA: NHWC layout (faster convolutions).", "--channels-last"),
     ] = None,
-    storage_options: StorageOpt = None,
+    storage_options: support.StorageOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a regression student from the teacher store (paper Eq. 7 losses)."""

@@ -330,8 +330,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def parse_storage_options(text: str) -> dict:
-    """--storage-options: a JSON object of fsspec options (endpoint_url, profile, anon, ...)."""
+def parse_storage_options(text: str | dict) -> dict:
+    """--storage-options: a JSON object of fsspec options (endpoint_url, profile, anon, ...);
+    a --config file may give it as a table."""
+    if isinstance(text, dict):
+        return text
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -442,13 +445,12 @@ DUMP_OPTIONS = RunOptions(
     DumpRun,
     {"teacher": "teacher_ckpt", "ann": "ann_file", "images": "image_root", "augment": "recipe",
      "raw_targets": "targets_zstd"},
-    {"shard": parse_shard, "augment": recipe, "raw_targets": operator.not_,
-     "storage_options": parse_storage_options},
+    {"shard": parse_shard, "augment": recipe, "raw_targets": operator.not_},
 )  # fmt: skip
 STUDENT_OPTIONS = RunOptions(
     StudentRun,
     {"out": "out_dir", "input_size": "model_overrides", "ann": "ann_file"},
-    {"input_size": size_overrides, "storage_options": parse_storage_options},
+    {"input_size": size_overrides},
 )
 # tests/test_cli.py checks that no option of these commands restates its run type's default
 RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,
@@ -456,10 +458,12 @@ RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,
 
 # Where a store lives and where work runs: dump-teacher, train-student, store-info, store-verify.
 StorageOpt = Annotated[
-    str | None,
+    dict | None,
     typer.Option(
         help='fsspec options of a remote store, JSON: {"endpoint_url": ..., "profile": ..., '
-        '"anon": true, "timeout": seconds}.'
+        '"anon": true, "timeout": seconds}.',
+        parser=parse_storage_options,
+        metavar="JSON",
     ),
 ]
 ClusterOpt = Annotated[

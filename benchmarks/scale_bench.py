@@ -98,7 +98,7 @@ def dump_rates(root: Path, quick: bool) -> tuple[list[dict], Path]:
 
     from distilpose.cluster import local_cluster
     from distilpose.training.runs import DumpRun
-    from teacher_dump.dump import dump_teacher
+    from teacher_dump import dump_teacher
 
     teacher, data = _tiny_dump_inputs(root, 96 if quick else 640)
     common = dict(views=2, batch_size=16, workers=0, device="cpu", chunk_samples=16, shard_chunks=4)

@@ -1,7 +1,7 @@
 """The dump on a Dask distributed cluster: each pending write unit is one task.
 
-    dump_teacher(DumpRun(..., cluster="local:2"))       # 2 worker processes here
-    dump_teacher(DumpRun(..., cluster="tcp://sched:8786"))  # a cluster (SLURM, cloud, ...)
+    teacher_dump.dump_teacher(DumpRun(..., cluster="local:2"))   # 2 worker processes here
+    teacher_dump.dump_teacher(DumpRun(..., cluster="tcp://sched:8786"))  # SLURM, cloud, ...
 
 The client (this process) creates or reopens the store and lists its pending units (of
 `--shard i/n` when given); every unit becomes a task `dump_unit(job, unit)`. A worker loads the
@@ -31,7 +31,9 @@ import torch
 
 from distilpose.cluster import dask_client, parse_cluster
 from distilpose.device import resolve_device
+from distilpose.errors import BadConfigError
 from distilpose.progress import ProgressCounter
+from distilpose.training.distributed import world
 from distilpose.training.runs import DumpRun
 from store.schema import StoreMeta
 from store.writer import StoreWriter
@@ -179,6 +181,11 @@ def dump_on_cluster(run: DumpRun) -> dict:
     the cluster; returns the plain dump's summary plus workers, units_failed, units_retried."""
     start = time.perf_counter()
     parse_cluster(run.cluster)  # a bad name fails before the store is touched
+    if world()[1] > 1:
+        raise BadConfigError(
+            f"--cluster {run.cluster} under torchrun ({world()[1]} ranks); expected one or the "
+            "other: the cluster's scheduler spreads the units itself"
+        )
     setup = dump_setup(run)
     writer = StoreWriter.create_or_open(run.out, setup.meta, **(run.storage_options or {}))
     units = writer.pending_units(shard=tuple(run.shard))

@@ -479,15 +479,11 @@ def dump_teacher(run: DumpRun) -> dict:
     shard, batch_size = tuple(run.shard), run.batch_size
     if world_size > 1:
         shard = (rank, world_size)
-    if run.cluster is not None:
-        if world_size > 1:
-            raise BadConfigError(
-                f"--cluster {run.cluster} under torchrun ({world_size} ranks); expected one or "
-                "the other: the cluster's scheduler spreads the units itself"
-            )
-        from teacher_dump.cluster import dump_on_cluster
-
-        return dump_on_cluster(run)
+    if run.cluster is not None:  # the cluster path imports this module, not the other way
+        raise BadConfigError(
+            f"cluster={run.cluster!r} given to teacher_dump.dump.dump_teacher, which runs here; "
+            "expected teacher_dump.dump_teacher (it hands the run to teacher_dump.cluster)"
+        )
     start = time.perf_counter()
     out = str(run.out)  # a path or a URL (s3://...): never through Path, which folds "//"
     dev = resolve_device(run.device, local_rank)

@@ -21,7 +21,7 @@ from distilpose.data import make_demo_data
 from distilpose.errors import BadConfigError
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.runs import DumpRun
-from teacher_dump.dump import dump_teacher
+from teacher_dump import dump_teacher
 
 distributed = pytest.importorskip("distributed")
 
