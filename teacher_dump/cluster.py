@@ -203,7 +203,8 @@ def dump_on_cluster(run: DumpRun) -> dict:
     if tally.error is not None:
         raise tally.error
     loop = DumpTally(
-        written=sum(r["samples"] for r in results),
+        # a unit's real samples, also where a retry found it marked by the attempt that died
+        written=sum(writer.layout.unit_valid(r["unit"]) for r in results if not r["elsewhere"]),
         skipped=sum(r["skipped"] for r in results),
         forward_s=sum(r["forward_s"] for r in results) / max(workers, 1),  # per worker
         loop_s=time.perf_counter() - start,
