@@ -114,7 +114,8 @@ def dump_unit(job: UnitJob, unit: int) -> dict:
     thread does."""
     from distributed import get_worker
 
-    get_worker().log_event(EVENT, {"unit": unit, "dump": job.token})
+    worker = get_worker()
+    worker.log_event(EVENT, {"unit": unit, "dump": job.token, "worker": worker.address})
     setup, teacher, dev, writer = _worker_state(job)
     empty = {"unit": unit, "samples": 0, "skipped": 0, "forward_s": 0.0}
     if unit in writer.complete_units():  # done by an earlier attempt that died after its marker

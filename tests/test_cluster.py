@@ -91,13 +91,13 @@ def stored_meta(store: Path) -> dict:
     return {**meta, "created": ""}
 
 
-def busy_worker_pid(client) -> int:
-    """pid of a worker process that is running a dump unit right now (0: none yet)."""
-    pids = client.run(os.getpid)
-    for address, keys in client.processing().items():
-        if any(str(k).startswith("dump-unit-") for k in keys):
-            return pids[address]
-    return 0
+def busy_worker_pid(client, store: Path) -> int:
+    """pid of a worker process that started a unit not yet marked complete (0: none)."""
+    done = {int(f.stem[1:]) for f in (store / "complete").glob("u*.json")}
+    started = [msg for _, msg in client.get_events("dump-unit") if msg["unit"] not in done]
+    if not started:
+        return 0
+    return client.run(os.getpid).get(started[-1]["worker"], 0)
 
 
 @pytest.mark.reliability(
@@ -122,7 +122,7 @@ def test_cluster_dump_with_a_killed_worker_equals_the_plain_dump(
     deadline, victim = time.time() + 60, 0
     while thread.is_alive() and time.time() < deadline:
         done = len(list((out / "complete").glob("u*.json"))) if out.is_dir() else 0
-        victim = busy_worker_pid(cluster) if done >= 2 else 0  # both teachers loaded by then
+        victim = busy_worker_pid(cluster, out) if done >= 2 else 0  # teachers loaded by then
         if victim:
             break
         time.sleep(0.01)
