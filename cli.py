@@ -79,10 +79,15 @@ VERIFY_SAMPLE = 1000  # store-verify's default sample: a minute on a laptop, --a
 _teacher = partial(run_option, TeacherRun)  # an option of a run field, its default in the help
 _dump = partial(run_option, DumpRun)
 _student = partial(run_option, StudentRun)
+T, S = support.TrainOpts(TeacherRun), support.TrainOpts(StudentRun)  # the options both share
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
 
 
 def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    typer.echo(_json_text(obj))
 
 
 # ----------------------------------------------------------------------------- models
@@ -180,18 +185,18 @@ def train_teacher(
     model: Annotated[
         str, typer.Option(help="Teacher model name (see `distilpose models`).")
     ] = "tokenpose_tiny",  # TeacherRun.model has no default: this one is the command line's
-    epochs: Annotated[int | None, _teacher("epochs", "Training epochs.")] = None,
-    batch_size: Annotated[int | None, _teacher("batch_size", "Crops per step (per GPU).")] = None,
-    lr: Annotated[float | None, _teacher("lr", "Adam learning rate.")] = None,
+    epochs: T.epochs = None,
+    batch_size: T.batch_size = None,
+    lr: T.lr = None,
     warmup_iters: Annotated[
         int | None, _teacher("warmup_iters", "Linear warmup steps (at most a quarter of the run).")
     ] = None,
-    device: Annotated[Device | None, _teacher("device", "auto = CUDA when available.")] = None,
+    device: T.device = None,
     seed: Annotated[
         int | None, _teacher("seed", "Seed of augmentation and initialisation.")
     ] = None,
-    workers: Annotated[int | None, _teacher("workers", "Data loader worker processes.")] = None,
-    resume: Annotated[bool | None, _teacher("resume", "Continue from OUT/last.pth.")] = None,
+    workers: T.workers = None,
+    resume: T.resume = None,
     input_size: Annotated[
         str | None, typer.Option(help="Crop size WxH instead of the model's (e.g. 48x64).")
     ] = None,
@@ -201,9 +206,7 @@ def train_teacher(
             help="paper (the teacher recipe) or mild (flip, small scale) (default: paper)."
         ),
     ] = None,
-    sync_bn: Annotated[
-        bool | None, _teacher("sync_bn", "Under torchrun: BatchNorm statistics over all ranks.")
-    ] = None,
+    sync_bn: T.sync_bn = None,
     val_ann: ValAnnOpt = None,
     val_images: ValImagesOpt = None,
     val_dets: ValDetsOpt = None,
@@ -303,7 +306,7 @@ def store_info(
     from store.checks import store_info as info
 
     result = info(store, storage_options, cluster=cluster)
-    typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_store_info(result))
+    typer.echo(_json_text(result) if as_json else format_store_info(result))
 
 
 @app.command("store-verify")
@@ -342,19 +345,19 @@ def train_student(
     losses: Annotated[
         str | None, _student("losses", "Loss terms, e.g. reg,kt=5e-4; 'reg' alone: the baseline.")
     ] = None,
-    epochs: Annotated[int | None, _student("epochs", "Epochs (view = epoch mod views).")] = None,
-    batch_size: Annotated[int | None, _student("batch_size", "Crops per step (per GPU).")] = None,
-    lr: Annotated[float | None, _student("lr", "Adam learning rate.")] = None,
+    epochs: S.epochs = None,
+    batch_size: S.batch_size = None,
+    lr: S.lr = None,
     warmup_iters: Annotated[
         int | None,
         typer.Option(
             help="Linear warmup steps (default: the paper's 500, at most a tenth of the run)."
         ),
     ] = None,
-    device: Annotated[Device | None, _student("device", "auto = CUDA when available.")] = None,
+    device: S.device = None,
     seed: Annotated[int | None, _student("seed", "Seed of initialisation and data order.")] = None,
-    workers: Annotated[int | None, _student("workers", "Data loader worker processes.")] = None,
-    resume: Annotated[bool | None, _student("resume", "Continue from OUT/last.pth.")] = None,
+    workers: S.workers = None,
+    resume: S.resume = None,
     teacher_online: Annotated[
         Path | None,
         typer.Option(
@@ -380,9 +383,7 @@ def train_student(
         Decode | None,
         _student("decode", "Where a JPEG pixel store's crops are decoded; auto = gpu on CUDA."),
     ] = None,
-    sync_bn: Annotated[
-        bool | None, _student("sync_bn", "Under torchrun: BatchNorm statistics over all ranks.")
-    ] = None,
+    sync_bn: S.sync_bn = None,
     ckpt_every_steps: Annotated[
         int | None,
         _student("ckpt_every_steps", "Also save last.pth every N steps (0: at epoch ends only)."),
@@ -471,9 +472,7 @@ def evaluate(
         checkpoint, ann, images, dets_file=dets, det_score_thr=det_score_thr, config=infer,
         out_json=out,
     )  # fmt: skip
-    typer.echo(
-        json.dumps(result, indent=2, default=str) if as_json else format_metrics_table(result)
-    )
+    typer.echo(_json_text(result) if as_json else format_metrics_table(result))
 
 
 @app.command()
@@ -495,10 +494,7 @@ def ablate(
         Path | None, typer.Option(help="Val detections; GT boxes if unset.")
     ] = None,
     model: Annotated[
-        str | None,
-        typer.Option(
-            help="Student model name (default: deeppose_tiny for table6, else distilpose_tiny)."
-        ),
+        str | None, typer.Option(help="Student (default: deeppose_tiny for table6, else _tiny).")
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 32,
@@ -600,7 +596,7 @@ def predict(
     from distilpose.inference.config import InferConfig
     from distilpose.inference.detector import BoxesFile
     from distilpose.inference.inferencer import Inferencer
-    from distilpose.inference.predict import predict_source
+    from distilpose.inference.predict import format_predict_summary, predict_source
 
     inferencer = Inferencer(
         checkpoint, BoxesFile(boxes) if boxes is not None else detector,
@@ -612,12 +608,7 @@ def predict(
     summary = predict_source(
         inferencer, source, out_json=out, overlay_dir=overlay_dir, max_frames=max_frames
     )
-    where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
-    typer.echo(
-        f"{summary['people']} people in {summary['frames']} frames -> {out}{where} "
-        f"({summary['frames_per_s']:.1f} frames/s; per frame: detector "
-        f"{summary['detector_ms_per_frame']:.0f} ms, pose {summary['pose_ms_per_frame']:.0f} ms)"
-    )
+    typer.echo(format_predict_summary(summary, out, overlay_dir))
 
 
 @app.command()
@@ -652,10 +643,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of data, store and training.")] = 0,
     train_teacher: Annotated[
         bool,
-        typer.Option(
-            help="Train the teacher with the shipped one's recorded recipe instead of loading it "
-            "(about 90 min on 2 CPU cores; with --quick a 2-epoch plumbing check)."
-        ),
+        typer.Option(help="Train the teacher by the shipped one's recipe (90 min on 2 cores)."),
     ] = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -473,6 +474,24 @@ ClusterOpt = Annotated[
         "tcp://scheduler:8786; none: this process."
     ),
 ]
+
+
+class TrainOpts:
+    """The options train-teacher and train-student share, as typer annotations of run type
+    `kind` (the help ends in that type's default): one line each in cli.py, `lr: S.lr = None`."""
+
+    def __init__(self, kind: type) -> None:
+        opt = partial(run_option, kind)
+        self.epochs = Annotated[int | None, opt("epochs", "Training epochs.")]
+        self.batch_size = Annotated[int | None, opt("batch_size", "Crops per step (per GPU).")]
+        self.lr = Annotated[float | None, opt("lr", "Adam learning rate.")]
+        self.device = Annotated[Device | None, opt("device", "auto = CUDA when available.")]
+        self.workers = Annotated[int | None, opt("workers", "Data loader worker processes.")]
+        self.resume = Annotated[bool | None, opt("resume", "Continue from OUT/last.pth.")]
+        self.sync_bn = Annotated[
+            bool | None, opt("sync_bn", "Under torchrun: BatchNorm statistics over all ranks.")
+        ]
+
 
 # Options of train-teacher and train-student alike (the same defaults in both run types).
 ValAnnOpt = Annotated[

@@ -139,3 +139,13 @@ def _write_outputs(
         "out_json": str(out_json),
         "overlays": written,
     }
+
+
+def format_predict_summary(summary: dict, out_json: object, overlay_dir: object) -> str:
+    """`predict_source`'s summary as the one line `distilpose predict` prints."""
+    where = f"; overlays in {overlay_dir}" if summary["overlays"] else ""
+    return (
+        f"{summary['people']} people in {summary['frames']} frames -> {out_json}{where} "
+        f"({summary['frames_per_s']:.1f} frames/s; per frame: detector "
+        f"{summary['detector_ms_per_frame']:.0f} ms, pose {summary['pose_ms_per_frame']:.0f} ms)"
+    )
