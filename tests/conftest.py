@@ -82,3 +82,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         lines.append(f"| {r['case']} | {r['outcome']} | {r['result']} | {r['kills'] or ''} |")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """An untrained `tokenpose_tiny` teacher checkpoint (seed 0): for dump plumbing tests."""
+    from distilpose.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    save_checkpoint(path, build_model("tokenpose_tiny"), meta={"role": "teacher"})
+    return path

@@ -19,7 +19,6 @@ import cli
 from distilpose.cluster import parse_cluster
 from distilpose.data import make_demo_data
 from distilpose.errors import BadConfigError
-from distilpose.models import build_model, save_checkpoint
 from distilpose.training.runs import DumpRun
 from teacher_dump import dump_teacher
 
@@ -36,11 +35,8 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    save_checkpoint(path, build_model("tokenpose_tiny"), meta={"role": "teacher"})
-    return path
+def teacher(tiny_teacher) -> Path:
+    return tiny_teacher
 
 
 def run_for(teacher, data, out, **kw) -> DumpRun:

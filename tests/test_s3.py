@@ -17,7 +17,6 @@ import cli
 from benchmarks.scale_bench import local_s3
 from distilpose.data import make_demo_data
 from distilpose.errors import StoreConnectionError
-from distilpose.models import build_model, save_checkpoint
 from distilpose.training.runs import DumpRun, StudentRun
 from store import StoreReader
 from student_train.train import train_student
@@ -51,11 +50,8 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    save_checkpoint(path, build_model("tokenpose_tiny"), meta={"role": "teacher"})
-    return path
+def teacher(tiny_teacher) -> Path:
+    return tiny_teacher
 
 
 def fs(s3):
