@@ -85,7 +85,7 @@ def test_tiny_regressor_learns_with_rle_alone():
         out = head(features).reshape(64, 2, 4)
         coords, sigmas = torch.sigmoid(out[..., :2]), torch.sigmoid(out[..., 2:])
         value = loss(coords, sigmas, gt, weights)
-        return value, float((coords - gt).abs().mean())
+        return value, float((coords.detach() - gt).abs().mean())
 
     first_nll, first_err = (float(v) for v in step())
     for _ in range(300):
