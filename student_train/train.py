@@ -363,11 +363,14 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     """
     out = Path(run.out_dir)
     plan = plan_student(run)
-    loss_fn = DistillationLoss(
-        plan.weights,
-        geometry=plan.student.config.geometry,
-        official_sh_weight=run.official_sh_weight,
-    )
+    # RLE's flow starts from the run's seed alone, whatever else was built (a teacher or not)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed + 1)  # not the student's stream
+        loss_fn = DistillationLoss(
+            plan.weights,
+            geometry=plan.student.config.geometry,
+            official_sh_weight=run.official_sh_weight,
+        )
     config = student_train_config(run, len(plan.data))
     meta = student_meta(run, plan, config)
     validate = None
