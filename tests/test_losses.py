@@ -258,12 +258,14 @@ def _student_and_targets() -> tuple[StudentOutput, dict]:
     """A random student output and a batch with every target, N=2, K=3, P=5, D=4."""
     torch.manual_seed(0)
     b, k, p, d = 2, 3, 5, 4
+    logits = torch.randn(b, k, 2)
     s = StudentOutput(
         coords=torch.rand(b, k, 2),
         scores=torch.randn(b, k),
-        sigmas=1 + torch.rand(b, k, 2),
+        sigmas=F.softplus(logits),
         keypoint_tokens=torch.randn(b, k, d),
         visual_tokens=torch.randn(b, p, d),
+        sigma_logits=logits,
     )
     targets = {
         "coords": torch.rand(b, k, 2),
@@ -287,15 +289,15 @@ def test_all_terms_together_sum_with_weights():
 # ---- rle -----------------------------------------------------------------------------------------
 
 
-def test_rle_term_is_rle_on_sigmas_in_normalized_units():
-    """`rle` = RLELoss on the student's sigmas over the heatmap size (heatmap px -> the units of
-    the normalized coords), with the loss module's own flow, over the weighted joints."""
+def test_rle_term_is_rle_on_the_sigmoid_of_the_sigma_channels():
+    """`rle` = RLELoss with MMPose's sigma, the sigmoid of the raw sigma channels (normalized
+    units, as the coords), with the loss module's own flow, over the weighted joints."""
     s, targets = _student_and_targets()
     loss = DistillationLoss("rle", geometry=GEOMETRY)
     assert isinstance(loss.rle, RLELoss) and DistillationLoss("reg").rle is None
     out = loss(s, targets)
-    size = torch.tensor(GEOMETRY.heatmap_size, dtype=torch.float32)
-    expected = loss.rle(s.coords, s.sigmas / size, targets["coords"], targets["weights"])
+    sigmas = torch.sigmoid(s.sigma_logits)
+    expected = loss.rle(s.coords, sigmas, targets["coords"], targets["weights"])
     torch.testing.assert_close(out["loss_rle"], expected)
     # the flow's parameters are the loss module's: what the trainer optimizes with the student
     assert {n for n, _ in loss.named_parameters()} and all(
@@ -303,18 +305,22 @@ def test_rle_term_is_rle_on_sigmas_in_normalized_units():
     )
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.parameters())
+    with pytest.raises(BadConfigError, match="rle needs the student's sigma logits"):
+        loss(student([[[0.5, 0.5]]]), {"coords": torch.rand(1, 1, 2), "weights": torch.ones(1, 1)})
 
 
 def test_rle_term_gradient_is_finite_at_zero_sigma_and_reaches_coords_and_sigmas():
     coords = torch.tensor([[[0.4, 0.6], [0.5, 0.5]]], requires_grad=True)
-    sigmas = torch.tensor([[[0.0, 1e-12], [1.0, 2.0]]], requires_grad=True)
-    s = StudentOutput(coords=coords, scores=torch.zeros(1, 2), sigmas=sigmas)
+    # sigmoid(-1e4) is exactly 0, sigmoid(-60) ~ 1e-26: sigma -> 0
+    logits = torch.tensor([[[-1e4, -60.0], [0.0, 2.0]]], requires_grad=True)
+    s = StudentOutput(coords=coords, scores=torch.zeros(1, 2), sigmas=F.softplus(logits),
+                      sigma_logits=logits)  # fmt: skip
     targets = {"coords": torch.tensor([[[0.5, 0.5], [0.4, 0.7]]]), "weights": torch.ones(1, 2)}
     out = DistillationLoss("rle", geometry=GEOMETRY)(s, targets)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    assert torch.isfinite(coords.grad).all() and torch.isfinite(sigmas.grad).all()
-    assert coords.grad.abs().sum() > 0 and sigmas.grad[0, 1].abs().sum() > 0
+    assert torch.isfinite(coords.grad).all() and torch.isfinite(logits.grad).all()
+    assert coords.grad.abs().sum() > 0 and logits.grad[0, 1].abs().sum() > 0
 
 
 def test_rle_mixes_with_the_distillation_terms():

@@ -164,7 +164,8 @@ class DistillationLoss(nn.Module):
       ``[N, H*W]`` map makes every sample's error weighted by the batch mean of ``w^2`` per joint,
       so per-sample masks are not applied.
     - ``rle``: RLE's negative log-likelihood of the ground truth under the student's predicted
-      coords and sigmas (`RLELoss`, MMPose's residual Laplace form), its flow trained with the
+      coords and sigmas (`RLELoss`, MMPose's residual Laplace form, its sigma the sigmoid of the
+      student's raw sigma channels ``sigma_logits [N, K, 2]``), its flow trained with the
       student: the flow's parameters are this module's (``self.rle``), so the task holding this
       loss is trained, saved and resumed with the model (`student_train.train.StudentTask`).
     - ``cs``: L1 between the raw predicted score and the teacher heatmap's value at
@@ -263,15 +264,18 @@ def _reg_term(x: LossInputs, name: str) -> torch.Tensor:
 
 
 def _rle_term(x: LossInputs, name: str) -> torch.Tensor:
-    """RLE on the student's sigmas: heatmap px over the heatmap size -> normalized crop units,
-    the units of coords (MMPose's RLE regresses normalized coords and sigmas too)."""
-    sigmas = x.student.sigmas
-    if sigmas is None:
-        raise BadConfigError(f"{name} needs the student's predicted sigmas; the student has none")
-    size = x.coords.new_tensor(x.loss.heatmap_size)  # (W_hm, H_hm)
+    """RLE on the student's predicted sigma channels, as MMPose reads them: sigma = sigmoid of
+    the raw channel, in normalized crop units like the coords. (Read as `sigmas`, softplus in
+    heatmap px, a fresh student's sigma is ~0.7 px = 0.03 of the crop, its residuals ~0.2: the
+    flow's tails then give an NLL ~70 whose gradients fill Adam's second moments, and the coords
+    stay at the mean pose for hundreds of steps; MMPose's sigmoid starts at 0.5.)"""
+    logits = x.student.sigma_logits
+    if logits is None:
+        raise BadConfigError(f"{name} needs the student's sigma logits; the student has none")
     # float32 also under AMP: the flow's log-determinant sums 6 couplings' scales
     with torch.autocast(x.device.type, enabled=False):
-        return x.loss.rle(x.coords, sigmas.float() / size, x.target("coords"), x.weights)
+        sigmas = torch.sigmoid(logits.float())  # [N, K, 2]
+        return x.loss.rle(x.coords, sigmas, x.target("coords"), x.weights)
 
 
 def _token_term(x: LossInputs, name: str) -> torch.Tensor:
