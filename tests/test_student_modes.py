@@ -28,7 +28,7 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.errors import BadConfigError
+from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.geometry import Geometry
 from distilpose.models import build_model, save_checkpoint
 from distilpose.training.runs import StudentRun
@@ -158,6 +158,24 @@ def test_interrupted_runs_resume_exactly_with_the_flow_and_the_count(data, tmp_p
         {**r, "samples_per_s": s["samples_per_s"]}
         for r, s in zip(epoch_rows(reference), epoch_rows(killed), strict=True)
     ]
+
+
+def test_a_checkpoint_without_task_state_resumes_only_without_the_flow(data, tmp_path):
+    """A last.pth saved before tasks kept state: a run without RLE resumes (its teacher-forward
+    count restarts, said in train.log); one with RLE's flow is refused in one line."""
+    for losses in ("reg", "rle"):
+        out = tmp_path / losses
+        train_student(student_run(data, out, losses=losses, epochs=1))
+        state = torch.load(out / "last.pth", weights_only=True)
+        del state["task"]
+        torch.save(state, out / "last.pth")
+        again = student_run(data, out, losses=losses, epochs=2, resume=True)
+        if losses == "reg":
+            assert train_student(again)["steps"] == 2 * PEOPLE // BATCH
+            assert "counters restart at 0" in (out / "train.log").read_text()
+        else:
+            with pytest.raises(BadCheckpointError, match="no task state .the RLE flow"):
+                train_student(again)
 
 
 @pytest.mark.parametrize(

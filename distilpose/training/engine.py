@@ -458,10 +458,12 @@ class Trainer:
             if state.get("ema") is None:
                 raise KeyError("no EMA weights in the checkpoint; resume without --ema")
             self.ema.load_state_dict(state["ema"])
-        if self._task_state() is not None:
-            if state.get("task") is None:
-                raise KeyError("no task state (the RLE flow, the teacher-forward count) in it")
+        if state.get("task") is not None:
             self.task_module.load_state_dict(state["task"])
+        elif self.task_params:  # trained parameters (RLE's flow) cannot be made up
+            raise KeyError("no task state (the RLE flow) in it; resume without that loss")
+        elif self._task_state() is not None:  # a checkpoint saved before tasks kept state
+            log.warning("resume: the checkpoint keeps no task state; its counters restart at 0")
         best = state.get("best") or {}
         self.best_ap = float(best.get("AP", -math.inf))
         self.best_epoch = int(best.get("epoch", 0))
