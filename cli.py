@@ -339,8 +339,9 @@ def store_verify(
 @app.command("train-student")
 def train_student(
     ctx: typer.Context,
-    store: Annotated[str, typer.Option(help="Teacher store (path or fsspec URL).")],
     out: Annotated[Path, typer.Option(help="Run directory.")],
+    store: Annotated[str | None, typer.Option(help="Teacher store; none: crops of --ann.")] = None,
+    augment: Annotated[Augment | None, typer.Option(help="No --store: the crop recipe.")] = None,
     model: Annotated[str | None, _student("model", "Student model name.")] = None,
     losses: Annotated[
         str | None, _student("losses", "Loss terms, e.g. reg,kt=5e-4; 'reg' alone: the baseline.")
@@ -359,10 +360,7 @@ def train_student(
     workers: S.workers = None,
     resume: S.resume = None,
     teacher_online: Annotated[
-        Path | None,
-        typer.Option(
-            help="Run this teacher checkpoint at every step instead of reading the store's targets."
-        ),
+        Path | None, typer.Option(help="Run this teacher on every batch instead of stored targets.")
     ] = None,
     official_sh_weight: Annotated[
         bool | None,
@@ -399,13 +397,13 @@ def train_student(
     ann: Annotated[
         Path | None,
         typer.Option(
-            help="Annotation file now (a --pixels none store).", exists=True, dir_okay=False
+            help="Annotations (--pixels none store, or no --store).", exists=True, dir_okay=False
         ),
     ] = None,
     images: Annotated[
         Path | None,
         typer.Option(
-            help="Image folder now (a --pixels none store).", exists=True, file_okay=False
+            help="Image folder (--pixels none store, or no --store).", exists=True, file_okay=False
         ),
     ] = None,
     allow_incomplete: Annotated[
@@ -426,7 +424,7 @@ def train_student(
     storage_options: support.StorageOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a regression student from the teacher store (paper Eq. 7 losses)."""
+    """Train a regression student from a teacher store (Eq. 7 losses), or without one from --ann."""
     from student_train.train import train_student as train
 
     run = STUDENT_OPTIONS.run(ctx.params)

@@ -450,8 +450,8 @@ DUMP_OPTIONS = RunOptions(
 )  # fmt: skip
 STUDENT_OPTIONS = RunOptions(
     StudentRun,
-    {"out": "out_dir", "input_size": "model_overrides", "ann": "ann_file"},
-    {"input_size": size_overrides},
+    {"out": "out_dir", "input_size": "model_overrides", "ann": "ann_file", "augment": "recipe"},
+    {"input_size": size_overrides, "augment": recipe},
 )
 # tests/test_cli.py checks that no option of these commands restates its run type's default
 RUN_COMMANDS = {"train-teacher": TEACHER_OPTIONS, "dump-teacher": DUMP_OPTIONS,

@@ -5,6 +5,16 @@ unless `teacher_online` names a teacher checkpoint (the official method: the tea
 every batch; kept to compare speed and results). The loop itself is the shared
 `distilpose.training.engine.Trainer`; this module only wires data, loss and model into it.
 
+Modes (`MODES`, recorded in the checkpoint meta as "mode"): "store" (the store's views and
+targets), "store_teacher_online" (the store's views, the teacher run on each batch: this
+measures the online teacher's compute, not the effect of fresh views), and without a store, from
+the annotation file and images with a fresh augmentation every epoch (the crop of instance i in
+epoch e is seeded by (seed, i, e), so a resumed run is exact and, with the same seed and recipe,
+epoch e < V sees view e of a store): "online_teacher" (the teacher run on each batch) and
+"teacher_free" (no teacher: only terms that read no teacher output, `reg` and `rle`). Every
+run counts the crops its teacher forwarded (`teacher_forwards`: epoch rows of metrics.csv,
+student.pth's meta, the summary; 0 when the targets come from the store).
+
 Recipe (the paper's): Adam, lr 1e-3, linear warmup 500 iterations, x0.1 at 2/3 and 13/15 of the
 epochs; epoch e trains on the store's view `e mod V`. One deviation for short runs: by default
 the warmup is capped at a tenth of all iterations, so a demo run of a few hundred steps is not
@@ -21,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distilpose.data import AugmentRecipe
 from distilpose.device import resolve_device
 from distilpose.errors import (
     BadCheckpointError,
@@ -31,14 +42,30 @@ from distilpose.errors import (
 from distilpose.inference.eval_run import coco_validator
 from distilpose.limits import load_json
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
-from distilpose.training.distributed import world
+from distilpose.training.distributed import global_total, world
 from distilpose.training.engine import TrainConfig, Trainer
-from distilpose.training.losses import LOSS_NAMES, DistillationLoss, parse_losses
+from distilpose.training.losses import (
+    DEFAULT_LOSSES,
+    LOSS_TERMS,
+    TEACHER_FREE,
+    DistillationLoss,
+    parse_losses,
+)
 from distilpose.training.runs import StudentRun
 from distilpose.viz.curves import draw_run_loss_curves
 from store import StoreReader
-from store.schema import TEACHER_OUTPUTS
+from store.schema import OUTPUT_WORDS, TEACHER_OUTPUTS
 from student_train.data import OnlineBatches, StudentBatches, check_targets
+
+# What a run trains on: "mode" in the checkpoint meta (see the module docstring).
+MODES = {
+    "store": "the store's views and teacher targets",
+    "store_teacher_online": "the store's views, the teacher run on each batch (compute, not "
+    "fresh views)",
+    "online_teacher": "a fresh augmentation every epoch from the images, the teacher run on each "
+    "batch",
+    "teacher_free": "a fresh augmentation every epoch from the images, no teacher",
+}
 
 PAPER_WARMUP_ITERS = 500  # paper: linear warmup over the first 500 iterations
 
@@ -59,20 +86,36 @@ def teacher_targets(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch
     return {n: getattr(out, n).float() for n in names if getattr(out, n) is not None}
 
 
-def build_task(
-    loss_fn: nn.Module, teacher: nn.Module | None = None
-) -> Callable[[nn.Module, dict], dict]:
-    """The Trainer's task: student forward + Eq. 7 loss; with a teacher, its targets first."""
+class StudentTask(nn.Module):
+    """The Trainer's task: student forward + the loss; with a teacher, its targets first.
 
-    def task(model: nn.Module, batch: dict) -> dict:
+    A module, so that what it holds trains and resumes with the student (`engine.Trainer`): the
+    loss's parameters (RLE's flow) and the buffer `teacher_forwards`, the crops the teacher has
+    forwarded so far in the run (under DDP: over all ranks, DDP padding rows included, since the
+    teacher runs on them too). The frozen teacher is no part of its state.
+    """
+
+    def __init__(self, loss_fn: nn.Module, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        object.__setattr__(self, "teacher", teacher)  # a plain attribute, not a submodule
+        self.register_buffer("teacher_forwards", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, model: nn.Module, batch: dict) -> dict:
         targets = dict(batch)
-        if teacher is not None:
-            if next(teacher.parameters()).device != batch["images"].device:
-                teacher.to(batch["images"].device)
-            targets.update(teacher_targets(teacher, batch["images"]))
-        return loss_fn(model(batch["images"]), targets)
+        if self.teacher is not None:
+            images = batch["images"]
+            if next(self.teacher.parameters()).device != images.device:
+                self.teacher.to(images.device)
+            targets.update(teacher_targets(self.teacher, images))
+            crops = torch.tensor(images.shape[0], device=self.teacher_forwards.device)
+            self.teacher_forwards += global_total(crops)  # the global batch's under DDP
+        return self.loss_fn(model(batch["images"]), targets)
 
-    return task
+
+def build_task(loss_fn: nn.Module, teacher: nn.Module | None = None) -> StudentTask:
+    """The Trainer's task for `loss_fn`, with an online `teacher` if given."""
+    return StudentTask(loss_fn, teacher)
 
 
 def load_teacher(path: str | Path, student_config: object) -> nn.Module:
@@ -131,6 +174,8 @@ class StudentPlan:
     weights: dict[str, float]  # loss term -> weight
     store_meta: dict  # teacher_sha256 and views of the store ({} without one)
     identity: dict | None  # store_identity of the store, compared on --resume
+    mode: str  # one of MODES
+    recipe: dict  # the augmentation the crops were drawn with (the store's, or the run's)
 
 
 def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) -> tuple:
@@ -165,6 +210,45 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
     return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
 
 
+def check_student_outputs(weights: dict[str, float], student: object) -> None:
+    """Refuse, by name, a term reading sigmas the student does not predict."""
+    for name in weights:
+        if LOSS_TERMS[name].sigmas and not student.has_sigmas:
+            raise BadConfigError(
+                f"losses: {name} needs the student's predicted sigmas; {student.name} predicts "
+                "none (expected a student model)"
+            )
+
+
+def check_teacher_free(weights: dict[str, float]) -> None:
+    """Without a store and a teacher, refuse by name a term that reads a teacher output."""
+    for name in weights:
+        for target in LOSS_TERMS[name].targets:
+            raise BadConfigError(
+                f"losses: {name} needs the teacher's {OUTPUT_WORDS[target]}, and this run has no "
+                f"store and no teacher_online; expected only teacher-free terms "
+                f"({', '.join(TEACHER_FREE)}), or a store or teacher_online"
+            )
+
+
+def _image_batches(run: StudentRun, cfg: object) -> OnlineBatches:
+    """Store-less batches: the annotation file's people, a fresh augmentation every epoch."""
+    if not (run.ann_file and run.images):
+        raise BadConfigError(
+            "store: none given; expected a store, or ann_file and images to train from the "
+            "images (with teacher_online, or teacher-free losses such as reg or rle)"
+        )
+    return OnlineBatches(
+        run.ann_file,
+        run.images,
+        batch_size=run.batch_size,
+        geometry=cfg.geometry,
+        recipe=run.recipe,
+        seed=run.seed,
+        workers=run.workers,
+    )
+
+
 def plan_student(run: StudentRun) -> StudentPlan:
     """Build the student (seeded), the online teacher if any, and the batches; every check of
     losses against targets, sizes and store identity fails here, before training starts."""
@@ -172,27 +256,28 @@ def plan_student(run: StudentRun) -> StudentPlan:
     torch.manual_seed(run.seed)  # the student's initialisation is part of the run's identity
     student = build_model(run.model, run.backbone_weights, **(run.model_overrides or {}))
     cfg = student.config
+    check_student_outputs(weights, cfg)
 
     teacher = load_teacher(run.teacher_online, cfg) if run.teacher_online else None
     if teacher is not None:
         outputs = TEACHER_OUTPUTS if teacher.config.has_tokens else ("heatmaps",)
         check_targets(weights, outputs, teacher.config.name, cfg)
     if run.store is not None:
+        if run.recipe is not None:
+            raise BadConfigError(
+                f"recipe: {run.store} holds views cut with the store's recipe; expected no "
+                "recipe (--augment) with a store, or no store to train on fresh crops"
+            )
         data, store_meta, identity = _store_batches(run, cfg, weights, teacher is not None)
-        return StudentPlan(student, teacher, data, weights, store_meta, identity)
-    if teacher is not None and run.ann_file and run.images:
-        data = OnlineBatches(
-            run.ann_file,
-            run.images,
-            batch_size=run.batch_size,
-            geometry=cfg.geometry,
-            seed=run.seed,
-            workers=run.workers,
-        )
-        return StudentPlan(student, teacher, data, weights, {}, None)
-    raise BadConfigError(
-        "store: none given; expected a store, or teacher_online with ann_file and images"
-    )
+        mode = "store_teacher_online" if teacher is not None else "store"
+        recipe = dict(data.meta.recipe)
+        return StudentPlan(student, teacher, data, weights, store_meta, identity, mode, recipe)
+    if teacher is None:
+        check_teacher_free(weights)
+    data = _image_batches(run, cfg)
+    mode = "online_teacher" if teacher is not None else "teacher_free"
+    recipe = (run.recipe or AugmentRecipe()).to_dict()
+    return StudentPlan(student, teacher, data, weights, {}, None, mode, recipe)
 
 
 def student_train_config(run: StudentRun, batches_per_epoch: int) -> TrainConfig:
@@ -232,6 +317,7 @@ def student_meta(run: StudentRun, plan: StudentPlan, config: TrainConfig) -> dic
         "store": run.store,
         "teacher_sha256": plan.store_meta.get("teacher_sha256", ""),
         "teacher_online": run.teacher_online or None,
+        "mode": plan.mode,
         "student_config": {
             "store": run.store,
             "model": run.model,
@@ -244,7 +330,10 @@ def student_meta(run: StudentRun, plan: StudentPlan, config: TrainConfig) -> dic
             "views": plan.store_meta.get("views"),
             "store_identity": plan.identity,
             "decode": run.decode,
-            "view_rule": "view = epoch mod views",
+            "recipe": plan.recipe,
+            "view_rule": "view = epoch mod views"
+            if plan.mode.startswith("store")
+            else "a fresh crop every epoch, seeded by (seed, instance, epoch)",
             "train": asdict(config),
         },
     }
@@ -262,22 +351,26 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     weights when `ema` is set, and keeps the best AP's weights in best.pth (val_AP, best_AP in
     metrics.csv). `backbone_weights`: an ImageNet backbone file to start from
     (`distilpose.models.load_backbone_weights`).
-    student.pth meta: role, model, losses, store, teacher_sha256 (loadable with
-    `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override the dataset
-    paths recorded in the store; with `store=None` and `teacher_online`, they are required and
-    each epoch draws a fresh augmentation (no store at all). A store with pixels needs neither
-    (its crops are read from it); `decode` says where its JPEG crops are decoded on a CUDA run
-    ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers). `resume` refuses a store whose
-    identity (teacher, seed, dataset, sizes, mode, views) changed since the run started, unless
-    `allow_store_change`.
+    student.pth meta: role, model, losses, store, teacher_sha256, mode, teacher_forwards
+    (loadable with `distilpose.models.build_from_checkpoint`). `ann_file` / `images` override
+    the dataset paths recorded in the store; with `store=None` they are required and each epoch
+    draws a fresh augmentation with `recipe` (None: the paper's student recipe), the teacher
+    `teacher_online` run on it, or none (teacher-free losses only). A store with pixels needs
+    neither (its crops are read from it); `decode` says where its JPEG crops are decoded on a
+    CUDA run ("auto"/"gpu": on the GPU, "cpu": in the DataLoader workers). `resume` refuses a
+    store whose identity (teacher, seed, dataset, sizes, mode, views) changed since the run
+    started, unless `allow_store_change`.
     """
     out = Path(run.out_dir)
     plan = plan_student(run)
-    loss_fn = DistillationLoss(
-        plan.weights,
-        geometry=plan.student.config.geometry,
-        official_sh_weight=run.official_sh_weight,
-    )
+    # RLE's flow starts from the run's seed alone, whatever else was built (a teacher or not)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed + 1)  # not the student's stream
+        loss_fn = DistillationLoss(
+            plan.weights,
+            geometry=plan.student.config.geometry,
+            official_sh_weight=run.official_sh_weight,
+        )
     config = student_train_config(run, len(plan.data))
     meta = student_meta(run, plan, config)
     validate = None
@@ -285,16 +378,23 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         if not (run.val_ann and run.val_images):
             raise BadConfigError("val_ann, val_images: expected both to validate while training")
         validate = coco_validator(run.val_ann, run.val_images, out, meta, dets_file=run.val_dets)
+    task = build_task(loss_fn, plan.teacher)
+
+    def epoch_end(epoch: int, model: nn.Module) -> dict:
+        """The epoch row's columns: the caller's, and the teacher forwards so far."""
+        row = (eval_fn(epoch, model) or {}) if eval_fn is not None else {}
+        return {**row, "teacher_forwards": int(task.teacher_forwards)}
+
     trainer = Trainer(
         plan.student,
-        build_task(loss_fn, plan.teacher),
+        task,
         plan.data,
         config,
         out,
         meta,
-        on_epoch_end=eval_fn,
+        on_epoch_end=epoch_end,
         # DDP: heads of the terms left out (sigmas, scores, token projections) get no gradient
-        find_unused_parameters=set(plan.weights) != set(LOSS_NAMES),
+        find_unused_parameters=not set(DEFAULT_LOSSES.split(",")) <= set(plan.weights),
         run=run.to_dict(),
         validate=validate,
         on_save=draw_run_loss_curves,
@@ -302,11 +402,14 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
     summary = trainer.fit(resume=run.resume)
 
     final = out / "student.pth"
+    forwards = int(task.teacher_forwards)
     if world()[0] == 0:  # DDP: rank 0 writes
-        save_checkpoint(final, plan.student, meta=meta)
+        save_checkpoint(final, plan.student, meta={**meta, "teacher_forwards": forwards})
     return {
         **summary,
         "checkpoint": str(final),
         "last": summary["checkpoint"],
         "losses": plan.weights,
+        "mode": plan.mode,
+        "teacher_forwards": forwards,
     }

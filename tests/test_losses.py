@@ -16,12 +16,14 @@ from distilpose.training.losses import (
     DEFAULT_WEIGHTS,
     LOSS_NAMES,
     LOSS_TERMS,
+    TEACHER_FREE,
     DistillationLoss,
     HeatmapLoss,
     LossTerm,
     parse_losses,
     simulated_heatmap_mask,
 )
+from distilpose.training.rle import RLELoss
 from distilpose.training.runs import StudentRun
 from store.schema import TEACHER_OUTPUTS
 from student_train.data import target_fields
@@ -51,8 +53,9 @@ def gauss_sum(mu, sigma, n, power=1):
 
 
 def test_parse_losses_forms():
-    assert parse_losses("reg,kt,vt,sh,cs") == DEFAULT_WEIGHTS
+    assert parse_losses("reg,kt,vt,sh,cs") == {n: DEFAULT_WEIGHTS[n] for n in LOSS_NAMES[:5]}
     assert parse_losses("reg") == {"reg": 1.0}
+    assert parse_losses("rle,kt=0.1,sh") == {"rle": 1.0, "kt": 0.1, "sh": 1.0}
     assert parse_losses(" reg=1, kt=1e-3 ,sh") == {"reg": 1.0, "kt": 1e-3, "sh": 1.0}
     assert parse_losses("cs=0") == {"cs": 0.0}
     assert set(DEFAULT_WEIGHTS) == set(LOSS_NAMES)
@@ -255,12 +258,14 @@ def _student_and_targets() -> tuple[StudentOutput, dict]:
     """A random student output and a batch with every target, N=2, K=3, P=5, D=4."""
     torch.manual_seed(0)
     b, k, p, d = 2, 3, 5, 4
+    logits = torch.randn(b, k, 2)
     s = StudentOutput(
         coords=torch.rand(b, k, 2),
         scores=torch.randn(b, k),
-        sigmas=1 + torch.rand(b, k, 2),
+        sigmas=F.softplus(logits),
         keypoint_tokens=torch.randn(b, k, d),
         visual_tokens=torch.randn(b, p, d),
+        sigma_logits=logits,
     )
     targets = {
         "coords": torch.rand(b, k, 2),
@@ -279,6 +284,52 @@ def test_all_terms_together_sum_with_weights():
     total = sum(DEFAULT_WEIGHTS[n] * out[f"loss_{n}"] for n in LOSS_NAMES)
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     assert all(not out[f"loss_{n}"].requires_grad for n in LOSS_NAMES)
+
+
+# ---- rle -----------------------------------------------------------------------------------------
+
+
+def test_rle_term_is_rle_on_the_sigmoid_of_the_sigma_channels():
+    """`rle` = RLELoss with MMPose's sigma, the sigmoid of the raw sigma channels (normalized
+    units, as the coords), with the loss module's own flow, over the weighted joints."""
+    s, targets = _student_and_targets()
+    loss = DistillationLoss("rle", geometry=GEOMETRY)
+    assert isinstance(loss.rle, RLELoss) and DistillationLoss("reg").rle is None
+    out = loss(s, targets)
+    sigmas = torch.sigmoid(s.sigma_logits)
+    expected = loss.rle(s.coords, sigmas, targets["coords"], targets["weights"])
+    torch.testing.assert_close(out["loss_rle"], expected)
+    # the flow's parameters are the loss module's: what the trainer optimizes with the student
+    assert {n for n, _ in loss.named_parameters()} and all(
+        n.startswith("rle.flow.") for n, _ in loss.named_parameters()
+    )
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.parameters())
+    with pytest.raises(BadConfigError, match="rle needs the student's sigma logits"):
+        loss(student([[[0.5, 0.5]]]), {"coords": torch.rand(1, 1, 2), "weights": torch.ones(1, 1)})
+
+
+def test_rle_term_gradient_is_finite_at_zero_sigma_and_reaches_coords_and_sigmas():
+    coords = torch.tensor([[[0.4, 0.6], [0.5, 0.5]]], requires_grad=True)
+    # sigmoid(-1e4) is exactly 0, sigmoid(-60) ~ 1e-26: sigma -> 0
+    logits = torch.tensor([[[-1e4, -60.0], [0.0, 2.0]]], requires_grad=True)
+    s = StudentOutput(coords=coords, scores=torch.zeros(1, 2), sigmas=F.softplus(logits),
+                      sigma_logits=logits)  # fmt: skip
+    targets = {"coords": torch.tensor([[[0.5, 0.5], [0.4, 0.7]]]), "weights": torch.ones(1, 2)}
+    out = DistillationLoss("rle", geometry=GEOMETRY)(s, targets)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(coords.grad).all() and torch.isfinite(logits.grad).all()
+    assert coords.grad.abs().sum() > 0 and logits.grad[0, 1].abs().sum() > 0
+
+
+def test_rle_mixes_with_the_distillation_terms():
+    s, targets = _student_and_targets()
+    out = DistillationLoss("rle,kt=0.1,vt=0.1,sh,cs", geometry=GEOMETRY)(s, targets)
+    assert set(out) == {"loss", "loss_rle", "loss_kt", "loss_vt", "loss_sh", "loss_cs"}
+    total = out["loss_rle"] + 0.1 * (out["loss_kt"] + out["loss_vt"])
+    total = total + out["loss_sh"] + 1e-2 * out["loss_cs"]
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 
 # ---- HeatmapLoss -------------------------------------------------------------------------------
@@ -309,9 +360,12 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
 def test_loss_table_is_the_one_source_of_names_weights_and_targets():
-    assert LOSS_NAMES == tuple(LOSS_TERMS) == ("reg", "kt", "vt", "sh", "cs")  # Eq. 7's order
-    assert DEFAULT_WEIGHTS == {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
-    assert parse_losses(DEFAULT_LOSSES) == DEFAULT_WEIGHTS
+    # Eq. 7's order, then RLE (not the paper's: the teacher-free objective)
+    assert LOSS_NAMES == tuple(LOSS_TERMS) == ("reg", "kt", "vt", "sh", "cs", "rle")
+    paper = {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
+    assert DEFAULT_WEIGHTS == {**paper, "rle": 1.0}
+    assert DEFAULT_LOSSES == "reg,kt,vt,sh,cs"  # Eq. 7 alone, at its official weights
+    assert TEACHER_FREE == ("reg", "rle")
     # runs.py stays torch-free for the CLI, so it writes the default out: kept equal here
     assert StudentRun(store=None).losses == DEFAULT_LOSSES
     for term in LOSS_TERMS.values():

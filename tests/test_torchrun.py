@@ -39,6 +39,7 @@ import cli
 import cli_support
 from distilpose.data import make_demo_data
 from distilpose.models import build_model
+from distilpose.training.rle import RLELoss
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILPOSE = Path(sys.executable).parent / "distilpose"
@@ -61,7 +62,8 @@ def readme_commands() -> dict[str, list[str]]:
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:at], str(DISTILPOSE)] + argv[
             at + 1 :
         ]
-        key = argv[argv.index(str(DISTILPOSE)) + 1] + (" --resume" if "--resume" in argv else "")
+        key = argv[argv.index(str(DISTILPOSE)) + 1]
+        key += "".join(f" {flag}" for flag in ("--resume", "--teacher-online") if flag in argv)
         commands[key] = argv
     return commands
 
@@ -131,7 +133,11 @@ def update_difference(a: Path, b: Path, model: str, argv: list[str], seed: int =
     torch.manual_seed(seed)
     overrides = cli_support.size_overrides(option(argv, "--input-size"))
     init = build_model(model, **overrides).state_dict()
-    wa, wb = weights(a), weights(b)
+    return relative_difference(weights(a), weights(b), init)
+
+
+def relative_difference(wa: dict, wb: dict, init: dict) -> float:
+    """||w_a - w_b|| / ||w_a - w_init|| over the float tensors."""
     keys = [k for k, v in wa.items() if v.is_floating_point()]
     diff = sum(float((wa[k] - wb[k]).double().pow(2).sum()) for k in keys) ** 0.5
     moved = sum(float((wa[k] - init[k]).double().pow(2).sum()) for k in keys) ** 0.5
@@ -268,3 +274,31 @@ def test_train_student_rank_killed_then_resumed_matches_one_rank(demo, store):
         f"relative update difference {rel:.2e}"
     )
     assert rel < 0.01
+
+
+def test_train_student_without_a_store_two_ranks_match_one_rank(demo, teacher):
+    """The store-less line: the teacher online on fresh crops, RLE's flow trained beside the
+    student; 2 ranks x 4 end within 1% of 1 x 8, student and flow, with the same count of
+    teacher forwards (the global batch's)."""
+    argv = COMMANDS["train-student --teacher-online"]
+    assert "--store" not in argv
+    out = demo / option(argv, "--out")
+    run(argv, demo)
+    batch = int(option(argv, "--batch-size"))
+    run_in_process(cli_args(argv, out="demo_run/student_online_1rank", batch_size=2 * batch), demo)
+    one = demo / "demo_run" / "student_online_1rank"
+    rel = update_difference(one / "student.pth", out / "student.pth", option(argv, "--model"), argv)
+    last = [torch.load(d / "last.pth", map_location="cpu", weights_only=True) for d in (one, out)]
+    flows = [{k: v for k, v in s["task"].items() if ".flow." in k} for s in last]
+    torch.manual_seed(0 + 1)  # the flow's initialisation: from the run's seed (+ 1) alone
+    init = {f"loss_fn.rle.{k}": v for k, v in RLELoss().state_dict().items()}
+    flow_rel = relative_difference(flows[0], flows[1], init)
+    print(f"store-less train-student 2 x {batch} vs 1 x {2 * batch}: relative update difference "
+          f"{rel:.2e} (student), {flow_rel:.2e} (flow)")  # fmt: skip
+    assert rel < 0.01 and flow_rel < 0.01
+    epochs, people = int(option(argv, "--epochs")), 40
+    for s in last:
+        assert int(s["task"]["teacher_forwards"]) == epochs * people
+    meta = torch.load(out / "student.pth", map_location="cpu", weights_only=True)["meta"]
+    assert meta["mode"] == "online_teacher" and meta["teacher_forwards"] == epochs * people
+    assert meta["student_config"]["recipe"]["rotation_prob"] == 0.0  # --augment mild

@@ -30,7 +30,7 @@ INIT_SIGMA = 2.0  # heatmap px, the teacher's target Gaussian
 
 
 class DeepPoseHead(nn.Module):
-    """features [B, C, h, w] -> coords [B, K, 2], scores [B, K], sigmas [B, K, 2]."""
+    """features [B, C, h, w] -> coords [B, K, 2], scores [B, K], sigma logits [B, K, 2]."""
 
     def __init__(self, in_channels: int, num_keypoints: int):
         super().__init__()
@@ -52,7 +52,7 @@ class DeepPoseHead(nn.Module):
         b, k = x.shape[0], self.num_keypoints
         coords = self.fc(x).reshape(b, k, 2)
         conf = self.confidence(x).reshape(b, k, 3)
-        return coords, conf[..., 0], F.softplus(conf[..., 1:])
+        return coords, conf[..., 0], conf[..., 1:]
 
 
 class DeepPose(nn.Module):
@@ -65,5 +65,7 @@ class DeepPose(nn.Module):
         self.head = DeepPoseHead(self.backbone.out_channels, config.num_keypoints)
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
-        coords, scores, sigmas = self.head(self.backbone(images))
-        return StudentOutput(coords=coords, scores=scores, sigmas=sigmas)
+        coords, scores, sigma_logits = self.head(self.backbone(images))
+        return StudentOutput(
+            coords=coords, scores=scores, sigmas=F.softplus(sigma_logits), sigma_logits=sigma_logits
+        )

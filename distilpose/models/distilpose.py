@@ -35,13 +35,16 @@ class StudentOutput:
     sigmas [B, K, 2]: sigma_x, sigma_y > 0 in heatmap pixels (softplus);
     keypoint_tokens [B, K, D], visual_tokens [B, P, D]: last encoder layer's outputs (no final
     LayerNorm), projected to `teacher_dim` when the config sets one; None for a student without
-    tokens (DeepPose, whose coords are raw regression outputs, not sigmoid)."""
+    tokens (DeepPose, whose coords are raw regression outputs, not sigmoid);
+    sigma_logits [B, K, 2]: the sigma channels before the softplus (`sigmas = softplus(.)`), which
+    the `rle` loss reads through MMPose's sigmoid instead."""
 
     coords: torch.Tensor
     scores: torch.Tensor
     sigmas: torch.Tensor
     keypoint_tokens: torch.Tensor | None = None
     visual_tokens: torch.Tensor | None = None
+    sigma_logits: torch.Tensor | None = None
 
 
 class RegressionHead(TokenEncoder):
@@ -77,9 +80,8 @@ class RegressionHead(TokenEncoder):
         ys = torch.arange(hh, device=maps.device, dtype=prob.dtype) / hh
         return torch.stack(((prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)), dim=-1)
 
-    def forward(
-        self, features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> coords [B, K, 2], scores [B, K], sigma logits [B, K, 2], tokens [B, K/P, D]."""
         kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
         out = self.mlp_head(kpt)  # [B, K, 5] or [B, K, 4] (minus x, y for "similarity")
         if self.config_head == "similarity":
@@ -87,8 +89,8 @@ class RegressionHead(TokenEncoder):
         else:
             coords, rest = out[..., 0:2].sigmoid(), out[..., 2:]
         scores = rest[..., 0]
-        sigmas = F.softplus(rest[..., 1:]).expand(-1, -1, 2)  # [B, K, 2]; single sigma repeats
-        return coords, scores, sigmas, kpt, vis
+        sigma_logits = rest[..., 1:].expand(-1, -1, 2)  # [B, K, 2]; a single sigma repeats
+        return coords, scores, sigma_logits, kpt, vis
 
 
 class DistilPose(nn.Module):
@@ -112,9 +114,14 @@ class DistilPose(nn.Module):
             nn.init.zeros_(self.token_proj.bias)
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
-        coords, scores, sigmas, kpt, vis = self.head(self.backbone(images))
+        coords, scores, sigma_logits, kpt, vis = self.head(self.backbone(images))
         if self.token_proj is not None:
             kpt, vis = self.token_proj(kpt), self.token_proj(vis)
         return StudentOutput(
-            coords=coords, scores=scores, sigmas=sigmas, keypoint_tokens=kpt, visual_tokens=vis
+            coords=coords,
+            scores=scores,
+            sigmas=F.softplus(sigma_logits),
+            keypoint_tokens=kpt,
+            visual_tokens=vis,
+            sigma_logits=sigma_logits,
         )

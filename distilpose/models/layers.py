@@ -141,6 +141,12 @@ class ModelConfig:
         return self.head in TOKEN_HEADS
 
     @property
+    def has_sigmas(self) -> bool:
+        """Whether the model predicts sigma_x, sigma_y per joint: every student does (DistilPose's
+        head, the demo's similarity head and DeepPose's confidence head); teachers do not."""
+        return self.role == "student"
+
+    @property
     def token_dim(self) -> int:
         """Width of the tokens a model outputs (after the optional projection)."""
         return self.teacher_dim if self.teacher_dim else self.dim

@@ -116,6 +116,20 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(keys, stacked.unbind(), strict=True))
 
 
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of `params` over ranks in one all-reduce, as DDP does for the
+    model's: for parameters trained outside the DDP module (the loss's RLE flow). A parameter
+    without a gradient on this rank counts as a zero one, so every rank sends the same tensor."""
+    if not _multi_process() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
+        p.grad = g.view_as(p).clone()
+
+
 def global_total(x: torch.Tensor) -> torch.Tensor:
     """A constant (no gradient) summed over ranks inside `across_ranks`; else `x` itself."""
     x = x.detach().clone()

@@ -2,7 +2,11 @@
 
 A run is a `TrainConfig`, a model, a `task(model, batch) -> {"loss": ..., "loss_x": ...}` (timm
 style: the loop backpropagates "loss" and logs every other entry) and a `batches(epoch)` callable
-giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the run directory:
+giving that epoch's batches (dicts of tensors). A task that is an `nn.Module` may hold parameters
+and buffers of its own (the student's RLE flow, its teacher-forward count): its parameters are
+optimized with the model's (their gradients averaged over ranks, as DDP averages the model's),
+and its state is saved in last.pth and restored on resume. `Trainer.fit` writes into the run
+directory:
 
     config.json       the train config and the caller's full resolved config (`meta`), to replay,
                       and the stage's run object ("run", `distilpose.training.runs`) that
@@ -11,7 +15,8 @@ giving that epoch's batches (dicts of tensors). `Trainer.fit` writes into the ru
                       lr, each loss term, samples/s, and whatever `on_epoch_end` returned
     train.log         the same as text lines
     last.pth          model, optimizer, grad scaler, epoch/step and RNG states, the EMA weights,
-                      the best validation AP so far (atomic, loads with weights_only=True);
+                      the best validation AP so far, the task module's state (atomic, loads
+                      with weights_only=True);
                       every `ckpt_every` epochs and `ckpt_every_steps`
     best.pth          with a `validate` function: the weights (the EMA's, with `ema_decay`) of
                       the epoch with the highest validation AP so far
@@ -80,7 +85,13 @@ from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError
 from distilpose.io import MetricsLog, write_text_atomic
 from distilpose.progress import ProgressCounter
-from distilpose.training.distributed import across_ranks, mean_over_ranks, sync_batchnorm, world
+from distilpose.training.distributed import (
+    across_ranks,
+    average_gradients,
+    mean_over_ranks,
+    sync_batchnorm,
+    world,
+)
 from distilpose.training.runs import PER_INVOCATION, run_changes
 
 log = logging.getLogger(__name__)
@@ -374,7 +385,12 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
             )
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # A task module's parameters (RLE's flow) are trained with the model's but live outside
+        # it: not in student.pth, not in the EMA, their gradients averaged over ranks by hand.
+        self.task_module = task.to(self.device) if isinstance(task, nn.Module) else None
+        task_params = self.task_module.parameters() if self.task_module is not None else ()
+        self.task_params = [p for p in task_params if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad] + self.task_params
         self.global_batch = config.batch_size * self.world_size * config.accum_steps
         self.peak_lr = scaled_lr(config, self.global_batch)
         self.optimizer = torch.optim.Adam(
@@ -420,7 +436,14 @@ class Trainer:
             "best": {"AP": self.best_ap, "epoch": self.best_epoch},
             "rng": rng_state(),
             "train_config": asdict(self.config),
+            "task": self._task_state(),
         }
+
+    def _task_state(self) -> dict | None:
+        """The task module's parameters and buffers (None: a plain function, or no state)."""
+        if self.task_module is None or not self.task_module.state_dict():
+            return None
+        return {k: v.detach().cpu() for k, v in self.task_module.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["state_dict"])
@@ -435,6 +458,12 @@ class Trainer:
             if state.get("ema") is None:
                 raise KeyError("no EMA weights in the checkpoint; resume without --ema")
             self.ema.load_state_dict(state["ema"])
+        if state.get("task") is not None:
+            self.task_module.load_state_dict(state["task"])
+        elif self.task_params:  # trained parameters (RLE's flow) cannot be made up
+            raise KeyError("no task state (the RLE flow) in it; resume without that loss")
+        elif self._task_state() is not None:  # a checkpoint saved before tasks kept state
+            log.warning("resume: the checkpoint keeps no task state; its counters restart at 0")
         best = state.get("best") or {}
         self.best_ap = float(best.get("AP", -math.inf))
         self.best_epoch = int(best.get("epoch", 0))
@@ -514,6 +543,8 @@ class Trainer:
         lr = lr_at(self.config, self.epoch, self.step, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.world_size > 1 and self.task_params:  # DDP averages only the model's
+            average_gradients(self.task_params)
         if self.config.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)

@@ -1,7 +1,10 @@
 """Training losses: the paper's distillation objective (Eq. 7) and the teacher's heatmap loss.
 
 ``L = L_reg + a1 L_KT + a2 L_VT + a3 L_SH + a4 L_CS`` with the official weights
-``a1 = a2 = 5e-4, a3 = 1, a4 = 1e-2``. Every loss module returns a dict: ``"loss"`` is the
+``a1 = a2 = 5e-4, a3 = 1, a4 = 1e-2``. One term beyond the paper, ``rle`` (Residual
+Log-likelihood Estimation, `distilpose.training.rle`), is the teacher-free regression objective
+of RLE / SDPose-Reg: alone (``--losses rle``) it trains a student without a teacher, and it
+mixes with the distillation terms like ``reg``. Every loss module returns a dict: ``"loss"`` is the
 weighted sum to backpropagate; each ``"loss_<name>"`` is the UNWEIGHTED value of one term,
 detached, for logging (so curves of different runs compare even when weights differ).
 
@@ -31,6 +34,7 @@ from distilpose.data.codecs import Size, heatmap_values_at, simulated_heatmaps
 from distilpose.errors import BadConfigError
 from distilpose.geometry import PAPER, Geometry
 from distilpose.training.distributed import global_mean, global_total
+from distilpose.training.rle import RLELoss
 
 if TYPE_CHECKING:
     from distilpose.models import StudentOutput
@@ -159,6 +163,11 @@ class DistillationLoss(nn.Module):
       official code's broadcasting quirk is reproduced instead: its ``[N, 1, 1]`` weight times an
       ``[N, H*W]`` map makes every sample's error weighted by the batch mean of ``w^2`` per joint,
       so per-sample masks are not applied.
+    - ``rle``: RLE's negative log-likelihood of the ground truth under the student's predicted
+      coords and sigmas (`RLELoss`, MMPose's residual Laplace form, its sigma the sigmoid of the
+      student's raw sigma channels ``sigma_logits [N, K, 2]``), its flow trained with the
+      student: the flow's parameters are this module's (``self.rle``), so the task holding this
+      loss is trained, saved and resumed with the model (`student_train.train.StudentTask`).
     - ``cs``: L1 between the raw predicted score and the teacher heatmap's value at
       ``round(coords * (W, H))`` (clipped), weighted by the target weight, as the official
       ``ScoreLoss``; the teacher value is replaced by 0 when the prediction lies outside the crop
@@ -184,6 +193,8 @@ class DistillationLoss(nn.Module):
         self.heatmap_size = geometry.heatmap_size
         self.official_sh_weight = official_sh_weight
         self.reg_beta = reg_beta
+        # RLE's flow: parameters trained with the student's (only when the term is on)
+        self.rle = RLELoss() if "rle" in self.weights else None
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, official_sh_weight={self.official_sh_weight}"
@@ -252,6 +263,21 @@ def _reg_term(x: LossInputs, name: str) -> torch.Tensor:
     return regression_loss(x.coords, x.target("coords"), x.weights, beta=x.loss.reg_beta)
 
 
+def _rle_term(x: LossInputs, name: str) -> torch.Tensor:
+    """RLE on the student's predicted sigma channels, as MMPose reads them: sigma = sigmoid of
+    the raw channel, in normalized crop units like the coords. (Read as `sigmas`, softplus in
+    heatmap px, a fresh student's sigma is ~0.7 px = 0.03 of the crop, its residuals ~0.2: the
+    flow's tails then give an NLL ~70 whose gradients fill Adam's second moments, and the coords
+    stay at the mean pose for hundreds of steps; MMPose's sigmoid starts at 0.5.)"""
+    logits = x.student.sigma_logits
+    if logits is None:
+        raise BadConfigError(f"{name} needs the student's sigma logits; the student has none")
+    # float32 also under AMP: the flow's log-determinant sums 6 couplings' scales
+    with torch.autocast(x.device.type, enabled=False):
+        sigmas = torch.sigmoid(logits.float())  # [N, K, 2]
+        return x.loss.rle(x.coords, sigmas, x.target("coords"), x.weights)
+
+
 def _token_term(x: LossInputs, name: str) -> torch.Tensor:
     """MSE between the student's and the teacher's tokens named by the term's one target."""
     (attr,) = LOSS_TERMS[name].targets
@@ -303,26 +329,32 @@ def _cs_term(x: LossInputs, name: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One term of paper Eq. 7."""
+    """One term of the student's objective."""
 
-    weight: float  # the official weight (a1..a4; 1 for reg)
+    weight: float  # the official weight (a1..a4; 1 for reg and MMPose's RLE)
     targets: tuple[str, ...]  # the teacher outputs it reads (store.schema.TEACHER_OUTPUTS)
     compute: Callable[[LossInputs, str], torch.Tensor]  # (inputs, the term's name) -> scalar
+    paper: bool = True  # a term of Eq. 7: in the default `--losses`
+    sigmas: bool = False  # reads the student's predicted sigmas (`ModelConfig.has_sigmas`)
 
 
-# The one table of loss terms, in the paper's order: adding a term is a row here and its
-# function above. Names, default weights, the default `--losses` and the store arrays a run
-# reads are all derived from it.
+# The one table of loss terms, Eq. 7's in the paper's order, then the others: adding a term is a
+# row here and its function above. Names, default weights, the default `--losses`, the store
+# arrays a run reads and whether a term needs a teacher are all derived from it.
 LOSS_TERMS: dict[str, LossTerm] = {
     "reg": LossTerm(1.0, (), _reg_term),
     "kt": LossTerm(5e-4, ("keypoint_tokens",), _token_term),
     "vt": LossTerm(5e-4, ("visual_tokens",), _token_term),
-    "sh": LossTerm(1.0, ("heatmaps",), _sh_term),
+    "sh": LossTerm(1.0, ("heatmaps",), _sh_term, sigmas=True),
     "cs": LossTerm(1e-2, ("heatmaps",), _cs_term),
+    "rle": LossTerm(1.0, (), _rle_term, paper=False, sigmas=True),
 }
 LOSS_NAMES = tuple(LOSS_TERMS)
 DEFAULT_WEIGHTS = {name: term.weight for name, term in LOSS_TERMS.items()}
-DEFAULT_LOSSES = ",".join(LOSS_NAMES)  # every term at its official weight: "reg,kt,vt,sh,cs"
+# Eq. 7, every term at its official weight: "reg,kt,vt,sh,cs"
+DEFAULT_LOSSES = ",".join(name for name, term in LOSS_TERMS.items() if term.paper)
+# the terms that read no teacher output: what a student trains on without a store or a teacher
+TEACHER_FREE = tuple(name for name, term in LOSS_TERMS.items() if not term.targets)
 
 
 class HeatmapLoss(nn.Module):

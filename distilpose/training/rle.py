@@ -16,8 +16,9 @@ nets of two hidden layers of 64 units (LeakyReLU; tanh on the scale), initialise
 standard normal.
 The flow's parameters train with the student's (they live in this module).
 
-Sigmas here are in the units of the coordinates they scale (normalized crop coordinates); the
-student's ``sigmas`` are in heatmap pixels, so the caller divides by the heatmap size first.
+Sigmas here are in the units of the coordinates they scale (normalized crop coordinates). As in
+MMPose, the caller (`losses`' ``rle`` term) makes them the sigmoid of the student's raw sigma
+channels, not the softplus in heatmap pixels the student's ``sigmas`` (and ``sh``) use.
 """
 
 from __future__ import annotations

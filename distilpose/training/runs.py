@@ -239,9 +239,10 @@ class DumpRun(_Run):
 
 @dataclass
 class StudentRun(_Run):
-    """`train_student`: a regression student from a teacher store (student_train.train)."""
+    """`train_student`: a regression student from a teacher store, or from the images with a
+    fresh augmentation every epoch (`store=None`; student_train.train)."""
 
-    store: str | None
+    store: str | None = None  # None: crops from ann_file / images, drawn anew every epoch
     model: str = "distilpose_s"
     out_dir: str = "runs/student"
     # every loss term at its official weight: `losses.DEFAULT_LOSSES`, written out here because
@@ -280,6 +281,7 @@ class StudentRun(_Run):
     lr_scale: str = "none"  # "linear": lr x global batch / 512 (the paper's 8 GPUs x 64)
     backbone_weights: str | None = None  # ImageNet backbone (torchvision/timm keys) to start from
     storage_options: dict | None = None  # fsspec options of a remote `store` (endpoint, profile)
+    recipe: AugmentRecipe | None = None  # no store only: the fresh crops' (None: the paper's)
 
 
 # What a rerun decides for itself rather than inherits from the saved run.
