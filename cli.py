@@ -347,6 +347,7 @@ def train_student(
         str | None, _student("losses", "Loss terms, e.g. reg,kt=5e-4; 'reg' alone: the baseline.")
     ] = None,
     epochs: S.epochs = None,
+    views: Annotated[int | None, _student("views", "Train on the store's first N views.")] = None,
     batch_size: S.batch_size = None,
     lr: S.lr = None,
     warmup_iters: Annotated[

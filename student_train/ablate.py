@@ -13,6 +13,12 @@ Grid file (TOML or JSON), data only, never executed:
     [[run]]                      # TOML; JSON: {"run": [{"name": ..., "losses": ...}, ...]},
     name = "none"                # a list of such objects, or {"name": "losses", ...}
     losses = "reg"               # same syntax as --losses: "reg,kt" or "reg=1,kt=5e-4"
+    lr = 0.01                    # optional, per run (ROW_SETTINGS): lr, batch_size, epochs,
+    views = 4                    # views (train on the store's first N views) and data
+    data = "store"               # (ROW_DATA: the store's views, or fresh crops every epoch)
+
+A row's own settings override the command's for that row, so one grid can compare learning
+rates, batch sizes, view counts or data sources as well as loss terms.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ TABLE6: list[tuple[str, str, float | None]] = [
 TABLE6_TEACHER_AP = 70.4
 TABLE6_COLUMNS = (("sh", "L_SH"), ("cs", "L_CS"))
 PAPER_GRIDS = {"table4": TABLE4, "table6": TABLE6}
+# Settings a grid row may set for itself, with the type each must have.
+ROW_SETTINGS = {"lr": float, "batch_size": int, "epochs": int, "views": int, "data": str}
+# Where a row's crops and targets come from: "store" (the store's cached views and targets),
+# "fresh" (a new augmentation of every person each epoch, rendered from the images with the
+# store's recipe: teacher-free, or with "teacher_online" the store's teacher run on it), and
+# "online" (fresh crops, the store's teacher run at every step: the reference the cache is for).
+ROW_DATA = ("store", "fresh", "online")
 
 
 def load_grid(grid: str | Path) -> list[dict]:
@@ -82,8 +95,31 @@ def load_grid(grid: str | Path) -> list[dict]:
             raise BadConfigError(f"{grid}: run {i} name '{name}' is repeated or not a plain name")
         names.add(name)
         parse_losses(row["losses"])  # unknown terms fail before any training starts
-        runs.append({"name": name, "losses": row["losses"]})
+        settings = _row_settings(row, f"{grid}: run {i}")
+        runs.append({"name": name, "losses": row["losses"], **settings})
     return runs
+
+
+def _row_settings(row: dict, where: str) -> dict:
+    """The ROW_SETTINGS a grid row sets, type-checked; any other key is an error."""
+    unknown = sorted(set(row) - {"name", "losses", *ROW_SETTINGS})
+    if unknown:
+        raise BadConfigError(
+            f"{where}: unknown key(s) {unknown}; expected name, losses and any of "
+            f"{list(ROW_SETTINGS)}"
+        )
+    out = {}
+    for key, kind in ROW_SETTINGS.items():
+        if key not in row:
+            continue
+        value = row[key]
+        number = kind is not str and not isinstance(value, bool)
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and number)
+        if not ok or (number and not value > 0) or (key == "data" and value not in ROW_DATA):
+            want = f"one of {ROW_DATA}" if key == "data" else f"a positive {kind.__name__}"
+            raise BadConfigError(f"{where}: {key} = {value!r}; expected {want}")
+        out[key] = kind(value)
+    return out
 
 
 def reweight(losses: str, weights: str) -> str:
@@ -124,10 +160,10 @@ def _finished(job: dict) -> dict | None:
 def _student_run(job: dict) -> StudentRun:
     """The training run of one combination."""
     s, run_dir = job["settings"], Path(job["run_dir"])
+    fields = {"store": s["store"], **_data_fields(s)}
     return StudentRun(
-        s["store"],
-        s["model"],
-        run_dir,
+        model=s["model"],
+        out_dir=run_dir,
         losses=s["losses"],
         epochs=s["epochs"],
         batch_size=s["batch_size"],
@@ -139,7 +175,31 @@ def _student_run(job: dict) -> StudentRun:
         model_overrides=s.get("model_overrides"),
         lr=s.get("lr", 1e-3),
         schedule=s.get("schedule", "step"),
+        **fields,
     )
+
+
+def _data_fields(s: dict) -> dict:
+    """The StudentRun fields of a row's `views` and `data` (ROW_DATA): fresh crops come from the
+    store's dataset and recipe, the online teacher is the store's (as dump-teacher recorded)."""
+    from distilpose.data import AugmentRecipe
+    from store import StoreReader
+
+    data = s.get("data", "store")
+    if data == "store":
+        return {"views": s["views"]} if "views" in s else {}
+    meta = StoreReader.open(s["store"]).meta
+    out = {"store": None, "ann_file": meta.ann_file, "images": meta.image_root}
+    out["recipe"] = AugmentRecipe.from_dict(meta.recipe)
+    if data == "online":
+        ckpt = meta.extra.get("teacher_ckpt")
+        if not ckpt or not Path(ckpt).is_file():
+            raise BadConfigError(
+                f"data = 'online': the store's teacher checkpoint {ckpt!r} is not at hand; "
+                "expected the file dump-teacher recorded in the store's extra.teacher_ckpt"
+            )
+        out["teacher_online"] = str(ckpt)
+    return out
 
 
 def _evaluate(job: dict, summary: dict) -> dict:
@@ -281,7 +341,7 @@ def ablate(
             "name": r["name"],
             "run_dir": str(out / "runs" / r["name"]),
             "device": devices[i % len(devices)],
-            "settings": {**settings, "losses": r["losses"]},
+            "settings": {**settings, **{k: v for k, v in r.items() if k != "name"}},
         }
         for i, r in enumerate(runs)
     ]

@@ -422,6 +422,7 @@ class StudentBatches:
         device: str | torch.device = "cpu",
         decode: str = "auto",
         storage_options: dict | None = None,
+        views: int | None = None,
     ) -> None:
         self.store = str(store)
         self.storage_options = storage_options  # fsspec options of a remote store
@@ -431,7 +432,7 @@ class StudentBatches:
         # a store with pixels needs neither images nor annotations (online mode re-renders)
         self.pixels = "none" if online else self.meta.pixels
         output = choose_output(self.pixels, self.device, decode) if not online else "images"
-        self.views = int(self.meta.views)
+        self.views = int(views or self.meta.views)  # epoch e trains on view e mod views
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.online = online
         self.fields = INDEX_FIELDS + (("crop_digest",) if verify_digest and not online else ())

@@ -136,9 +136,10 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     return teacher
 
 
-def store_identity(meta: object) -> dict:
-    """The store fields a run depends on: its identity fields and its number of views."""
-    out = {**meta.identity(), "views": meta.views}
+def store_identity(meta: object, views: int | None = None) -> dict:
+    """The store fields a run depends on: its identity fields and the number of views it trains
+    on (`views`, default all the store's: views added later do not change a run on the first N)."""
+    out = {**meta.identity(), "views": views or meta.views}
     return json.loads(json.dumps(out))  # tuples as lists: compared with what config.json holds
 
 
@@ -184,10 +185,11 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
     if not online:  # a loss the store has no target for fails before anything runs
         check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
     reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
-    identity = store_identity(reader.meta)
+    views = check_views(run.views, reader.meta.views, run.store)
+    identity = store_identity(reader.meta, views)
     if run.resume and not run.allow_store_change:
         check_store_unchanged(Path(run.out_dir), run.store, identity)
-    if not run.allow_incomplete and not bool(reader.complete_mask().all()):
+    if not run.allow_incomplete and not bool(reader.complete_mask()[:views].all()):
         raise StoreFormatError(
             f"{run.store}: store is incomplete (dump still running or interrupted); "
             "expected a finished dump, or pass allow_incomplete=True"
@@ -206,8 +208,21 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
         device=resolve_device(run.device, world()[2]),
         decode=run.decode,
         storage_options=run.storage_options,
+        views=views,
     )
     return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
+
+
+def check_views(views: int | None, stored: int, store: str) -> int:
+    """The number of views a run trains on: `views` (its first N), or all `stored` ones."""
+    if views is None:
+        return int(stored)
+    if not 1 <= views <= stored:
+        raise StoreMismatchError(
+            f"views: {views} asked for; the store {store} holds {stored}; expected 1..{stored} "
+            "(add views with dump-teacher --views N)"
+        )
+    return int(views)
 
 
 def check_student_outputs(weights: dict[str, float], student: object) -> None:

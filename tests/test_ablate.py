@@ -122,3 +122,38 @@ def test_demo_weights_grid_file_loads():
     import demo
 
     assert runs[-1]["losses"] == demo.DemoPlan().losses
+
+
+def test_grid_rows_set_their_own_lr_views_and_data(tmp_path):
+    """A row's lr / views / data reach its run: the first N views of the store, or fresh crops
+    (teacher-free) and the online teacher, both drawn with the store's recipe; bad values are
+    one error naming the row."""
+    torch.set_num_threads(1)
+    tiny = build_tiny_store(tmp_path / "tiny", views=2, num_train=16, num_val=4)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        '[[run]]\nname = "v1"\nlosses = "reg,kt"\nviews = 1\nlr = 0.01\n\n'
+        '[[run]]\nname = "fresh"\nlosses = "rle"\ndata = "fresh"\nbatch_size = 4\n\n'
+        '[[run]]\nname = "online"\nlosses = "reg,kt"\ndata = "online"\n'
+    )
+    kw = dict(
+        model="distilpose_tiny", epochs=1, batch_size=8, val_ann=tiny["val_ann"],
+        val_images=tiny["val_images"], device="cpu", workers=0,
+    )  # fmt: skip
+    ablate(tiny["store"], grid, tmp_path / "abl", **kw)
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    meta = {
+        name: json.loads((tmp_path / "abl" / "runs" / name / "config.json").read_text())
+        for name in runs
+    }
+    assert meta["v1"]["run"]["views"] == 1 and meta["v1"]["run"]["lr"] == 0.01
+    assert meta["fresh"]["run"]["store"] is None and meta["fresh"]["run"]["batch_size"] == 4
+    assert meta["online"]["run"]["teacher_online"]
+    stored = load_grid(grid)
+    assert stored[1] == {"name": "fresh", "losses": "rle", "data": "fresh", "batch_size": 4}
+    for bad, match in (("views = 0", "views = 0"), ('data = "cached"', "data"),
+                       ("lr = true", "lr"), ("seeds = 3", "unknown key")):  # fmt: skip
+        grid.write_text(f'[[run]]\nname = "x"\nlosses = "reg"\n{bad}\n')
+        with pytest.raises(BadConfigError, match=match):
+            load_grid(grid)

@@ -81,6 +81,7 @@ def build_tiny_store(
         chunk_samples=8,
         shard_chunks=1,
         mode=mode,
+        extra={"teacher_ckpt": str(ckpt)},  # as dump-teacher records it
     )
     store = root / "store.zarr"
     writer = StoreWriter.create_or_open(store, meta)

@@ -282,6 +282,7 @@ class StudentRun(_Run):
     backbone_weights: str | None = None  # ImageNet backbone (torchvision/timm keys) to start from
     storage_options: dict | None = None  # fsspec options of a remote `store` (endpoint, profile)
     recipe: AugmentRecipe | None = None  # no store only: the fresh crops' (None: the paper's)
+    views: int | None = None  # train on the store's first N views (None: all it holds)
 
 
 # What a rerun decides for itself rather than inherits from the saved run.
