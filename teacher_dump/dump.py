@@ -491,6 +491,9 @@ def dump_teacher(run: DumpRun) -> dict:
     pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
     runs on the decoded crop) so students train without the images; "none" keeps only specs.
     targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
+    mode: "fp16", "lossy", "lossy16" or a compact mode (`store.schema.COMPACT`), whose token
+    bases are fitted on the teacher's outputs for the store's first slots when this run creates
+    the store (`fit_tokens`), then kept.
 
     Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
     loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every

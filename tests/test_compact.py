@@ -146,6 +146,15 @@ def test_compact_store_round_trip(tmp_path, mode):
     assert info["bytes_once"] > 0 and info["nonfinite_total"] == 0
 
 
+def test_heatmap_only_compact_store_needs_no_bases(tmp_path):
+    """A teacher without tokens (SimpleBaseline): windows only, nothing to fit, nothing once."""
+    meta = small_meta(mode="compact", teacher_outputs=("heatmaps",))
+    fill(StoreWriter.create_or_open(tmp_path / "s", meta))
+    r = StoreReader.open(tmp_path / "s")
+    assert r.bases == {} and r.meta.basis_sha256 == "" and "visual_tokens" not in r.specs
+    assert r.read_slots(0, 50)["heatmaps"].shape == (50, K, 8, 6)
+
+
 def test_compact_store_refuses_bad_bases(tmp_path):
     """A basis that is missing, deleted or edited fails at open, naming it; a compact store
     cannot be created without the teacher's tokens to fit on."""
@@ -221,3 +230,12 @@ def test_dump_and_train_student_on_a_compact_store(tmp_path):
     assert {"loss_kt", "loss_vt", "loss_sh", "loss_cs"} <= set(header)
     row = dict(zip(header, lines[-1].split(","), strict=True))
     assert all(np.isfinite(float(row[c])) for c in ("loss_kt", "loss_vt", "loss_sh", "loss_cs"))
+
+
+def test_docs_table_is_the_benchmark_record():
+    """docs/store.md shows benchmarks/results/compact_bench.json as compact_bench writes it."""
+    from benchmarks import compact_bench
+
+    record = json.loads(compact_bench.RECORD.read_text())
+    assert compact_bench.docs_block(record) in compact_bench.DOCS.read_text()
+    assert record["settings"] == {m: list(s) for m, s in COMPACT.items()}
