@@ -294,6 +294,9 @@ class Schedule(str, Enum):
 class StoreMode(str, Enum):
     fp16 = "fp16"
     lossy = "lossy"
+    compact = "compact"  # and two more sizes (store.schema.COMPACT)
+    compact_s = "compact-s"
+    compact_l = "compact-l"
 
 
 class Pixels(str, Enum):

@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/results/latest.md.
 
-    python -m benchmarks [--quick] [--only model,store,dump,train,predict,scale]
+    python -m benchmarks [--quick] [--only model,store,dump,train,predict,scale,compact]
 
 Each benchmark module exposes `run(quick: bool) -> str` (a Markdown section) and also writes its
 own file in benchmarks/results/. This runner adds the machine it ran on, so the numbers can be
@@ -26,6 +26,7 @@ BENCHMARKS = {
     "train": "benchmarks.train_bench",
     "predict": "benchmarks.predict_bench",
     "scale": "benchmarks.scale_bench",
+    "compact": "benchmarks.compact_bench",
 }
 
 

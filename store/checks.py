@@ -11,8 +11,9 @@ import numpy as np
 
 from distilpose.errors import StoreCorruptError
 from distilpose.progress import progress
+from store.compact import BASIS_SUFFIX
 from store.reader import StoreReader, load_store_instances
-from store.schema import PIXELS, TEACHER_OUTPUTS, read_fields
+from store.schema import PIXELS, TEACHER_OUTPUTS, output_shapes, read_fields, shard_key
 
 
 def _disk_bytes(reader: StoreReader) -> int:
@@ -33,6 +34,34 @@ def _array_bytes(reader: StoreReader, name: str) -> int:
             os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
         )
     return int(loc.fs.du(root, total=True)) if loc.fs.exists(root) else 0
+
+
+def bytes_per_view(reader: StoreReader) -> dict:
+    """Stored bytes per sample (one view of one person), measured from the shard files of the
+    complete units (their manifests' sizes; file sizes for version-1 markers), split into
+    target (teacher outputs with their scales or codes), pixel and label bytes (spec, ids,
+    ground truth, digest), plus the bytes stored once per store (a compact store's bases).
+    NaN without complete units. A unit's padding slots store nothing (all fill values)."""
+    units = reader.complete_units().tolist()
+    samples = sum(reader.layout.unit_valid(u) for u in units)
+    kinds = {"target": 0, "pixel": 0, "label": 0}
+    for unit in units:
+        manifest = reader.unit_manifest(unit) or {}
+        for name, array in reader.arrays.items():
+            size = manifest.get(name, [None])[0]
+            if size is None:
+                size = reader.location.file_size(shard_key(array, name, unit))
+            kind = (
+                "pixel" if name == PIXELS
+                else "target" if name.removesuffix("_scale") in TEACHER_OUTPUTS
+                else "label"
+            )  # fmt: skip
+            kinds[kind] += int(size)
+    once = sum(_array_bytes(reader, o + BASIS_SUFFIX) for o in reader.bases)
+    per = {
+        f"{k}_bytes_per_view": v / samples if samples else float("nan") for k, v in kinds.items()
+    }
+    return {**per, "bytes_once": once}
 
 
 def _complete_slots(reader: StoreReader) -> np.ndarray:
@@ -120,8 +149,9 @@ def store_info(
     disk = _disk_bytes(reader)
     fixed = [s for s in reader.specs.values() if s.name != PIXELS]
     stored = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in fixed)
+    decoded = output_shapes(m)  # what a compact store's codes stand for
     fp32 = sum(
-        int(np.prod(s.shape, dtype=np.int64))
+        int(np.prod(decoded.get(s.name, s.shape), dtype=np.int64))
         * (4 if s.name in TEACHER_OUTPUTS else np.dtype(s.dtype).itemsize)
         for s in fixed
         if not s.name.endswith("_scale")
@@ -157,6 +187,7 @@ def store_info(
         "jpeg_quality": m.jpeg_quality,
         "pixel_bytes": pixel_bytes,
         "pixel_bytes_per_sample": pixel_bytes / samples if samples else float("nan"),
+        **bytes_per_view(reader),
     }
     if not samples:
         info.update(nonfinite={}, confidence={})
@@ -413,6 +444,10 @@ def format_store_info(info: dict) -> str:
         f"on disk          {mib:,.1f} MiB, {info['bytes_per_sample'] / 1e3:,.1f} kB/sample, "
         f"compression x{info['compression_ratio']:.2f} "
         f"(x{info['ratio_vs_float32']:.2f} vs float32)",
+        f"per view         {info['target_bytes_per_view'] / 1e3:,.2f} kB teacher targets, "
+        f"{info['pixel_bytes_per_view'] / 1e3:,.2f} kB pixels, "
+        f"{info['label_bytes_per_view'] / 1e3:,.2f} kB labels (complete units; "
+        f"{info['bytes_once'] / 1e3:,.1f} kB once per store)",
     ]
     if info.get("pixels", "none") != "none":
         quality = f" quality {info['jpeg_quality']}" if info["pixels"] == "jpeg" else ""

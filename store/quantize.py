@@ -1,4 +1,5 @@
-"""The lossy modes' codecs: teacher outputs quantized to small integers and back.
+"""The lossy modes' codecs: teacher outputs quantized to small integers and back (the compact
+modes, `store.compact`, use them on their windows and basis coefficients).
 
 `lossy` stores heatmaps as uint8 codes, `lossy16` as uint16; both keep tokens as int8. Each code
 array has a float32 `*_scale` array beside it (`store.schema.array_specs`), filled from what these
@@ -41,12 +42,19 @@ def dequantize_heatmaps(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scale[..., 1, None, None] + scale[..., 0, None, None]
 
 
-def quantize_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[S, T, D] float -> (int8 codes, [S, T] float32 scale): symmetric, per token absmax/127."""
+def quantize_tokens(tokens: np.ndarray, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[S, T, D] float -> (int8 codes, [S, T] scale): symmetric, per token absmax/127.
+
+    The scale is kept as `scale_dtype` (float16 in the compact modes), rounded up where the cast
+    rounds it down, so no code clips and the error stays within half a step."""
     t = tokens.astype(np.float32)
-    scale = np.abs(t).max(-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(t / scale[..., None]), -127, 127).astype(np.int8)
+    exact = np.abs(t).max(-1) / np.float32(127.0)
+    scale = exact.astype(scale_dtype)
+    scale = np.where(
+        scale.astype(np.float32) < exact, np.nextafter(scale, scale_dtype(np.inf)), scale
+    )
+    scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
+    codes = np.clip(np.rint(t / scale.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
     return codes, scale
 
 

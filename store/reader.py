@@ -56,6 +56,7 @@ from distilpose.errors import (
 from distilpose.limits import max_json_bytes
 from distilpose.models.layers import ModelConfig
 from distilpose.training.distributed import rank_rows
+from store import compact
 from store.location import StoreLocation, first_line, is_connection_error
 from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
@@ -108,6 +109,8 @@ class StoreReader:
             self.arrays[name] = arr
         self._complete: np.ndarray | None = None
         self._units_checked: set[int] = set()
+        # compact modes: the token bases, checked against the metadata's digest
+        self.bases = compact.read_bases(group, meta, self.path) if meta.compact() else {}
         # version-1 stores have neither: they read, and store-verify says so
         self.checksums = all(has_checksums(a) for a in self.arrays.values())
         if meta.schema_version >= CHECKSUMS_SINCE and not self.checksums:
@@ -453,12 +456,18 @@ class StoreReader:
         if self.meta.mode == "fp16":
             return codes if dtype is None else codes.astype(dtype)
         scale = np.asarray(raw[name + "_scale"])
-        x = (
-            dequantize_heatmaps(codes, scale)
-            if name == "heatmaps"
-            else dequantize_tokens(codes, scale)
-        )
-        return x if dtype is None else x.astype(dtype)
+        if self.meta.compact():  # back to the full arrays: [n, K, Hh, Wh], [n, T, D]
+            window = compact.HeatmapWindows(self.meta.compact().window)
+            x = (
+                window.decode(codes, scale, self.meta.geometry.heatmap_size)
+                if name == "heatmaps"
+                else self.bases[name].decode(codes, scale)
+            )
+        elif name == "heatmaps":
+            x = dequantize_heatmaps(codes, scale)
+        else:
+            x = dequantize_tokens(codes, scale)
+        return x if dtype is None else x.astype(dtype, copy=False)
 
     def read_slots(
         self,

@@ -1,7 +1,8 @@
 """The teacher store's on-disk format, written down in one place.
 
 (Where a store lives, local or an fsspec URL, and how its markers are listed and written:
-`store.location`. The lossy modes' quantizers: `store.quantize`.)
+`store.location`. The lossy modes' quantizers: `store.quantize`; the compact modes' codecs:
+`store.compact`.)
 
 A store is a zarr v3 group. Its attribute `distilpose_store` holds `StoreMeta`; its arrays all
 have the sample slot as first axis; `complete/u<unit>.json` files mark finished write units.
@@ -36,6 +37,18 @@ Arrays, per slot (K joints, D token dim, P patches, heatmaps Hh x Wh):
 | visual_tokens     | [P, D]      | float16   | int8                                              |
 | visual_tokens_scale   | [P]     | -         | float32 per token                                 |
 | pixels            | []          | bytes     | bytes (only if `pixels` != "none", schema 2)      |
+
+Compact modes (since schema 3; `COMPACT` names them, window w and basis rank r, each row part of
+the format): `heatmaps` uint8 [K, w, w] is the window around each joint's peak and
+`heatmaps_scale` float32 [K, 5] its corner, code offset and step and the mean outside it
+(`store.compact.HEATMAP_PARAMS`); `keypoint_tokens` int8 [K, r] and `visual_tokens` int8
+[P, r] are coefficients in the store's token bases, `*_tokens_scale` float16 per token. The
+bases are stored once per store, not per slot: arrays `keypoint_tokens_basis` [K + r, D] and
+`visual_tokens_basis` [P + r, D] float32 (the mean token of each position, then r orthonormal
+directions), fitted when the store is created on the teacher's outputs for its first
+`FIT_SAMPLES` slots (view 0: a random subset of the people) and written before the metadata;
+`StoreMeta.basis_sha256` is their digest, and a reader refuses bases that do not match it.
+Readers decode every mode back into the arrays above, so the losses need no change.
 
 Geometry: `StoreMeta.geometry` is the teacher's `distilpose.geometry.Geometry`, kept in the
 metadata as its fields (`"geometry": {"input_size": [W, H], "heatmap_size": [Wh, Hh],
@@ -89,6 +102,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,11 +112,28 @@ from distilpose.geometry import PAPER, Geometry
 
 # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
 # unit manifests. Version-1 stores read as before (no pixels, no checksums).
-SCHEMA_VERSION = 2
+# 3: the compact modes (token bases stored once, `basis_sha256`). Versions 1 and 2 have no
+# compact mode and read as before.
+SCHEMA_VERSION = 3
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
-MODES = ("fp16", "lossy", "lossy16")
+
+
+class CompactSettings(NamedTuple):
+    window: int  # heatmap window side (clipped to the heatmap's shorter side)
+    rank: int  # token basis rank (clipped to the token dim)
+
+
+# The compact modes (`store.compact`; why these sizes: docs/store.md, measured by
+# benchmarks/compact_bench.py). Bytes per view at the paper's sizes: about 4, 7 and 13 kB.
+COMPACT = {
+    "compact-s": CompactSettings(7, 8),
+    "compact": CompactSettings(11, 16),
+    "compact-l": CompactSettings(15, 32),
+}
+FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots (4 chunks)
+MODES = ("fp16", "lossy", "lossy16", *COMPACT)
 ZSTD_LEVEL = 1
 ZSTD_LEVEL_CODES = 9  # quantized heatmaps: smooth small integers that reward a harder search
 TEACHER_OUTPUTS = ("heatmaps", "keypoint_tokens", "visual_tokens")
@@ -185,6 +216,7 @@ class StoreMeta:
     pixels: str = "none"  # crop pixels kept in the store: "jpeg", "lossless" or "none"
     jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
     targets_zstd: bool = True  # fp16 teacher outputs zstd-compressed (False: raw, faster reads)
+    basis_sha256: str = ""  # compact modes: digest of the stored token bases (since schema 3)
 
     def __post_init__(self) -> None:
         self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
@@ -254,6 +286,14 @@ class StoreMeta:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
         d = {**d, "geometry": _read_geometry(d, source)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def compact(self) -> CompactSettings | None:
+        """A compact mode's window and rank, clipped to the store's sizes (None: other modes)."""
+        if self.mode not in COMPACT:
+            return None
+        window, rank = COMPACT[self.mode]
+        wh, hh = self.geometry.heatmap_size
+        return CompactSettings(min(window, wh, hh), min(rank, max(self.token_dim, 1)))
 
     def has(self, output: str) -> bool:
         """Whether the store holds teacher output `output` (e.g. "keypoint_tokens")."""
@@ -382,6 +422,8 @@ def shard_key(array: object, name: str, unit: int) -> str:
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     """Every array of a store made with `meta`, in write order."""
+    if meta.compact():
+        return _compact_specs(meta)
     k, d, p = meta.num_keypoints, meta.token_dim, meta.num_patches
     wh, hh = meta.geometry.heatmap_size
     hm_dtype = {"fp16": "float16", "lossy": "uint8", "lossy16": "uint16"}[meta.mode]
@@ -389,13 +431,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     tok_dtype = "float16" if mode_fp16 else "int8"
     target_level = ZSTD_LEVEL if meta.targets_zstd or not mode_fp16 else 0
     specs = [
-        ArraySpec("spec", (8,), "float64"),
-        ArraySpec("instance", (), "int64", -1),
-        ArraySpec("image_id", (), "int64", -1),
-        ArraySpec("ann_id", (), "int64", -1),
-        ArraySpec("keypoints", (k, 2), "float32"),
-        ArraySpec("weights", (k,), "float32"),
-        ArraySpec("crop_digest", (32,), "uint8"),
+        *_label_specs(k),
         ArraySpec(
             "heatmaps", (k, hh, wh), hm_dtype, 0, target_level if mode_fp16 else ZSTD_LEVEL_CODES
         ),
@@ -408,6 +444,48 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
             ArraySpec("keypoint_tokens_scale", (k,), "float32"),
             ArraySpec("visual_tokens_scale", (p,), "float32"),
         ]
+    return _with_pixels(meta, specs)
+
+
+def output_shapes(meta: StoreMeta) -> dict[str, tuple[int, ...]]:
+    """Per-slot shapes of the teacher outputs the store holds, as written and as read back in
+    every mode (a compact store keeps smaller codes: `array_specs`)."""
+    k, d, p = meta.num_keypoints, meta.token_dim, meta.num_patches
+    wh, hh = meta.geometry.heatmap_size
+    shapes = {"heatmaps": (k, hh, wh), "keypoint_tokens": (k, d), "visual_tokens": (p, d)}
+    return {o: shapes[o] for o in meta.teacher_outputs}
+
+
+def _label_specs(k: int) -> list[ArraySpec]:
+    """The arrays every mode stores as they are: spec, ids, ground truth, crop digest."""
+    return [
+        ArraySpec("spec", (8,), "float64"),
+        ArraySpec("instance", (), "int64", -1),
+        ArraySpec("image_id", (), "int64", -1),
+        ArraySpec("ann_id", (), "int64", -1),
+        ArraySpec("keypoints", (k, 2), "float32"),
+        ArraySpec("weights", (k,), "float32"),
+        ArraySpec("crop_digest", (32,), "uint8"),
+    ]
+
+
+def _compact_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
+    """A compact store's arrays: the labels, then the codes and params of the module docstring."""
+    k, p = meta.num_keypoints, meta.num_patches
+    w, r = meta.compact()
+    specs = _label_specs(k) + [
+        ArraySpec("heatmaps", (k, w, w), "uint8", 0, ZSTD_LEVEL_CODES),
+        ArraySpec("keypoint_tokens", (k, r), "int8"),
+        ArraySpec("visual_tokens", (p, r), "int8"),
+        ArraySpec("heatmaps_scale", (k, 5), "float32"),
+        ArraySpec("keypoint_tokens_scale", (k,), "float16"),
+        ArraySpec("visual_tokens_scale", (p,), "float16"),
+    ]
+    return _with_pixels(meta, specs)
+
+
+def _with_pixels(meta: StoreMeta, specs: list[ArraySpec]) -> dict[str, ArraySpec]:
+    """`specs` as array_specs returns them: pixels added where kept, absent outputs dropped."""
     if meta.pixels != "none":
         specs.append(ArraySpec(PIXELS, (), "bytes", b"", zstd_level=0))
     absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales

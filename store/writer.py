@@ -32,7 +32,7 @@ import glob
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -40,6 +40,7 @@ from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.io import fsync_dir, fsync_path
+from store import compact
 from store.location import StoreLocation, marker_name, syncfs
 from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
 from store.remote import check_bucket
@@ -53,6 +54,7 @@ from store.schema import (
     array_compressors,
     array_specs,
     digest_rows,
+    output_shapes,
     quiet_vlen_bytes,
     read_fields,
     shard_key,
@@ -61,6 +63,9 @@ from store.schema import (
 # what a writer must hand over per unit: every readable field except those the layout derives
 # (and, in a store without tokens, the token arrays: see `required_fields`)
 REQUIRED = tuple(f for f in READ_FIELDS if f not in ("slot", "view", "instance"))
+# a compact store's creator: (slot, instance, view) of `compact.fit_samples` -> the teacher's
+# tokens there {output: [n, T, D]} (rows of samples it could not read may be left out)
+FitTokens = Callable[[list[tuple[int, int, int]]], dict[str, np.ndarray]]
 
 
 def required_fields(meta: StoreMeta) -> tuple[str, ...]:
@@ -81,12 +86,19 @@ class StoreWriter:
         self.specs = array_specs(meta)
         self.arrays = {name: group[name] for name in self.specs}
         self.required = required_fields(meta)
+        self.shapes = output_shapes(meta)  # the teacher outputs as handed over (not as stored)
+        self.bases = compact.read_bases(group, meta, self.path) if meta.compact() else {}
 
     # ---- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create_or_open(cls, path: object, meta: StoreMeta, **storage_options) -> StoreWriter:
+    def create_or_open(
+        cls, path: object, meta: StoreMeta, *, fit: FitTokens | None = None, **storage_options
+    ) -> StoreWriter:
         """Create the store at `path`, or reopen it to resume or to add views.
+
+        A compact store with tokens is created with its token bases, fitted on what `fit`
+        returns for `compact.fit_samples` (called only when the store is created).
 
         Refuses (StoreMismatchError) a store whose teacher sha256, seed, annotation digest,
         mode or sizes differ from `meta`; a newer schema is a StoreFormatError. If
@@ -100,7 +112,7 @@ class StoreWriter:
             with _locked(loc):
                 group, stored = _open_existing(loc)
                 if stored is None:
-                    stored = _create(loc, meta)
+                    stored = _create(loc, meta, fit)
                     group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="r+")
                 else:
                     diff = stored.mismatches(meta)
@@ -331,7 +343,7 @@ class StoreWriter:
             if name == "crop_digest":
                 value = digest_rows(value)
             a = _numpy(value)
-            want = self.specs[name].shape
+            want = self.shapes.get(name) or self.specs[name].shape
             if a.ndim != len(want) + 1 or a.shape[1:] != want or a.shape[0] < n:
                 raise StoreFormatError(
                     f"{where} '{name}' has shape {list(a.shape)}; expected [{n}, "
@@ -396,6 +408,12 @@ class StoreWriter:
             half = _half(a)  # NaN stays NaN, overflow becomes inf: both refused
             self._check_finite(half, name, start, instances, view, original=a)
             return {name: half}
+        if self.meta.compact():
+            w = self.meta.compact().window
+            codec = compact.HeatmapWindows(w) if name == "heatmaps" else self.bases[name]
+            q, scale = codec.encode(a)
+            self._check_finite(scale, name + "_scale", start, instances, view, original=a)
+            return {name: q, name + "_scale": scale}
         if name == "heatmaps":
             q, scale = quantize_heatmaps(a, heatmap_bits(self.meta.mode))
         else:
@@ -549,7 +567,7 @@ def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | N
 
 
 @quiet_vlen_bytes()  # pixel stores: the one array of variable-length bytes
-def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
+def _create(loc: StoreLocation, meta: StoreMeta, fit: FitTokens | None = None) -> StoreMeta:
     meta = StoreMeta.from_dict(meta.to_dict())
     # a small dataset gets smaller units rather than mostly padding
     meta.shard_chunks = max(
@@ -571,9 +589,32 @@ def _create(loc: StoreLocation, meta: StoreMeta) -> StoreMeta:
             compressors=array_compressors(spec),
             overwrite=True,  # only an interrupted creation left anything here
         )
+    bases = _fit_bases(loc, meta, layout, fit)
+    if bases:
+        meta.basis_sha256 = compact.write_bases(group, bases)
+    names = [*array_specs(meta), *(o + compact.BASIS_SUFFIX for o in bases)]
+    if loc.is_local:  # the bases' data must reach the disk before the metadata names them
+        for o in bases:
+            for d, _, files in os.walk(os.path.join(loc.root, o + compact.BASIS_SUFFIX)):
+                for f in files:
+                    fsync_path(os.path.join(d, f))
     group.attrs.update({META_KEY: meta.to_dict()})  # last: a store is valid once this exists
-    _sync_metadata(loc, ["zarr.json", *(f"{n}/zarr.json" for n in array_specs(meta))])
+    _sync_metadata(loc, ["zarr.json", *(f"{n}/zarr.json" for n in names)])
     return meta
+
+
+def _fit_bases(
+    loc: StoreLocation, meta: StoreMeta, layout: StoreLayout, fit: FitTokens | None
+) -> dict:
+    """A new compact store's token bases, fitted on `fit`'s tokens ({} for other stores)."""
+    if not meta.compact() or not compact.token_outputs(meta):
+        return {}
+    if fit is None:
+        raise StoreFormatError(
+            f"{loc}: a {meta.mode} store's token bases are fitted on the teacher's first outputs "
+            "when it is created; expected it created by dump-teacher (StoreWriter fit=...)"
+        )
+    return compact.fit_bases(meta, fit(compact.fit_samples(layout)))
 
 
 @quiet_vlen_bytes()

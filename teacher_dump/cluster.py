@@ -43,6 +43,7 @@ from teacher_dump.dump import (
     dump_loader,
     dump_setup,
     dump_summary,
+    fit_tokens,
     load_teacher,
     on_device,
     plan_units,
@@ -128,7 +129,7 @@ def dump_unit(job: UnitJob, unit: int) -> dict:
     plan = plan_units(writer, mine, [], job.run.batch_size)
     tally = DumpTally()
     with _COMPUTE:
-        loader = dump_loader(setup, plan, writer, job.run.seed, 0, dev)  # no processes here
+        loader = dump_loader(setup, plan, writer.meta, job.run.seed, 0, dev)  # no processes here
         parts = [run_batch(teacher, b, setup.outputs, dev, writer, tally) for b in loader]
     writer.write_unit(unit, unit_arrays(parts))  # marks the unit complete and drops its claim
     return {**empty, "samples": plan.unit_size[unit], "skipped": tally.skipped,
@@ -188,7 +189,9 @@ def dump_on_cluster(run: DumpRun) -> dict:
             "other: the cluster's scheduler spreads the units itself"
         )
     setup = dump_setup(run)
-    writer = StoreWriter.create_or_open(run.out, setup.meta, **(run.storage_options or {}))
+    # a compact store's bases are fitted here, on the CPU, when this creates the store
+    fit = fit_tokens(setup, setup.teacher, torch.device("cpu"), run.batch_size)
+    writer = StoreWriter.create_or_open(run.out, setup.meta, fit=fit, **(run.storage_options or {}))
     units = writer.pending_units(shard=tuple(run.shard))
     job = UnitJob(run, setup.meta, setup.meta.teacher_sha256, uuid.uuid4().hex[:12])
     name = str(run.out).rstrip("/").rsplit("/")[-1]

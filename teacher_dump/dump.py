@@ -55,7 +55,7 @@ from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
-from distilpose.progress import ProgressCounter
+from distilpose.progress import ProgressCounter, progress
 from distilpose.training.distributed import world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
@@ -208,14 +208,37 @@ def store_bytes(writer: StoreWriter) -> int:
 
 
 def _open_store(
-    out: str, meta: StoreMeta, world_size: int, rank: int, options: dict | None
+    out: str, meta: StoreMeta, world_size: int, rank: int, options: dict | None, fit=None
 ) -> StoreWriter:
-    """Create or reopen the store; under torchrun rank 0 creates it, the others wait."""
+    """Create or reopen the store; under torchrun rank 0 creates it (and fits a compact
+    store's bases with `fit`), the others wait."""
     if world_size == 1:
-        return StoreWriter.create_or_open(out, meta, **(options or {}))
-    writer = StoreWriter.create_or_open(out, meta, **(options or {})) if rank == 0 else None
+        return StoreWriter.create_or_open(out, meta, fit=fit, **(options or {}))
+    first = StoreWriter.create_or_open(out, meta, fit=fit, **(options or {})) if rank == 0 else None
     dist.barrier()
-    return writer or StoreWriter.create_or_open(out, meta, **(options or {}))
+    return first or StoreWriter.create_or_open(out, meta, **(options or {}))
+
+
+def fit_tokens(setup: DumpSetup, teacher: nn.Module, dev: torch.device, batch_size: int):
+    """The `fit` a compact store is created with: the teacher's tokens on the given samples,
+    rendered and batched as the dump renders them (batches from the unit's first slot), rows
+    of unreadable images left out. Runs only when the store is created."""
+
+    def fit(samples: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+        batches = [list(range(b, min(b + batch_size, len(samples))))
+                   for b in range(0, len(samples), batch_size)]  # fmt: skip
+        plan = DumpPlan([], [], samples=samples, batches=batches)
+        tokens = [o for o in setup.outputs if o != "heatmaps"]
+        parts: dict[str, list] = {o: [] for o in tokens}
+        loader = dump_loader(setup, plan, setup.meta, setup.meta.seed, 0, dev)
+        for batch in progress(loader, len(batches), "fit compact bases", "batches"):
+            result = _forward(teacher, batch["images"], dev)
+            ok = np.array([not e for e in batch["error"]])
+            for o in tokens:
+                parts[o].append(getattr(result, o).float().cpu().numpy()[ok])
+        return {o: np.concatenate(p) for o, p in parts.items()}
+
+    return fit
 
 
 @dataclass
@@ -442,13 +465,14 @@ def on_device(teacher: nn.Module, dev: torch.device) -> nn.Module:
 
 
 def dump_loader(
-    setup: DumpSetup, plan: DumpPlan, writer: StoreWriter, seed: int, workers: int, dev
+    setup: DumpSetup, plan: DumpPlan, meta: StoreMeta, seed: int, workers: int, dev
 ) -> DataLoader:
-    """Batches of `plan` rendered by `workers` processes (0: in this process)."""
+    """Batches of `plan` rendered by `workers` processes (0: in this process), with the pixels
+    of the store `meta` describes."""
     cfg = setup.config
     dataset = DumpCrops(
         setup.instances, plan.samples, setup.recipe, seed, cfg.input_size, cfg.num_keypoints,
-        pixels=writer.meta.pixels, jpeg_quality=writer.meta.jpeg_quality,
+        pixels=meta.pixels, jpeg_quality=meta.jpeg_quality,
     )  # fmt: skip
     return DataLoader(
         dataset,
@@ -467,6 +491,9 @@ def dump_teacher(run: DumpRun) -> dict:
     pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
     runs on the decoded crop) so students train without the images; "none" keeps only specs.
     targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
+    mode: "fp16", "lossy", "lossy16" or a compact mode (`store.schema.COMPACT`), whose token
+    bases are fitted on the teacher's outputs for the store's first slots when this run creates
+    the store (`fit_tokens`), then kept.
 
     Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
     loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every
@@ -492,10 +519,11 @@ def dump_teacher(run: DumpRun) -> dict:
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")  # barriers are all the ranks need from each other
-    writer = _open_store(out, setup.meta, world_size, rank, run.storage_options)
-    plan = plan_dump(writer, shard, batch_size)
     teacher = on_device(setup.teacher, dev)
-    loader = dump_loader(setup, plan, writer, run.seed, run.workers, dev)
+    fit = fit_tokens(setup, teacher, dev, batch_size)
+    writer = _open_store(out, setup.meta, world_size, rank, run.storage_options, fit)
+    plan = plan_dump(writer, shard, batch_size)
+    loader = dump_loader(setup, plan, writer.meta, run.seed, run.workers, dev)
     name = out.rstrip("/").rsplit("/")[-1]
     tally = dump_loop(teacher, loader, plan, writer, setup.outputs, dev, name)
     if world_size > 1:

@@ -223,7 +223,7 @@ def test_simplebaseline_store_trains_and_evaluates_a_deeppose_student(tmp_path):
         "--images", data["train_images"], "--out", store, "--workers", 0, "--device", "cpu",
     )  # fmt: skip
     reader = StoreReader.open(store)
-    assert reader.meta.teacher_outputs == ("heatmaps",) and reader.meta.schema_version == 2
+    assert reader.meta.teacher_outputs == ("heatmaps",) and reader.meta.schema_version == 3
     assert not any("tokens" in name for name in reader.arrays)
     assert "heatmaps" in reader.read_chunk(0, 2) and "visual_tokens" not in reader.read_chunk(0, 2)
     with pytest.raises(StoreFormatError, match="teacher .simplebaseline_tiny. has no keypoint tok"):

@@ -99,7 +99,7 @@ def dumped(tmp_path_factory) -> dict:
 def test_stored_pixels_and_targets_are_what_the_teacher_saw(dumped):
     reader = StoreReader.open(dumped["store"])
     m = reader.meta
-    assert m.pixels == "jpeg" and m.jpeg_quality == 95 and m.schema_version == 2
+    assert m.pixels == "jpeg" and m.jpeg_quality == 95 and m.schema_version == 3
     x = reader.read_slots(0, reader.layout.num_slots(m.views))
     real = np.flatnonzero(x["instance"] >= 0)
     assert len(real) == 2 * m.num_instances

@@ -1,0 +1,234 @@
+"""The compact modes' codecs (since schema 3): what the losses use, in a few kilobytes a view.
+
+Two small codec objects, in the style of MMPose's keypoint codecs (`encode` -> stored arrays,
+`decode` -> the training target), pure numpy; the writer encodes, the reader decodes back into
+the full arrays, so the losses and `train-student` see [K, Hh, Wh] heatmaps and [T, D] tokens
+as in every other mode.
+
+`HeatmapWindows`: per sample and joint, the w x w window around the heatmap's peak (its first
+argmax, the window shifted inside the map at the borders) as uint8 codes with the lossy mode's
+quantizer (`store.quantize.quantize_heatmaps`: offset and step per window, the peak keeps its
+argmax), plus the window's corner and the mean of the heatmap outside it. Decoding fills the
+outside with that mean, so the decoded map has the teacher's total mass and the same argmax.
+Why this keeps what the losses read: `sh` compares the teacher map with a Gaussian simulated at
+the student's prediction, `cs` reads the teacher map at it; both weigh the teacher map where the
+student predicts, which training brings to the peak, and the tail outside a window of 2.5 to 3.5
+sigma (sigma 2 heatmap pixels at 64x48) holds about 1% of the map's energy.
+
+`TokenBasis`: tokens [T, D] as codes in a basis fitted on the dump's first samples
+(`store.schema.FIT_SAMPLES`, stored once per store): a mean per token position [T, D] (the
+positional part: keypoint token k, patch p) and the top-r principal directions [r, D] of what is
+left, pooled over positions. A token is its r coefficients, int8 with a per-token scale
+(float16, rounded up so no code clips): error = the part outside the basis + half a step per
+coefficient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from distilpose.errors import StoreCorruptError, StoreFormatError
+from store.quantize import (
+    dequantize_heatmaps,
+    dequantize_tokens,
+    quantize_heatmaps,
+    quantize_tokens,
+)
+from store.schema import FIT_SAMPLES, ArraySpec, StoreLayout, StoreMeta, array_compressors
+
+# heatmaps_scale columns of a compact store: window corner (x0, y0), code offset and step, and
+# the mean value outside the window
+HEATMAP_PARAMS = ("x0", "y0", "offset", "step", "outside")
+
+
+@dataclass(frozen=True)
+class HeatmapWindows:
+    """Heatmaps [S, K, H, W] <-> a w x w window per joint: uint8 codes [S, K, w, w] and
+    float32 params [S, K, 5] (`HEATMAP_PARAMS`)."""
+
+    window: int  # w; at most the heatmap's shorter side
+
+    def encode(self, heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = np.asarray(heatmaps, dtype=np.float32)
+        s, k, hh, wh = h.shape
+        w = self.window
+        if not 1 <= w <= min(hh, wh):
+            raise ValueError(f"window {w} does not fit {wh}x{hh} heatmaps")
+        py, px = np.divmod(h.reshape(s, k, -1).argmax(-1), wh)  # [S, K] the first argmax
+        x0 = np.clip(px - w // 2, 0, wh - w)
+        y0 = np.clip(py - w // 2, 0, hh - w)
+        windows = h[_window_index(x0, y0, w)]  # [S, K, w, w]
+        outside_n = hh * wh - w * w
+        total = h.sum((2, 3), dtype=np.float64)
+        inside = windows.sum((2, 3), dtype=np.float64)
+        outside = (total - inside) / outside_n if outside_n else np.zeros_like(total)
+        codes, scale = quantize_heatmaps(windows, 8)  # [S, K, w, w], [S, K, 2]
+        params = np.concatenate(
+            [np.stack([x0, y0], -1).astype(np.float32), scale, outside[..., None]], -1
+        )
+        return codes, params.astype(np.float32)
+
+    def decode(self, codes: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(codes, params) -> heatmaps [S, K, H, W] float32; `size` = (W, H)."""
+        wh, hh = size
+        s, k = codes.shape[:2]
+        out = np.empty((s, k, hh, wh), dtype=np.float32)
+        out[:] = params[..., 4, None, None]
+        x0, y0 = params[..., 0].astype(np.int64), params[..., 1].astype(np.int64)
+        out[_window_index(x0, y0, self.window)] = dequantize_heatmaps(codes, params[..., 2:4])
+        return out
+
+
+def _window_index(x0: np.ndarray, y0: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
+    """Fancy index of the w x w windows at corners (x0, y0) [S, K] of [S, K, H, W] maps."""
+    s, k = x0.shape
+    ar = np.arange(w)
+    return (
+        np.arange(s)[:, None, None, None],
+        np.arange(k)[None, :, None, None],
+        (y0[..., None] + ar)[..., :, None],
+        (x0[..., None] + ar)[..., None, :],
+    )
+
+
+@dataclass(frozen=True)
+class TokenBasis:
+    """Tokens [S, T, D] <-> int8 codes [S, T, r] and float16 scales [S, T] in a fitted basis.
+
+    mean [T, D]: the mean token of each position; basis [r, D]: orthonormal rows."""
+
+    mean: np.ndarray
+    basis: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return len(self.basis)
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, rank: int) -> TokenBasis:
+        """PCA of tokens [S, T, D]: per-position mean, then the top `rank` eigenvectors of the
+        pooled residuals' covariance (any rank <= D: directions the samples do not span get
+        eigenvalue 0 and stay orthonormal). Signs fixed (largest entry positive): deterministic."""
+        x = np.asarray(tokens, dtype=np.float64)
+        d = x.shape[-1]
+        if not 1 <= rank <= d:
+            raise ValueError(f"rank {rank}: expected 1..{d} (the token dim)")
+        mean = x.mean(0)
+        res = (x - mean).reshape(-1, d)
+        _, vecs = np.linalg.eigh(res.T @ res)  # ascending eigenvalues
+        basis = vecs[:, ::-1][:, :rank].T  # [r, D]
+        pick = np.abs(basis).argmax(1)
+        basis *= np.sign(basis[np.arange(rank), pick])[:, None]
+        return cls(mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
+
+    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        coeffs = (np.asarray(tokens, dtype=np.float32) - self.mean) @ self.basis.T  # [S, T, r]
+        return quantize_tokens(coeffs, np.float16)
+
+    def decode(self, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """[S, T, D] float32."""
+        return dequantize_tokens(codes, scale.astype(np.float32)) @ self.basis + self.mean
+
+    def to_array(self) -> np.ndarray:
+        """[T + r, D] float32: the mean rows, then the basis rows (how a store keeps it)."""
+        return np.concatenate([self.mean, self.basis]).astype(np.float32)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray, positions: int) -> TokenBasis:
+        a = np.asarray(a, dtype=np.float32)
+        return cls(a[:positions], a[positions:])
+
+
+def bases_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of stored bases {output: [T + r, D] float32}, in sorted name order: the store's
+    metadata keeps it, so a basis that is missing, zeroed or edited is refused, never used."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
+        h.update(f"{name}:{list(a.shape)}:".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ---- the bases in a store (zarr arrays beside the per-slot ones, written once) ---------------
+
+BASIS_SUFFIX = "_basis"  # array `<output>_basis` [T + r, D] float32
+
+
+def token_outputs(meta: StoreMeta) -> tuple[str, ...]:
+    """The token outputs a compact store keeps bases for (none in a heatmap-only store)."""
+    return tuple(o for o in meta.teacher_outputs if o != "heatmaps")
+
+
+def positions(meta: StoreMeta, output: str) -> int:
+    """T of a token output: K keypoint tokens or P visual tokens."""
+    return meta.num_keypoints if output == "keypoint_tokens" else meta.num_patches
+
+
+def fit_samples(layout: StoreLayout) -> list[tuple[int, int, int]]:
+    """(slot, instance, view) of the samples the bases are fitted on: the first `FIT_SAMPLES`
+    slots of view 0, a random subset of the people (the slots are a permutation)."""
+    n = min(layout.n, FIT_SAMPLES)
+    return [(j, int(i), 0) for j, i in enumerate(layout.view_permutation(0)[:n])]
+
+
+def fit_bases(meta: StoreMeta, tokens: dict[str, np.ndarray]) -> dict[str, TokenBasis]:
+    """Bases of rank `meta.compact().rank` for the teacher's tokens {output: [n, T, D]}."""
+    rank = meta.compact().rank
+    bases = {}
+    for output in token_outputs(meta):
+        t = np.asarray(tokens.get(output, np.empty(0)))
+        want = (positions(meta, output), meta.token_dim)
+        if t.ndim != 3 or t.shape[1:] != want or not len(t) or not np.isfinite(t).all():
+            raise StoreFormatError(
+                f"{output} to fit the compact basis on: {list(t.shape)}; expected finite [n, "
+                f"{want[0]}, {want[1]}] with n >= 1 (the teacher's outputs on the first slots)"
+            )
+        bases[output] = TokenBasis.fit(t, rank)
+    return bases
+
+
+def write_bases(group: object, bases: dict[str, TokenBasis]) -> str:
+    """Create the basis arrays in a new store's zarr group; returns their digest."""
+    arrays = {o + BASIS_SUFFIX: b.to_array() for o, b in bases.items()}
+    for name, a in arrays.items():
+        spec = ArraySpec(name, a.shape, "float32")
+        group.create_array(
+            name, shape=a.shape, chunks=a.shape, dtype="float32",
+            compressors=array_compressors(spec), overwrite=True,
+        )  # fmt: skip
+        group[name][...] = a
+    return bases_digest(arrays)
+
+
+def read_bases(group: object, meta: StoreMeta, where: str) -> dict[str, TokenBasis]:
+    """A compact store's bases, checked against `meta.basis_sha256`: a basis missing, deleted
+    (zarr would read zeros), damaged or edited is refused (StoreCorruptError), never used."""
+    arrays = {}
+    for output in token_outputs(meta):
+        name = output + BASIS_SUFFIX
+        try:
+            arrays[name] = np.asarray(group[name][...], dtype=np.float32)
+        except KeyError:
+            raise StoreCorruptError(
+                f"{where}: array '{name}' (the compact token basis) is missing; expected it "
+                "beside the codes (restore the store from a copy or rerun the dump into a new one)"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - zarr's checksum and decode errors
+            raise StoreCorruptError(
+                f"{where}: array '{name}' (the compact token basis) cannot be read "
+                f"({type(e).__name__}); expected intact data (restore the store from a copy)"
+            ) from None
+    if arrays and bases_digest(arrays) != meta.basis_sha256:
+        raise StoreCorruptError(
+            f"{where}: the compact token bases {sorted(arrays)} differ from the digest in the "
+            f"store's metadata (basis_sha256 {meta.basis_sha256[:12] or 'empty'}...); expected "
+            "the bases written with the store (restore it from a copy or rerun the dump)"
+        )
+    return {
+        o: TokenBasis.from_array(arrays[o + BASIS_SUFFIX], positions(meta, o))
+        for o in token_outputs(meta)
+    }
