@@ -216,12 +216,22 @@ def _evaluate(job: dict, summary: dict) -> dict:
         config=InferConfig(device=job["device"]),
         out_json=run_dir / "results.json",
     )
+    from distilpose.evaluation.metrics import keypoint_errors, load_coco
+
+    errors = keypoint_errors(
+        load_coco(s["val_ann"]), json.loads((run_dir / "results.json").read_text())
+    )
     result = {
         "name": job["name"],
         "settings": s,
         "losses": parse_losses(s["losses"]),
         "ap": _ap(metrics),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+        "pck": round(errors["PCK"], 4),
+        "pixel_error": round(errors["pixel_error"], 2),
+        "train_s": summary.get("time_s"),
+        "mode": summary.get("mode"),
+        "teacher_forwards": summary.get("teacher_forwards", 0),
         "checkpoint": summary["checkpoint"],
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,212 @@
+"""Grids on the demo's student and budget: the teacher-free baseline and the views curve.
+
+    python -m benchmarks.demo_grids teacher-free [--seeds 0,1,2] [--quick] [--out DIR]
+    python -m benchmarks.demo_grids views [--seeds 0,1,2] [--quick] [--out DIR]
+
+Each grid is a file, `benchmarks/grids/<name>.toml`, run by `student_train.ablate.ablate` (what
+`distilpose ablate --grid FILE` runs) on the demo's data (`demo.DemoPlan` sizes, data seed 0)
+and one store of the shipped demo teacher, dumped with as many views as the grid reads, with
+the demo student's model, epochs, batch, lr and cosine schedule; a row's own settings (lr,
+batch_size, views, data) override these. Every row trains on the first seed; the rows named by
+`REPEAT` (the grid's reference rows, and the best row of the first seed) train on every seed.
+
+The record, `benchmarks/results/<name>_grid.{md,json}`: per row its settings, AP (mean and
+spread = max - min over the seeds it ran), AP50, PCK, px error, train wall time and teacher
+forwards (a store row: the views it reads x people, paid once at dump time; an online row: one
+per sample per step). The views grid also draws AP against views with the online teacher's
+line (docs/images/views_curve.png). Two students train at a time, one per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+GRIDS = ROOT / "benchmarks" / "grids"
+PLOT = ROOT / "docs" / "images" / "views_curve.png"
+# rows trained on every seed besides the first seed's best: the references a reader compares
+REPEAT = {"teacher-free": ("reg",), "views": ("v2", "online")}
+
+
+def demo_store(out: Path, plan: object, views: int) -> dict:
+    """The demo's data (seed 0) and a store of the shipped teacher with `views` views (views
+    are added to an existing store, the old ones untouched)."""
+    from distilpose.data import MILD_RECIPE, make_demo_data
+    from distilpose.training.runs import DumpRun
+    from distilpose.weights import demo_teacher_path
+    from teacher_dump.dump import dump_teacher
+
+    data = make_demo_data(out / "data", num_train=plan.num_train, num_val=plan.num_val, seed=0)
+    run = DumpRun(
+        demo_teacher_path(), data["train_ann"], data["train_images"], out / "store",
+        views=views, seed=0, device="cpu", recipe=MILD_RECIPE, workers=0,
+    )  # fmt: skip
+    dump_teacher(run)
+    return {**data, "store": str(out / "store")}
+
+
+def grid_views(rows: list[dict], plan: object) -> int:
+    """The most views any row of a grid reads (store rows without `views` read the plan's)."""
+    return max(int(r.get("views", plan.views)) for r in rows)
+
+
+def run_seed(grid: list[dict], data: dict, plan: object, seed: int, out: Path) -> list[dict]:
+    """Every row of `grid` trained and evaluated with `seed` (ablate, two at a time)."""
+    from student_train.ablate import ablate
+
+    path = out / f"grid_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run": grid}))
+    ablate(
+        data["store"], path, out / f"seed{seed}", model="distilpose_demo",
+        epochs=plan.student_epochs, batch_size=plan.batch_size, lr=plan.lr, schedule="cosine",
+        val_ann=data["val_ann"], val_images=data["val_images"], val_dets=data["val_dets"],
+        device="cpu", seed=seed, parallel=min(2, len(grid)), workers=0,
+    )  # fmt: skip
+    return json.loads((out / f"seed{seed}" / "ablation.json").read_text())["runs"]
+
+
+def summarize(rows: list[dict], results: dict[str, list[dict]], people: int, plan) -> list[dict]:
+    """Per row: settings, AP mean / spread over its seeds, the other figures' means."""
+    table = []
+    for row in rows:
+        got = results.get(row["name"], [])
+        if not got:
+            continue
+        aps = [r["ap"] for r in got]
+        views = int(row.get("views", plan.views))
+        forwards = got[0]["teacher_forwards"] or (
+            views * people if row.get("data", "store") == "store" else 0
+        )
+        table.append(
+            {
+                **{k: v for k, v in row.items()},
+                "seeds": [r["settings"]["seed"] for r in got],
+                "ap": statistics.fmean(aps),
+                "ap_spread": max(aps) - min(aps),
+                "aps": aps,
+                "ap50": statistics.fmean(r["metrics"]["AP50"] for r in got),
+                "pck": statistics.fmean(r["pck"] for r in got),
+                "pixel_error": statistics.fmean(r["pixel_error"] for r in got),
+                "train_s": statistics.fmean(r["train_s"] for r in got),
+                "teacher_forwards": forwards,
+            }
+        )
+    return table
+
+
+def format_record(name: str, table: list[dict], plan: object, quick: bool, wall: float) -> str:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        f"## Demo grid: {name} (recorded)",
+        "",
+        f"`python -m benchmarks.demo_grids {name}{' --quick' if quick else ''}`: "
+        f"distilpose_demo, {plan.num_train} people, {plan.student_epochs} epochs of batch "
+        f"{plan.batch_size}, lr {plan.lr:g} (cosine) unless the row says otherwise; evaluated on "
+        f"{plan.num_val} val people with detections and flip test.",
+        f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in all.",
+        "AP = mean over the seeds the row ran; spread = max - min over them.",
+        "",
+        "| row | losses | data | views | lr | batch | seeds | AP | spread | AP50 | PCK | px err "
+        "| train s | teacher fwd |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['name']} | {r['losses']} | {r.get('data', 'store')} | "
+            f"{r.get('views', plan.views) if r.get('data', 'store') == 'store' else '-'} | "
+            f"{r.get('lr', plan.lr):g} | {r.get('batch_size', plan.batch_size)} | "
+            f"{','.join(map(str, r['seeds']))} | {r['ap']:.3f} | {r['ap_spread']:.3f} | "
+            f"{r['ap50']:.3f} | {r['pck']:.3f} | {r['pixel_error']:.2f} | {r['train_s']:.0f} | "
+            f"{r['teacher_forwards']:,} |"
+        )
+    best = max(table, key=lambda r: r["ap"])
+    lines += ["", f"Best row: **{best['name']}** (AP {best['ap']:.3f} over seeds {best['seeds']})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_views(table: list[dict], path: Path) -> None:
+    """AP against stored views (log 2 axis), with the online teacher's mean and spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = sorted(
+        (r for r in table if r.get("data", "store") == "store"), key=lambda r: r["views"]
+    )
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.errorbar(
+        [r["views"] for r in store], [r["ap"] for r in store],
+        yerr=[[r["ap"] - min(r["aps"]) for r in store], [max(r["aps"]) - r["ap"] for r in store]],
+        marker="o", capsize=3, label="cached views",
+    )  # fmt: skip
+    for r in table:
+        if r.get("data") == "online":
+            ax.axhline(r["ap"], color="C1", label="online teacher, fresh views")
+            ax.axhspan(min(r["aps"]), max(r["aps"]), color="C1", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("views per person in the store")
+    ax.set_ylabel("student AP (demo val)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from demo import QUICK_DEMO, DemoPlan
+    from student_train.ablate import load_grid
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("grid", choices=sorted(REPEAT))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--quick", action="store_true", help="The --quick demo's sizes.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo_grids"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    plan = QUICK_DEMO if args.quick else DemoPlan()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = load_grid(GRIDS / f"{args.grid.replace('-', '_')}.toml")
+    out = args.out / (args.grid + ("_quick" if args.quick else ""))
+    start = time.perf_counter()
+    data = demo_store(out, plan, grid_views(rows, plan))
+    results: dict[str, list[dict]] = {}
+    for i, seed in enumerate(seeds):
+        if i == 0:
+            todo = rows
+        else:
+            best = max(rows, key=lambda r: results[r["name"]][0]["ap"])["name"]
+            todo = [r for r in rows if r["name"] in {*REPEAT[args.grid], best}]
+        for r in run_seed(todo, data, plan, seed, out):
+            results.setdefault(r["name"], []).append(r)
+    people = plan.num_train
+    table = summarize(rows, results, people, plan)
+    wall = time.perf_counter() - start
+    suffix = "_quick" if args.quick else ""
+    record = format_record(args.grid, table, plan, args.quick, wall)
+    name = args.grid.replace("-", "_")
+    (RESULTS / f"{name}_grid{suffix}.md").write_text(record)
+    (RESULTS / f"{name}_grid{suffix}.json").write_text(
+        json.dumps({"plan": asdict(plan), "rows": table}, indent=2, default=str)  # fmt: skip
+    )
+    if args.grid == "views":
+        plot_views(table, PLOT if not args.quick else PLOT.with_name("views_curve_quick.png"))
+    print(record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
