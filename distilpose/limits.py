@@ -10,6 +10,7 @@ variable for the rare legitimate giant:
 | JSON nesting           | Python's recursion limit     | (sys.setrecursionlimit)       |
 | JSON integer length    | 4300 digits (Python's guard) | PYTHONINTMAXSTRDIGITS         |
 | image pixels           | 89,478,485 (Pillow's guard)  | DISTILPOSE_MAX_IMAGE_PIXELS   |
+| --config file size     | 1024 KiB                     | DISTILPOSE_MAX_CONFIG_KB      |
 
 Image sizes are read from the file header (Pillow, lazily: no pixel is decoded) before OpenCV
 decodes anything, so a valid 30000x30000 PNG costs a header read, not gigabytes.
@@ -29,6 +30,8 @@ from distilpose.errors import BadImageError, BadInputError
 _PIL_LOCK = threading.Lock()  # Pillow's own pixel guard is a global we lift while reading
 DEFAULT_MAX_JSON_MB = 2048
 DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's decompression-bomb guard
+CONFIG_LIMIT_ENV = "DISTILPOSE_MAX_CONFIG_KB"
+DEFAULT_MAX_CONFIG_KB = 1024  # a config file of options is a few hundred bytes
 
 
 def _env_int(name: str, default: int) -> int:
@@ -41,6 +44,10 @@ def _env_int(name: str, default: int) -> int:
 
 def max_json_bytes() -> int:
     return _env_int("DISTILPOSE_MAX_JSON_MB", DEFAULT_MAX_JSON_MB) << 20
+
+
+def max_config_bytes() -> int:
+    return _env_int(CONFIG_LIMIT_ENV, DEFAULT_MAX_CONFIG_KB) << 10
 
 
 def max_image_pixels() -> int:

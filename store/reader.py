@@ -74,6 +74,8 @@ from store.schema import (
 )
 
 DEFAULT_FIELDS = READ_FIELDS
+# the ModelConfig fields check_student compares (dim and teacher_dim: the token width)
+STUDENT_SIZES = ("input_size", "heatmap_size", "patch_size", "num_keypoints", "dim", "teacher_dim")
 Views = int | Sequence[int] | None
 
 
@@ -216,8 +218,16 @@ class StoreReader:
 
         Checks input_size, heatmap_size, num_keypoints, and where both store and student have
         tokens (`ModelConfig.has_tokens`), the token dim (`ModelConfig.token_dim`: teacher_dim if
-        the student projects its tokens, else dim) and the patch grid and count.
+        the student projects its tokens, else dim) and the patch grid and count. A dict must
+        give every size (a missing one is refused, never taken from a default or the store).
         """
+        if not isinstance(config, ModelConfig):
+            missing = [k for k in STUDENT_SIZES if k not in config]
+            if missing:
+                raise StoreMismatchError(
+                    f"{self.path}: student config lacks {', '.join(missing)}; expected every "
+                    f"size ({', '.join(STUDENT_SIZES)}) given, as ModelConfig.to_dict() has them"
+                )
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         m, mine, theirs = self.meta, self.meta.geometry, cfg.geometry
         problems = []

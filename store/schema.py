@@ -93,6 +93,7 @@ from functools import lru_cache
 import numpy as np
 
 from distilpose import __version__
+from distilpose.data.crop import AugmentRecipe
 from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.geometry import PAPER, Geometry
 
@@ -253,6 +254,13 @@ class StoreMeta:
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
         d = {**d, "geometry": _read_geometry(d, source)}
+        try:  # the dump wrote AugmentRecipe.to_dict(): anything else is an edit or damage
+            AugmentRecipe.from_dict(d.get("recipe", {}))
+        except BadConfigError as e:
+            raise StoreFormatError(
+                f"{source}: store metadata {e}, as the dump writes it (was its zarr.json "
+                "edited or damaged?)"
+            ) from None
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def has(self, output: str) -> bool:

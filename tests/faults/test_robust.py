@@ -1,0 +1,187 @@
+"""Round two of bad inputs (issue 24): values of the wrong type or range, memory bounds,
+messages that name the file, store, array and slot, and waits that end.
+
+Each case is one `error: ...` line and exit code 1 (or a BadConfigError / StoreFormatError line
+from the Python API), reproduced as a user meets it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_student_train import build_tiny_store  # noqa: E402
+
+import cli  # noqa: E402
+from cli_support import MAX_CONFIG_NODES, load_config_file  # noqa: E402
+from distilpose.data.crop import AugmentRecipe  # noqa: E402
+from distilpose.errors import BadConfigError, StoreFormatError  # noqa: E402
+from store import StoreReader  # noqa: E402
+
+runner = CliRunner()
+
+
+def one_line_error(result) -> str:
+    """The single line a failing command printed; asserts exit code 1 and no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_store(tmp_path_factory.mktemp("tiny"), views=1, num_train=8, num_val=2)
+    torch.set_num_threads(n)
+
+
+def copy_store(tiny: dict, tmp_path: Path) -> Path:
+    dst = tmp_path / "store.zarr"
+    shutil.copytree(tiny["store"], dst)
+    return dst
+
+
+def edit_meta(store: Path, **changes) -> None:
+    doc = json.loads((store / "zarr.json").read_text())
+    meta = doc["attributes"]["distilpose_store"]
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        target = meta
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+# ---- config files: encoding and memory ------------------------------------------------------
+
+
+@pytest.mark.reliability(
+    case="--config file that is not UTF-8",
+    outcome="one line naming the file and the offending byte, exit 1",
+)
+def test_non_utf8_config_names_the_file(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"ep\xffochs = 3\n")
+    line = one_line_error(runner.invoke(cli.app, ["train-student", "--config", str(config)]))
+    assert line == (
+        f"error: {config}: not UTF-8 text (byte 0xff at offset 2); expected a TOML or YAML "
+        "file saved as UTF-8"
+    )
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """`losses:` a list of lists of aliases: 10^levels values once expanded."""
+    lines = ["losses:", "  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(1, levels):
+        lines.append(f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.reliability(
+    case="YAML alias bomb under a known option (losses: lists of lists of aliases)",
+    outcome="one line naming the file and the alias's line, exit 1, within 20 MB of memory",
+)
+def test_yaml_alias_bomb_is_refused_within_a_memory_bound(tmp_path):
+    pytest.importorskip("yaml")
+    config = tmp_path / "bomb.yaml"
+    config.write_text(_alias_bomb())
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadConfigError, match=r"YAML alias at line 3, column 10"):
+            load_config_file(config, "train-student")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, peak
+    line = one_line_error(runner.invoke(cli.app, ["train-student", "--config", str(config)]))
+    assert line.startswith(f"error: {config}: YAML alias at line 3")
+
+
+@pytest.mark.reliability(
+    case="YAML config of 300,000 values or nested 300,000 deep (no alias, under 1 MiB)",
+    outcome="one line naming the file (the value cap / nesting), within 20 MB of memory",
+)
+@pytest.mark.parametrize("shape", ["wide", "deep"])
+def test_large_yaml_config_is_refused_within_a_memory_bound(tmp_path, shape):
+    pytest.importorskip("yaml")
+    config = tmp_path / "c.yaml"
+    n = 300_000  # 600 kB of text, under the 1 MiB file limit
+    body = ",".join(["[]"] * n) if shape == "wide" else "[" * n + "]" * n
+    config.write_text(f"losses: [{body}]\n")
+    expect = f"more than {MAX_CONFIG_NODES:,} values" if shape == "wide" else "nested more than"
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadConfigError, match=expect):
+            load_config_file(config, "train-student")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, peak
+
+
+@pytest.mark.reliability(
+    case="--config file above the size limit (1 MiB)",
+    outcome="one line naming the file and the limit; it is not read beyond the limit",
+)
+def test_config_file_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILPOSE_MAX_CONFIG_KB", "1")
+    config = tmp_path / "c.toml"
+    config.write_text("# padding\n" * 200 + "epochs = 3\n")
+    line = one_line_error(runner.invoke(cli.app, ["train-student", "--config", str(config)]))
+    assert "larger than the limit of 1,024 bytes" in line and "DISTILPOSE_MAX_CONFIG_KB" in line
+
+
+def test_a_huge_bad_value_gives_a_short_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("losses = [" + ", ".join(["[]"] * 50_000) + "]\n")
+    line = one_line_error(runner.invoke(cli.app, ["train-student", "--config", str(config)]))
+    assert line.startswith(f"error: {config}: StudentRun.losses: got [[], [],") and len(line) < 300
+
+
+# ---- augmentation recipes -------------------------------------------------------------------
+
+BAD_RECIPES = [
+    ({"flip_prob": "yes"}, "recipe.flip_prob: got 'yes' (str); expected a number"),
+    ({"flip_prob": 1.5}, "recipe.flip_prob: got 1.5; expected a probability between 0 and 1"),
+    ({"rotation_factor": float("nan")}, "recipe.rotation_factor: got nan; expected finite"),
+    ({"scale_factor": 1.0}, "recipe.scale_factor: got 1.0; expected at least 0 and below 1"),
+    ({"half_body_min_joints": 8.5}, "recipe.half_body_min_joints: got 8.5 (float); expected an"),
+    ({"rotation_prob": True}, "recipe.rotation_prob: got True (bool); expected a number"),
+    ({"flip": 0.5}, "recipe: unknown key(s) flip; expected keys among"),
+]
+
+
+@pytest.mark.parametrize("recipe, error", BAD_RECIPES, ids=[str(r) for r, _ in BAD_RECIPES])
+def test_recipe_values_are_checked(recipe, error):
+    with pytest.raises(BadConfigError) as e:
+        AugmentRecipe.from_dict(recipe)
+    assert str(e.value).startswith(error)
+
+
+@pytest.mark.reliability(
+    case='store metadata recipe.flip_prob edited to "yes"',
+    outcome="refused at open (store-info and train-student): one line naming store and field",
+)
+def test_store_recipe_of_the_wrong_type_is_refused(tiny, tmp_path):
+    store = copy_store(tiny, tmp_path)
+    edit_meta(store, **{"recipe.flip_prob": "yes"})
+    expect = f"{store}: store metadata recipe.flip_prob: got 'yes' (str); expected a number"
+    with pytest.raises(StoreFormatError, match="recipe.flip_prob"):
+        StoreReader.open(store)
+    args = ["train-student", "--store", str(store), "--model", "distilpose_tiny", "--out"]
+    args += [str(tmp_path / "run"), "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    assert one_line_error(runner.invoke(cli.app, args)).startswith(f"error: {expect}")
+    assert one_line_error(runner.invoke(cli.app, ["store-info", str(store)])).startswith(
+        f"error: {expect}"
+    )
