@@ -25,7 +25,6 @@ to score 0) would otherwise draw several skeletons per person.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,6 +38,7 @@ import torch
 from distilpose.device import resolve_device
 from distilpose.errors import BadAnnotationError, BadCheckpointError, BadConfigError
 from distilpose.inference.sources import Frame
+from distilpose.limits import MAX_COORD, load_json
 
 Boxes = tuple[np.ndarray, np.ndarray]  # ([N, 4] x, y, w, h image px, [N] scores)
 Detector = Callable[[Sequence[Frame]], list[Boxes]]
@@ -221,16 +221,24 @@ class WholeImage:
         return out
 
 
+def _is_number(value: object) -> bool:
+    """A finite JSON number (not a bool: true is no coordinate)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object, path: object, n: int, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadAnnotationError(f"{path}: entry {n} '{key}' is {value!r:.40}; expected an integer")
+
+
 class BoxesFile:
     """Person boxes from a COCO detections JSON file (format in the module docstring); the
     whole file is checked when it is opened, before any image is read."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            raise BadAnnotationError(f"{path}: not a readable JSON file ({e})") from e
+        entries = load_json(self.path, BadAnnotationError, "boxes")
         if not isinstance(entries, list):
             raise BadAnnotationError(f"{path}: expected a JSON list of box entries")
         self.matched = False  # whether any frame asked for so far had entries
@@ -239,24 +247,30 @@ class BoxesFile:
         for n, entry in enumerate(entries):
             if not isinstance(entry, dict) or "bbox" not in entry:
                 raise BadAnnotationError(f"{path}: entry {n} has no 'bbox'; expected [x, y, w, h]")
-            if int(entry.get("category_id", 1)) != 1:
+            if _integer(entry.get("category_id", 1), path, n, "category_id") != 1:
                 continue
             bbox = entry["bbox"]
             if (
                 not isinstance(bbox, list | tuple)
                 or len(bbox) != 4
-                or not all(isinstance(v, int | float) for v in bbox)
+                or not all(_is_number(v) and abs(v) <= MAX_COORD for v in bbox)
                 or bbox[2] <= 0
                 or bbox[3] <= 0
             ):
                 raise BadAnnotationError(
-                    f"{path}: entry {n} 'bbox' is {bbox!r}; expected [x, y, w, h] with w, h > 0"
+                    f"{path}: entry {n} 'bbox' is {bbox!r:.80}; expected [x, y, w, h] with "
+                    f"w, h > 0 (finite, within {MAX_COORD:g} px)"
                 )
-            record = (n, [float(v) for v in bbox], float(entry.get("score", 1.0)))
+            score = entry.get("score", 1.0)
+            if not _is_number(score):
+                raise BadAnnotationError(
+                    f"{path}: entry {n} 'score' is {score!r:.40}; expected a number"
+                )
+            record = (n, [float(v) for v in bbox], float(score))
             if "file_name" in entry:
                 self.by_name[Path(str(entry["file_name"])).name].append(record)
             elif "image_id" in entry:
-                self.by_id[int(entry["image_id"])].append(record)
+                self.by_id[_integer(entry["image_id"], path, n, "image_id")].append(record)
             else:
                 raise BadAnnotationError(
                     f"{path}: entry {n} names no image; expected 'file_name' or 'image_id'"

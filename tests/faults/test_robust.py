@@ -185,3 +185,73 @@ def test_store_recipe_of_the_wrong_type_is_refused(tiny, tmp_path):
     assert one_line_error(runner.invoke(cli.app, ["store-info", str(store)])).startswith(
         f"error: {expect}"
     )
+
+
+# ---- JSON memory ----------------------------------------------------------------------------
+
+COCO_MINI = Path(__file__).resolve().parents[1] / "data" / "coco_mini"
+JUNK = {  # one element of each shape, repeated: from 1.5 to 30 bytes of memory per byte parsed
+    "empty lists": "[]",
+    "empty objects": "{}",
+    "nested": '{"a":{"b":[[0]]}}',
+    "short strings": '"ab"',
+    "distinct keys": None,  # {"k0":1,"k1":1,...}
+    "floats": "1.5e300",
+    "ints": "9" * 18,
+    "wide strings": '"\U0001f600a"',
+}
+
+
+def _junk(shape: str, n: int = 100_000) -> str:
+    if shape == "distinct keys":
+        return "{" + ",".join(f'"k{i}":1' for i in range(n)) + "}"
+    return "[" + ",".join([JUNK[shape]] * n) + "]"
+
+
+def test_json_memory_estimate_bounds_what_parsing_costs():
+    """The estimate is an upper bound of json.loads's allocations (tracemalloc), on the test
+    data's real COCO files and on junk of every shape; a real file estimates under 8 bytes
+    per byte, so the 2048 MiB default takes COCO train (238 MB) and refuses 512 MiB of junk."""
+    from distilpose.limits import json_memory_estimate, max_json_bytes, max_json_memory
+
+    assert max_json_bytes() == 512 << 20 and max_json_memory() == 2048 << 20
+    real = sorted((COCO_MINI / "annotations").glob("*.json"))
+    texts = {p.name: p.read_bytes() for p in real} | {s: _junk(s).encode() for s in JUNK}
+    for name, data in texts.items():
+        for form in (data, data.decode()):
+            tracemalloc.start()
+            json.loads(form)
+            cost = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert cost <= json_memory_estimate(form), (name, type(form), cost)
+    for p in real:
+        assert json_memory_estimate(texts[p.name]) < 8 * len(texts[p.name])
+    assert json_memory_estimate(_junk("empty lists").encode()) > 30 * 300_000
+
+
+@pytest.mark.reliability(
+    case="annotation file with one huge junk value (a list of 1M empty lists, 3 MB)",
+    outcome="refused before parsing: one line naming the file, the estimate and the memory "
+    "limit (DISTILPOSE_MAX_JSON_MEMORY_MB); memory used: the file's bytes",
+)
+def test_huge_junk_json_value_is_refused_before_parsing(tmp_path, monkeypatch):
+    from distilpose.data import load_coco_instances
+    from distilpose.errors import BadAnnotationError
+
+    doc = json.loads((COCO_MINI / "annotations" / "person_keypoints.json").read_text())
+    text = json.dumps(doc)[:-1] + ', "junk": ' + _junk("empty lists", 1_000_000) + "}"
+    ann = tmp_path / "ann.json"
+    ann.write_text(text)
+    monkeypatch.setenv("DISTILPOSE_MAX_JSON_MEMORY_MB", "64")  # the 3 MB file needs ~120 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadAnnotationError) as e:
+            load_coco_instances(ann, COCO_MINI / "images")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(f"{ann}: JSON would take about ")
+    assert "over the limit of 64 MiB" in str(e.value) and "DISTILPOSE_MAX_JSON_MEMORY_MB" in str(
+        e.value
+    )
+    assert peak < 2 * len(text), peak  # the bytes read, never the parse
