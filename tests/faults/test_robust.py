@@ -23,7 +23,7 @@ from test_student_train import build_tiny_store  # noqa: E402
 import cli  # noqa: E402
 from cli_support import MAX_CONFIG_NODES, load_config_file  # noqa: E402
 from distilpose.data.crop import AugmentRecipe  # noqa: E402
-from distilpose.errors import BadConfigError, StoreFormatError  # noqa: E402
+from distilpose.errors import BadConfigError, StoreCorruptError, StoreFormatError  # noqa: E402
 from store import StoreReader  # noqa: E402
 
 runner = CliRunner()
@@ -255,3 +255,88 @@ def test_huge_junk_json_value_is_refused_before_parsing(tmp_path, monkeypatch):
         e.value
     )
     assert peak < 2 * len(text), peak  # the bytes read, never the parse
+
+
+# ---- messages that name the store, array and slot -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory) -> dict:
+    from faults.test_integrity import pixel_store
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield pixel_store(tmp_path_factory.mktemp("pixels"))
+    torch.set_num_threads(n)
+
+
+def _raw_batch(store: str) -> tuple[object, dict]:
+    from student_train.data import StudentBatches
+
+    batches = StudentBatches(store, batch_size=8, workers=0)
+    return batches, next(iter(batches.dataset(0).source))
+
+
+@pytest.mark.reliability(
+    case="corrupt JPEG (truncated, or 0 bytes) inside a pixel shard whose crc32c is valid",
+    outcome="one StoreCorruptError line naming store, array 'pixels', slot and instance",
+)
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_undecodable_stored_crop_names_store_array_and_slot(pixels, damage):
+    from student_train.data import decode_on_device
+
+    batches, raw = _raw_batch(pixels["store"])
+    data = raw["pixels"][2]
+    half = data[: len(data) // 2]
+    raw["pixels"] = raw["pixels"].copy()
+    raw["pixels"][2] = half + bytes(len(data) - len(half)) if damage == "truncated" else b""
+    slot, inst = int(raw["slot"][2]), int(raw["instance"][2])
+    size = len(data) if damage == "truncated" else 0
+    expect = (
+        f"{pixels['store']}: array 'pixels' slot {slot} (instance {inst}): the stored jpeg crop "
+        f"of {size} bytes does not decode ("
+    )
+    with pytest.raises(StoreCorruptError) as e:
+        batches.renderer(raw)
+    assert str(e.value).startswith(expect) and "\n" not in str(e.value)
+    # the GPU path's worker output (JPEG bytes), decoded here on the CPU: the same line
+    batches.renderer.output = "jpeg"
+    try:
+        batch = batches.renderer(raw)
+    finally:
+        batches.renderer.output = "images"
+    with pytest.raises(StoreCorruptError) as e:
+        decode_on_device(batch, torch.device("cpu"), pixels["store"])
+    assert str(e.value).startswith(expect)
+
+
+def test_crops_of_another_format_than_the_metadata_says_blame_the_metadata(pixels):
+    """A metadata `pixels` edit (jpeg -> lossless) was a bare zstd error."""
+    batches, raw = _raw_batch(pixels["store"])
+    batches.renderer.pixels = "lossless"
+    with pytest.raises(StoreFormatError) as e:
+        batches.renderer(raw)
+    assert str(e.value) == (
+        f"{pixels['store']}: array 'pixels' slot {int(raw['slot'][0])} (instance "
+        f"{int(raw['instance'][0])}) holds a jpeg crop, but the store metadata says pixels "
+        "'lossless'; expected the metadata the dump wrote (was zarr.json edited?)"
+    )
+
+
+@pytest.mark.reliability(
+    case="edited chunk shape in an array's zarr.json (heatmaps: 8 -> 4 slots per chunk)",
+    outcome="refused at open (store-verify, training): the metadata disagrees with the layout, "
+    "not 'damaged data'",
+)
+def test_edited_chunk_shape_is_named_as_a_layout_mismatch(tiny, tmp_path):
+    store = copy_store(tiny, tmp_path)
+    path = store / "heatmaps" / "zarr.json"
+    doc = json.loads(path.read_text())
+    doc["codecs"][0]["configuration"]["chunk_shape"][0] = 4
+    path.write_text(json.dumps(doc))
+    expect = f"{store}: array 'heatmaps' has chunks [4, 17, "
+    with pytest.raises(StoreFormatError) as e:
+        StoreReader.open(store)
+    assert str(e.value).startswith(expect) and "needs chunks [8, 17, " in str(e.value)
+    line = one_line_error(runner.invoke(cli.app, ["store-verify", str(store)]))
+    assert line.startswith(f"error: {expect}")
