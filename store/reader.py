@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from distilpose.errors import (
     StoreConnectionError,
@@ -56,7 +55,7 @@ from distilpose.errors import (
 from distilpose.limits import max_json_bytes
 from distilpose.models.layers import ModelConfig
 from distilpose.training.distributed import rank_rows
-from store.location import StoreLocation, first_line, is_connection_error
+from store.location import StoreLocation, first_line, is_connection_error, run_settled
 from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
     CHECKSUMS_SINCE,
@@ -327,7 +326,7 @@ class StoreReader:
         async def read_all():
             return await asyncio.gather(*(read_one(n) for n in names))
 
-        raw = dict(zip(names, sync(read_all()), strict=True))
+        raw = dict(zip(names, run_settled(read_all()), strict=True))
         if complete:
             self.check_rows(raw, start, stop)
         out: dict[str, np.ndarray] = {}

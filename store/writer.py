@@ -36,11 +36,10 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.io import fsync_dir, fsync_path
-from store.location import StoreLocation, marker_name, syncfs
+from store.location import StoreLocation, marker_name, run_settled, syncfs
 from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
 from store.remote import check_bucket
 from store.schema import (
@@ -183,7 +182,7 @@ class StoreWriter:
                     )
                 )
 
-            sync(write_all())
+            run_settled(write_all())
             if self.location.is_local:
                 self._fsync_unit(unit)
             self.location.write_marker(

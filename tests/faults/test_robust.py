@@ -340,3 +340,68 @@ def test_edited_chunk_shape_is_named_as_a_layout_mismatch(tiny, tmp_path):
     assert str(e.value).startswith(expect) and "needs chunks [8, 17, " in str(e.value)
     line = one_line_error(runner.invoke(cli.app, ["store-verify", str(store)]))
     assert line.startswith(f"error: {expect}")
+
+
+# ---- nothing after the error line -----------------------------------------------------------
+
+# The fault injection, and only it, wraps zarr's local store: from the FAIL_AT-th shard request
+# on, requests fail (ENOSPC writing, EIO reading), the later ones only after a second, as a full
+# disk's or a failing drive's sibling requests of one shard still under way would.
+_FAULTY_STORE = """
+import asyncio, errno, os, sys
+import zarr.storage
+
+op, fail_at = os.environ["FAULT_OP"], int(os.environ["FAIL_AT"])
+seen = [0]
+code = errno.ENOSPC if op == "_set" else errno.EIO
+original = getattr(zarr.storage.LocalStore, op)
+
+async def faulty(self, key, *args, **kwargs):
+    if "/c/" in key:
+        seen[0] += 1
+        if seen[0] >= fail_at:
+            if seen[0] > fail_at:
+                await asyncio.sleep(1.0)
+            raise OSError(code, os.strerror(code), os.path.join(str(self.root), key))
+    return await original(self, key, *args, **kwargs)
+
+setattr(zarr.storage.LocalStore, op, faulty)
+import cli
+sys.argv = ["distilpose", *sys.argv[1:]]
+cli.app()
+"""
+
+
+@pytest.mark.reliability(
+    case="disk full mid-dump (ENOSPC on a shard while its siblings are still being written), "
+    "and a read error mid-training",
+    outcome="the one error line and nothing after it: no traceback, no 'Task was destroyed "
+    "but it is pending!' (the store's pending requests are awaited)",
+)
+@pytest.mark.parametrize("command", ["dump-teacher", "train-student"])
+def test_nothing_is_printed_after_the_error_line(tiny, tmp_path, command):
+    import subprocess
+
+    if command == "dump-teacher":
+        op, fail_at = "_set", 3
+        args = ["dump-teacher", "--teacher", tiny["teacher"], "--ann", tiny["train_ann"]]
+        args += ["--images", tiny["train_images"], "--out", str(tmp_path / "store"), "--views"]
+        args += ["2", "--chunk-samples", "8", "--workers", "0", "--device", "cpu"]
+        expect = "error: "
+    else:
+        op, fail_at = "get", 2
+        args = ["train-student", "--store", tiny["store"], "--model", "distilpose_tiny"]
+        args += ["--out", str(tmp_path / "run"), "--batch-size", "8", "--device", "cpu"]
+        args += ["--epochs", "1", "--workers", "0"]
+        expect = f"error: {tiny['store']}"
+    env = {"FAULT_OP": op, "FAIL_AT": str(fail_at), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULTY_STORE, *args],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith(expect) and ("No space left" in lines[0] or op == "get"), lines
