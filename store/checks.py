@@ -15,26 +15,6 @@ from store.reader import StoreReader, load_store_instances
 from store.schema import PIXELS, TEACHER_OUTPUTS, read_fields
 
 
-def _disk_bytes(reader: StoreReader) -> int:
-    loc = reader.location
-    if loc.is_local:
-        return sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(loc.root) for f in files
-        )
-    return int(loc.fs.du(loc.root, total=True))
-
-
-def _array_bytes(reader: StoreReader, name: str) -> int:
-    """Bytes on disk of one array's files."""
-    loc = reader.location
-    root = loc.join(name)
-    if loc.is_local:
-        return sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
-        )
-    return int(loc.fs.du(root, total=True)) if loc.fs.exists(root) else 0
-
-
 def _complete_slots(reader: StoreReader) -> np.ndarray:
     chunks = reader.chunks(None, allow_incomplete=True)
     if not chunks:
@@ -117,7 +97,7 @@ def store_info(
     ]
     chunks = reader.chunks(None, allow_incomplete=True)
     samples = sum(b - a for a, b in chunks)
-    disk = _disk_bytes(reader)
+    disk = reader.location.tree_bytes()
     fixed = [s for s in reader.specs.values() if s.name != PIXELS]
     stored = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in fixed)
     fp32 = sum(
@@ -126,7 +106,7 @@ def store_info(
         for s in fixed
         if not s.name.endswith("_scale")
     )
-    pixel_bytes = _array_bytes(reader, PIXELS) if PIXELS in reader.specs else 0
+    pixel_bytes = reader.location.tree_bytes(PIXELS) if PIXELS in reader.specs else 0
     disk_targets = disk - pixel_bytes  # compression ratios are of the fixed-size arrays
     info = {
         "path": str(path),

@@ -172,6 +172,20 @@ class StoreLocation:
         except FileNotFoundError:
             return 0
 
+    def tree_bytes(self, *parts: str) -> int:
+        """Bytes of every file under a folder of the store (the whole store without `parts`);
+        0 if it does not exist. Remote: one `du` within the remote timeout."""
+        root = self.join(*parts) if parts else self.root
+        if self.is_local:
+            return sum(
+                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
+            )
+        try:
+            size = self.remote(self.fs.du, root, True, what=f"sizing {'/'.join(parts) or 'it'}")
+        except FileNotFoundError:
+            return 0
+        return int(size or 0)
+
     def file_crc32c(self, relpath: str) -> tuple[int, int]:
         """(size, crc32c) of a file of the store; (0, 0) if it does not exist."""
         import google_crc32c

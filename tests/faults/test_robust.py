@@ -405,3 +405,155 @@ def test_nothing_is_printed_after_the_error_line(tiny, tmp_path, command):
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1, done.stdout + done.stderr
     assert lines[0].startswith(expect) and ("No space left" in lines[0] or op == "get"), lines
+
+
+# ---- every wait ends ------------------------------------------------------------------------
+
+_STUCK = """
+import fcntl, os, sys, time
+sys.path[:0] = [{root!r}, {faults!r}]
+from test_store_faults import small_meta
+from store import StoreWriter
+w = StoreWriter.create_or_open(sys.argv[1], small_meta(views=1, n=16))
+print(w.claim([0])[0], flush=True)  # holds unit 0, alive, and never writes it
+lock = open(os.path.join(sys.argv[1], ".lock"), "a+")
+fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # and the metadata lock
+time.sleep(60)
+"""
+
+
+@pytest.mark.reliability(
+    case="a writer's unit claimed (and the metadata lock held) by a live but stuck process",
+    outcome="the waiting writer stops after DISTILPOSE_CLAIM_TIMEOUT (30 min) with one line "
+    "naming the unit, the pid and the lock file",
+)
+def test_a_stuck_writer_is_waited_for_only_so_long(tmp_path, monkeypatch):
+    import subprocess
+
+    from faults.test_store_faults import small_meta
+    from store import StoreWriter
+
+    faults = Path(__file__).resolve().parent
+    code = _STUCK.format(root=str(faults.parents[1]), faults=str(faults))
+    store = tmp_path / "s"
+    writer = StoreWriter.create_or_open(store, small_meta(views=1, n=16))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"[0]"
+        assert writer.claim([0]) == ([], [0])
+        with pytest.raises(StoreFormatError) as e:
+            writer.wait_for([0], poll_s=0.05, timeout_s=0.5)
+        assert str(e.value).startswith(
+            f"{store}: waited 0.5 s for 1 unit(s) claimed by other writers (unit 0: pid "
+            f"{holder.pid}, alive) with none finished"
+        )
+        monkeypatch.setenv("DISTILPOSE_CLAIM_TIMEOUT", "0.5")
+        with pytest.raises(StoreFormatError) as e:
+            StoreWriter.create_or_open(store, small_meta(views=1, n=16))
+        assert str(e.value).startswith(
+            f"{store / '.lock'}: waited 0.5 s for the store's metadata lock"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+        writer.release()
+
+
+@pytest.mark.reliability(
+    case="remote store-info whose size listing (du) never answers, all reads answering",
+    outcome="one line 'no answer within 0.5 s (sizing it)' after DISTILPOSE_REMOTE_TIMEOUT "
+    "(the size went around the remote timeouts: a hang)",
+)
+def test_remote_store_info_size_has_the_remote_timeout(tiny, monkeypatch):
+    import threading
+    import time
+
+    import fsspec
+    from faults.test_integrity import _Memory, _to_memory
+
+    release = threading.Event()
+
+    class SilentSize(_Memory):
+        protocol = ("silentsize",)
+
+        def du(self, path, *args, **kwargs):
+            release.wait(30)  # bounded: the stuck thread ends by itself
+            return super().du(path, *args, **kwargs)
+
+    fsspec.register_implementation("silentsize", SilentSize, clobber=True)
+    _to_memory(Path(tiny["store"]), "h2du")
+    monkeypatch.setenv("DISTILPOSE_REMOTE_TIMEOUT", "0.5")
+    try:
+        t0 = time.perf_counter()
+        line = one_line_error(runner.invoke(cli.app, ["store-info", "silentsize://h2du"]))
+        assert line.startswith("error: silentsize://h2du: no answer within 0.5 s (sizing it)")
+        assert time.perf_counter() - t0 < 20
+    finally:
+        release.set()
+        fsspec.filesystem("memory").rm("/h2du", recursive=True)
+
+
+@pytest.fixture()
+def local_http(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www, and a socket that accepts and never
+    answers: (base URL, silent URL)."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        yield www, f"http://127.0.0.1:{server.server_port}", silent.getsockname()[1]
+    finally:
+        server.shutdown()
+        silent.close()
+
+
+@pytest.mark.reliability(
+    case="detector weight download from a server that accepts and never answers",
+    outcome="one line naming the detector, 'no answer from the server within 0.5 s' "
+    "(DISTILPOSE_DOWNLOAD_TIMEOUT) and the file to fetch; nothing left in the cache",
+)
+def test_detector_download_stalls_only_so_long(local_http, tmp_path, monkeypatch):
+    import hashlib
+    import time
+    import types
+
+    import distilpose.inference.detector as detector
+
+    www, base, silent_port = local_http
+    payload = b"weights" * 1000
+    name = f"det-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    (www / name).write_bytes(payload)
+    (www / "det-0badc0de.pth").write_bytes(payload)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DISTILPOSE_OFFLINE")
+    monkeypatch.setenv("DISTILPOSE_DOWNLOAD_TIMEOUT", "0.5")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    for url, outcome in (
+        (f"http://127.0.0.1:{silent_port}/{name}", "no answer from the server within 0.5 s"),
+        (f"{base}/det-0badc0de.pth", "ValueError: sha256 "),
+        (f"{base}/{name}", None),
+    ):
+        monkeypatch.setattr(
+            detector, "_weights_enum", lambda _, u=url: types.SimpleNamespace(url=u)
+        )
+        t0 = time.perf_counter()
+        if outcome is None:  # the real download: checked, renamed into the cache
+            assert detector.released_weights_file("det").read_bytes() == payload
+            continue
+        with pytest.raises(BadConfigError) as e:
+            detector.released_weights_file("det")
+        assert str(e.value).startswith(f"detector det: its COCO weights are not in {cache}")
+        assert outcome in str(e.value) and url in str(e.value), str(e.value)
+        assert time.perf_counter() - t0 < 10
+        assert not list(cache.glob("*"))  # no partial file left
