@@ -469,6 +469,7 @@ def test_remote_store_info_size_has_the_remote_timeout(tiny, monkeypatch):
     import time
 
     import fsspec
+
     from faults.test_integrity import _Memory, _to_memory
 
     release = threading.Event()
