@@ -177,8 +177,15 @@ class OneLineErrors(typer.core.TyperGroup):
             if _debug(ctx):
                 traceback.print_exc()
             command = ctx.invoked_subcommand or ctx.info_name or "distilpose"
-            typer.echo(f"error: {describe_error(e, command)}", err=True)
+            typer.echo(f"error: {_rank_prefix()}{describe_error(e, command)}", err=True)
             raise typer.Exit(1) from None
+
+
+def _rank_prefix() -> str:
+    """'[rank R of N] ' under torchrun (each rank prints its own line; torchrun's report of
+    the failed rank follows them, see docs/multi-gpu.md), else ''."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK', '?')} of {size}] " if size not in ("", "1") else ""
 
 
 # ----------------------------------------------------------------------------- config files

@@ -558,3 +558,112 @@ def test_detector_download_stalls_only_so_long(local_http, tmp_path, monkeypatch
         assert outcome in str(e.value) and url in str(e.value), str(e.value)
         assert time.perf_counter() - t0 < 10
         assert not list(cache.glob("*"))  # no partial file left
+
+
+# ---- several processes ----------------------------------------------------------------------
+
+
+def _late_rank(rank: int, port: int, out: str) -> None:
+    """Rank 1 waits at the barrier (DISTILPOSE_BARRIER_TIMEOUT=2) for rank 0, which is late."""
+    import os
+    import time
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), DISTILPOSE_BARRIER_TIMEOUT="2",
+    )  # fmt: skip
+    from distilpose.training.distributed import init_group, wait_for_ranks
+
+    torch.set_num_threads(1)
+    init_group(torch.device("cpu"))
+    if rank == 0:
+        time.sleep(12)  # "validating" past the other rank's timeout
+        return
+    start = time.perf_counter()
+    try:
+        wait_for_ranks("rank 0's end of epoch 1 (its validation, if any)")
+    except Exception as e:  # noqa: BLE001 - the test reads what was raised
+        Path(out).write_text(f"{type(e).__name__}|{time.perf_counter() - start:.1f}|{e}")
+
+
+@pytest.mark.reliability(
+    case="ranks waiting at the barrier while rank 0 validates, past the barrier timeout",
+    outcome="one RankError line saying what it waited for and the timeout "
+    "(DISTILPOSE_BARRIER_TIMEOUT, default 3 h; torch's own default was 30 min, unstated)",
+)
+def test_barrier_timeout_says_what_it_waited_for(tmp_path):
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "error.txt"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_late_rank, args=(r, port, str(out))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    procs[1].join(60)
+    procs[0].kill()
+    procs[0].join()
+    kind, waited, message = out.read_text().split("|", 2)
+    assert kind == "RankError" and float(waited) < 10, (kind, waited)
+    expect = (
+        "gave up waiting for rank 0's end of epoch 1 (its validation, if any) after at most 2 s"
+    )
+    assert message.startswith(expect + " (") and "\n" not in message, message
+
+
+def test_each_rank_makes_its_gpu_current_before_joining(monkeypatch):
+    """torch.cuda.set_device(local rank's device) comes before init_process_group (NCCL binds
+    its communicator to the current device); on a GPU machine `benchmarks/gpu.py`'s DDP check
+    runs the real thing. Here the two torch calls are recorded, in order."""
+    import torch.distributed as dist
+
+    from distilpose.training import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout))
+    )
+    monkeypatch.setenv("DISTILPOSE_BARRIER_TIMEOUT", "120")
+    assert distributed.init_group(torch.device("cuda", 3)) is True
+    assert [c[0] for c in calls] == ["set_device", "nccl"] and calls[0][1] == "cuda:3"
+    assert calls[1][1].total_seconds() == 120
+
+
+@pytest.mark.reliability(
+    case="train-student --resume of a mid-epoch checkpoint with another global batch "
+    "(another number of ranks or --batch-size)",
+    outcome="one line naming last.pth, the saved and the new global batch; refused before "
+    "training (the same global batch resumes exactly, tested under torchrun)",
+)
+def test_mid_epoch_checkpoint_refuses_another_global_batch(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = ["train-student", "--store", tiny["store"], "--model", "distilpose_tiny", "--out"]
+    args += [str(out), "--device", "cpu", "--workers", "0", "--epochs", "2"]
+    assert runner.invoke(cli.app, [*args, "--batch-size", "4"]).exit_code == 0
+    last = out / "last.pth"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    # as if 2 ranks x 4 had been killed after 1 of the second epoch's batches
+    state.update(epoch=1, epoch_step=1, world_size=2)
+    state["scheduler"]["global_batch"] = 8
+    torch.save(state, last)
+    before = last.read_bytes()
+    line = one_line_error(runner.invoke(cli.app, [*args, "--batch-size", "4", "--resume"]))
+    assert line == (
+        f"error: {last}: saved mid-epoch (epoch 2, after 1 batches) by 2 process(es) with a "
+        "global batch of 8; 1 process(es) x batch 4 x 1 accumulation is a global batch of 4, "
+        "which would skip or repeat samples; expected the same number of processes, "
+        "--batch-size and --accum-steps until the epoch ends"
+    )
+    assert last.read_bytes() == before
+
+
+def test_error_lines_under_torchrun_name_the_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    line = one_line_error(runner.invoke(cli.app, ["store-info", "/nonexistent/store"]))
+    assert line.startswith("error: [rank 1 of 2] /nonexistent/store: no store here")
