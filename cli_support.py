@@ -27,7 +27,7 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
-from distilpose.limits import CONFIG_LIMIT_ENV, max_config_bytes
+from distilpose.limits import read_config_text
 from distilpose.training.runs import (
     PER_INVOCATION,
     DumpRun,
@@ -220,28 +220,6 @@ def load_config_file(path: Path, command: str) -> dict[str, Any]:
     if isinstance(section, dict):
         data = section
     return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
-
-
-def read_config_text(path: Path) -> str:
-    """The config file's text: within the size limit and UTF-8, else one line naming it."""
-    limit = max_config_bytes()
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise BadConfigError(f"{path}: cannot read config file ({e.strerror})") from e
-    if len(data) > limit:
-        raise BadConfigError(
-            f"{path}: config file larger than the limit of {limit:,} bytes; expected a small "
-            f"file of options (or raise {CONFIG_LIMIT_ENV})"
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadConfigError(
-            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-            "expected a TOML or YAML file saved as UTF-8"
-        ) from None
 
 
 def _load_yaml(text: str, path: Path) -> Any:

@@ -33,7 +33,7 @@ import sys
 import threading
 import warnings
 
-from distilpose.errors import BadImageError, BadInputError
+from distilpose.errors import BadConfigError, BadImageError, BadInputError
 
 _PIL_LOCK = threading.Lock()  # Pillow's own pixel guard is a global we lift while reading
 DEFAULT_MAX_JSON_MB = 512
@@ -142,6 +142,29 @@ def load_json(path: object, error: type[Exception] = BadInputError, what: str = 
     except IsADirectoryError:
         raise error(f"{path}: is a folder; expected a JSON file") from None
     return loads_json(data, path, error, what)
+
+
+def read_config_text(path: os.PathLike | str) -> str:
+    """A config file's text (--config, an ablation grid): within `max_config_bytes()` and UTF-8,
+    else one BadConfigError line naming the file."""
+    limit = max_config_bytes()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise BadConfigError(f"{path}: cannot read config file ({e.strerror})") from e
+    if len(data) > limit:
+        raise BadConfigError(
+            f"{path}: config file larger than the limit of {limit:,} bytes; expected a small "
+            f"file of options (or raise {CONFIG_LIMIT_ENV})"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "expected a TOML or YAML file saved as UTF-8"
+        ) from None
 
 
 def image_size_from_header(data: bytes | memoryview, source: object) -> tuple[int, int] | None:
