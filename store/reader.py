@@ -66,6 +66,7 @@ from store.schema import (
     StoreLayout,
     StoreMeta,
     array_specs,
+    check_chunk_layout,
     has_checksums,
     read_fields,
     shard_key,
@@ -106,16 +107,7 @@ class StoreReader:
                     f"{self.path}: array '{name}' is {arr.dtype} {list(arr.shape)}; expected "
                     f"{dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
                 )
-            chunks = (self.layout.chunk_samples, *spec.shape)
-            shards = (self.layout.unit_samples, *spec.shape)
-            if tuple(arr.chunks) != chunks or tuple(arr.shards or arr.chunks) != shards:
-                raise StoreFormatError(
-                    f"{self.path}: array '{name}' has chunks {list(arr.chunks)} in shards "
-                    f"{list(arr.shards or arr.chunks)}; the store metadata's layout "
-                    f"(chunk_samples {meta.chunk_samples}, shard_chunks {meta.shard_chunks}) "
-                    f"needs chunks {list(chunks)} in shards {list(shards)} (was its zarr.json "
-                    "edited?)"
-                )
+            check_chunk_layout(self.path, name, arr, spec, meta)
             self.arrays[name] = arr
         self._complete: np.ndarray | None = None
         self._units_checked: set[int] = set()

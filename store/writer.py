@@ -51,6 +51,7 @@ from store.schema import (
     StoreMeta,
     array_compressors,
     array_specs,
+    check_chunk_layout,
     digest_rows,
     quiet_vlen_bytes,
     read_fields,
@@ -83,6 +84,8 @@ class StoreWriter:
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
         self.arrays = {name: group[name] for name in self.specs}
+        for name, spec in self.specs.items():
+            check_chunk_layout(self.path, name, self.arrays[name], spec, meta)
         self.required = required_fields(meta)
 
     # ---- opening -------------------------------------------------------------------------

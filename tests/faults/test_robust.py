@@ -340,6 +340,15 @@ def test_edited_chunk_shape_is_named_as_a_layout_mismatch(tiny, tmp_path):
     assert str(e.value).startswith(expect) and "needs chunks [8, 17, " in str(e.value)
     line = one_line_error(runner.invoke(cli.app, ["store-verify", str(store)]))
     assert line.startswith(f"error: {expect}")
+    from store import StoreWriter
+    from store.schema import META_KEY, StoreMeta
+
+    meta = StoreMeta.from_dict(
+        json.loads((store / "zarr.json").read_text())["attributes"][META_KEY]
+    )
+    with pytest.raises(StoreFormatError) as e:  # a dump rerun: refused before it writes
+        StoreWriter.create_or_open(store, meta)
+    assert str(e.value).startswith(expect)
 
 
 # ---- nothing after the error line -----------------------------------------------------------
