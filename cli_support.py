@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
@@ -27,6 +28,7 @@ import typer.core
 
 from distilpose.errors import BadConfigError, DistilPoseError
 from distilpose.geometry import Geometry
+from distilpose.limits import read_config_text
 from distilpose.training.runs import (
     PER_INVOCATION,
     DumpRun,
@@ -38,6 +40,7 @@ from distilpose.training.runs import (
 
 _OWN_PACKAGES = ("distilpose", "store", "student_train", "teacher_dump", "benchmarks")
 _OWN_MODULES = ("cli", "cli_support", "cli_viz", "demo")  # top-level modules beside them
+MAX_CONFIG_NODES = 10_000  # YAML values of a --config file (PyYAML: ~1 kB each while parsing)
 DEBUG_ENV = "DISTILPOSE_DEBUG"  # =1: print the traceback behind an error line
 # libraries whose exceptions mean "your data or environment", named in the error line
 _LIBRARIES = {  # module -> (what failed, what to do)
@@ -175,44 +178,86 @@ class OneLineErrors(typer.core.TyperGroup):
             if _debug(ctx):
                 traceback.print_exc()
             command = ctx.invoked_subcommand or ctx.info_name or "distilpose"
-            typer.echo(f"error: {describe_error(e, command)}", err=True)
+            typer.echo(f"error: {_rank_prefix()}{describe_error(e, command)}", err=True)
             raise typer.Exit(1) from None
+
+
+def _rank_prefix() -> str:
+    """'[rank R of N] ' under torchrun (each rank prints its own line; torchrun's report of
+    the failed rank follows them, see docs/multi-gpu.md), else ''."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK', '?')} of {size}] " if size not in ("", "1") else ""
 
 
 # ----------------------------------------------------------------------------- config files
 
 
 def load_config_file(path: Path, command: str) -> dict[str, Any]:
-    """Read a TOML/YAML config file into a flat {option_name: value} dict for one command."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise BadConfigError(f"{path}: cannot read config file ({e.strerror})") from e
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as e:
-            raise BadConfigError(f"{path}: YAML config needs PyYAML; use TOML instead") from e
-        try:
-            data = yaml.safe_load(text) or {}  # safe_load: a config file is data, never code
-        except yaml.YAMLError as e:  # its text spans lines; keep the problem and where
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise BadConfigError(f"{path}: not valid YAML ({problem}{where})") from e
-    else:
-        import tomllib
+    """Read a TOML/YAML config file into a flat {option_name: value} dict for one command.
 
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise BadConfigError(f"{path}: not valid TOML ({e})") from e
+    Memory stays bounded: at most `max_config_bytes()` of UTF-8 text (1 MiB: about 100 MB
+    to parse as TOML), and YAML of at most MAX_CONFIG_NODES values (a few MB) with aliases
+    refused (a list of lists of aliases expands without bound as it is walked; a config file
+    needs none)."""
+    text = read_config_text(path)
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data = _load_yaml(text, path)
+        else:
+            import tomllib
+
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise BadConfigError(f"{path}: not valid TOML ({e})") from e
+    except RecursionError:
+        raise BadConfigError(
+            f"{path}: values nested more than about {sys.getrecursionlimit()} levels deep; "
+            "expected a flat file of options"
+        ) from None
     if not isinstance(data, dict):
         raise BadConfigError(f"{path}: expected a table of option = value pairs")
     section = data.get(command, data.get(command.replace("-", "_")))
     if isinstance(section, dict):
         data = section
     return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError as e:
+        raise BadConfigError(f"{path}: YAML config needs PyYAML; use TOML instead") from e
+
+    class Loader(yaml.SafeLoader):  # safe: a config file is data, never code
+        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise BadConfigError(
+                    f"{path}: YAML alias at line {mark.line + 1}, column {mark.column + 1}; "
+                    "expected every value written out (aliases are refused: nested ones "
+                    "expand without bound)"
+                )
+            self.nodes += 1
+            if self.nodes > MAX_CONFIG_NODES:
+                mark = self.peek_event().start_mark
+                raise BadConfigError(
+                    f"{path}: YAML of more than {MAX_CONFIG_NODES:,} values (at line "
+                    f"{mark.line + 1}); expected a small file of options"
+                )
+            return super().compose_node(parent, index)
+
+    loader = Loader(text)
+    loader.nodes = 0
+    try:
+        return loader.get_single_data() or {}
+    except yaml.YAMLError as e:  # its text spans lines; keep the problem and where
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BadConfigError(f"{path}: not valid YAML ({problem}{where})") from e
+    finally:
+        loader.dispose()
 
 
 def _config_callback(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:

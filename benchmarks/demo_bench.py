@@ -21,13 +21,19 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROLES = ("teacher", "student_distilled", "student_baseline")
 COLUMNS = ("ap", "ap50", "ap75", "pck", "pixel_error")
+DEMO_TIMEOUT_S = 3600  # the full demo takes minutes on 2 CPU cores; an hour means it hangs
 
 
 def run_once(out: Path, seed: int, quick: bool) -> dict:
     cmd = [sys.executable, "-m", "cli", "demo", "--json", "--out", str(out), "--seed", str(seed)]
     cmd += ["--quick"] if quick else []
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=DEMO_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as e:  # a hung demo must not hang the benchmark run
+        raise RuntimeError(f"{' '.join(cmd)} ran over {DEMO_TIMEOUT_S} s") from e
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")

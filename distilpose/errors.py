@@ -37,6 +37,10 @@ class BadInputError(DistilPoseError):
     """An input file over a limit (size, nesting, number length) or otherwise unreadable."""
 
 
+class RankError(DistilPoseError):
+    """Another process of a multi-process run (torchrun) failed or did not arrive in time."""
+
+
 class StoreCorruptError(StoreFormatError):
     """Stored bytes that fail their checksum, or data of a complete unit that is missing."""
 

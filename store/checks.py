@@ -16,15 +16,6 @@ from store.reader import StoreReader, load_store_instances
 from store.schema import PIXELS, TEACHER_OUTPUTS, output_shapes, read_fields, shard_key
 
 
-def _disk_bytes(reader: StoreReader) -> int:
-    loc = reader.location
-    if loc.is_local:
-        return sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(loc.root) for f in files
-        )
-    return int(loc.fs.du(loc.root, total=True))
-
-
 def _array_bytes(reader: StoreReader, name: str) -> int:
     """Bytes on disk of one array's files."""
     loc = reader.location
@@ -146,7 +137,7 @@ def store_info(
     ]
     chunks = reader.chunks(None, allow_incomplete=True)
     samples = sum(b - a for a, b in chunks)
-    disk = _disk_bytes(reader)
+    disk = reader.location.tree_bytes()
     fixed = [s for s in reader.specs.values() if s.name != PIXELS]
     stored = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in fixed)
     decoded = output_shapes(m)  # what a compact store's codes stand for
@@ -156,7 +147,7 @@ def store_info(
         for s in fixed
         if not s.name.endswith("_scale")
     )
-    pixel_bytes = _array_bytes(reader, PIXELS) if PIXELS in reader.specs else 0
+    pixel_bytes = reader.location.tree_bytes(PIXELS) if PIXELS in reader.specs else 0
     disk_targets = disk - pixel_bytes  # compression ratios are of the fixed-size arrays
     info = {
         "path": str(path),

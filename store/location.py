@@ -172,6 +172,20 @@ class StoreLocation:
         except FileNotFoundError:
             return 0
 
+    def tree_bytes(self, *parts: str) -> int:
+        """Bytes of every file under a folder of the store (the whole store without `parts`);
+        0 if it does not exist. Remote: one `du` within the remote timeout."""
+        root = self.join(*parts) if parts else self.root
+        if self.is_local:
+            return sum(
+                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
+            )
+        try:
+            size = self.remote(self.fs.du, root, True, what=f"sizing {'/'.join(parts) or 'it'}")
+        except FileNotFoundError:
+            return 0
+        return int(size or 0)
+
     def file_crc32c(self, relpath: str) -> tuple[int, int]:
         """(size, crc32c) of a file of the store; (0, 0) if it does not exist."""
         import google_crc32c
@@ -238,3 +252,39 @@ def syncfs(path: str) -> bool:
 
 
 _SYNCFS = None
+
+
+SETTLE_TIMEOUT_S = 60.0  # after a failed read or write, how long its sibling requests may run
+
+
+def run_settled(coro, timeout: float = SETTLE_TIMEOUT_S):
+    """`zarr.core.sync.sync(coro)`; when it fails, every other task on zarr's event loop is
+    first let finish (then cancelled after `timeout` seconds) and their errors retrieved.
+
+    zarr gathers a shard's chunk writes (and reads) without waiting for the siblings of one
+    that fails; they would keep running past the error line and print "Task was destroyed but
+    it is pending!" and "Task exception was never retrieved" tracebacks when the process exits
+    (a full disk mid-dump printed a dozen)."""
+    from zarr.core.sync import sync
+
+    try:
+        return sync(coro)
+    except BaseException:
+        sync(_settle(timeout))
+        raise
+
+
+async def _settle(timeout: float) -> None:
+    import asyncio
+
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=timeout)
+    for task in pending:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the error line already said what failed

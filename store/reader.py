@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from distilpose.errors import (
     StoreConnectionError,
@@ -57,7 +56,7 @@ from distilpose.limits import max_json_bytes
 from distilpose.models.layers import ModelConfig
 from distilpose.training.distributed import rank_rows
 from store import compact
-from store.location import StoreLocation, first_line, is_connection_error
+from store.location import StoreLocation, first_line, is_connection_error, run_settled
 from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
     CHECKSUMS_SINCE,
@@ -68,6 +67,7 @@ from store.schema import (
     StoreLayout,
     StoreMeta,
     array_specs,
+    check_chunk_layout,
     has_checksums,
     read_fields,
     shard_key,
@@ -75,6 +75,8 @@ from store.schema import (
 )
 
 DEFAULT_FIELDS = READ_FIELDS
+# the ModelConfig fields check_student compares (dim and teacher_dim: the token width)
+STUDENT_SIZES = ("input_size", "heatmap_size", "patch_size", "num_keypoints", "dim", "teacher_dim")
 Views = int | Sequence[int] | None
 
 
@@ -106,6 +108,7 @@ class StoreReader:
                     f"{self.path}: array '{name}' is {arr.dtype} {list(arr.shape)}; expected "
                     f"{dtype} [{slots}, {', '.join(map(str, spec.shape))}]"
                 )
+            check_chunk_layout(self.path, name, arr, spec, meta)
             self.arrays[name] = arr
         self._complete: np.ndarray | None = None
         self._units_checked: set[int] = set()
@@ -219,8 +222,16 @@ class StoreReader:
 
         Checks input_size, heatmap_size, num_keypoints, and where both store and student have
         tokens (`ModelConfig.has_tokens`), the token dim (`ModelConfig.token_dim`: teacher_dim if
-        the student projects its tokens, else dim) and the patch grid and count.
+        the student projects its tokens, else dim) and the patch grid and count. A dict must
+        give every size (a missing one is refused, never taken from a default or the store).
         """
+        if not isinstance(config, ModelConfig):
+            missing = [k for k in STUDENT_SIZES if k not in config]
+            if missing:
+                raise StoreMismatchError(
+                    f"{self.path}: student config lacks {', '.join(missing)}; expected every "
+                    f"size ({', '.join(STUDENT_SIZES)}) given, as ModelConfig.to_dict() has them"
+                )
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         m, mine, theirs = self.meta, self.meta.geometry, cfg.geometry
         problems = []
@@ -310,7 +321,7 @@ class StoreReader:
         async def read_all():
             return await asyncio.gather(*(read_one(n) for n in names))
 
-        raw = dict(zip(names, sync(read_all()), strict=True))
+        raw = dict(zip(names, run_settled(read_all()), strict=True))
         if complete:
             self.check_rows(raw, start, stop)
         out: dict[str, np.ndarray] = {}

@@ -107,6 +107,7 @@ from typing import NamedTuple
 import numpy as np
 
 from distilpose import __version__
+from distilpose.data.crop import AugmentRecipe
 from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.geometry import PAPER, Geometry
 
@@ -285,6 +286,13 @@ class StoreMeta:
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
         d = {**d, "geometry": _read_geometry(d, source)}
+        try:  # the dump wrote AugmentRecipe.to_dict(): anything else is an edit or damage
+            AugmentRecipe.from_dict(d.get("recipe", {}))
+        except BadConfigError as e:
+            raise StoreFormatError(
+                f"{source}: store metadata {e}, as the dump writes it (was its zarr.json "
+                "edited or damaged?)"
+            ) from None
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def compact(self) -> CompactSettings | None:
@@ -607,3 +615,19 @@ def digest_rows(digests: object) -> np.ndarray:
                 f"crop_digest[{i}] is {d!r:.80}; expected the 32-byte sha256 of crop_digest()"
             )
     return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 32)
+
+
+def check_chunk_layout(store: str, name: str, array: object, spec: ArraySpec, meta: StoreMeta):
+    """Refuse an array whose chunks or shards are not the metadata's layout (chunk_samples
+    slots per chunk, shard_chunks chunks per shard = write unit): an edited zarr.json, whose
+    reads would fail their checksums and whose writes would break units apart."""
+    chunks = (int(meta.chunk_samples), *spec.shape)
+    shards = (int(meta.unit_samples), *spec.shape)
+    have = tuple(array.chunks), tuple(array.shards or array.chunks)
+    if have != (chunks, shards):
+        raise StoreFormatError(
+            f"{store}: array '{name}' has chunks {list(have[0])} in shards {list(have[1])}; the "
+            f"store metadata's layout (chunk_samples {meta.chunk_samples}, shard_chunks "
+            f"{meta.shard_chunks}) needs chunks {list(chunks)} in shards {list(shards)} (was "
+            "its zarr.json edited?)"
+        )

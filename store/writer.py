@@ -36,12 +36,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.io import fsync_dir, fsync_path
 from store import compact
-from store.location import StoreLocation, marker_name, syncfs
+from store.location import StoreLocation, marker_name, run_settled, syncfs
 from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
 from store.remote import check_bucket
 from store.schema import (
@@ -53,6 +52,7 @@ from store.schema import (
     StoreMeta,
     array_compressors,
     array_specs,
+    check_chunk_layout,
     digest_rows,
     output_shapes,
     quiet_vlen_bytes,
@@ -66,6 +66,10 @@ REQUIRED = tuple(f for f in READ_FIELDS if f not in ("slot", "view", "instance")
 # a compact store's creator: (slot, instance, view) of `compact.fit_samples` -> the teacher's
 # tokens there {output: [n, T, D]} (rows of samples it could not read may be left out)
 FitTokens = Callable[[list[tuple[int, int, int]]], dict[str, np.ndarray]]
+
+
+CLAIM_TIMEOUT_ENV = "DISTILPOSE_CLAIM_TIMEOUT"
+CLAIM_TIMEOUT_S = 1800.0
 
 
 def required_fields(meta: StoreMeta) -> tuple[str, ...]:
@@ -85,6 +89,8 @@ class StoreWriter:
         self.layout = StoreLayout(meta)
         self.specs = array_specs(meta)
         self.arrays = {name: group[name] for name in self.specs}
+        for name, spec in self.specs.items():
+            check_chunk_layout(self.path, name, self.arrays[name], spec, meta)
         self.required = required_fields(meta)
         self.shapes = output_shapes(meta)  # the teacher outputs as handed over (not as stored)
         self.bases = compact.read_bases(group, meta, self.path) if meta.compact() else {}
@@ -195,7 +201,7 @@ class StoreWriter:
                     )
                 )
 
-            sync(write_all())
+            run_settled(write_all())
             if self.location.is_local:
                 self._fsync_unit(unit)
             self.location.write_marker(
@@ -308,20 +314,39 @@ class StoreWriter:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
-    def wait_for(self, units: list[int], poll_s: float = 0.2) -> None:
+    def wait_for(
+        self, units: list[int], poll_s: float = 0.2, timeout_s: float | None = None
+    ) -> None:
         """Wait until units other live writers claimed are complete; a claimer that died leaves
-        its units pending (StoreFormatError: rerunning the dump resumes them)."""
+        its units pending (StoreFormatError: rerunning the dump resumes them), and one alive but
+        finishing none of them for `timeout_s` (default `claim_timeout()`) is an error naming
+        it: a stuck writer must not hang this one forever."""
         import time
 
-        waiting = set(units)
+        timeout_s = claim_timeout() if timeout_s is None else timeout_s
+        waiting, since = set(units), time.monotonic()
         while waiting:
             dead = [u for u in waiting if not self.claim_holder(u)]
-            waiting -= self.complete_units()  # after the claims: a finisher marks, then releases
+            left = (
+                waiting - self.complete_units()
+            )  # after the claims: a finisher marks, then releases
+            if len(left) < len(waiting):
+                since = time.monotonic()  # progress: the other writer is not stuck
+            waiting = left
             dead = [u for u in dead if u in waiting]
             if dead:
                 raise StoreFormatError(
                     f"{self.path}: the writer that took unit {min(dead)} stopped before "
                     "finishing it; expected it to complete (rerun the same dump to resume)"
+                )
+            if waiting and time.monotonic() - since > timeout_s:
+                unit = min(waiting)
+                pid = self.claim_holder(unit)
+                raise StoreFormatError(
+                    f"{self.path}: waited {timeout_s:g} s for {len(waiting)} unit(s) claimed by "
+                    f"other writers (unit {unit}: pid {pid}, alive) with none finished; "
+                    f"expected them to finish (is pid {pid} stuck? stop it and rerun the dump "
+                    f"to resume; or raise {CLAIM_TIMEOUT_ENV})"
                 )
             if waiting:
                 time.sleep(poll_s)
@@ -530,20 +555,52 @@ def _where(e: OSError, loc: StoreLocation) -> str:
 
 
 @contextlib.contextmanager
-def _locked(loc: StoreLocation) -> Iterator[None]:
-    """Exclusive lock for metadata changes, so writers started together agree on the store."""
+def _locked(
+    loc: StoreLocation, timeout_s: float | None = None, poll_s: float = 0.1
+) -> Iterator[None]:
+    """Exclusive lock for metadata changes, so writers started together agree on the store;
+    held for a moment by each, so `timeout_s` (default `claim_timeout()`) of waiting is an
+    error naming the lock file, not a hang behind a stuck process."""
     if not loc.is_local:
         yield
         return
     import fcntl
+    import time
 
     os.makedirs(loc.root, exist_ok=True)
-    with open(os.path.join(loc.root, ".lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    path = os.path.join(loc.root, ".lock")
+    timeout_s = claim_timeout() if timeout_s is None else timeout_s
+    with open(path, "a+") as f:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout_s:
+                    raise StoreFormatError(
+                        f"{path}: waited {timeout_s:g} s for the store's metadata lock, held by "
+                        "another process; expected it released within moments (a stuck dump "
+                        f"of this store? stop it and rerun; or raise {CLAIM_TIMEOUT_ENV})"
+                    ) from None
+                time.sleep(poll_s)
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def claim_timeout() -> float:
+    """Seconds a writer waits for another live writer's units (or the metadata lock) with no
+    progress before it stops with an error: DISTILPOSE_CLAIM_TIMEOUT, default 30 minutes
+    (a unit of 512 crops takes the paper's teacher seconds on a GPU, minutes on a CPU)."""
+    text = os.environ.get(CLAIM_TIMEOUT_ENV, "")
+    try:
+        return float(text) if text else CLAIM_TIMEOUT_S
+    except ValueError:
+        raise StoreFormatError(
+            f"environment {CLAIM_TIMEOUT_ENV}={text!r}: expected a number of seconds"
+        ) from None
 
 
 def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | None]:

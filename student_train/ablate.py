@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 from distilpose.errors import BadConfigError
+from distilpose.limits import read_config_text
 from distilpose.training.losses import parse_losses
 from distilpose.training.runs import StudentRun
 from student_train.many import shares_cpu, train_many
@@ -75,7 +76,7 @@ def load_grid(grid: str | Path) -> list[dict]:
         raise BadConfigError(
             f"{grid}: grid is neither 'table4', 'table6' nor an existing TOML/JSON file"
         )
-    text = path.read_text()
+    text = read_config_text(path)
     try:
         data = _load_toml(text, path) if path.suffix.lower() == ".toml" else json.loads(text)
     except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError

@@ -58,7 +58,12 @@ from distilpose.data import (
 )
 from distilpose.data.codecs import RegressionCodec
 from distilpose.device import resolve_device
-from distilpose.errors import BadConfigError, StoreMismatchError
+from distilpose.errors import (
+    BadConfigError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreMismatchError,
+)
 from distilpose.geometry import Geometry
 from distilpose.training.distributed import rank_rows, world
 from distilpose.training.losses import LOSS_NAMES, LOSS_TERMS
@@ -68,8 +73,8 @@ from store.reader import load_store_instances
 from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 TOKEN_FIELDS = ("keypoint_tokens", "visual_tokens")
-# Always read: where the sample comes from and its regression target.
-INDEX_FIELDS = ("spec", "instance", "view", "keypoints", "weights")
+# Always read: where the sample comes from (its slot names it in errors) and its target.
+INDEX_FIELDS = ("slot", "spec", "instance", "view", "keypoints", "weights")
 
 
 def view_for_epoch(epoch: int, views: int) -> int:
@@ -195,6 +200,8 @@ class CropRenderer:
             "weights": torch.from_numpy(weights),  # [B, K]
             "instance": torch.from_numpy(index),  # [B]
         }
+        if "slot" in raw:  # where each sample lives, for the GPU decoder's errors
+            batch["slot"] = torch.from_numpy(np.asarray(raw["slot"], dtype=np.int64))  # [B]
         if "view" in raw:
             batch["view"] = torch.from_numpy(np.asarray(raw["view"], dtype=np.int64))  # [B]
         if "valid" in raw:  # DDP padding rows count in no loss
@@ -238,27 +245,80 @@ class CropRenderer:
             sizes = torch.tensor([len(d) for d in datas], dtype=torch.int64)
             flat = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
             return {"jpeg": flat, "jpeg_sizes": sizes}
-        rgb = decode_rgb_batch(datas, self.pixels, self.input_size)  # [B, 3, H, W] uint8
+        try:
+            rgb = decode_rgb_batch(datas, self.pixels, self.input_size)  # [B, 3, H, W] uint8
+        except Exception as e:  # noqa: BLE001 - a damaged crop: find it and name its slot
+            raise undecodable_crop(self.store_path, self.pixels, self.input_size, raw, e) from None
         if verify and "crop_digest" in raw:
             for i, image in enumerate(rgb):
                 bgr = image.permute(1, 2, 0).flip(-1).numpy()
                 if crop_digest(bgr) != raw["crop_digest"][i].tobytes():
                     raise StoreMismatchError(
-                        f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])}"
-                        " decodes to other pixels than the teacher saw; expected an undamaged "
+                        f"{self.store_path}: array 'pixels' {_sample(raw, i)}: the stored crop "
+                        "decodes to other pixels than the teacher saw; expected an undamaged "
                         "store (run store-verify)"
                     )
         return {"images": normalize_rgb(rgb)} if self.output == "images" else {"crops": rgb}
 
 
-def decode_on_device(batch: dict, device: torch.device) -> dict:
+def _sample(raw: dict, i: int) -> str:
+    """'slot S (instance I)' of row i of a raw batch, for messages."""
+    slot = f"slot {int(raw['slot'][i])} " if "slot" in raw else ""
+    return f"{slot}(instance {int(raw['instance'][i])})"
+
+
+def _crop_format(head: bytes) -> str | None:
+    """The pixel format whose magic number starts a stored crop (JPEG SOI, zstd frame)."""
+    if head[:2] == b"\xff\xd8":
+        return "jpeg"
+    return "lossless" if head == b"\x28\xb5\x2f\xfd" else None
+
+
+def undecodable_crop(
+    store: str, pixels: str, input_size: tuple[int, int], raw: dict, error: Exception
+) -> StoreFormatError:
+    """The error for a batch of stored crops that failed to decode, naming the first crop
+    that fails alone (its bytes passed their crc32c: they were written damaged, or edited)."""
+    datas = list(raw[PIXELS])
+    bad = None
+    for i, data in enumerate(datas):
+        try:
+            decode_rgb_batch([data], pixels, input_size)
+        except Exception as e:  # noqa: BLE001 - any decoder error means this crop
+            bad, error = i, e
+            break
+    if bad is None:
+        what, size, held = f"one of slots {list(raw.get('slot', []))}", "", None
+    else:
+        what, size = _sample(raw, bad), f" of {len(datas[bad])} bytes"
+        held = _crop_format(bytes(datas[bad][:4]))
+    if held not in (None, pixels):  # intact bytes of another format: the metadata is wrong
+        return StoreFormatError(
+            f"{store}: array 'pixels' {what} holds a {held} crop, but the store metadata says "
+            f"pixels '{pixels}'; expected the metadata the dump wrote (was zarr.json edited?)"
+        )
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return StoreCorruptError(
+        f"{store}: array 'pixels' {what}: the stored {pixels} crop{size} does not decode "
+        f"({reason}); expected an undamaged store (run store-verify --all; restore it from a "
+        "copy or rerun the dump)"
+    )
+
+
+def decode_on_device(batch: dict, device: torch.device, store: str = "") -> dict:
     """A worker's batch -> model-ready: crops or JPEG bytes decoded and normalized on `device`."""
     if "jpeg" in batch:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         sizes = batch.pop("jpeg_sizes").tolist()
         parts = list(torch.split(batch.pop("jpeg"), sizes))
-        decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+        try:
+            decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+        except Exception as e:  # noqa: BLE001 - name the crop, found by decoding one at a time
+            raw = {PIXELS: [p.numpy().tobytes() for p in parts], "instance": batch["instance"]}
+            raw |= {"slot": batch["slot"]} if "slot" in batch else {}
+            # torchvision's CPU decoder finds the crop (it takes no crop size)
+            raise undecodable_crop(store, "jpeg", (0, 0), raw, e) from None
         batch["images"] = normalize_rgb(torch.stack(decoded))
     elif "crops" in batch:
         batch["images"] = normalize_rgb(batch.pop("crops").to(device, non_blocking=True))
@@ -271,15 +331,15 @@ def decode_on_device(batch: dict, device: torch.device) -> dict:
 class OnDevice:
     """Batches of a DataLoader made model-ready on `device` in the main process (CUDA runs)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
+    def __init__(self, loader: DataLoader, device: torch.device, store: str = "") -> None:
+        self.loader, self.device, self.store = loader, device, store
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
-            yield decode_on_device(batch, self.device)
+            yield decode_on_device(batch, self.device, self.store)
 
 
 def choose_output(pixels: str, device: torch.device, decode: str) -> str:
@@ -487,7 +547,11 @@ class StudentBatches:
             num_workers=self.workers,
             pin_memory=self.pin_memory,
         )
-        return loader if self.renderer.output == "images" else OnDevice(loader, self.device)
+        return (
+            loader
+            if self.renderer.output == "images"
+            else OnDevice(loader, self.device, self.store)
+        )
 
 
 class OnlineBatches:

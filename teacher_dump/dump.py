@@ -56,7 +56,7 @@ from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
 from distilpose.models import build_from_checkpoint, build_model, load_checkpoint
 from distilpose.progress import ProgressCounter, progress
-from distilpose.training.distributed import world
+from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
 from store.pixels import decode_crop, encode_crop
@@ -201,10 +201,7 @@ def _concat(parts: list) -> object:
 
 def store_bytes(writer: StoreWriter) -> int:
     """Bytes of every file of the store (local directory or object store)."""
-    location = writer.location
-    if not location.is_local:
-        return int(location.fs.du(location.root, total=True))
-    return sum(f.stat().st_size for f in Path(location.root).rglob("*") if f.is_file())
+    return writer.location.tree_bytes()
 
 
 def _open_store(
@@ -215,7 +212,7 @@ def _open_store(
     if world_size == 1:
         return StoreWriter.create_or_open(out, meta, fit=fit, **(options or {}))
     first = StoreWriter.create_or_open(out, meta, fit=fit, **(options or {})) if rank == 0 else None
-    dist.barrier()
+    wait_for_ranks("rank 0 to create or open the store")
     return first or StoreWriter.create_or_open(out, meta, **(options or {}))
 
 
@@ -516,9 +513,8 @@ def dump_teacher(run: DumpRun) -> dict:
     dev = resolve_device(run.device, local_rank)
     setup = dump_setup(run, shard)
     cfg = setup.config
-    own_group = world_size > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("gloo")  # barriers are all the ranks need from each other
+    # barriers are all the ranks need from each other: gloo, also on CUDA
+    own_group = world_size > 1 and init_group(dev, "gloo")
     teacher = on_device(setup.teacher, dev)
     fit = fit_tokens(setup, teacher, dev, batch_size)
     writer = _open_store(out, setup.meta, world_size, rank, run.storage_options, fit)
@@ -527,7 +523,7 @@ def dump_teacher(run: DumpRun) -> dict:
     name = out.rstrip("/").rsplit("/")[-1]
     tally = dump_loop(teacher, loader, plan, writer, setup.outputs, dev, name)
     if world_size > 1:
-        dist.barrier()  # the store is finished when every rank is
+        wait_for_ranks("every rank's units of the dump")  # the store is finished with the last
         if own_group:
             dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -199,6 +200,18 @@ BAD_ANNOTATIONS = {
     "no annotations": (lambda d: d.pop("annotations"), "missing list 'annotations'"),
     "no file_name": (lambda d: d["images"][1].pop("file_name"), r"images\[1\] has no 'file_name'"),
     "unknown image": (lambda d: _ann(d).update(image_id=12345), "refers to image_id 12345"),
+    # issue 24: accepted silently before (inf and NaN pass "area <= 0"; 1e30 is finite)
+    "area inf": (lambda d: _ann(d).update(area=math.inf), r"'area' is inf; expected 1 number"),
+    "area NaN": (lambda d: _ann(d).update(area=math.nan), r"'area' is nan; expected 1 number"),
+    "area text": (lambda d: _ann(d).update(area="big"), r"'area' is 'big'; expected 1 number"),
+    "keypoint 1e30": (
+        lambda d: _ann(d)["keypoints"].__setitem__(0, 1e30),
+        r"'keypoints' is \[1e\+30, .*expected 51 numbers \(finite, within \+-1e\+06\)",
+    ),
+    "bbox 1e30": (
+        lambda d: _ann(d)["bbox"].__setitem__(2, 1e30),
+        r"'bbox' is \[.*1e\+30.*\]; expected 4 numbers \(finite, within \+-1e\+06\)",
+    ),
 }
 
 
@@ -240,6 +253,14 @@ BAD_DETECTIONS = {
     "bad box": (
         [{"image_id": 785, "category_id": 1, "bbox": [1, 2], "score": 0.9}],
         "detection 0 'bbox' is",
+    ),
+    "all boxes [0, 0, 0, 0]": (  # issue 24: every one skipped, evaluated on no people
+        [{"image_id": 785, "category_id": 1, "bbox": [0, 0, 0, 0], "score": 0.9}] * 3,
+        r"all 3 person detections scoring >= 0 have an empty box",
+    ),
+    "score NaN": (
+        [{"image_id": 785, "category_id": 1, "bbox": [1, 2, 3, 4], "score": math.nan}],
+        "detection 0 'score' is nan",
     ),
 }
 

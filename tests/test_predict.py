@@ -10,6 +10,7 @@ tiny input size.
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.error
 from pathlib import Path
@@ -25,7 +26,7 @@ from distilpose import Inferencer, PoseResult
 from distilpose.data import load_coco_instances
 from distilpose.data.demo import make_demo_video
 from distilpose.data.keypoints import NUM_KEYPOINTS
-from distilpose.errors import BadConfigError, BadImageError
+from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
 from distilpose.evaluation.metrics import coco_keypoint_eval, to_coco_results
 from distilpose.inference.config import InferConfig
 from distilpose.inference.detector import PERSON_LABEL, BoxesFile, TorchvisionDetector
@@ -333,6 +334,33 @@ def test_sources_and_boxes_file(tmp_path, video):
     assert found[0][0].tolist() == [[10.0, 10.0, 100.0, 200.0]] and found[0][1].tolist() == [1.0]
     assert len(found[1][0]) == 0 and found[2][0].tolist() == [[1.0, 1.0, 5.0, 5.0]]
     assert found[2][1].tolist() == [0.5]
+
+
+BAD_BOXES = {  # issue 24: NaN passed "w <= 0"; a text score or category was a bare ValueError
+    "NaN x": ({"file_name": "a.jpg", "bbox": [math.nan, 0, 9, 9]}, r"entry 0 'bbox' is \[nan"),
+    "1e30 w": ({"file_name": "a.jpg", "bbox": [0, 0, 1e30, 9]}, r"within 1e\+06 px"),
+    "all zero": ({"file_name": "a.jpg", "bbox": [0, 0, 0, 0]}, r"with w, h > 0"),
+    "text score": ({"file_name": "a.jpg", "bbox": [0, 0, 9, 9], "score": "x"}, "'score' is 'x'"),
+    "text category": (
+        {"file_name": "a.jpg", "bbox": [0, 0, 9, 9], "category_id": "person"},
+        "'category_id' is 'person'; expected an integer",
+    ),
+    "text image_id": ({"image_id": "785", "bbox": [0, 0, 9, 9]}, "'image_id' is '785'"),
+}
+
+
+@pytest.mark.reliability(
+    case="boxes file entry with a NaN, huge or empty box, or a text score, category or id",
+    outcome="one BadAnnotationError line naming the file and the entry, when it is opened",
+)
+@pytest.mark.parametrize("case", sorted(BAD_BOXES))
+def test_bad_boxes_file_entries(tmp_path, case):
+    entry, pattern = BAD_BOXES[case]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"file_name": "b.jpg", "bbox": [1, 1, 5, 5]}, entry]))
+    with pytest.raises(BadAnnotationError, match=pattern.replace("entry 0", "entry 1")) as e:
+        BoxesFile(boxes)
+    assert str(e.value).startswith(f"{boxes}: entry 1 ") and "\n" not in str(e.value)
 
 
 def test_benchmark_tables_are_written_into_the_readme_block(tmp_path):

@@ -378,6 +378,10 @@ def test_check_student_fits_sizes(full_store):
         r.check_student(ModelConfig(**{**fit.to_dict(), "patch_size": (3, 2)}))
     with pytest.raises(StoreMismatchError, match="input_size"):
         r.check_student(ModelConfig(**{**fit.to_dict(), "input_size": (48, 64)}))
+    # a dict without a size is refused, not completed from ModelConfig's defaults (issue 24)
+    partial = {k: v for k, v in fit.to_dict().items() if k != "heatmap_size"}
+    with pytest.raises(StoreMismatchError, match="student config lacks heatmap_size"):
+        r.check_student(partial)
 
 
 # ---- writers ---------------------------------------------------------------------------------

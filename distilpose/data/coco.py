@@ -30,7 +30,7 @@ from distilpose.data.instance import PersonInstance
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
-from distilpose.limits import check_image_pixels, image_size_from_header, load_json
+from distilpose.limits import MAX_COORD, check_image_pixels, image_size_from_header, load_json
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,27 @@ def _load_json(path, what: str):
     return load_json(path, BadAnnotationError, what)
 
 
-def _number_list(value, n: int, path, record: str, field: str) -> list[float]:
+def _number_list(
+    value, n: int, path, record: str, field: str, limit: float = MAX_COORD
+) -> list[float]:
+    """`value` as `n` floats, each finite and within +-`limit` (image px for coordinates)."""
     ok = isinstance(value, (list, tuple)) and len(value) == n
     if ok:
         try:
             out = [float(v) for v in value]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             ok = False
         else:
-            ok = all(math.isfinite(v) for v in out)
+            ok = all(math.isfinite(v) and abs(v) <= limit for v in out)
     if not ok:
-        shown = repr(value)
+        single = n == 1 and isinstance(value, (list, tuple)) and len(value) == 1
+        shown = repr(value[0] if single else value)  # a scalar field is wrapped in a list
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise BadAnnotationError(f"{path}: {record} '{field}' is {shown}; expected {n} numbers")
+        within = f", within +-{limit:g}" if math.isfinite(limit) else ""
+        raise BadAnnotationError(
+            f"{path}: {record} '{field}' is {shown}; expected {n} number{'s' if n > 1 else ''} "
+            f"(finite{within})"
+        )
     return out
 
 
@@ -235,7 +243,9 @@ def _gt_records(coco, images: dict, path) -> tuple[list[dict], int]:
                 continue
             width, height = _image_size(img, path)
             clean = _clip_gt_box(box, width, height)
-            area = float(ann.get("area", box[2] * box[3]))
+            area = box[2] * box[3]
+            if "area" in ann:  # COCO's segment area: inf or NaN would pass "area <= 0"
+                area = _number_list([ann["area"]], 1, path, record, "area", math.inf)[0]
             if clean is None or area <= 0:
                 skipped += 1
                 continue
@@ -275,6 +285,7 @@ def _det_records(dets_file, images: dict, thr: float) -> list[dict]:
             "in the COCO results format"
         )
     by_image: dict[int, list[dict]] = {}
+    empty = 0  # person boxes of zero width or height: nothing to crop
     for i, det in enumerate(dets):
         record = f"detection {i}"
         if not isinstance(det, dict):
@@ -298,7 +309,7 @@ def _det_records(dets_file, images: dict, thr: float) -> list[dict]:
         if score < thr:
             continue
         if box[2] == 0 or box[3] == 0:
-            logger.warning("%s: skipped %s with an empty box", dets_file, record)
+            empty += 1
             continue
         by_image.setdefault(det["image_id"], []).append(
             {
@@ -310,4 +321,11 @@ def _det_records(dets_file, images: dict, thr: float) -> list[dict]:
                 "area": box[2] * box[3],
             }
         )
+    if empty and not by_image:
+        raise BadAnnotationError(
+            f"{dets_file}: all {empty} person detections scoring >= {thr:g} have an empty box "
+            "(zero width or height, e.g. [0, 0, 0, 0]); expected boxes [x, y, w, h] with w, h > 0"
+        )
+    if empty:
+        logger.warning("%s: skipped %d person detections with an empty box", dets_file, empty)
     return [rec for image_id in sorted(by_image) for rec in by_image[image_id]]

@@ -72,13 +72,37 @@ class AugmentRecipe:
     rotation_factor: float = 45.0  # rotation = clip(N * f, -2f, 2f) degrees ...
     rotation_prob: float = 0.6  # ... applied with this probability (MMPose's rot_prob)
 
+    def __post_init__(self) -> None:
+        """Each field a finite number in its range (a store's metadata or a config file may
+        hold anything: flip_prob "yes" must not reach the sampler)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            whole = f.type in (int, "int")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (whole and not isinstance(value, int)):
+                kind = "an integer" if whole else "a number"
+                raise BadConfigError(
+                    f"recipe.{f.name}: got {value!r:.40} ({type(value).__name__}); expected {kind}"
+                )
+            if f.name.endswith("_prob"):
+                ok, limits = 0 <= value <= 1, "a probability between 0 and 1"
+            elif f.name == "scale_factor":  # 1 - f is the smallest scale: it must stay > 0
+                ok, limits = 0 <= value < 1, "at least 0 and below 1"
+            else:
+                ok, limits = math.isfinite(value) and value >= 0, "finite and at least 0"
+            if not ok:
+                raise BadConfigError(f"recipe.{f.name}: got {value!r}; expected {limits}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentRecipe:
         """The recipe `d` describes; an unknown key is an error (a misspelt key would
-        otherwise train silently with the default)."""
+        otherwise train silently with the default), and so is a value of another type or
+        out of range."""
+        if not isinstance(d, dict):
+            raise BadConfigError(f"recipe: got {type(d).__name__}; expected a table of keys")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -6,7 +6,8 @@ boxes [N, 4] (x, y, w, h in image px, float32) and their scores [N]. Three ship 
 - `TorchvisionDetector`: one of torchvision's COCO detectors (`DETECTORS`), people only.
   Weights: a local file (`weights=PATH`, read with `torch.load(weights_only=True)`), or
   torchvision's released COCO weights, taken from torch's hub cache
-  (`$TORCH_HOME/hub/checkpoints`) or downloaded there when the machine is online. Offline (or
+  (`$TORCH_HOME/hub/checkpoints`) or downloaded there when the machine is online (a download
+  that stalls for DISTILPOSE_DOWNLOAD_TIMEOUT seconds, 60, fails). Offline (or
   with `DISTILPOSE_OFFLINE=1`) and not cached, one error line says which file to fetch and which
   option takes it. `weights="random"` builds it randomly initialised (speed measurements only).
 - `BoxesFile`: boxes from a COCO detections / results JSON file (format below).
@@ -25,7 +26,6 @@ to score 0) would otherwise draw several skeletons per person.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,6 +39,7 @@ import torch
 from distilpose.device import resolve_device
 from distilpose.errors import BadAnnotationError, BadCheckpointError, BadConfigError
 from distilpose.inference.sources import Frame
+from distilpose.limits import MAX_COORD, load_json
 
 Boxes = tuple[np.ndarray, np.ndarray]  # ([N, 4] x, y, w, h image px, [N] scores)
 Detector = Callable[[Sequence[Frame]], list[Boxes]]
@@ -47,6 +48,8 @@ DETECTORS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_v2")
 DEFAULT_DETECTOR = DETECTORS[0]
 PERSON_LABEL = 1  # "person" in torchvision's COCO category list
 OFFLINE_ENV = "DISTILPOSE_OFFLINE"
+DOWNLOAD_TIMEOUT_ENV = "DISTILPOSE_DOWNLOAD_TIMEOUT"
+DOWNLOAD_TIMEOUT_S = 60.0
 # torchvision resizes an image's shorter side to min_size, its longer side at most max_size
 _MAX_TO_MIN_SIZE = 1333 / 800
 BOX_THR = 0.3  # MMPose's top-down inferencer: bbox_thr=0.3 (boxes scoring above it are people)
@@ -63,13 +66,49 @@ def _weights_enum(name: str):
     return get_model_weights(name).DEFAULT
 
 
-def _download(url: str, target: Path) -> None:
-    """torch's hub download into its cache, the hash in the file name checked."""
+def download_timeout() -> float:
+    """Seconds a download may stall (no byte received) before it fails: DISTILPOSE_DOWNLOAD_
+    TIMEOUT, default 60 (torch's hub download waits forever on a silent server)."""
+    text = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "")
+    try:
+        return float(text) if text else DOWNLOAD_TIMEOUT_S
+    except ValueError:
+        raise BadConfigError(
+            f"environment {DOWNLOAD_TIMEOUT_ENV}={text!r}: expected a number of seconds"
+        ) from None
+
+
+def _download(url: str, target: Path, timeout: float | None = None) -> None:
+    """`url` into `target` (a temp file renamed when complete), each read bounded by
+    `timeout` seconds; the sha256 prefix in torch's file names (`name-<hex>.pth`) checked."""
+    import hashlib
+    import tempfile
+    import urllib.request
+
+    from distilpose.progress import ProgressCounter
+
+    timeout = download_timeout() if timeout is None else timeout
     match = re.search(r"-([a-f0-9]+)\.", target.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(
-        url, str(target), hash_prefix=match.group(1) if match else None, progress=True
-    )
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=timeout) as response,
+        ):
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with ProgressCounter(size, f"download {target.name}", "bytes") as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.advance(len(block))
+        if match and not digest.hexdigest().startswith(match.group(1)):
+            raise ValueError(f"sha256 {digest.hexdigest()[:12]} is not the file's {match.group(1)}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def released_weights_file(name: str) -> Path:
@@ -86,7 +125,11 @@ def released_weights_file(name: str) -> Path:
             _download(url, cached)
             return cached
         except Exception as e:  # no network, proxy, DNS, hash mismatch: all end the same way
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                reason = f"no answer from the server within {download_timeout():g} s"
+            else:
+                first = str(e).splitlines()[0] if str(e) else ""
+                reason = f"{type(e).__name__}: {first}".rstrip(": ")
     raise BadConfigError(
         f"detector {name}: its COCO weights are not in {cached.parent} and could not be "
         f"downloaded ({reason}); fetch {url} on a machine with internet and pass "
@@ -221,16 +264,24 @@ class WholeImage:
         return out
 
 
+def _is_number(value: object) -> bool:
+    """A finite JSON number (not a bool: true is no coordinate)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object, path: object, n: int, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadAnnotationError(f"{path}: entry {n} '{key}' is {value!r:.40}; expected an integer")
+
+
 class BoxesFile:
     """Person boxes from a COCO detections JSON file (format in the module docstring); the
     whole file is checked when it is opened, before any image is read."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            raise BadAnnotationError(f"{path}: not a readable JSON file ({e})") from e
+        entries = load_json(self.path, BadAnnotationError, "boxes")
         if not isinstance(entries, list):
             raise BadAnnotationError(f"{path}: expected a JSON list of box entries")
         self.matched = False  # whether any frame asked for so far had entries
@@ -239,24 +290,30 @@ class BoxesFile:
         for n, entry in enumerate(entries):
             if not isinstance(entry, dict) or "bbox" not in entry:
                 raise BadAnnotationError(f"{path}: entry {n} has no 'bbox'; expected [x, y, w, h]")
-            if int(entry.get("category_id", 1)) != 1:
+            if _integer(entry.get("category_id", 1), path, n, "category_id") != 1:
                 continue
             bbox = entry["bbox"]
             if (
                 not isinstance(bbox, list | tuple)
                 or len(bbox) != 4
-                or not all(isinstance(v, int | float) for v in bbox)
+                or not all(_is_number(v) and abs(v) <= MAX_COORD for v in bbox)
                 or bbox[2] <= 0
                 or bbox[3] <= 0
             ):
                 raise BadAnnotationError(
-                    f"{path}: entry {n} 'bbox' is {bbox!r}; expected [x, y, w, h] with w, h > 0"
+                    f"{path}: entry {n} 'bbox' is {bbox!r:.80}; expected [x, y, w, h] with "
+                    f"w, h > 0 (finite, within {MAX_COORD:g} px)"
                 )
-            record = (n, [float(v) for v in bbox], float(entry.get("score", 1.0)))
+            score = entry.get("score", 1.0)
+            if not _is_number(score):
+                raise BadAnnotationError(
+                    f"{path}: entry {n} 'score' is {score!r:.40}; expected a number"
+                )
+            record = (n, [float(v) for v in bbox], float(score))
             if "file_name" in entry:
                 self.by_name[Path(str(entry["file_name"])).name].append(record)
             elif "image_id" in entry:
-                self.by_id[int(entry["image_id"])].append(record)
+                self.by_id[_integer(entry["image_id"], path, n, "image_id")].append(record)
             else:
                 raise BadAnnotationError(
                     f"{path}: entry {n} names no image; expected 'file_name' or 'image_id'"

@@ -21,6 +21,14 @@ global batch:
 - The logged losses are averaged over ranks (`mean_over_ranks`), so metrics.csv shows the
   global batch's loss whatever R is.
 
+Joining (`init_group`): each process first makes its own GPU the current device
+(`torch.cuda.set_device(local_rank)`, before any NCCL call: otherwise every rank's NCCL
+communicator and current-device calls land on GPU 0), then joins the group with a stated
+timeout, `barrier_timeout()` (DISTILPOSE_BARRIER_TIMEOUT, default 3 h: the other ranks wait at
+a barrier while rank 0 validates on COCO val, and the dump's ranks for the slowest one; torch's
+default would be 30 min). `wait_for_ranks(what)` is that barrier: past the timeout (or when a
+rank died) it is one `RankError` line saying what it waited for.
+
 The last global batch of an epoch may be short; `rank_share` spreads it (sizes differ by at
 most one) so every sample is trained exactly once per epoch. If it has fewer samples than there
 are ranks, a rank with nothing left trains on a copy of the batch's first sample with
@@ -31,6 +39,7 @@ cross-rank BatchNorm statistics see it), and every rank still takes the same ste
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 
@@ -39,13 +48,60 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distilpose.errors import BadConfigError, RankError
+
 _ACROSS_RANKS = False  # set only inside a training step of a multi-process run
+BARRIER_TIMEOUT_ENV = "DISTILPOSE_BARRIER_TIMEOUT"
+BARRIER_TIMEOUT_S = 3 * 3600.0  # COCO val on rank 0 takes minutes; a slow dump rank, more
 
 
 def world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) of this process, from torchrun's environment."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def barrier_timeout() -> float:
+    """Seconds a rank waits for the others: DISTILPOSE_BARRIER_TIMEOUT, default 3 hours."""
+    text = os.environ.get(BARRIER_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else BARRIER_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BadConfigError(
+            f"environment {BARRIER_TIMEOUT_ENV}={text!r}: expected a number of seconds > 0"
+        )
+    return value
+
+
+def init_group(device: torch.device, backend: str | None = None) -> bool:
+    """Join torchrun's process group (if not joined yet): this rank's GPU made current first,
+    then `backend` (default: nccl on CUDA, else gloo) with `barrier_timeout()`. Returns
+    whether this call joined it (the caller then leaves it with `dist.destroy_process_group`)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before any NCCL use: each rank on its own GPU
+    if dist.is_initialized():
+        return False
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=barrier_timeout())
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+def wait_for_ranks(what: str) -> None:
+    """Barrier of all ranks; past `barrier_timeout()`, or when a rank died, one RankError line
+    saying what it waited for."""
+    try:
+        dist.barrier()
+    except Exception as e:  # noqa: BLE001 - gloo/NCCL errors: a timeout or a lost peer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankError(  # the command line names the rank ("[rank R of N] ")
+            f"gave up waiting for {what} after at most "
+            f"{barrier_timeout():g} s ({type(e).__name__}: {first[:160]}); expected every rank "
+            f"to arrive (did one fail or hang? see its error line; raise {BARRIER_TIMEOUT_ENV} "
+            "for longer waits)"
+        ) from None
 
 
 def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:

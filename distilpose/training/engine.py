@@ -50,7 +50,7 @@ state dict (weights and BatchNorm statistics) becomes d x ema + (1 - d) x model.
 
 Validation: every `val_every` epochs and after the last, rank 0 calls `validate(model)`, which
 returns metrics with "AP"; they land in the epoch row as val_AP, ... . Other ranks wait at a
-barrier whose timeout (VAL_TIMEOUT_S, set on the process group) allows a COCO-size validation.
+barrier whose timeout (`distributed.barrier_timeout()`, 3 h) allows a COCO-size validation.
 
 Short runs (the demo) may use `schedule="cosine"` instead: after the warmup, the lr follows
 half a cosine from `lr` to 0 over `total_steps`, step by step.
@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import json
 import logging
 import math
@@ -78,7 +77,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distilpose.device import resolve_device
@@ -88,8 +86,10 @@ from distilpose.progress import ProgressCounter
 from distilpose.training.distributed import (
     across_ranks,
     average_gradients,
+    init_group,
     mean_over_ranks,
     sync_batchnorm,
+    wait_for_ranks,
     world,
 )
 from distilpose.training.runs import PER_INVOCATION, run_changes
@@ -101,7 +101,6 @@ Task = Callable[[nn.Module, dict], dict]
 Batches = Callable[[int], Iterable[dict]]
 Validate = Callable[[nn.Module], dict]  # model -> metrics with "AP" (COCO keypoint AP, 0-1)
 REFERENCE_BATCH = 512  # the global batch the paper's lr 1e-3 is for: 8 GPUs x 64 crops
-VAL_TIMEOUT_S = 3 * 3600  # ranks wait this long for rank 0's validation (COCO val: minutes)
 OnSave = Callable[[Path], None]  # run_dir -> None; e.g. redraws loss_curves.png from metrics.csv
 
 
@@ -372,12 +371,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_model: nn.Module = self.model
         if self.world_size > 1:
-            if not dist.is_initialized():
-                dist.init_process_group(
-                    "nccl" if self.device.type == "cuda" else "gloo",
-                    # the other ranks wait at a barrier while rank 0 validates
-                    timeout=datetime.timedelta(seconds=VAL_TIMEOUT_S),
-                )
+            init_group(self.device)  # its GPU current first; barriers with a stated timeout
             if config.sync_bn:  # same state-dict keys: checkpoints do not change
                 self.model = sync_batchnorm(self.model, self.device)
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -429,6 +423,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_step": self.epoch_step,
+            "world_size": self.world_size,  # a mid-epoch resume needs the same global batch
             "epoch_meter": self._epoch_meter.state_dict(),  # the epoch row's means after resume
             # saved only between optimizer steps: epoch_step is a multiple of accum_steps
             "accum_steps": self.config.accum_steps,
@@ -503,6 +498,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, EOFError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadCheckpointError(f"{path}: cannot resume ({first})") from e
+        self._check_global_batch(path, state)
         old = state.get("train_config", {})
         changed = [k for k, v in asdict(self.config).items() if k in old and old[k] != v]
         if changed:
@@ -512,6 +508,32 @@ class Trainer:
             if changed:
                 log.warning(f"resume: run differs from the one saved in config.json in {changed}")
         log.info(f"resume: {path} at epoch {self.epoch}, step {self.step}")
+
+    def _check_global_batch(self, path: Path, state: dict) -> None:
+        """A mid-epoch checkpoint resumes only with its global batch: the epoch's batches are
+        planned for the global batch, so replaying `epoch_step` batches of another one would
+        skip or repeat samples. At an epoch boundary nothing is replayed: the run continues
+        exactly where it stopped, with the new world size (logged)."""
+        saved = (state.get("scheduler") or {}).get("global_batch")
+        ranks = state.get("world_size")  # absent in checkpoints written before it was saved
+        if saved is None or int(saved) == self.global_batch:
+            if ranks is not None and int(ranks) != self.world_size:
+                log.info(f"resume: {ranks} process(es) before, {self.world_size} now")
+            return
+        before = f"{ranks} process(es)" if ranks is not None else "the saved run"
+        now = f"{self.world_size} process(es) x batch {self.config.batch_size}"
+        if self.epoch_step:
+            raise BadCheckpointError(
+                f"{path}: saved mid-epoch (epoch {self.epoch + 1}, after {self.epoch_step} "
+                f"batches) by {before} with a global batch of {saved}; {now} x "
+                f"{self.config.accum_steps} accumulation is a global batch of "
+                f"{self.global_batch}, which would skip or repeat samples; expected the same "
+                "number of processes, --batch-size and --accum-steps until the epoch ends"
+            )
+        log.warning(
+            f"resume: at the start of epoch {self.epoch + 1} the global batch changes from "
+            f"{saved} ({before}) to {self.global_batch} ({now})"
+        )
 
     # ---- loop -------------------------------------------------------------------------------
     def train_step(self, batch: dict, step_now: bool = True) -> dict:
@@ -625,8 +647,8 @@ class Trainer:
             self.train_model.train()
         if self._validates_now() and self.is_main:
             extra.update(self._validate())
-        if self.world_size > 1:
-            dist.barrier()  # the other ranks wait for rank 0's evaluation
+        if self.world_size > 1:  # the other ranks wait for rank 0's evaluation
+            wait_for_ranks(f"rank 0's end of epoch {self.epoch + 1} (its validation, if any)")
         row = self._log_row("epoch", epoch_meter, extra)
         self.epoch += 1
         self.epoch_step = 0

@@ -84,6 +84,13 @@ def _hints(kind: type) -> dict[str, object]:
     return typing.get_type_hints(kind)
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: an error line stays one short line, whatever
+    a config file put in the field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_field(kind: type, name: str, value: object) -> None:
     """One BadConfigError line if `value` is not a valid `kind.name` (type, then range)."""
     expected = _hints(kind)[name]
@@ -92,11 +99,12 @@ def check_field(kind: type, name: str, value: object) -> None:
         what = " or ".join(_type_name(a) for a in options)
         none = " (or null)" if type(None) in typing.get_args(expected) else ""
         raise BadConfigError(
-            f"{kind.__name__}.{name}: got {value!r} ({type(value).__name__}); expected {what}{none}"
+            f"{kind.__name__}.{name}: got {shown(value)} ({type(value).__name__}); "
+            f"expected {what}{none}"
         )
     problem = _range_problem(name, value)
     if problem:
-        raise BadConfigError(f"{kind.__name__}.{name}: got {value!r}; expected {problem}")
+        raise BadConfigError(f"{kind.__name__}.{name}: got {shown(value)}; expected {problem}")
 
 
 def _range_problem(name: str, value: object) -> str | None:

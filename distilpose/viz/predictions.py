@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from distilpose.data.keypoints import NUM_KEYPOINTS
 from distilpose.errors import BadAnnotationError, BadConfigError
+from distilpose.limits import load_json
 from distilpose.viz.common import write_png_bgr
 from distilpose.viz.skeleton import draw_pose
 
@@ -90,12 +90,7 @@ def viz_predictions(
     if isinstance(results_json, list):
         results = results_json
     else:
-        try:
-            results = json.loads(Path(results_json).read_text())
-        except (OSError, ValueError) as e:
-            raise BadAnnotationError(
-                f"{results_json}: not a readable JSON results file ({e})"
-            ) from e
+        results = load_json(results_json, BadAnnotationError, "results")
     if not isinstance(results, list):
         raise BadAnnotationError(f"{results_json}: expected a list of COCO keypoint results")
     if image_id is None:
