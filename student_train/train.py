@@ -14,6 +14,7 @@ mostly warmup (a full COCO run has ~700k steps, where the cap never bites).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from distilpose.device import resolve_device
 from distilpose.errors import (
     BadCheckpointError,
     BadConfigError,
-    StoreFormatError,
     StoreMismatchError,
 )
 from distilpose.inference.eval_run import coco_validator
@@ -139,14 +139,7 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
     if not online:  # a loss the store has no target for fails before anything runs
         check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
     reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
-    identity = store_identity(reader.meta)
-    if run.resume and not run.allow_store_change:
-        check_store_unchanged(Path(run.out_dir), run.store, identity)
-    if not run.allow_incomplete and not bool(reader.complete_mask().all()):
-        raise StoreFormatError(
-            f"{run.store}: store is incomplete (dump still running or interrupted); "
-            "expected a finished dump, or pass allow_incomplete=True"
-        )
+    reader.check_markers()  # every complete unit's marker, signed and whole
     data = StudentBatches(
         run.store,
         batch_size=run.batch_size,
@@ -162,7 +155,32 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
         decode=run.decode,
         storage_options=run.storage_options,
     )
-    return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
+    identity = {**store_identity(reader.meta), "views": data.views}  # the views it trains on
+    if run.resume and not run.allow_store_change:
+        check_store_unchanged(Path(run.out_dir), run.store, identity)
+    skipped = data.skipped()
+    if world()[0] == 0:
+        _say_what_trains(run.store, reader, data, skipped)
+    store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
+    return data, {**store_meta, "skipped": skipped}, identity
+
+
+def _say_what_trains(store: str, reader: StoreReader, data: StudentBatches, skipped: int) -> None:
+    """One stderr line each: views left out (being added, or unfinished) and samples skipped."""
+    left_out = [v for v in range(reader.meta.views) if v not in data.view_ids]
+    if left_out:
+        print(
+            f"train-student: views {left_out} of {store} are not complete (a dump adding them, "
+            f"or stopped); training on the {data.views} complete view(s) {data.view_ids}",
+            file=sys.stderr,
+        )
+    if skipped:
+        total = data.views * reader.meta.num_instances
+        print(
+            f"train-student: {skipped} of {total} samples skipped (images the dump could not "
+            "read: left out of every loss)",
+            file=sys.stderr,
+        )
 
 
 def plan_student(run: StudentRun) -> StudentPlan:
@@ -309,4 +327,5 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         "checkpoint": str(final),
         "last": summary["checkpoint"],
         "losses": plan.weights,
+        "skipped": plan.store_meta.get("skipped", 0),
     }
