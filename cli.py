@@ -313,6 +313,7 @@ def store_verify(
         int | None, typer.Option(help="Check this many random samples (default 1000).")
     ] = None,
     all_slots: Annotated[bool, typer.Option("--all", help="Check every sample.")] = False,
+    accept_metadata: support.AcceptMetadataOpt = False,
     storage_options: support.StorageOpt = None,
     cluster: support.ClusterOpt = None,
     config: ConfigOpt = None,
@@ -322,6 +323,7 @@ def store_verify(
     from store.checks import store_verify as verify
     from store.checks import verify_failure
 
+    support.accept_metadata(store, storage_options, accept_metadata)
     sample = None if all_slots else (sample or VERIFY_SAMPLE)
     result = verify(store, sample=sample, storage_options=storage_options, cluster=cluster)
     typer.echo(json.dumps(result, default=str))

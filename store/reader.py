@@ -64,7 +64,6 @@ from store.schema import (
     META_KEY,
     OUTPUT_WORDS,
     READ_FIELDS,
-    SIGNATURE_KEY,
     SIGNED_SINCE,
     TEACHER_OUTPUTS,
     StoreLayout,
@@ -76,7 +75,13 @@ from store.schema import (
     shard_key,
     stored_dtype,
 )
-from store.signature import body_of, changed_fields, read_signed_units, sha256_of
+from store.signature import (
+    body_of,
+    changed_fields,
+    check_meta_signature,
+    read_signed_units,
+    sha256_of,
+)
 
 DEFAULT_FIELDS = READ_FIELDS
 Views = int | Sequence[int] | None
@@ -692,25 +697,6 @@ def drop_skipped(
         out.append(batch[keep] if keep.any() else batch[:1])
         kept.append(bool(keep.any()))
     return out, kept
-
-
-def check_meta_signature(loc: StoreLocation, attrs: dict) -> None:
-    """The `distilpose_store` attribute against its signature (schema 3, or wherever one is
-    present): an edit is one line naming the fields, before anything is parsed from them."""
-    meta, signature = attrs.get(META_KEY), attrs.get(SIGNATURE_KEY)
-    version = meta.get("schema_version", 0) if isinstance(meta, dict) else 0
-    if signature is None and not (isinstance(version, int) and version >= SIGNED_SINCE):
-        return  # schema 1 and 2: unsigned
-    if not isinstance(meta, dict):
-        raise StoreCorruptError(f"{loc}: store metadata '{META_KEY}' is not a JSON object")
-    changed = changed_fields(meta, signature)
-    if changed:
-        raise StoreCorruptError(
-            f"{loc}: store metadata (zarr.json '{META_KEY}') differs from what was signed: "
-            f"{', '.join(changed)}; expected the metadata the dump wrote (restore zarr.json "
-            "from a copy, or sign the edit with `distilpose store-verify STORE "
-            "--accept-metadata`)"
-        )
 
 
 def all_finite(a: np.ndarray) -> bool:

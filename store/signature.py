@@ -17,7 +17,14 @@ import json
 from distilpose.errors import StoreCorruptError
 from distilpose.limits import loads_json
 from store.location import StoreLocation
-from store.schema import COMPLETE_DIR, SIGNED_FILE
+from store.schema import (
+    COMPLETE_DIR,
+    META_KEY,
+    SCHEMA_VERSION,
+    SIGNATURE_KEY,
+    SIGNED_FILE,
+    SIGNED_SINCE,
+)
 
 FIELD_HASH_CHARS = 16  # 64 bits per field: enough to name an edit, small beside the body
 
@@ -107,3 +114,25 @@ def write_signed_units(loc: StoreLocation, units: dict[int, str]) -> None:
     loc.write_signed(
         json.dumps({"units": body, "sha256": sha256_of(body)}, sort_keys=True).encode()
     )
+
+
+def check_meta_signature(loc: StoreLocation, attrs: dict) -> None:
+    """The `distilpose_store` attribute against its signature (schema 3, or wherever one is
+    present): an edit is one line naming the fields, before anything is parsed from them."""
+    meta, signature = attrs.get(META_KEY), attrs.get(SIGNATURE_KEY)
+    version = meta.get("schema_version", 0) if isinstance(meta, dict) else 0
+    version = version if isinstance(version, int) else 0
+    if version > SCHEMA_VERSION:
+        return  # a newer schema: refused by StoreMeta.from_dict, naming its version
+    if signature is None and version < SIGNED_SINCE:
+        return  # schema 1 and 2: unsigned
+    if not isinstance(meta, dict):
+        raise StoreCorruptError(f"{loc}: store metadata '{META_KEY}' is not a JSON object")
+    changed = changed_fields(meta, signature)
+    if changed:
+        raise StoreCorruptError(
+            f"{loc}: store metadata (zarr.json '{META_KEY}') differs from what was signed: "
+            f"{', '.join(changed)}; expected the metadata the dump wrote (restore zarr.json "
+            "from a copy, or sign the edit with `distilpose store-verify STORE "
+            "--accept-metadata`)"
+        )

@@ -64,6 +64,7 @@ from store.schema import (
 from store.signature import (
     body_of,
     changed_fields,
+    check_meta_signature,
     read_signed_units,
     sha256_of,
     sign,
@@ -656,6 +657,7 @@ def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | N
         if loc.list_markers():
             raise StoreFormatError(f"{loc}: store metadata '{META_KEY}' is missing")
         return None, None  # creation was interrupted before the metadata: start again
+    check_meta_signature(loc, attrs)  # never re-sign an edit by adding views to it
     return group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc))
 
 
