@@ -272,7 +272,7 @@ def test_unsigned_marker_is_incomplete_until_signed(tmp_path):
 
 
 @pytest.mark.reliability(
-    case="store-info on a store whose heatmaps shard was deleted (threads, and a Dask cluster)",
+    case="store-info on a store whose heatmaps shard was deleted",
     outcome="exit 1, one line naming the missing shard file (never zeros in the statistics)",
 )
 def test_store_info_on_a_deleted_shard(tiny, tmp_path):
@@ -280,8 +280,18 @@ def test_store_info_on_a_deleted_shard(tiny, tmp_path):
     shard(store, "heatmaps", 1).unlink()
     line = one_line_error(invoke("store-info", store))
     assert "array 'heatmaps'" in line and "of complete unit 1 is missing" in line
+
+
+@pytest.mark.slow  # a Dask cluster's start: ~10 s on 2 cores
+@pytest.mark.reliability(
+    case="store-info --cluster local:1 on a store whose heatmaps shard was deleted",
+    outcome="the cluster's workers read through the same checked reader: one line, exit 1",
+)
+def test_store_info_on_a_deleted_shard_on_a_cluster(tiny, tmp_path):
+    store = copy(tiny["raw"], tmp_path)
+    shard(store, "heatmaps", 1).unlink()
     line = one_line_error(invoke("store-info", store, "--cluster", "local:1"))
-    assert "array 'heatmaps'" in line and "is missing" in line
+    assert "array 'heatmaps'" in line and "of complete unit 1 is missing" in line
 
 
 @pytest.mark.reliability(
