@@ -106,9 +106,10 @@ below for every older store):
 - Chunk fingerprints. Each marker holds `chunk_crc32c`: per array, the crc32c (`rows_crc32c`)
   of the decoded rows of each of the unit's chunks (real slots only, `StoreLayout.unit_chunks`).
   Every read of a whole chunk of a complete unit compares them, so a shard file swapped with
-  another of the same size (two units' `--raw-targets` heatmaps) fails at its first read, for
-  about 1% of the training data path (benchmarks/results/integrity_bench.md): the chunks' own
-  crc32c prove their bytes intact but not which slots they belong to.
+  another of the same size (two units' `--raw-targets` heatmaps) fails at its first read (cost:
+  benchmarks/results/integrity_bench.md): the chunks' own crc32c prove their bytes intact but
+  not which slots they belong to. (A whole-file crc32c per shard on first open would read every
+  shard once more in every DataLoader worker, each of which reads only part of it.)
 - Skipped images. Each marker holds `skipped`: `[[slot, why], ...]`, the slots whose image the
   dump could not read. Their rows hold zeros (keypoint weights 0, crop digest 0; a black crop
   in pixel stores, only so that the row is well-formed); readers leave them out of training
