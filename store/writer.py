@@ -50,6 +50,7 @@ from store.schema import (
     PIXELS,
     READ_FIELDS,
     SIGNATURE_KEY,
+    SIGNED_FILE,
     SIGNED_SINCE,
     StoreLayout,
     StoreMeta,
@@ -133,7 +134,9 @@ class StoreWriter:
             raise StoreFormatError(
                 f"{_where(e, loc)}: cannot create or open the store ({_why(e)})"
             ) from e
-        return cls(loc, group, stored, views=int(meta.views))
+        writer = cls(loc, group, stored, views=int(meta.views))
+        writer.sign_units()  # units a writer stopped between marking and signing left
+        return writer
 
     # ---- the plan ------------------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class StoreWriter:
             return []
         mine, added = set(mine or ()), []
         with _locked(self.location):
+            _clear_signed_temps(self.location)
             # object stores: another writer's PUT of the file may hide ours; read it back
             for _ in range(1 if self.location.is_local else 3):
                 units = read_signed_units(self.location)
@@ -720,6 +724,17 @@ def _meta_attrs(meta: StoreMeta) -> dict:
     return {META_KEY: body, **({SIGNATURE_KEY: sign(body)} if signed else {})}
 
 
+def _clear_signed_temps(loc: StoreLocation) -> None:
+    """Remove temp files of `complete/signed.json` a killed writer left: only the holder of the
+    store's lock writes that file, so under the lock every one of them is stale."""
+    if not loc.is_local:
+        return
+    pattern = os.path.join(glob.escape(loc.join(COMPLETE_DIR)), f".{SIGNED_FILE}.*.tmp")
+    for tmp in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _check_fewer_views(loc: StoreLocation, stored: StoreMeta, views: int) -> None:
     """A dump asking for fewer views than the store has room for would finish without the
     rest: refused while any of those views is unfinished (nothing to do once they are)."""
@@ -771,6 +786,7 @@ def accept_metadata(path: object, storage_options: dict | None = None) -> list[s
         )
     changes = []
     with _locked(loc):
+        _clear_signed_temps(loc)
         fields = changed_fields(body, attrs.get(SIGNATURE_KEY))
         if fields:
             group.attrs.update({SIGNATURE_KEY: sign(body)})
