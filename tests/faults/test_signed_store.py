@@ -264,8 +264,12 @@ def test_unsigned_marker_is_incomplete_until_signed(tmp_path):
     with pytest.raises(StoreFormatError, match="1 unit.s. marked but not signed yet"):
         r.chunks(0)
     assert store_info(tmp_path / "s")["units_unsigned"] == 1
-    assert StoreWriter.create_or_open(tmp_path / "s", small_meta(views=1, n=32)).sign_units() == [1]
+    assert w.sign_units() == [1]  # what a dump does at its end
     assert StoreReader.open(tmp_path / "s").is_complete()
+    write_signed_units(w.location, {0: units[0]})
+    StoreWriter.create_or_open(tmp_path / "s", small_meta(views=1, n=32))  # and a rerun at once
+    assert StoreReader.open(tmp_path / "s").is_complete()
+    assert read_signed_units(w.location) == units
 
 
 # ---- one read path, swapped shards ----------------------------------------------------------
