@@ -333,7 +333,8 @@ class StoreReader:
         Every chunk is checked (StoreCorruptError naming store, array and chunk): its crc32c
         (zarr), its unit's shard files against the unit's manifest, and, within complete units,
         cheap consistency of what was read (instances and specs against the slot layout,
-        finite values). check=False skips the last two (readers racing a writer).
+        finite values) and, in schema 3, each whole chunk's rows against the fingerprints in
+        its unit's marker. check=False skips the last three (readers racing a writer).
         """
         fields = self._fields(fields)
         names = self._stored_names(fields)
@@ -654,7 +655,8 @@ class StoreReader:
         rank=(r, R): `batch_size` is the global batch of R data-parallel ranks, and only rank
         r's slice of each is read and yielded, with a "valid" [b] bool array
         (`distilpose.training.distributed.rank_rows`: a rank left without samples gets one
-        padding row).
+        padding row). Samples the dump could not read (schema 3's skip records) are left out of
+        the planned batches (`drop_skipped`), which then carry "valid" too.
         """
         chunks = self.chunks(view, allow_incomplete)
         order = epoch_chunk_order(len(chunks), seed, epoch)
