@@ -316,20 +316,20 @@ def store_verify(
         int | None, typer.Option(help="Check this many random samples (default 1000).")
     ] = None,
     all_slots: Annotated[bool, typer.Option("--all", help="Check every sample.")] = False,
+    accept_metadata: support.AcceptMetadataOpt = False,
     storage_options: support.StorageOpt = None,
     cluster: support.ClusterOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Check sampled slots through every array (checksums, manifests, layout, finite values)
-    and their crops against the stored digests (decoded, or re-rendered); exit 1 on any."""
+    """Check sampled slots (signatures, checksums, manifests, layout, crop digests); exit 1."""
     from store.checks import store_verify as verify
     from store.checks import verify_failure
 
+    support.accept_metadata(store, storage_options, accept_metadata)
     sample = None if all_slots else (sample or VERIFY_SAMPLE)
     result = verify(store, sample=sample, storage_options=storage_options, cluster=cluster)
     typer.echo(json.dumps(result, default=str))
-    failure = verify_failure(result)
-    if failure:
+    if failure := verify_failure(result):
         fail(failure)
 
 

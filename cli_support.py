@@ -541,6 +541,27 @@ class TrainOpts:
         ]
 
 
+AcceptMetadataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-metadata",
+        help="First sign the store's metadata and markers as they are now (an edit you mean); "
+        "prints what changed.",
+    ),
+]
+
+
+def accept_metadata(store: str, storage_options: dict | None, accept: bool) -> None:
+    """`store-verify --accept-metadata` (`accept`): sign the store as it is, one stderr line
+    per change."""
+    if not accept:
+        return
+    from store.writer import accept_metadata as sign_as_is
+
+    for line in sign_as_is(store, storage_options) or ["nothing: the store is as it was signed"]:
+        typer.echo(f"store-verify: accepted {line}", err=True)
+
+
 # Options of train-teacher and train-student alike (the same defaults in both run types).
 ValAnnOpt = Annotated[
     Path | None,

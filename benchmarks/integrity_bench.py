@@ -1,25 +1,27 @@
-"""What the store's checksums cost: the training data path with and without them, side by side.
+"""What the store's checks cost: the training data path with and without them, side by side.
 
     python -m benchmarks.integrity_bench [--quick] [--people N] [--repeats R]
 
-Two stores of the same samples, written in one run: schema 2 (crc32c on every chunk, shard
-manifests, per-chunk layout checks: what `dump-teacher` writes now) and a schema-1 store (zstd
-only, no manifests: what it wrote before). Samples have DistilPose-S's real per-sample size
-(K=17 heatmaps of 64x48, 17 keypoint + 256 visual tokens of D=192, fp16); crop specs, crop
-digests and keypoints are real (demo images, the paper's augmentation); teacher outputs are
-synthetic (a Gaussian peak per joint on a noise floor, normal tokens), which compress like real
-ones. Three paths are timed, the two stores in adjacent pairs (ABBA order), `repeats` pairs;
-the cost is the median of the pairs' costs.
-Throughput is samples per CPU second (process time, all threads), so that neighbours on a
-shared machine do not decide the comparison:
+Three stores of the same samples, written in one run: schema 3 (what `dump-teacher` writes now:
+crc32c on every chunk, shard manifests, per-chunk layout checks, plus signed metadata and
+markers and a crc32c fingerprint of every chunk's decoded rows, checked on every read), schema 2
+(the same without signatures and fingerprints) and a schema-1 store (zstd only, no manifests).
+Samples have DistilPose-S's real per-sample size (K=17 heatmaps of 64x48, 17 keypoint + 256
+visual tokens of D=192, fp16); crop specs, crop digests and keypoints are real (demo images,
+the paper's augmentation); teacher outputs are synthetic (a Gaussian peak per joint on a noise
+floor, normal tokens), which compress like real ones. Three paths are timed, the three stores
+in adjacent triples (ABC, then CBA order), `repeats` triples; a cost is the median of the
+triples' costs. Throughput is samples per CPU second (process time, all threads), so that
+neighbours on a shared machine do not decide the comparison:
 
 - training data path: `StudentBatches` exactly as `train-student` builds it (all five losses,
   digest check on), in-process (workers=0): samples/s per data-loading core. This is the figure
-  the goal is about.
+  the goals are about: schema 3's new checks within 3% of it (against schema 2), all checks
+  within 5% (against schema 1).
 - store read alone: `StoreReader.iter_batches` with the fields training reads, in-process,
-  warm page cache: the part the checksums touch.
+  warm page cache: the part the checks touch.
 - teacher arrays alone: every chunk of heatmaps and tokens through `read_chunk`, nothing else:
-  the worst case of the checksums' relative cost (the bytes they cover, and no other work).
+  the worst case of the checks' relative cost (the bytes they cover, and no other work).
 """
 
 from __future__ import annotations
@@ -88,9 +90,7 @@ def _samples(root: Path, people: int) -> tuple[dict, list, dict]:
     return paths, instances, {"recipe": recipe.to_dict(), **rows}
 
 
-def _write(
-    path: Path, paths: dict, instances: list, rows: dict, checksums: bool, pixels: bool
-) -> None:
+def _write(path: Path, paths: dict, instances: list, rows: dict, schema: int, pixels: bool) -> None:
     import store.writer as writer_module
     from distilpose.data import annotation_digest
     from store import StoreMeta, StoreWriter
@@ -100,10 +100,11 @@ def _write(
         geometry=PAPER, token_dim=D,
         num_keypoints=K, recipe=rows["recipe"], ann_digest=annotation_digest(paths["train_ann"]),
         ann_file=str(paths["train_ann"]), image_root=str(paths["train_images"]),
-        schema_version=2 if checksums or pixels else 1, pixels="jpeg" if pixels else "none",
+        # pixels exist from schema 2 on: the unchecksummed pixel store has schema-2 metadata
+        schema_version=max(schema, 2) if pixels else schema, pixels="jpeg" if pixels else "none",
     )  # fmt: skip
     with contextlib.ExitStack() as undo:
-        if not checksums:  # what the writer did before schema 2
+        if schema == 1:  # what the writer did before schema 2
             from zarr.codecs import ZstdCodec
 
             saved = writer_module.array_compressors, writer_module.StoreWriter.manifest
@@ -194,6 +195,31 @@ def _crc32c_us(sample_bytes: int) -> float:
     return best / 64 * 1e6
 
 
+def _fingerprint_us(store: Path) -> float:
+    """CPU microseconds per sample of schema 3's chunk fingerprint check alone, over every
+    array training reads (best of 5 passes over the store's chunks, already read)."""
+    from store import StoreReader
+    from student_train.data import INDEX_FIELDS, target_fields
+
+    reader = StoreReader.open(store)
+    fields = (*INDEX_FIELDS, "crop_digest", "pixels", *target_fields(LOSSES))
+    names = [n for n in reader._stored_names(fields) if n in reader.arrays]
+    chunks = [
+        (a, b, {n: np.asarray(reader.arrays[n][a:b]) for n in names}) for a, b in reader.chunks(0)
+    ]
+    samples = sum(b - a for a, b, _ in chunks)
+    best = float("inf")
+    for _ in range(5):
+        t = time.process_time()
+        for a, b, raw in chunks:
+            reader.check_fingerprints(raw, a, b)
+        best = min(best, time.process_time() - t)
+    return best / samples * 1e6
+
+
+SCHEMAS = (3, 2, 1)  # what dump-teacher writes now, before issue 24, before checksums
+
+
 def run(quick: bool = True, people: int | None = None, repeats: int | None = None) -> str:
     import torch
 
@@ -205,13 +231,13 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
         root = Path(tmp)
         paths, instances, rows = _samples(root, people)
         stores = {
-            (c, px): root / f"{'crc' if c else 'plain'}{'_jpeg' if px else ''}.zarr"
-            for c in (True, False)
+            (v, px): root / f"schema{v}{'_jpeg' if px else ''}.zarr"
+            for v in SCHEMAS
             for px in (False, True)
         }
-        for (checksums, pixels), path in stores.items():
-            _write(path, paths, instances, rows, checksums, pixels)
-        rates: dict[tuple[str, bool], list[float]] = {}
+        for (schema, pixels), path in stores.items():
+            _write(path, paths, instances, rows, schema, pixels)
+        rates: dict[tuple[str, int], list[float]] = {}
         epoch = [0]
         names = (
             ("train", _train_path, False),
@@ -226,48 +252,52 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
         saved, reader_module.CHECKSUMS_SINCE = reader_module.CHECKSUMS_SINCE, 1 << 30
         try:
             for _, fn, pixels in names:  # warm-up: first calls load decoders and caches
-                for checksums in (True, False):
-                    fn(stores[(checksums, pixels)], epoch)
-            for i in range(repeats):  # pairs, in ABBA order: drifting load hits both sides
+                for schema in SCHEMAS:
+                    fn(stores[(schema, pixels)], epoch)
+            for i in range(repeats):  # triples, ABC then CBA: drifting load hits every side
                 for name, fn, pixels in names:
-                    for checksums in (True, False) if i % 2 == 0 else (False, True):
-                        path = stores[(checksums, pixels)]
+                    for schema in SCHEMAS if i % 2 == 0 else SCHEMAS[::-1]:
+                        path = stores[(schema, pixels)]
                         rate = _timed(lambda p=path, f=fn: f(p, epoch), min_s)
-                        rates.setdefault((name, checksums), []).append(rate)
+                        rates.setdefault((name, schema), []).append(rate)
         finally:
             reader_module.CHECKSUMS_SINCE = saved
         disk = {
-            c: sum(f.stat().st_size for f in stores[(c, False)].rglob("*") if f.is_file())
-            for c in (True, False)
+            v: sum(f.stat().st_size for f in stores[(v, False)].rglob("*") if f.is_file())
+            for v in SCHEMAS
         }
-    # the cost is judged pair by pair (the two runs of a pair are adjacent in time, so they saw
-    # nearly the same neighbours): median and quartiles of the pairs' costs
-    costs = {
-        name: sorted(
-            100 * (1 - a / b)
-            for a, b in zip(rates[(name, True)], rates[(name, False)], strict=True)
+        fingerprint_us = _fingerprint_us(stores[(3, True)])
+
+    # a cost is judged triple by triple (its runs are adjacent in time, so they saw nearly the
+    # same neighbours): median and quartiles of the triples' costs
+    def costs(name: str, base: int) -> list[float]:
+        return sorted(
+            100 * (1 - a / b) for a, b in zip(rates[(name, 3)], rates[(name, base)], strict=True)
         )
-        for name, _, _ in names
-    }
 
     def quartiles(xs: list[float]) -> tuple[float, float, float]:
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
         return q[0], statistics.median(xs), q[2]
 
+    def cell(name: str, base: int) -> str:
+        q1, med, q3 = quartiles(costs(name, base))
+        return f"{med:+.1f}% ({q1:+.1f}% .. {q3:+.1f}%)"
+
     load = os.getloadavg()[0]
     lines = [
-        "## Store checksums (integrity_bench)",
+        "## Store checks (integrity_bench)",
         "",
         f"{len(instances)} samples of DistilPose-S size, batches of 64, in-process (torch 1 "
         f"thread, workers=0); samples per CPU second of the process (all its threads), median "
-        f"of {repeats} pairs of adjacent runs (ABBA order) of >= {min_s:g} CPU s each; the cost "
-        "is the median of the pairs' costs, with its quartiles. Machine load average at the "
-        f"end: {load:.1f} on {os.cpu_count()} cores (a shared machine: pairs, not absolute "
-        "rates, carry the result).",
+        f"of {repeats} triples of adjacent runs (ABC, CBA order) of >= {min_s:g} CPU s each; a "
+        "cost is the median of the triples' costs, with its quartiles. Schema 3: signatures and "
+        "chunk fingerprints on top of schema 2's crc32c, manifests and layout checks; schema 1: "
+        f"no checks. Machine load average at the end: {load:.1f} on {os.cpu_count()} cores (a "
+        "shared machine: triples, not absolute rates, carry the result).",
         "",
-        "| path, samples/s per core | schema 2: crc32c + manifests + checks | schema 1: none "
-        "| cost of the checks (quartiles) |",
-        "|---|---:|---:|---:|",
+        "| path, samples/s per core | schema 3 | schema 2 | schema 1 | cost of schema 3's new "
+        "checks (vs 2) | cost of all checks (vs 1) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, label in (
         ("train", "training data path (StudentBatches), crops re-rendered from the images"),
@@ -275,33 +305,42 @@ def run(quick: bool = True, people: int | None = None, repeats: int | None = Non
         ("read", "store read alone (iter_batches, training's fields)"),
         ("targets", "teacher arrays alone (read_chunk of heatmaps and tokens)"),
     ):
-        on, off = statistics.median(rates[(name, True)]), statistics.median(rates[(name, False)])
-        q1, med, q3 = quartiles(costs[name])
+        r = {v: statistics.median(rates[(name, v)]) for v in SCHEMAS}
         lines.append(
-            f"| {label} | {on:,.0f} | {off:,.0f} | {med:+.1f}% ({q1:+.1f}% .. {q3:+.1f}%) |"
+            f"| {label} | {r[3]:,.0f} | {r[2]:,.0f} | {r[1]:,.0f} | {cell(name, 2)} | "
+            f"{cell(name, 1)} |"
         )
-    cost = max(quartiles(costs["train"])[1], quartiles(costs["train_jpeg"])[1])
-    per_sample = disk[True] / len(instances)
+    new_cost = max(quartiles(costs(n, 2))[1] for n in ("train", "train_jpeg"))
+    all_cost = max(quartiles(costs(n, 1))[1] for n in ("train", "train_jpeg"))
+    per_sample = disk[3] / len(instances)
     crc_us = _crc32c_us(int(per_sample))
-    train_us = 1e6 / statistics.median(rates[("train_jpeg", True)])
-    read_us = 1e6 / statistics.median(rates[("targets", False)])
+    train_us = 1e6 / statistics.median(rates[("train_jpeg", 3)])
+    read_us = 1e6 / statistics.median(rates[("targets", 1)])
     lines += [
         "",
         f"The arithmetic, from figures that noise does not move: a crc32c of one sample's stored "
         f"bytes ({per_sample / 1e3:.0f} kB) takes {crc_us:.1f} CPU us here (best of 20), that is "
         f"{100 * crc_us / train_us:.1f}% of the (JPEG) training data path's {train_us:.0f} us "
         f"per sample and {100 * crc_us / read_us:.1f}% of reading the teacher arrays alone "
-        f"({read_us:.0f} us).",
+        f"({read_us:.0f} us). Schema 3's chunk fingerprints are one more crc32c, of the decoded "
+        "rows of every array training reads, per chunk a worker reads: measured alone (JPEG "
+        f"store, best of 5) {fingerprint_us:.1f} CPU us per sample, "
+        f"{100 * fingerprint_us / train_us:.1f}% of the JPEG training data path. (A crc32c of "
+        "every whole shard file on first open would instead read each shard once more in every "
+        "DataLoader worker, each of which reads only part of it.)",
         "",
-        f"Bytes on disk: {disk[True] / len(instances) / 1e3:.1f} kB/sample with checksums, "
-        f"{disk[False] / len(instances) / 1e3:.1f} kB without (4 bytes per chunk and array, "
-        "plus the markers' manifests).",
+        f"Bytes on disk: {disk[3] / len(instances) / 1e3:.1f} kB/sample in schema 3, "
+        f"{disk[2] / len(instances) / 1e3:.1f} kB in schema 2, "
+        f"{disk[1] / len(instances) / 1e3:.1f} kB in schema 1 (4 bytes per chunk and array, "
+        "plus the markers: manifests, fingerprints, signatures, and the list of signed units).",
         "",
-        f"Goal: checksums cost < 5% of the training data path's throughput: "
-        f"{'met' if cost < 5 else 'MISSED'} (the worse of the two data paths: {cost:+.1f}%). "
-        "The data paths re-render or decode every crop, which costs far more per sample than a "
-        "crc32c of its bytes; the teacher-arrays row is the checksums' cost where nothing else "
-        "is done.",
+        f"Goals: schema 3's new checks cost < 3% of the training data path's throughput: "
+        f"{'met' if new_cost < 3 else 'MISSED'} side by side (the worse of the two data paths: "
+        f"{new_cost:+.1f}%; the fingerprint check measured alone: "
+        f"{100 * fingerprint_us / train_us:.1f}%); all checks < 5%: "
+        f"{'met' if all_cost < 5 else 'MISSED'} ({all_cost:+.1f}%). The data paths re-render "
+        "or decode every crop, which costs far more per sample than a crc32c of its bytes; the "
+        "teacher-arrays row is the checks' cost where nothing else is done.",
     ]
     section = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)

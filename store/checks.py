@@ -102,13 +102,33 @@ def _on_chunks(reader: StoreReader, task, jobs: list, cluster: str | None) -> li
 CHECK_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
+def skipped_rows(reader: StoreReader, start: int, stop: int, rows: dict) -> np.ndarray:
+    """bool [stop - start]: the rows of slots the dump could not read; recorded in the markers
+    (schema 3), or for older stores told by their mark: zero keypoint weights and an all-zero
+    crop digest (`rows` holds "weights" and "crop_digest")."""
+    if reader.signed:
+        unit_size = reader.layout.unit_samples
+        units = range(start // unit_size, (stop - 1) // unit_size + 1)
+        skipped = reader.skipped_slots(list(units))
+        return np.isin(np.arange(start, stop), np.fromiter(skipped, dtype=np.int64))
+    weights = np.asarray(rows["weights"]).reshape(stop - start, -1)
+    digest = np.asarray(rows["crop_digest"]).reshape(stop - start, -1)
+    return ~weights.any(1) & ~digest.any(1)
+
+
 def _chunk_summary(reader: StoreReader, start: int, stop: int) -> dict:
-    """One complete chunk read through the checked reader: heatmap peaks [n, K] and NaN/Inf
-    counts of the float arrays (a missing or damaged shard raises, never reads as zeros)."""
+    """One complete chunk read through the checked reader: heatmap peaks [n, K] of the samples
+    the dump could read, their count and NaN/Inf counts of the float arrays (a missing or
+    damaged shard raises, never reads as zeros)."""
     m = reader.meta
-    names = [n for n in ("spec", "keypoints", "weights", *m.teacher_outputs) if n in reader.specs]
+    names = [
+        n
+        for n in ("spec", "keypoints", "weights", "crop_digest", *m.teacher_outputs)
+        if n in reader.specs
+    ]
     x = reader.read_chunk(start, stop, names, dtype=np.float32)
-    out = {"peak": x["heatmaps"].max(axis=(2, 3))}  # [n, K] decoded values in every mode
+    skipped = skipped_rows(reader, start, stop, x)
+    out = {"peak": x["heatmaps"][~skipped].max(axis=(2, 3)), "skipped": int(skipped.sum())}
     for name in names:
         if x[name].dtype.kind == "f":
             out[f"nan:{name}"] = int(np.isnan(x[name]).sum())
@@ -127,6 +147,7 @@ def store_info(
     cluster `cluster` names (local[:N], tcp://...); a damaged store raises, naming the chunk.
     """
     reader = StoreReader.open(path, storage_options)
+    reader.check_markers()
     m, lay = reader.meta, reader.layout
     done = set(reader.complete_units().tolist())
     units_per_view = lay.units_per_view
@@ -153,6 +174,7 @@ def store_info(
         "path": str(path),
         "schema_version": m.schema_version,
         "checksums": reader.checksums,
+        "signed": reader.signed,
         "teacher": m.teacher_name,
         "teacher_outputs": list(m.teacher_outputs),
         "teacher_sha256": m.teacher_sha256,
@@ -162,6 +184,7 @@ def store_info(
         "views_complete": views_complete,
         "units": lay.num_units(m.views),
         "units_complete": len(done),
+        "units_unsigned": len(reader.unsigned),
         "samples": m.num_instances * m.views,
         "samples_complete": samples,
         "complete": samples == m.num_instances * m.views,
@@ -181,13 +204,18 @@ def store_info(
         **bytes_per_view(reader),
     }
     if not samples:
-        info.update(nonfinite={}, confidence={})
+        info.update(nonfinite={}, confidence={}, skipped=0)
         return info
 
     parts = _on_chunks(reader, _chunk_summary, chunks, cluster)
     res = {k: sum(p[k] for p in parts) for k in parts[0] if k != "peak"}
     res["peak"] = np.concatenate([p["peak"] for p in parts])
     peak = np.asarray(res.pop("peak"), dtype=np.float64)
+    info["skipped"] = int(res.pop("skipped"))  # images the dump could not read
+    if not len(peak):
+        info.update(nonfinite={k: int(v) for k, v in res.items()}, confidence={})
+        info["nonfinite_total"] = int(sum(res.values()))
+        return info
     info["nonfinite"] = {k: int(v) for k, v in res.items()}
     info["nonfinite_total"] = int(sum(res.values()))
     info["confidence"] = {
@@ -230,6 +258,7 @@ def store_verify(
     neither). `ok_all` is False on any failure of any kind.
     """
     reader = StoreReader.open(path, storage_options)
+    reader.check_markers()
     m = reader.meta
     by_chunk = _sample_slots(reader, sample, seed)
     integrity = check_integrity(reader, by_chunk, cluster)
@@ -246,6 +275,7 @@ def store_verify(
         "problems": problems[:20],
         "checksums": reader.checksums,
         "manifests": integrity["manifests"],
+        "signed": reader.signed,
         "ok_all": not failed,
     }
 
@@ -265,13 +295,18 @@ def _verify_rendered(
     m = reader.meta
     instances = load_store_instances(m, path, ann_file, image_root)
     fields = ("slot", "spec", "instance", "image_id", "keypoints", "weights", "crop_digest")
-    ok = bad = bad_kp = 0
+    ok = bad = bad_kp = skipped = 0
     bad_slots: list[int] = []
     load = images or (lambda inst: read_image(inst.image_path))
     chunk = m.chunk_samples
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
-        data = reader.read_chunk(c * chunk, (c + 1) * chunk, fields)
+        start, stop = _chunk_range(reader, c)
+        data = reader.read_chunk(start, stop, fields)
+        unread = skipped_rows(reader, start, stop, data)
         for slot in by_chunk[c]:
+            if unread[slot - start]:
+                skipped += 1  # the dump could not read this image: nothing to re-render
+                continue
             row = {k: v[slot - c * chunk] for k, v in data.items()}
             inst = instances[int(row["instance"])]
             spec = CropSpec.from_array(row["spec"])
@@ -288,14 +323,22 @@ def _verify_rendered(
                 bad_slots.append(int(slot))
     return {
         "path": str(path),
-        "checked": ok + bad,
+        "checked": ok + bad + skipped,
         "ok": ok,
         "mismatched": bad,
         "keypoints_mismatched": bad_kp,
         "mismatched_slots": bad_slots,
-        "skipped": 0,
+        "skipped": skipped,
         "crops": "re-rendered",
     }
+
+
+def _chunk_range(reader: StoreReader, chunk: int) -> tuple[int, int]:
+    """Slots [start, stop) of chunk `chunk` of the store's arrays."""
+    start = chunk * reader.layout.chunk_samples
+    return start, min(
+        start + reader.layout.chunk_samples, reader.layout.num_slots(reader.meta.views)
+    )
 
 
 def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[int, list[int]]:
@@ -319,11 +362,13 @@ def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[i
     ok = bad = skipped = 0
     bad_slots: list[int] = []
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
-        data = reader.read_chunk(c * chunk, (c + 1) * chunk, ("crop_digest", "weights", PIXELS))
+        start, stop = _chunk_range(reader, c)
+        data = reader.read_chunk(start, stop, ("crop_digest", "weights", PIXELS))
+        unread = skipped_rows(reader, start, stop, data)
         for slot in by_chunk[c]:
             i = slot - c * chunk
             stored = data["crop_digest"][i].tobytes()
-            if stored == bytes(32) and not data["weights"][i].any():
+            if unread[i]:
                 skipped += 1  # the dump could not read this image: marked invalid, not a crop
                 continue
             try:
@@ -367,10 +412,8 @@ def _unit_problem(reader: StoreReader, unit: int) -> tuple[bool, str | None]:
 
 def _chunk_problem(reader: StoreReader, chunk: int) -> str | None:
     """The problem line of one chunk's checked read of every array (None: it reads clean)."""
-    lay = reader.layout
     reader.check_finite = True  # store-verify checks values even where checksums hold
-    start = chunk * lay.chunk_samples
-    stop = min(start + lay.chunk_samples, lay.num_slots(reader.meta.views))
+    start, stop = _chunk_range(reader, chunk)
     try:
         reader.read_chunk(start, stop, _stored_fields(reader))
     except StoreCorruptError as e:
@@ -426,7 +469,8 @@ def format_store_info(info: dict) -> str:
     mib = info["bytes_on_disk"] / 2**20
     lines = [
         f"store            {info['path']} (schema {info['schema_version']}, mode {info['mode']}, "
-        f"{'crc32c per chunk' if info.get('checksums') else 'no checksums'})",
+        f"{'crc32c per chunk' if info.get('checksums') else 'no checksums'}, "
+        f"{'signed metadata' if info.get('signed') else 'unsigned metadata'})",
         f"teacher          {info['teacher']}  sha256 {str(info['teacher_sha256'])[:16]}...",
         f"teacher outputs  {', '.join(info.get('teacher_outputs', []))}",
         f"samples complete {info['samples_complete']:,} / {info['samples']:,} "
@@ -451,6 +495,16 @@ def format_store_info(info: dict) -> str:
         lines.append("pixels           none (crops are re-rendered from the images)")
     if "nonfinite_total" in info:
         lines.append(f"NaN/Inf values   {info['nonfinite_total']}")
+    if info.get("skipped"):
+        lines.append(
+            f"skipped images   {info['skipped']} sample(s) the dump could not read (left out of "
+            "training)"
+        )
+    if info.get("units_unsigned"):
+        lines.append(
+            f"unsigned units   {info['units_unsigned']} marked but not signed yet (a dump "
+            "running, or stopped between the two: rerunning it signs them)"
+        )
     conf = info.get("confidence")
     if conf:
         lines.append("teacher confidence (heatmap peak) per joint: mean / p5 / p50 / p95")

@@ -13,7 +13,7 @@ import re
 
 from distilpose.errors import StoreConnectionError, StoreFormatError
 from distilpose.io import atomic_open
-from store.schema import COMPLETE_DIR
+from store.schema import COMPLETE_DIR, SIGNED_FILE
 
 
 class StoreLocation:
@@ -155,6 +155,56 @@ class StoreLocation:
         except FileNotFoundError:
             raise StoreFormatError(f"{self}: marker of unit {unit} vanished ({path})") from None
         return loads_json(data, path) if data.strip() else {}
+
+    def read_markers(self, units: list[int]) -> dict[int, bytes]:
+        """The raw bytes of several units' markers (remote: one concurrent request); a marker
+        that vanished is missing from the result."""
+        paths = {self.join(COMPLETE_DIR, marker_name(u)): u for u in units}
+        if self.is_local or len(paths) < 2:
+            out = {}
+            for path, unit in paths.items():
+                try:
+                    out[unit] = self._read_bytes(path)
+                except FileNotFoundError:
+                    pass
+            return out
+        got = self.remote(
+            self.fs.cat, list(paths), False, "omit", what=f"reading {len(paths)} markers"
+        )
+        return {paths[p]: data for p, data in got.items() if p in paths}
+
+    def read_signed(self) -> bytes | None:
+        """The bytes of `complete/signed.json` (None where there is none yet)."""
+        try:
+            return self._read_bytes(self.join(COMPLETE_DIR, SIGNED_FILE))
+        except FileNotFoundError:
+            return None
+
+    def write_signed(self, data: bytes) -> None:
+        """Replace `complete/signed.json` durably (local: temp file, fsync, rename)."""
+        if not self.is_local:
+            self.fs.makedirs(self.join(COMPLETE_DIR), exist_ok=True)
+            self.fs.pipe_file(self.join(COMPLETE_DIR, SIGNED_FILE), data)
+            return
+        os.makedirs(self.join(COMPLETE_DIR), exist_ok=True)
+        with atomic_open(self.join(COMPLETE_DIR, SIGNED_FILE), "wb", durable=True) as f:
+            f.write(data)
+
+    def check_ranges(self) -> None:
+        """An http(s) store needs a server that answers Range requests (zarr reads each chunk
+        and each shard index as a byte range): one line saying so where it ignores them, rather
+        than every shard read as damaged bytes. Asked once, of zarr.json's first byte."""
+        if self.is_local or not self.text.startswith(("http://", "https://")):
+            return
+        path = self.join("zarr.json")
+        data = self.remote(self.fs.cat_file, path, 0, 1, what="a range request")
+        if len(data) != 1:
+            raise StoreConnectionError(
+                f"{self}: the HTTP server ignores Range requests (asked for 1 byte of zarr.json, "
+                f"got {len(data)}); expected a server that answers byte ranges (206 Partial "
+                "Content), which zarr needs to read shards: serve the store with one that does "
+                "(nginx, S3, `python -m RangeHTTPServer`), or copy it to a local disk"
+            )
 
     def _read_bytes(self, path: str) -> bytes:
         if self.is_local:

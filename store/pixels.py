@@ -17,7 +17,10 @@ The dump encodes the rendered crop, decodes it again and runs the teacher on the
 and the store's `crop_digest` is the sha256 of those decoded pixels (uint8 BGR [H, W, 3], C
 order), so a student reading the store sees exactly what the teacher saw, and the digest proves
 it. Decoding is deterministic for a given decoder; the reference decoders are OpenCV and
-torchvision on the CPU, which agree byte for byte (both libjpeg-turbo; tested). A GPU decode
+torchvision on the CPU, which agree byte for byte (both libjpeg-turbo; tested). The digest is
+of OpenCV's pixels (the dump's decoder, `StoreMeta.pixel_decoder`): training checks it on
+torchvision's and, where they differ, decodes again with OpenCV to tell another libjpeg build
+(it then decodes with OpenCV) from a damaged crop (student_train/data.py). A GPU decode
 (nvJPEG) may differ from them by a few levels in a few pixels; the digest is not checked there.
 """
 

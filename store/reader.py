@@ -52,17 +52,25 @@ from distilpose.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
-from distilpose.limits import max_json_bytes
+from distilpose.limits import loads_json, max_json_bytes
 from distilpose.models.layers import ModelConfig
 from distilpose.training.distributed import rank_rows
 from store import compact
-from store.location import StoreLocation, first_line, is_connection_error, run_settled
+from store.location import (
+    StoreLocation,
+    first_line,
+    is_connection_error,
+    marker_name,
+    run_settled,
+)
 from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
     CHECKSUMS_SINCE,
+    COMPLETE_DIR,
     META_KEY,
     OUTPUT_WORDS,
     READ_FIELDS,
+    SIGNED_SINCE,
     TEACHER_OUTPUTS,
     StoreLayout,
     StoreMeta,
@@ -70,8 +78,16 @@ from store.schema import (
     check_chunk_layout,
     has_checksums,
     read_fields,
+    rows_crc32c,
     shard_key,
     stored_dtype,
+)
+from store.signature import (
+    body_of,
+    changed_fields,
+    check_meta_signature,
+    read_signed_units,
+    sha256_of,
 )
 
 DEFAULT_FIELDS = READ_FIELDS
@@ -114,6 +130,10 @@ class StoreReader:
         self._units_checked: set[int] = set()
         # compact modes: the token bases, checked against the metadata's digest
         self.bases = compact.read_bases(group, meta, self.path) if meta.compact() else {}
+        self._markers: dict[int, dict] = {}  # checked marker payloads, read once per reader
+        self.signed = int(meta.schema_version) >= SIGNED_SINCE  # signatures (schema 3)
+        self._signed_units: dict[int, str] = {}  # unit -> its marker's signed sha256
+        self.unsigned: list[int] = []  # marked units not signed yet (a writer between the two)
         # version-1 stores have neither: they read, and store-verify says so
         self.checksums = all(has_checksums(a) for a in self.arrays.values())
         if meta.schema_version >= CHECKSUMS_SINCE and not self.checksums:
@@ -155,6 +175,8 @@ class StoreReader:
         attrs = group.attrs.asdict()
         if META_KEY not in attrs:
             raise StoreFormatError(f"{loc}: not a distilpose store (no '{META_KEY}' attribute)")
+        check_meta_signature(loc, attrs)
+        loc.check_ranges()
         return cls(loc, group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc)))
 
     # ---- completeness ---------------------------------------------------------------------
@@ -164,13 +186,36 @@ class StoreReader:
         self._complete = None
 
     def complete_units(self) -> np.ndarray:
-        """Sorted unit ids marked complete (within this reader's views)."""
+        """Sorted unit ids marked complete (within this reader's views); in a signed store
+        (schema 3) marked *and* signed, and a signed unit whose marker is gone is an error."""
         if self._complete is None:
             limit = self.layout.num_units(self.meta.views)
-            self._complete = np.array(
-                [u for u in self.location.list_markers() if u < limit], dtype=np.int64
-            )
+            # signed units first, markers after: a writer marks, then signs, so every unit
+            # signed before the listing has its marker in it
+            signed = read_signed_units(self.location) if self.signed else {}
+            listed = [u for u in self.location.list_markers() if u < limit]
+            if self.signed:
+                marked = set(listed)
+                gone = sorted(u for u in signed if u < limit and u not in marked)
+                if gone:
+                    more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+                    raise StoreCorruptError(
+                        f"{self.path}: unit {gone[0]}{more} is signed complete but its marker "
+                        f"{COMPLETE_DIR}/{marker_name(gone[0])} is missing; expected every "
+                        "signed unit's marker (restore it from a copy, rerun the dump to write "
+                        "the unit again, or accept the smaller store with `distilpose "
+                        "store-verify STORE --accept-metadata`)"
+                    )
+                self._signed_units = signed
+                self.unsigned = [u for u in listed if u not in signed]
+                listed = [u for u in listed if u in signed]
+            self._complete = np.array(listed, dtype=np.int64)
         return self._complete
+
+    def complete_views(self) -> list[int]:
+        """The views all of whose units are complete."""
+        done = set(self.complete_units().tolist())
+        return [v for v in range(self.meta.views) if all(u in done for u in self._units(v))]
 
     def complete_mask(self) -> np.ndarray:
         """bool [views, num_instances]: sample (view v, instance i) is written and complete."""
@@ -206,10 +251,20 @@ class StoreReader:
         if missing and not allow_incomplete:
             raise StoreFormatError(
                 f"{self.path}: {len(units) - len(missing)} of {len(units)} write units complete "
-                f"(views {self._views(view)}); expected a finished dump: resume it, or pass "
-                "allow_incomplete=True to use the complete part"
+                f"(views {self._views(view)}){self.unsigned_note()}; expected a finished dump: "
+                "resume it, or use the complete part (allow_incomplete=True, train-student "
+                "--allow-incomplete)"
             )
         return [c for u in units if u in done for c in self.layout.unit_chunks(u)]
+
+    def unsigned_note(self) -> str:
+        """', N unit(s) marked but not signed yet (...)' where there are any, else ''."""
+        if not self.unsigned:
+            return ""
+        return (
+            f", {len(self.unsigned)} unit(s) marked but not signed yet (a writer between the "
+            "two, or stopped there: rerunning the dump signs them)"
+        )
 
     def num_samples(self, view: Views = None, allow_incomplete: bool = False) -> int:
         return sum(b - a for a, b in self.chunks(view, allow_incomplete))
@@ -298,7 +353,8 @@ class StoreReader:
         Every chunk is checked (StoreCorruptError naming store, array and chunk): its crc32c
         (zarr), its unit's shard files against the unit's manifest, and, within complete units,
         cheap consistency of what was read (instances and specs against the slot layout,
-        finite values). check=False skips the last two (readers racing a writer).
+        finite values) and, in schema 3, each whole chunk's rows against the fingerprints in
+        its unit's marker. check=False skips the last three (readers racing a writer).
         """
         fields = self._fields(fields)
         names = self._stored_names(fields)
@@ -324,6 +380,7 @@ class StoreReader:
         raw = dict(zip(names, run_settled(read_all()), strict=True))
         if complete:
             self.check_rows(raw, start, stop)
+            self.check_fingerprints(raw, start, stop)
         out: dict[str, np.ndarray] = {}
         for f in fields:
             if f == "slot":
@@ -378,12 +435,49 @@ class StoreReader:
             "expected intact data: restore the store from a copy or rerun the dump into a new one"
         )
 
-    def unit_manifest(self, unit: int) -> dict | None:
-        """The manifest in `unit`'s marker ({array: [bytes, crc32c]}); None for version-1
-        markers. The marker must agree with the slot layout."""
-        payload = self.location.read_marker(unit)
+    def marker(self, unit: int) -> dict:
+        """`unit`'s marker payload, checked (read once per reader; see `check_marker`)."""
+        if unit not in self._markers:
+            self._markers[unit] = self.check_marker(unit, self.location.read_marker(unit))
+        return self._markers[unit]
+
+    def check_markers(self) -> int:
+        """Read and check the marker of every complete unit (remote: concurrently); returns
+        how many. store-info, store-verify and train-student call it before anything else."""
+        units = [int(u) for u in self.complete_units() if int(u) not in self._markers]
+        for unit, data in self.location.read_markers(units).items():
+            where = f"{self.path}: {COMPLETE_DIR}/{marker_name(unit)}"
+            payload = loads_json(data, where, StoreCorruptError) if data.strip() else {}
+            self._markers[unit] = self.check_marker(unit, payload)
+        for unit in units:
+            self.marker(unit)  # one that vanished since the listing: named there
+        return len(self.complete_units())
+
+    def check_marker(self, unit: int, payload: object) -> dict:
+        """A marker as it must be: a JSON object agreeing with the slot layout; from schema 2
+        on with a manifest; from schema 3 on with chunk fingerprints and skip records, intact
+        against its own signature and the one `complete/signed.json` holds for the unit."""
+        where = f"{self.path}: marker {COMPLETE_DIR}/{marker_name(unit)} of unit {unit}"
         if not isinstance(payload, dict):
-            raise StoreCorruptError(f"{self.path}: marker of unit {unit} is not a JSON object")
+            raise StoreCorruptError(f"{where} is not a JSON object")
+        if self.signed:
+            changed = changed_fields(body_of(payload), payload.get("signature"))
+            if changed:
+                raise StoreCorruptError(
+                    f"{where} differs from what was signed: {', '.join(changed)}; expected the "
+                    "marker the dump wrote (restore it from a copy, or sign the edit with "
+                    "`distilpose store-verify STORE --accept-metadata`)"
+                )
+            if (
+                unit in self._signed_units
+                and sha256_of(body_of(payload)) != (self._signed_units[unit])
+            ):
+                raise StoreCorruptError(
+                    f"{where} is not the marker {COMPLETE_DIR}/signed.json signed for the unit "
+                    "(another unit's or store's marker copied over it?); expected the marker "
+                    "the dump wrote (restore it, or `distilpose store-verify STORE "
+                    "--accept-metadata` to sign it)"
+                )
         start, stop = self.layout.unit_slots(unit)
         if "slots" in payload and (
             payload.get("slots") != [start, stop]
@@ -394,7 +488,67 @@ class StoreReader:
                 f"(valid {payload.get('valid')}); expected [{start}, {stop}] (valid "
                 f"{self.layout.unit_valid(unit)}) from the store's layout"
             )
-        manifest = payload.get("manifest")
+        want = {"manifest": CHECKSUMS_SINCE, "chunk_crc32c": SIGNED_SINCE}
+        for key, since in want.items():
+            if self.meta.schema_version >= since and not isinstance(payload.get(key), dict):
+                raise StoreCorruptError(
+                    f"{where} has no '{key}' (schema {self.meta.schema_version} markers hold "
+                    "one); expected the marker the dump wrote: without it the unit's data "
+                    "cannot be checked (restore the marker from a copy, or rerun the dump into "
+                    "a new store)"
+                )
+        if self.signed and not isinstance(payload.get("skipped"), list):
+            raise StoreCorruptError(f"{where} has no 'skipped' list; expected one (schema 3)")
+        return payload
+
+    def skipped_slots(self, units: Sequence[int] | None = None) -> dict[int, str]:
+        """{slot: why} of the complete units' (or `units`') samples the dump could not read
+        (schema 3 records them; older stores record none)."""
+        if not self.signed:
+            return {}
+        units = self.complete_units().tolist() if units is None else units
+        out: dict[int, str] = {}
+        for unit in units:
+            for entry in self.marker(int(unit))["skipped"]:
+                if not (isinstance(entry, list) and len(entry) == 2):
+                    raise StoreCorruptError(
+                        f"{self.path}: marker of unit {unit}: skipped entry {entry!r:.80}; "
+                        "expected [slot, why]"
+                    )
+                out[int(entry[0])] = str(entry[1])
+        return out
+
+    def check_fingerprints(self, raw: dict[str, np.ndarray], start: int, stop: int) -> None:
+        """Every whole chunk in [start, stop) against its unit's `chunk_crc32c` (schema 3): a
+        shard file swapped with another one of the same size reads intact bytes of other
+        slots, which only this catches."""
+        if not self.signed:
+            return
+        for unit in range(
+            start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples + 1
+        ):
+            prints = self.marker(unit)["chunk_crc32c"]
+            for k, (a, b) in enumerate(self.layout.unit_chunks(unit)):
+                if a < start or b > stop:
+                    continue
+                for name, rows in raw.items():
+                    want = prints.get(name)
+                    want = want[k] if isinstance(want, list) and len(want) > k else None
+                    got = rows_crc32c(np.asarray(rows)[a - start : b - start])
+                    if want == got:
+                        continue
+                    recorded = f"{want:08x}" if isinstance(want, int) else "none"
+                    raise StoreCorruptError(
+                        f"{self.path}: {self.where(name, a, b)} holds other rows than its unit's "
+                        f"marker recorded (crc32c {got:08x}, recorded {recorded}): the shard file "
+                        "was swapped with or replaced by another; expected the file written with "
+                        "the unit (restore the store from a copy or rerun the dump into a new one)"
+                    )
+
+    def unit_manifest(self, unit: int) -> dict | None:
+        """The manifest in `unit`'s marker ({array: [bytes, crc32c]}); None for version-1
+        markers. The marker must agree with the slot layout."""
+        manifest = self.marker(unit).get("manifest")
         return manifest if isinstance(manifest, dict) else None
 
     def check_unit_files(self, unit: int, crc: bool = False) -> None:
@@ -527,7 +681,8 @@ class StoreReader:
         rank=(r, R): `batch_size` is the global batch of R data-parallel ranks, and only rank
         r's slice of each is read and yielded, with a "valid" [b] bool array
         (`distilpose.training.distributed.rank_rows`: a rank left without samples gets one
-        padding row).
+        padding row). Samples the dump could not read (schema 3's skip records) are left out of
+        the planned batches (`drop_skipped`), which then carry "valid" too.
         """
         chunks = self.chunks(view, allow_incomplete)
         order = epoch_chunk_order(len(chunks), seed, epoch)
@@ -539,15 +694,37 @@ class StoreReader:
         i, n = part
         plan = plan[i::n]
         fields = self._fields(fields)
-        if rank[1] == 1:
+        skipped = self.skipped_slots(sorted({a // self.layout.unit_samples for a, _ in chunks}))
+        if rank[1] == 1 and not skipped:
             yield from run_plan(self, chunks, plan, fields, num_threads, dtype, shared)
             return
+        plan, kept = drop_skipped(plan, chunks, skipped)
         shares = [rank_rows(b, *rank) for b in plan]
+        for (_, valid), any_kept in zip(shares, kept, strict=True):
+            valid &= any_kept  # a batch of skipped samples only keeps one row, invalid
         batches = run_plan(
             self, chunks, [rows for rows, _ in shares], fields, num_threads, dtype, shared
         )
         for (_, valid), batch in zip(shares, batches, strict=True):
             yield {**batch, "valid": valid}
+
+
+def drop_skipped(
+    plan: list[np.ndarray], chunks: Sequence[tuple[int, int]], skipped: dict[int, str]
+) -> tuple[list[np.ndarray], list[bool]]:
+    """The plan without the rows of skipped slots (images the dump could not read), and per
+    batch whether it keeps any real row: a batch of skipped rows only keeps its first row, to
+    be marked invalid, so that every rank still takes every step (the batch count is kept)."""
+    if not skipped:
+        return plan, [True] * len(plan)
+    starts = np.array([a for a, _ in chunks], dtype=np.int64)
+    skip = np.fromiter(skipped, dtype=np.int64)
+    out, kept = [], []
+    for batch in plan:
+        keep = ~np.isin(starts[batch[:, 0]] + batch[:, 1], skip)
+        out.append(batch[keep] if keep.any() else batch[:1])
+        kept.append(bool(keep.any()))
+    return out, kept
 
 
 def all_finite(a: np.ndarray) -> bool:

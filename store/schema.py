@@ -90,7 +90,55 @@ of its shard file (size 0 = not stored because every value is the fill value). A
 a complete unit whose shard file is missing or of another size, so a deleted shard never reads
 back as zeros; `store-verify` also compares the whole file's crc32c.
 Reader rule for version-1 stores (no chunk checksums, no manifests): they still read, and
-`store-verify` reports `checksums: false` / `manifests: false` for them.
+`store-verify` reports `checksums: false` / `manifests: false` for them. From schema 2 on, a
+marker without a manifest is an error (never "nothing to check").
+
+Schema version 3 (every format change of issue 24; written by this code, read with the rules
+below for every older store):
+
+- Signatures. The metadata that says what a store means is signed (`store/signature.py`): a
+  signature of a JSON object is `{"fields": {name: h}, "sha256": H}`, H the sha256 of its
+  canonical JSON (sorted keys, no spaces), h the first 16 hex digits of the sha256 of each
+  field's canonical JSON, nested objects flattened (`recipe.flip_prob`). The `distilpose_store`
+  attribute is signed by the group attribute `distilpose_signature`, written in the same update
+  of zarr.json (a reader never sees one without the other); every completion marker carries its
+  own under `signature`. `complete/signed.json` lists the signed units, `{"units": {"<unit>":
+  the marker's H}, "sha256": of the units}`, rewritten after each marker is written (local
+  stores: under the store's lock file; object stores: each writer signs what it lists, and the
+  dump signs once more at its end). A reader checks the metadata's signature at open (an edit
+  names the fields that differ, before anything is parsed from them), reads `signed.json`
+  *before* listing the markers, and counts a unit complete only when its marker exists and is
+  listed with the marker's H. A listed unit whose marker is gone is an error (a deleted marker
+  never makes a smaller store); a marker not yet listed is a unit not yet complete (its writer is
+  between marker and signature, or was stopped there: the next writer of the store, or
+  `store-verify --accept-metadata`, signs it). Markers are read once per reader and checked
+  against their signatures and `signed.json` on first use (store-info, store-verify and
+  train-student check them all at the start). Edits are signed only on request:
+  `distilpose store-verify STORE --accept-metadata` (`store.writer.accept_metadata`) prints what
+  changed and writes new signatures.
+- Chunk fingerprints. Each marker holds `chunk_crc32c`: per array, the crc32c (`rows_crc32c`)
+  of the decoded rows of each of the unit's chunks (real slots only, `StoreLayout.unit_chunks`).
+  Every read of a whole chunk of a complete unit compares them, so a shard file swapped with
+  another of the same size (two units' `--raw-targets` heatmaps) fails at its first read (cost:
+  benchmarks/results/integrity_bench.md): the chunks' own crc32c prove their bytes intact but
+  not which slots they belong to. (A whole-file crc32c per shard on first open would read every
+  shard once more in every DataLoader worker, each of which reads only part of it.)
+- Skipped images. Each marker holds `skipped`: `[[slot, why], ...]`, the slots whose image the
+  dump could not read. Their rows hold zeros (keypoint weights 0, crop digest 0; a black crop
+  in pixel stores, only so that the row is well-formed); readers leave them out of training
+  batches (`StoreReader.iter_batches`), `store-verify` counts them skipped, `store-info` shows
+  the count.
+- `StoreMeta.pixel_decoder`: the decoder whose pixels `crop_digest` hashes ("opencv" for JPEG
+  pixels: `store.pixels.decode_crop`; empty for lossless pixels, which our own code decodes
+  exactly, and stores without pixels).
+
+Reader rules for schema 1 and 2: no signatures (`store-verify` reports `signed: false`; the
+metadata, the markers and the set of complete units are taken as they are), no chunk
+fingerprints (shard sizes are checked on every read, whole-file crc32c by `store-verify`), no
+skip records (a skipped sample of a schema-2 dump has zero keypoint weights and an all-zero
+crop digest: `store-verify` counts it skipped; training leaves it out too, by that mark), JPEG
+digests of OpenCV's decode. A schema-3 store without its signatures, or a marker without its
+signature, manifest or fingerprints, is an error.
 """
 
 from __future__ import annotations
@@ -113,11 +161,13 @@ from distilpose.geometry import PAPER, Geometry
 
 # 2: teacher_outputs (heatmap-only stores); crop pixels (`pixels` array); crc32c per chunk and
 # unit manifests. Version-1 stores read as before (no pixels, no checksums).
-# 3: the compact modes (token bases stored once, `basis_sha256`). Versions 1 and 2 have no
-# compact mode and read as before.
+# 3: signatures, chunk fingerprints, skipped images, pixel_decoder; the compact modes
+# (token bases stored once, `basis_sha256`). Older stores read by the rules in the docstring.
 SCHEMA_VERSION = 3
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
+SIGNED_SINCE = 3  # ... signatures, chunk fingerprints and skip records
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
+SIGNATURE_KEY = "distilpose_signature"  # group attribute signing META_KEY
 COMPLETE_DIR = "complete"  # one marker file per finished write unit
 
 
@@ -134,6 +184,7 @@ COMPACT = {
     "compact-l": CompactSettings(15, 32),
 }
 FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots (4 chunks)
+SIGNED_FILE = "signed.json"  # in COMPLETE_DIR: the signed units
 MODES = ("fp16", "lossy", "lossy16", *COMPACT)
 ZSTD_LEVEL = 1
 ZSTD_LEVEL_CODES = 9  # quantized heatmaps: smooth small integers that reward a harder search
@@ -165,6 +216,7 @@ OUTPUT_WORDS = {
 }
 PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
 JPEG_QUALITY = 95  # default quality of JPEG pixels
+JPEG_DECODER = "opencv"  # the decoder of the dump (store.pixels.decode_crop)
 
 
 # Metadata sanity limits, checked before anything is allocated from the metadata: a damaged or
@@ -218,6 +270,7 @@ class StoreMeta:
     jpeg_quality: int = 0  # JPEG quality of the kept crops (0 unless pixels == "jpeg")
     targets_zstd: bool = True  # fp16 teacher outputs zstd-compressed (False: raw, faster reads)
     basis_sha256: str = ""  # compact modes: digest of the stored token bases (since schema 3)
+    pixel_decoder: str = ""  # decoder of the pixels crop_digest hashes ("opencv" for JPEG)
 
     def __post_init__(self) -> None:
         self.teacher_outputs = tuple(str(v) for v in self.teacher_outputs)
@@ -235,6 +288,8 @@ class StoreMeta:
             )
         jpeg = self.pixels == "jpeg"
         self.jpeg_quality = (int(self.jpeg_quality) or JPEG_QUALITY) if jpeg else 0
+        # the dump decodes JPEG crops with OpenCV (every schema): the digest is of its pixels
+        self.pixel_decoder = (self.pixel_decoder or JPEG_DECODER) if jpeg else ""
         if self.pixels == "jpeg" and not 1 <= self.jpeg_quality <= 100:
             raise StoreFormatError(
                 f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
@@ -631,3 +686,18 @@ def check_chunk_layout(store: str, name: str, array: object, spec: ArraySpec, me
             f"{meta.shard_chunks}) needs chunks {list(chunks)} in shards {list(shards)} (was "
             "its zarr.json edited?)"
         )
+
+
+def rows_crc32c(rows: np.ndarray) -> int:
+    """The chunk fingerprint of a marker's `chunk_crc32c`: crc32c of decoded rows [n, ...] as
+    stored (C order); for variable-length bytes (pixels), of each row's 4-byte little-endian
+    length and bytes in turn."""
+    import google_crc32c
+
+    if rows.dtype != object:
+        return int(google_crc32c.value(np.ascontiguousarray(rows)))
+    crc = 0
+    for b in rows:
+        crc = google_crc32c.extend(crc, len(b).to_bytes(4, "little"))
+        crc = google_crc32c.extend(crc, bytes(b))
+    return int(crc)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import json
 import math
 import os
 import sys
@@ -48,6 +49,9 @@ from store.schema import (
     META_KEY,
     PIXELS,
     READ_FIELDS,
+    SIGNATURE_KEY,
+    SIGNED_FILE,
+    SIGNED_SINCE,
     StoreLayout,
     StoreMeta,
     array_compressors,
@@ -57,7 +61,18 @@ from store.schema import (
     output_shapes,
     quiet_vlen_bytes,
     read_fields,
+    rows_crc32c,
     shard_key,
+)
+from store.signature import (
+    body_of,
+    changed_fields,
+    check_meta_signature,
+    read_signed_units,
+    sha256_of,
+    sign,
+    signed_payload,
+    write_signed_units,
 )
 
 # what a writer must hand over per unit: every readable field except those the layout derives
@@ -94,6 +109,7 @@ class StoreWriter:
         self.required = required_fields(meta)
         self.shapes = output_shapes(meta)  # the teacher outputs as handed over (not as stored)
         self.bases = compact.read_bases(group, meta, self.path) if meta.compact() else {}
+        self.signed = int(meta.schema_version) >= SIGNED_SINCE  # signatures (schema 3)
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -130,11 +146,15 @@ class StoreWriter:
                         )
                     if meta.views > stored.views:
                         stored = _add_views(loc, group, stored, meta.views)
+                    elif meta.views < stored.views:
+                        _check_fewer_views(loc, stored, int(meta.views))
         except OSError as e:
             raise StoreFormatError(
                 f"{_where(e, loc)}: cannot create or open the store ({_why(e)})"
             ) from e
-        return cls(loc, group, stored, views=int(meta.views))
+        writer = cls(loc, group, stored, views=int(meta.views))
+        writer.sign_units()  # units a writer stopped between marking and signing left
+        return writer
 
     # ---- the plan ------------------------------------------------------------------------
 
@@ -204,22 +224,75 @@ class StoreWriter:
             run_settled(write_all())
             if self.location.is_local:
                 self._fsync_unit(unit)
-            self.location.write_marker(
-                unit,
-                {
-                    "unit": unit,
-                    "view": self.unit_view(unit),
-                    "slots": [start, stop],
-                    "valid": self.layout.unit_valid(unit),
-                    "manifest": self.manifest(unit),
-                },
-            )
+            body = {
+                "unit": unit,
+                "view": self.unit_view(unit),
+                "slots": [start, stop],
+                "valid": self.layout.unit_valid(unit),
+                "manifest": self.manifest(unit),
+                "chunk_crc32c": self._fingerprints(unit, encoded),
+                "skipped": self._skipped(unit, arrays.get("error")),
+            }
+            self.location.write_marker(unit, signed_payload(body) if self.signed else body)
+            if self.signed:
+                self.sign_units([unit])
             self.release(unit)
         except OSError as e:
             raise StoreFormatError(
                 f"{_where(e, self.location)}: writing unit {unit} of {self.path} failed "
                 f"({_why(e)}); the unit stays pending and a rerun resumes it"
             ) from e
+
+    def _fingerprints(self, unit: int, encoded: dict[str, np.ndarray]) -> dict[str, list[int]]:
+        """Per array, `rows_crc32c` of each of the unit's chunks (real slots only)."""
+        start, _ = self.layout.unit_slots(unit)
+        chunks = [(a - start, b - start) for a, b in self.layout.unit_chunks(unit)]
+        return {name: [rows_crc32c(a[i:j]) for i, j in chunks] for name, a in encoded.items()}
+
+    def _skipped(self, unit: int, errors: object) -> list[list]:
+        """[[slot, why], ...] of the unit's rows whose image could not be read (`errors`: one
+        string per row, "" where it was read)."""
+        if errors is None:
+            return []
+        start, _ = self.layout.unit_slots(unit)
+        rows = list(errors)[: self.layout.unit_valid(unit)]
+        return [[start + i, str(e).splitlines()[0][:300]] for i, e in enumerate(rows) if e]
+
+    def sign_units(self, mine: list[int] | None = None) -> list[int]:
+        """Add completed units to `complete/signed.json` (schema 3): the units in `mine` (just
+        written here) and every other marked unit it does not list yet whose marker carries
+        its own valid signature (a writer stopped between marker and signature). A unit it lists
+        keeps its signed hash unless written here: an edited marker is never signed silently.
+        Local stores: under the store's lock, so that writers started together never lose one
+        another's units. Returns the units newly signed."""
+        if not self.signed:
+            return []
+        mine, added = set(mine or ()), []
+        with _locked(self.location):
+            _clear_signed_temps(self.location)
+            # object stores: another writer's PUT of the file may hide ours; read it back
+            for _ in range(1 if self.location.is_local else 3):
+                units = read_signed_units(self.location)
+                new = [u for u in self.location.list_markers() if u not in units or u in mine]
+                fresh = {u: h for u, h in self._signed_markers(new).items() if units.get(u) != h}
+                if not fresh:
+                    break
+                write_signed_units(self.location, {**units, **fresh})
+                added += [u for u in fresh if u not in added]
+                mine = set()
+        return added
+
+    def _signed_markers(self, units: list[int]) -> dict[int, str]:
+        """{unit: sha256} of those markers that carry their own valid signature (a damaged
+        or unsigned one is left for readers to report)."""
+        out = {}
+        for unit, data in self.location.read_markers(units).items():
+            payload = _marker_payload(data)
+            if payload is not None and not changed_fields(
+                body_of(payload), payload.get("signature")
+            ):
+                out[unit] = sha256_of(body_of(payload))
+        return out
 
     def shard_key(self, name: str, unit: int) -> str:
         """Path of array `name`'s shard file for `unit`, relative to the store root."""
@@ -264,20 +337,63 @@ class StoreWriter:
         only (a remote store's writers split the work with `shard=(i, n)`)."""
         if not self.location.is_local:
             return list(units), []
-        import fcntl
 
         mine, others = [], []
         os.makedirs(os.path.join(self.location.root, COMPLETE_DIR), exist_ok=True)
         if getattr(self, "_lock_fd", None) is None:
-            self._lock_fd = os.open(self._writer_lock(os.getpid()), os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            os.ftruncate(self._lock_fd, 0)  # its content: our pid, which every claim links to
-            os.write(self._lock_fd, str(os.getpid()).encode())
+            self._lock_fd = self._open_writer_file()
+            self._clear_dead_writers()
         for unit in units:
             (mine if self._take(unit) else others).append(unit)
         # added to, not replaced: a Dask worker claims one unit per task while it writes others
         self._claimed = getattr(self, "_claimed", set()) | set(mine)
         return mine, others
+
+    def _open_writer_file(self) -> int:
+        """Create and flock our writer file (holding our pid). Another writer clearing dead
+        writers' files may unlink it between creation and flock: then it is created again."""
+        import fcntl
+
+        path = self._writer_lock(os.getpid())
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)  # its content: our pid, which every claim links to
+                os.write(fd, str(os.getpid()).encode())
+                return fd
+            os.close(fd)
+
+    def _clear_dead_writers(self) -> None:
+        """Remove the writer files and claims killed writers left (a writer is dead when
+        nobody holds the flock on its file); taken under that flock, so a live one is never hit."""
+        import fcntl
+
+        d = os.path.join(self.location.root, COMPLETE_DIR)
+        for path in glob.glob(os.path.join(glob.escape(d), ".writer.*.lock")):
+            if path == self._writer_lock(os.getpid()):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # alive
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+        for claim in glob.glob(os.path.join(glob.escape(d), ".u*.json.claim")):
+            holder = _claim_holder(claim)
+            if holder and not self._alive(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(claim)
 
     def _take(self, unit: int) -> bool:
         path = self._claim_path(unit)
@@ -620,6 +736,7 @@ def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | N
         if loc.list_markers():
             raise StoreFormatError(f"{loc}: store metadata '{META_KEY}' is missing")
         return None, None  # creation was interrupted before the metadata: start again
+    check_meta_signature(loc, attrs)  # never re-sign an edit by adding views to it
     return group, StoreMeta.from_dict(attrs[META_KEY], source=str(loc))
 
 
@@ -655,7 +772,7 @@ def _create(loc: StoreLocation, meta: StoreMeta, fit: FitTokens | None = None) -
             for d, _, files in os.walk(os.path.join(loc.root, o + compact.BASIS_SUFFIX)):
                 for f in files:
                     fsync_path(os.path.join(d, f))
-    group.attrs.update({META_KEY: meta.to_dict()})  # last: a store is valid once this exists
+    group.attrs.update(_meta_attrs(meta))  # last: a store is valid once this exists
     _sync_metadata(loc, ["zarr.json", *(f"{n}/zarr.json" for n in names)])
     return meta
 
@@ -682,7 +799,7 @@ def _add_views(loc: StoreLocation, group: zarr.Group, meta: StoreMeta, views: in
         group[spec.name].resize((slots, *spec.shape))
     _sync_metadata(loc, [f"{n}/zarr.json" for n in array_specs(meta)])
     new = StoreMeta.from_dict({**meta.to_dict(), "views": views})
-    group.attrs.update({META_KEY: new.to_dict()})
+    group.attrs.update(_meta_attrs(new))
     _sync_metadata(loc, ["zarr.json"])
     return new
 
@@ -695,3 +812,124 @@ def _sync_metadata(loc: StoreLocation, keys: list[str]) -> None:
     for d in {os.path.dirname(os.path.join(loc.root, k)) for k in keys}:
         fsync_dir(d)
     os.makedirs(os.path.join(loc.root, COMPLETE_DIR), exist_ok=True)
+
+
+def _meta_attrs(meta: StoreMeta) -> dict:
+    """The group attributes of `meta`: the metadata, and from schema 3 on its signature beside
+    it (one update of zarr.json: never one without the other)."""
+    body = meta.to_dict()
+    signed = int(meta.schema_version) >= SIGNED_SINCE
+    return {META_KEY: body, **({SIGNATURE_KEY: sign(body)} if signed else {})}
+
+
+def _clear_signed_temps(loc: StoreLocation) -> None:
+    """Remove temp files of `complete/signed.json` a killed writer left: only the holder of the
+    store's lock writes that file, so under the lock every one of them is stale."""
+    if not loc.is_local:
+        return
+    pattern = os.path.join(glob.escape(loc.join(COMPLETE_DIR)), f".{SIGNED_FILE}.*.tmp")
+    for tmp in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _check_fewer_views(loc: StoreLocation, stored: StoreMeta, views: int) -> None:
+    """A dump asking for fewer views than the store has room for would finish without the
+    rest: refused while any of those views is unfinished (nothing to do once they are)."""
+    layout = StoreLayout(stored)
+    done = set(loc.list_markers())
+    pending = [
+        v
+        for v in range(views, int(stored.views))
+        if any(
+            u not in done for u in range(v * layout.units_per_view, (v + 1) * layout.units_per_view)
+        )
+    ]
+    if pending:
+        raise StoreMismatchError(
+            f"{loc}: the store has room for {stored.views} views and views {pending} are "
+            f"unfinished; --views {views} would leave them so; expected --views "
+            f"{stored.views} (or more) to finish the store"
+        )
+
+
+def _marker_payload(data: bytes) -> dict | None:
+    """A marker's JSON object (None if it is not one)."""
+    try:
+        payload = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def accept_metadata(path: object, storage_options: dict | None = None) -> list[str]:
+    """Sign a schema-3 store's metadata and markers as they are now (`store-verify
+    --accept-metadata`): the user's explicit word that an edit is meant. Returns one line per
+    change signed: metadata fields, marker fields, units signed anew, markers that vanished
+    (their units are dropped from the signed list: pending, a rerun of the dump writes them).
+    The edited metadata must still be valid metadata (StoreFormatError otherwise)."""
+    loc = StoreLocation(path, storage_options)
+    if not loc.exists("zarr.json"):
+        raise StoreFormatError(f"{loc}: no store here (zarr.json missing)")
+    group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="r+")
+    attrs = group.attrs.asdict()
+    body = attrs.get(META_KEY)
+    if not isinstance(body, dict):
+        raise StoreFormatError(f"{loc}: not a distilpose store (no '{META_KEY}' attribute)")
+    meta = StoreMeta.from_dict(body, source=str(loc))  # an edit must still be valid metadata
+    if int(meta.schema_version) < SIGNED_SINCE:
+        raise StoreFormatError(
+            f"{loc}: a schema {meta.schema_version} store has no signatures to accept; expected "
+            f"a store of schema {SIGNED_SINCE} or later (its metadata is read as it is)"
+        )
+    changes = []
+    with _locked(loc):
+        _clear_signed_temps(loc)
+        fields = changed_fields(body, attrs.get(SIGNATURE_KEY))
+        if fields:
+            group.attrs.update({SIGNATURE_KEY: sign(body)})
+            _sync_metadata(loc, ["zarr.json"])
+            changes.append(f"store metadata: {', '.join(fields)}")
+        changes += _accept_markers(loc)
+    return changes
+
+
+def _accept_markers(loc: StoreLocation) -> list[str]:
+    """Re-sign edited markers and rewrite `complete/signed.json` for the markers there are."""
+    from distilpose.errors import StoreCorruptError
+
+    try:
+        before = read_signed_units(loc)
+    except StoreCorruptError:
+        before = None  # damaged: rebuilt from the markers
+    changes = [] if before is not None else ["complete/signed.json: damaged, rebuilt"]
+    before = before or {}
+    units: dict[int, str] = {}
+    listed = loc.list_markers()
+    for unit, data in loc.read_markers(listed).items():
+        payload = _marker_payload(data)
+        if payload is None:
+            raise StoreFormatError(
+                f"{loc}: marker {COMPLETE_DIR}/{marker_name(unit)} is not a JSON object; "
+                "expected one to sign (restore it from a copy, or delete it: its unit is then "
+                "pending)"
+            )
+        body = body_of(payload)
+        fields = changed_fields(body, payload.get("signature"))
+        if fields:
+            loc.write_marker(unit, signed_payload(body))
+            changes.append(f"marker of unit {unit}: {', '.join(fields)}")
+        units[unit] = sha256_of(body)
+        if unit in before and before[unit] != units[unit] and not fields:
+            changes.append(f"marker of unit {unit}: another signed marker than before")
+        elif unit not in before:
+            changes.append(f"unit {unit}: marked and now signed")
+    gone = sorted(set(before) - set(units))
+    if gone:
+        changes.append(
+            f"units {gone}: marker deleted, dropped from the signed units (pending: rerunning "
+            "the dump writes them again)"
+        )
+    if changes:
+        write_signed_units(loc, units)
+    return changes

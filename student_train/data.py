@@ -34,6 +34,7 @@ instances come from the annotation file and each epoch draws a fresh view.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -68,9 +69,11 @@ from distilpose.geometry import Geometry
 from distilpose.training.distributed import rank_rows, world
 from distilpose.training.losses import LOSS_NAMES, LOSS_TERMS
 from store import StoreReader
-from store.pixels import decode_rgb_batch
+from store.pixels import CPU_JPEG_DECODER, decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
+from store.schema import JPEG_DECODER, OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
+
+log = logging.getLogger("distilpose.train")
 
 TOKEN_FIELDS = ("keypoint_tokens", "visual_tokens")
 # Always read: where the sample comes from (its slot names it in errors) and its target.
@@ -169,6 +172,7 @@ class CropRenderer:
     store_path: str = ""  # for error messages
     pixels: str = "none"  # the store's pixel format; "none": render from the images
     output: str = "images"
+    decoder: str = ""  # CPU JPEG decoder ("": store.pixels.CPU_JPEG_DECODER)
 
     def __post_init__(self) -> None:
         self.codec = RegressionCodec(self.geometry)
@@ -187,7 +191,14 @@ class CropRenderer:
     def __call__(self, raw: dict, verify: bool = False) -> dict[str, torch.Tensor]:
         index = np.asarray(raw["instance"], dtype=np.int64)
         stored = self.online_recipe is None and PIXELS in raw
-        pixels = self._stored_pixels(raw, verify) if stored else self._rendered(raw, verify)
+        unread = self.unread(raw)
+        if unread.any():  # counts in no loss; "valid" says so to every term
+            raw = {**raw, "valid": np.asarray(raw.get("valid", True), dtype=bool) & ~unread}
+        pixels = (
+            self._stored_pixels(raw, verify, unread)
+            if stored
+            else self._rendered(raw, verify, unread)
+        )
         rendered = pixels.pop("_targets", None)  # (keypoints, weights) of re-rendered crops
         if self.online_recipe is None:  # the store's targets, as the teacher's run saw them
             kpts, vis = raw["keypoints"], raw["weights"]
@@ -215,11 +226,28 @@ class CropRenderer:
                     batch[name] = t.float() if self.output == "images" else t
         return batch
 
-    def _rendered(self, raw: dict, verify: bool) -> dict:
-        """Crops re-rendered from the images (stores without pixels, online mode)."""
+    def unread(self, raw: dict) -> np.ndarray:
+        """bool [B]: rows of samples the dump could not read (zero keypoint weights and an
+        all-zero crop digest, its mark in every schema). The reader leaves the ones schema 3
+        records out of batches; this catches the rest (schema 2, a batch of them only)."""
+        n = len(raw["instance"])
+        if self.online_recipe is not None or "crop_digest" not in raw:
+            return np.zeros(n, dtype=bool)
+        weights = np.asarray(raw["weights"]).reshape(n, -1)
+        return ~weights.any(1) & ~np.asarray(raw["crop_digest"]).reshape(n, -1).any(1)
+
+    def _rendered(self, raw: dict, verify: bool, unread: np.ndarray | None = None) -> dict:
+        """Crops re-rendered from the images (stores without pixels, online mode); `unread`
+        rows (images the dump could not read) get a black crop, their image is not read."""
         crops, targets = [], []
         for i, idx in enumerate(np.asarray(raw["instance"], dtype=np.int64)):
             inst = self.instances[int(idx)]
+            if unread is not None and unread[i]:
+                w, h = self.input_size
+                crops.append(np.zeros((h, w, 3), np.uint8))
+                k = len(inst.keypoints)
+                targets.append((np.zeros((k, 2), np.float32), np.zeros(k, np.float32)))
+                continue
             spec = self.spec_for(raw, i)
             image = self.cache.get(inst.image_path)
             crop = render_crop(image, spec, inst.keypoints, self.input_size)
@@ -238,7 +266,7 @@ class CropRenderer:
         rgb = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2))
         return {"crops": torch.from_numpy(rgb), "_targets": targets}
 
-    def _stored_pixels(self, raw: dict, verify: bool) -> dict:
+    def _stored_pixels(self, raw: dict, verify: bool, unread: np.ndarray | None = None) -> dict:
         """The store's encoded crops: JPEG bytes passed on, or decoded here (CPU)."""
         datas = list(raw[PIXELS])
         if self.output == "jpeg":  # one buffer: one shared-memory handle per batch, not B
@@ -246,19 +274,44 @@ class CropRenderer:
             flat = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
             return {"jpeg": flat, "jpeg_sizes": sizes}
         try:
-            rgb = decode_rgb_batch(datas, self.pixels, self.input_size)  # [B, 3, H, W] uint8
+            rgb = decode_rgb_batch(datas, self.pixels, self.input_size, self.decoder)
         except Exception as e:  # noqa: BLE001 - a damaged crop: find it and name its slot
             raise undecodable_crop(self.store_path, self.pixels, self.input_size, raw, e) from None
         if verify and "crop_digest" in raw:
             for i, image in enumerate(rgb):
+                if unread is not None and unread[i]:
+                    continue  # no crop was seen: nothing to compare
                 bgr = image.permute(1, 2, 0).flip(-1).numpy()
                 if crop_digest(bgr) != raw["crop_digest"][i].tobytes():
-                    raise StoreMismatchError(
-                        f"{self.store_path}: array 'pixels' {_sample(raw, i)}: the stored crop "
-                        "decodes to other pixels than the teacher saw; expected an undamaged "
-                        "store (run store-verify)"
-                    )
+                    self._digest_mismatch(raw, i, datas[i])
+                    return self._stored_pixels(raw, verify, unread)  # with the store's decoder
         return {"images": normalize_rgb(rgb)} if self.output == "images" else {"crops": rgb}
+
+    def _digest_mismatch(self, raw: dict, i: int, data: bytes) -> None:
+        """Row i's decoded crop is not the one whose digest the store holds. Decoded with the
+        store's own decoder (`pixel_decoder`, OpenCV: the dump's) it is: this worker's decoder
+        differs (another libjpeg build); it decodes with the store's from now on, a warning
+        said once. It is not: the crop is damaged (StoreMismatchError)."""
+        from store.pixels import decode_crop
+
+        if self.pixels == "jpeg" and self.decoder != JPEG_DECODER:
+            try:
+                bgr = decode_crop(data, self.pixels, self.input_size)
+            except ValueError:
+                bgr = None
+            if bgr is not None and crop_digest(bgr) == raw["crop_digest"][i].tobytes():
+                log.warning(
+                    f"{self.store_path}: {CPU_JPEG_DECODER} decodes the stored JPEG crops to "
+                    f"other pixels than {JPEG_DECODER}, whose pixels the teacher saw; decoding "
+                    f"them with {JPEG_DECODER} (exact, a little slower)"
+                )
+                self.decoder = JPEG_DECODER
+                return
+        raise StoreMismatchError(
+            f"{self.store_path}: the stored crop of instance {int(raw['instance'][i])} decodes "
+            "to other pixels than the teacher saw (also with the dump's decoder "
+            f"{JPEG_DECODER}); expected an undamaged store (run store-verify)"
+        )
 
 
 def _sample(raw: dict, i: int) -> str:
@@ -492,10 +545,29 @@ class StudentBatches:
         # a store with pixels needs neither images nor annotations (online mode re-renders)
         self.pixels = "none" if online else self.meta.pixels
         output = choose_output(self.pixels, self.device, decode) if not online else "images"
-        self.views = int(views or self.meta.views)  # epoch e trains on view e mod views
+        # the complete views (a dump adding views leaves the old ones trainable); all of them
+        # with allow_incomplete (their complete units)
+        complete = self.reader.complete_views()
+        self.view_ids = list(range(self.meta.views)) if allow_incomplete else complete
+        if not self.view_ids:
+            raise StoreFormatError(
+                f"{self.store}: no view of the store is complete{self.reader.unsigned_note()}; "
+                "expected a finished dump (resume it), or --allow-incomplete to train on its "
+                "complete units"
+            )
+        if views is not None:  # the first N views, each complete
+            missing = [v for v in range(views) if v not in complete]
+            if missing and not allow_incomplete:
+                raise StoreFormatError(
+                    f"{self.store}: views: the first {views} asked for, and view(s) {missing} are "
+                    "not complete; expected complete views (resume the dump, or fewer views)"
+                )
+            self.view_ids = list(range(views))
+        self.views = len(self.view_ids)
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.online = online
-        self.fields = INDEX_FIELDS + (("crop_digest",) if verify_digest and not online else ())
+        # the crop digest also marks the samples the dump could not read (all zero)
+        self.fields = INDEX_FIELDS + (("crop_digest",) if not online else ())
         if not online:
             self.fields += target_fields(losses)
         if self.pixels != "none":
@@ -524,7 +596,12 @@ class StudentBatches:
         return _global_batches(self.meta.num_instances, self.batch_size)
 
     def view(self, epoch: int) -> int:
-        return view_for_epoch(epoch, self.views)
+        return self.view_ids[view_for_epoch(epoch, self.views)]
+
+    def skipped(self) -> int:
+        """Samples of the training views the dump could not read (left out of every loss)."""
+        slots = np.fromiter(self.reader.skipped_slots(), dtype=np.int64)
+        return int(np.isin(self.reader.layout.slot_views(slots), self.view_ids).sum())
 
     def dataset(self, epoch: int) -> IterableDataset:
         source = _StoreSource(

@@ -24,6 +24,7 @@ mostly warmup (a full COCO run has ~700k steps, where the cap never bites).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,6 @@ from distilpose.device import resolve_device
 from distilpose.errors import (
     BadCheckpointError,
     BadConfigError,
-    StoreFormatError,
     StoreMismatchError,
 )
 from distilpose.inference.eval_run import coco_validator
@@ -185,15 +185,8 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
     if not online:  # a loss the store has no target for fails before anything runs
         check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
     reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
-    views = check_views(run.views, reader.meta.views, run.store)
-    identity = store_identity(reader.meta, views)
-    if run.resume and not run.allow_store_change:
-        check_store_unchanged(Path(run.out_dir), run.store, identity)
-    if not run.allow_incomplete and not bool(reader.complete_mask()[:views].all()):
-        raise StoreFormatError(
-            f"{run.store}: store is incomplete (dump still running or interrupted); "
-            "expected a finished dump, or pass allow_incomplete=True"
-        )
+    reader.check_markers()  # every complete unit's marker, signed and whole
+    views = check_views(run.views, reader.meta.views, run.store) if run.views else None
     data = StudentBatches(
         run.store,
         batch_size=run.batch_size,
@@ -210,7 +203,32 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
         storage_options=run.storage_options,
         views=views,
     )
-    return data, {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}, identity
+    identity = {**store_identity(reader.meta), "views": data.views}  # the views it trains on
+    if run.resume and not run.allow_store_change:
+        check_store_unchanged(Path(run.out_dir), run.store, identity)
+    skipped = data.skipped()
+    if world()[0] == 0:
+        _say_what_trains(run.store, reader, data, skipped)
+    store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
+    return data, {**store_meta, "skipped": skipped}, identity
+
+
+def _say_what_trains(store: str, reader: StoreReader, data: StudentBatches, skipped: int) -> None:
+    """One stderr line each: views left out (being added, or unfinished) and samples skipped."""
+    left_out = [v for v in range(reader.meta.views) if v not in data.view_ids]
+    if left_out:
+        print(
+            f"train-student: views {left_out} of {store} are not complete (a dump adding them, "
+            f"or stopped); training on the {data.views} complete view(s) {data.view_ids}",
+            file=sys.stderr,
+        )
+    if skipped:
+        total = data.views * reader.meta.num_instances
+        print(
+            f"train-student: {skipped} of {total} samples skipped (images the dump could not "
+            "read: left out of every loss)",
+            file=sys.stderr,
+        )
 
 
 def check_views(views: int | None, stored: int, store: str) -> int:
@@ -427,4 +445,5 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         "losses": plan.weights,
         "mode": plan.mode,
         "teacher_forwards": forwards,
+        "skipped": plan.store_meta.get("skipped", 0),
     }

@@ -199,6 +199,7 @@ def dump_on_cluster(run: DumpRun) -> dict:
         workers = len(client.scheduler_info()["workers"])
         tally, results = _run_units(client, job, units, name)
         client.run(release_claims)  # no writer files left behind by live workers
+    writer.sign_units()  # every unit the workers marked (on object stores they race to sign)
     print(
         f"dump-teacher --cluster {run.cluster}: {tally.done} units done, {tally.failed} failed, "
         f"{tally.retried} retried on {workers} workers",

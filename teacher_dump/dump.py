@@ -20,7 +20,8 @@ adds view blocks and leaves the existing ones untouched.
 
 A missing or corrupt image is not fatal: its samples get zero outputs, zero weights and an
 all-zero crop digest (marked invalid, never a plausible zero-filled sample), one warning line each,
-and the count in the summary.
+the count in the summary, and each one's slot and reason in its unit's marker (`skipped`,
+schema 3), from which readers leave it out of training.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def run_batch(
     for output in outputs:
         batch[output] = getattr(result, output).float().cpu().numpy()
     tally.forward_s += time.perf_counter() - t0  # .cpu() waited for the device
-    for i, err in enumerate(batch.pop("error")):
+    for i, err in enumerate(batch["error"]):  # the writer records these in the unit's marker
         if err:  # the image could not be read: mark the sample invalid
             tally.skipped += 1
             slot, index = int(batch["slot"][i]), int(batch["instance"][i])
@@ -526,6 +527,8 @@ def dump_teacher(run: DumpRun) -> dict:
         wait_for_ranks("every rank's units of the dump")  # the store is finished with the last
         if own_group:
             dist.destroy_process_group()
+    if rank == 0:  # signs what a writer stopped before signing left (and object stores' races)
+        writer.sign_units()
 
     info = {
         "shard": f"{shard[0]}/{shard[1]}",

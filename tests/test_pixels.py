@@ -26,9 +26,11 @@ from distilpose.data import (
 from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
 from distilpose.training.runs import DumpRun
-from store import StoreMeta, StoreReader, store_info, store_verify
+from store import SCHEMA_VERSION, StoreMeta, StoreReader, StoreWriter, store_info, store_verify
 from store.checks import format_store_info
 from store.pixels import decode_crop, decode_rgb_batch, encode_crop
+from store.schema import rows_crc32c
+from store.writer import accept_metadata
 from student_train.data import OnDevice, StudentBatches, decode_on_device
 from teacher_dump.dump import dump_teacher
 
@@ -99,7 +101,8 @@ def dumped(tmp_path_factory) -> dict:
 def test_stored_pixels_and_targets_are_what_the_teacher_saw(dumped):
     reader = StoreReader.open(dumped["store"])
     m = reader.meta
-    assert m.pixels == "jpeg" and m.jpeg_quality == 95 and m.schema_version == 3
+    assert m.pixels == "jpeg" and m.jpeg_quality == 95 and m.schema_version == SCHEMA_VERSION
+    assert m.pixel_decoder == "opencv"  # the digest is of the dump's decoder's pixels
     x = reader.read_slots(0, reader.layout.num_slots(m.views))
     real = np.flatnonzero(x["instance"] >= 0)
     assert len(real) == 2 * m.num_instances
@@ -130,6 +133,14 @@ def test_store_verify_decodes_crops_and_catches_a_swapped_one(dumped, tmp_path):
     first = arr[0:8]  # one whole chunk: swap two crops
     first[0], first[1] = first[1], first[0]
     arr[0:8] = first
+    result = store_verify(bad)  # the chunk holds other rows than its unit's marker recorded
+    assert not result["ok_all"] and "array 'pixels' chunk 0" in result["problems"][-1]
+    # ... and with a marker made to agree (and signed), the crops' digests still tell
+    w = StoreWriter.create_or_open(bad, StoreReader.open(bad).meta)
+    marker = w.location.read_marker(0)
+    marker["chunk_crc32c"]["pixels"][0] = rows_crc32c(arr[0:8])
+    w.location.write_marker(0, {**marker, "manifest": w.manifest(0)})
+    accept_metadata(bad)
     result = store_verify(bad)
     assert result["mismatched"] == 2 and result["mismatched_slots"] == [0, 1]
     out = CliRunner().invoke(cli.app, ["store-verify", str(bad)])

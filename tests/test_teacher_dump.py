@@ -94,7 +94,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 def markers(store: Path) -> int:
     d = store / "complete"
-    return len([f for f in os.listdir(d) if f.endswith(".json")]) if d.is_dir() else 0
+    return len([f for f in os.listdir(d) if f.startswith("u")]) if d.is_dir() else 0
 
 
 def stored_meta_exists(store: Path) -> bool:

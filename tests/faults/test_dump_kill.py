@@ -35,7 +35,7 @@ def _one_thread():
 
 def complete_units(store: Path) -> int:
     d = store / "complete"
-    return len([f for f in os.listdir(d) if f.endswith(".json")]) if d.is_dir() else 0
+    return len([f for f in os.listdir(d) if f.startswith("u")]) if d.is_dir() else 0
 
 
 def read_all(path: Path) -> dict[str, np.ndarray]:

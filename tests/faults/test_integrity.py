@@ -44,6 +44,7 @@ from distilpose.errors import (  # noqa: E402
 from distilpose.training.runs import DumpRun, StudentRun  # noqa: E402
 from store import StoreReader, StoreWriter  # noqa: E402
 from store.checks import store_verify  # noqa: E402
+from store.schema import rows_crc32c  # noqa: E402
 from student_train.data import StudentBatches  # noqa: E402
 from student_train.train import train_student  # noqa: E402
 
@@ -194,8 +195,12 @@ def test_store_verify_exits_1_on_keypoint_mismatch(stores, tmp_path):
     w = StoreWriter.create_or_open(store, reader.meta)
     w.arrays["keypoints"][0:8] = np.asarray(w.arrays["keypoints"][0:8]) + 1.0
     payload = reader.location.read_marker(0)
-    w.location.write_marker(0, {**payload, "manifest": w.manifest(0)})  # a consistent edit
-    result = invoke("store-verify", store, "--all")
+    prints = {**payload["chunk_crc32c"], "keypoints": [rows_crc32c(w.arrays["keypoints"][0:8])]}
+    w.location.write_marker(0, {**payload, "manifest": w.manifest(0), "chunk_crc32c": prints})
+    line = one_line_error(invoke("store-verify", store, "--all"))
+    assert "u0000000.json of unit 0 differs from what was signed: " in line
+    assert "manifest.keypoints" in line and "chunk_crc32c.keypoints" in line
+    result = invoke("store-verify", store, "--all", "--accept-metadata")  # a consistent edit
     assert result.exit_code == 1
     err = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "keypoint rows differ" in err[0], result.output
@@ -365,10 +370,13 @@ def test_huge_image_is_refused_from_its_header(tmp_path, monkeypatch):
 
 
 @pytest.mark.reliability(
-    case="store metadata claiming 2^40 samples (store-info)",
-    outcome="one line naming num_instances and its limit, nothing allocated (was MemoryError)",
+    case="store metadata claiming 2^40 samples (store-info), unsigned and re-signed",
+    outcome="one line naming num_instances: as an edit, and (re-signed) as outside its limit, "
+    "nothing allocated (was MemoryError)",
 )
 def test_store_claiming_2_pow_40_samples(stores, tmp_path):
+    from store.signature import sign
+
     store, _ = copy_store(stores["fp16"], tmp_path)
     doc = json.loads((store / "zarr.json").read_text())
     doc["attributes"]["distilpose_store"]["num_instances"] = 1 << 40
@@ -377,6 +385,14 @@ def test_store_claiming_2_pow_40_samples(stores, tmp_path):
         meta = json.loads((store / name / "zarr.json").read_text())
         meta["shape"][0] = 1 << 41
         (store / name / "zarr.json").write_text(json.dumps(meta))
+    line = one_line_error(invoke("store-info", store))
+    assert "differs from what was signed: num_instances;" in line
+    assert "num_instances=1099511627776 is outside" in one_line_error(
+        invoke("store-verify", store, "--accept-metadata")
+    )  # an edit is signed only if it is still valid metadata
+    attrs = doc["attributes"]
+    attrs["distilpose_signature"] = sign(attrs["distilpose_store"])  # signed by hand
+    (store / "zarr.json").write_text(json.dumps(doc))
     line = one_line_error(invoke("store-info", store))
     assert "num_instances=1099511627776 is outside" in line
 
@@ -728,6 +744,10 @@ def test_resume_refuses_a_store_that_gained_views(tmp_path):
     meta = StoreReader.open(paths["store"]).meta
     meta.views = 2
     StoreWriter.create_or_open(paths["store"], meta)  # the store now has room for view 1
+    # an unfinished view 1 changes nothing: training takes the complete views only
+    run = StudentRun(paths["store"], "distilpose_tiny", tmp_path / "run", resume=True, **kw)
+    assert train_student(run)["epochs"] == 1
+    build_tiny_store(tmp_path / "d", views=2, num_train=8, num_val=2)  # view 1 written
     with pytest.raises(StoreMismatchError, match=r"views: run=1 store=2.*--allow-store-change"):
         train_student(
             StudentRun(paths["store"], "distilpose_tiny", tmp_path / "run", resume=True, **kw)
