@@ -198,6 +198,7 @@ def test_schema_2_store_still_reads(tmp_path):
     stored = doc["attributes"]["distilpose_store"]
     del stored["basis_sha256"]
     stored["schema_version"] = 2
+    del doc["attributes"]["distilpose_signature"]  # schema 3's
     (path / "zarr.json").write_text(json.dumps(doc))
     r = StoreReader.open(path)
     assert r.meta.schema_version == 2 and r.read_slots(0, 50)["heatmaps"].shape == (50, K, 8, 6)
