@@ -215,8 +215,11 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
 
 def _say_what_trains(store: str, reader: StoreReader, data: StudentBatches, skipped: int) -> None:
     """One stderr line each: views left out (being added, or unfinished) and samples skipped."""
-    left_out = [v for v in range(reader.meta.views) if v not in data.view_ids]
-    if left_out:
+    complete = set(reader.complete_views())
+    left_out = [v for v in range(reader.meta.views) if v not in complete]
+    if data.views < len(complete):  # --views N: the first N by choice, not for want of data
+        print(f"train-student: training on views {data.view_ids} of {store}", file=sys.stderr)
+    elif left_out:
         print(
             f"train-student: views {left_out} of {store} are not complete (a dump adding them, "
             f"or stopped); training on the {data.views} complete view(s) {data.view_ids}",
