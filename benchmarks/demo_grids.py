@@ -53,6 +53,14 @@ def demo_store(out: Path, plan: object, views: int) -> dict:
     return {**data, "store": str(out / "store")}
 
 
+def store_bytes(data: dict) -> float:
+    """Stored bytes per view of the grid's store (teacher targets, pixels, labels)."""
+    from store.checks import store_info
+
+    info = store_info(data["store"])
+    return sum(info[f"{k}_bytes_per_view"] for k in ("target", "pixel", "label"))
+
+
 def grid_views(rows: list[dict], plan: object) -> int:
     """The most views any row of a grid reads (store rows without `views` read the plan's)."""
     return max(int(r.get("views", plan.views)) for r in rows)
@@ -96,7 +104,8 @@ def summarize(rows: list[dict], results: dict[str, list[dict]], people: int, pla
                 "ap50": statistics.fmean(r["metrics"]["AP50"] for r in got),
                 "pck": statistics.fmean(r["pck"] for r in got),
                 "pixel_error": statistics.fmean(r["pixel_error"] for r in got),
-                "train_s": statistics.fmean(r["train_s"] for r in got),
+                # median: a run found finished (resumed at its end) reports only its reload
+                "train_s": statistics.median(r["train_s"] for r in got),
                 "teacher_forwards": forwards,
             }
         )
@@ -114,7 +123,7 @@ def format_record(name: str, table: list[dict], plan: object, quick: bool, wall:
         f"{plan.batch_size}, lr {plan.lr:g} (cosine) unless the row says otherwise; evaluated on "
         f"{plan.num_val} val people with detections and flip test.",
         f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in all.",
-        "AP = mean over the seeds the row ran; spread = max - min over them.",
+        "AP = mean over the seeds the row ran; spread = max - min over them; train s = median.",
         "",
         "| row | losses | data | views | lr | batch | seeds | AP | spread | AP50 | PCK | px err "
         "| train s | teacher fwd |",
@@ -132,6 +141,51 @@ def format_record(name: str, table: list[dict], plan: object, quick: bool, wall:
     best = max(table, key=lambda r: r["ap"])
     lines += ["", f"Best row: **{best['name']}** (AP {best['ap']:.3f} over seeds {best['seeds']})."]
     return "\n".join(lines) + "\n"
+
+
+README = ROOT / "README.md"
+MARK = ("<!-- views-curve -->", "<!-- /views-curve -->")
+
+
+def views_answer(record: dict) -> str:
+    """The README's one-sentence answer from the views record: the best cached setting against
+    the online teacher, within whose seed spread or not, at what store size and teacher cost."""
+    rows = {r["name"]: r for r in record["rows"]}
+    online = rows["online"]
+    store = [r for r in record["rows"] if r.get("data", "store") == "store"]
+    best = max(store, key=lambda r: r["ap"])
+    low, high = min(online["aps"]), max(online["aps"])
+    within = low <= best["ap"] <= high or best["ap"] > high
+    plan, per_view = record["plan"], record["bytes_per_view"]
+    size = best["views"] * plan["num_train"] * per_view / 1e6
+    share = best["teacher_forwards"] / online["teacher_forwards"]
+    verdict = (
+        ("above" if best["ap"] > high else "within") + " the online teacher's seed range"
+        if within
+        else "below the online teacher's seed range"
+    )
+    return (
+        f"On the demo at `--quick` size ({plan['num_train']} people, {plan['student_epochs']} "
+        f"epochs; [record](benchmarks/results/views_grid_quick.md), "
+        f"[plot](docs/images/views_curve_quick.png)), {best['views']} cached view(s) per person "
+        f"train the distilled student to AP {best['ap']:.3f} (seeds {best['seeds']}, spread "
+        f"{best['ap_spread']:.3f}), {verdict} ({online['ap']:.3f}, {low:.3f}-{high:.3f} over "
+        f"seeds {online['seeds']}), from a store of {size:.0f} MB ({per_view / 1e3:.1f} kB per "
+        f"view) and {share:.0%} of its teacher forwards ({best['teacher_forwards']:,} against "
+        f"{online['teacher_forwards']:,}). Every store row: "
+        + ", ".join(
+            f"V={r['views']} {r['ap']:.3f}" for r in sorted(store, key=lambda r: r["views"])
+        )
+        + ". The curve at the full demo's size is not recorded yet."
+    )
+
+
+def write_readme(record: dict) -> None:
+    """Replace the README's block between MARK with `views_answer(record)`."""
+    text = README.read_text()
+    head, rest = text.split(MARK[0], 1)
+    _, tail = rest.split(MARK[1], 1)
+    README.write_text(f"{head}{MARK[0]}\n{views_answer(record)}\n{MARK[1]}{tail}")
 
 
 def plot_views(table: list[dict], path: Path) -> None:
@@ -200,10 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     name = args.grid.replace("-", "_")
     (RESULTS / f"{name}_grid{suffix}.md").write_text(record)
     (RESULTS / f"{name}_grid{suffix}.json").write_text(
-        json.dumps({"plan": asdict(plan), "rows": table}, indent=2, default=str)  # fmt: skip
+        json.dumps(
+            {"plan": asdict(plan), "rows": table, "bytes_per_view": store_bytes(data)},
+            indent=2,
+            default=str,
+        )  # fmt: skip
     )
     if args.grid == "views":
         plot_views(table, PLOT if not args.quick else PLOT.with_name("views_curve_quick.png"))
+        if args.quick:
+            write_readme(json.loads((RESULTS / f"{name}_grid{suffix}.json").read_text()))
     print(record)
     return 0
 
