@@ -60,6 +60,18 @@ def _env_int(name: str, default: int) -> int:
         raise BadInputError(f"environment {name}={text!r}: expected an integer") from None
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A timeout from environment variable `name` (seconds > 0), `default` when unset."""
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also NaN: a wait must end
+        raise BadConfigError(f"environment {name}={text!r}: expected a number of seconds > 0")
+    return value
+
+
 def max_json_bytes() -> int:
     return _env_int("DISTILPOSE_MAX_JSON_MB", DEFAULT_MAX_JSON_MB) << 20
 

@@ -40,6 +40,7 @@ import zarr
 
 from distilpose.errors import StoreFormatError, StoreMismatchError
 from distilpose.io import fsync_dir, fsync_path
+from distilpose.limits import env_seconds
 from store import compact
 from store.location import StoreLocation, marker_name, run_settled, syncfs
 from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
@@ -710,13 +711,7 @@ def claim_timeout() -> float:
     """Seconds a writer waits for another live writer's units (or the metadata lock) with no
     progress before it stops with an error: DISTILPOSE_CLAIM_TIMEOUT, default 30 minutes
     (a unit of 512 crops takes the paper's teacher seconds on a GPU, minutes on a CPU)."""
-    text = os.environ.get(CLAIM_TIMEOUT_ENV, "")
-    try:
-        return float(text) if text else CLAIM_TIMEOUT_S
-    except ValueError:
-        raise StoreFormatError(
-            f"environment {CLAIM_TIMEOUT_ENV}={text!r}: expected a number of seconds"
-        ) from None
+    return env_seconds(CLAIM_TIMEOUT_ENV, CLAIM_TIMEOUT_S)
 
 
 def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | None]:

@@ -39,7 +39,7 @@ import torch
 from distilpose.device import resolve_device
 from distilpose.errors import BadAnnotationError, BadCheckpointError, BadConfigError
 from distilpose.inference.sources import Frame
-from distilpose.limits import MAX_COORD, load_json
+from distilpose.limits import MAX_COORD, env_seconds, load_json
 
 Boxes = tuple[np.ndarray, np.ndarray]  # ([N, 4] x, y, w, h image px, [N] scores)
 Detector = Callable[[Sequence[Frame]], list[Boxes]]
@@ -69,13 +69,7 @@ def _weights_enum(name: str):
 def download_timeout() -> float:
     """Seconds a download may stall (no byte received) before it fails: DISTILPOSE_DOWNLOAD_
     TIMEOUT, default 60 (torch's hub download waits forever on a silent server)."""
-    text = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "")
-    try:
-        return float(text) if text else DOWNLOAD_TIMEOUT_S
-    except ValueError:
-        raise BadConfigError(
-            f"environment {DOWNLOAD_TIMEOUT_ENV}={text!r}: expected a number of seconds"
-        ) from None
+    return env_seconds(DOWNLOAD_TIMEOUT_ENV, DOWNLOAD_TIMEOUT_S)
 
 
 def _download(url: str, target: Path, timeout: float | None = None) -> None:

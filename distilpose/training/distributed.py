@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distilpose.errors import BadConfigError, RankError
+from distilpose.errors import RankError
+from distilpose.limits import env_seconds
 
 _ACROSS_RANKS = False  # set only inside a training step of a multi-process run
 BARRIER_TIMEOUT_ENV = "DISTILPOSE_BARRIER_TIMEOUT"
@@ -63,16 +64,7 @@ def world() -> tuple[int, int, int]:
 
 def barrier_timeout() -> float:
     """Seconds a rank waits for the others: DISTILPOSE_BARRIER_TIMEOUT, default 3 hours."""
-    text = os.environ.get(BARRIER_TIMEOUT_ENV, "")
-    try:
-        value = float(text) if text else BARRIER_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BadConfigError(
-            f"environment {BARRIER_TIMEOUT_ENV}={text!r}: expected a number of seconds > 0"
-        )
-    return value
+    return env_seconds(BARRIER_TIMEOUT_ENV, BARRIER_TIMEOUT_S)
 
 
 def init_group(device: torch.device, backend: str | None = None) -> bool:
