@@ -136,10 +136,9 @@ def load_teacher(path: str | Path, student_config: object) -> nn.Module:
     return teacher
 
 
-def store_identity(meta: object, views: int | None = None) -> dict:
-    """The store fields a run depends on: its identity fields and the number of views it trains
-    on (`views`, default all the store's: views added later do not change a run on the first N)."""
-    out = {**meta.identity(), "views": views or meta.views}
+def store_identity(meta: object) -> dict:
+    """The store fields a run depends on: its identity fields and its number of views."""
+    out = {**meta.identity(), "views": meta.views}
     return json.loads(json.dumps(out))  # tuples as lists: compared with what config.json holds
 
 
@@ -186,7 +185,7 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
         check_targets(weights, reader.meta.teacher_outputs, reader.meta.teacher_name, cfg)
     reader.check_student(cfg)  # sizes first: a mismatch fails before any data is read
     reader.check_markers()  # every complete unit's marker, signed and whole
-    views = check_views(run.views, reader.meta.views, run.store) if run.views else None
+    views = check_views(run.views, reader.meta.views, run.store)
     data = StudentBatches(
         run.store,
         batch_size=run.batch_size,
@@ -234,10 +233,11 @@ def _say_what_trains(store: str, reader: StoreReader, data: StudentBatches, skip
         )
 
 
-def check_views(views: int | None, stored: int, store: str) -> int:
-    """The number of views a run trains on: `views` (its first N), or all `stored` ones."""
+def check_views(views: int | None, stored: int, store: str) -> int | None:
+    """`views` (train on the store's first N of its `stored`) checked; None: no choice made
+    (the store's complete views)."""
     if views is None:
-        return int(stored)
+        return None
     if not 1 <= views <= stored:
         raise StoreMismatchError(
             f"views: {views} asked for; the store {store} holds {stored}; expected 1..{stored} "
