@@ -422,6 +422,14 @@ def train_student(
         bool | None,
         _student("channels_last", "CUDA: NHWC layout (faster convolutions).", "--channels-last"),
     ] = None,
+    input_jitter: Annotated[
+        float | None,
+        _student(
+            "input_jitter",
+            "Cheap views: colour change and noise of this strength (0-1) on the student's "
+            "input alone, new every step; no keypoint moves, stored targets stay exact.",
+        ),
+    ] = None,
     storage_options: support.StorageOpt = None,
     config: ConfigOpt = None,
 ) -> None:

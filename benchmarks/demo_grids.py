@@ -112,7 +112,15 @@ def summarize(rows: list[dict], results: dict[str, list[dict]], people: int, pla
     return table
 
 
-def format_record(name: str, table: list[dict], plan: object, quick: bool, wall: float) -> str:
+def data_cell(row: dict) -> str:
+    """A row's data source, with its input jitter (cheap views) when it has one."""
+    jitter = row.get("input_jitter", 0)
+    return row.get("data", "store") + (f" + jitter {jitter:g}" if jitter else "")
+
+
+def format_record(
+    name: str, table: list[dict], plan: object, quick: bool, wall: float, note: str = ""
+) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
@@ -124,6 +132,7 @@ def format_record(name: str, table: list[dict], plan: object, quick: bool, wall:
         f"{plan.num_val} val people with detections and flip test.",
         f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in all.",
         "AP = mean over the seeds the row ran; spread = max - min over them; train s = median.",
+        *([note] if note else []),
         "",
         "| row | losses | data | views | lr | batch | seeds | AP | spread | AP50 | PCK | px err "
         "| train s | teacher fwd |",
@@ -131,7 +140,7 @@ def format_record(name: str, table: list[dict], plan: object, quick: bool, wall:
     ]
     for r in table:
         lines.append(
-            f"| {r['name']} | {r['losses']} | {r.get('data', 'store')} | "
+            f"| {r['name']} | {r['losses']} | {data_cell(r)} | "
             f"{r.get('views', plan.views) if r.get('data', 'store') == 'store' else '-'} | "
             f"{r.get('lr', plan.lr):g} | {r.get('batch_size', plan.batch_size)} | "
             f"{','.join(map(str, r['seeds']))} | {r['ap']:.3f} | {r['ap_spread']:.3f} | "
@@ -145,14 +154,18 @@ def format_record(name: str, table: list[dict], plan: object, quick: bool, wall:
 
 README = ROOT / "README.md"
 MARK = ("<!-- views-curve -->", "<!-- /views-curve -->")
+VIEWS_RECORDS = {False: RESULTS / "views_grid.json", True: RESULTS / "views_grid_quick.json"}
 
 
-def views_answer(record: dict) -> str:
-    """The README's one-sentence answer from the views record: the best cached setting against
-    the online teacher, within whose seed spread or not, at what store size and teacher cost."""
+def views_answer(record: dict, quick: bool) -> str:
+    """The README's one-sentence answer from a views record (of the full demo's sizes, or
+    --quick's): the best cached setting against the online teacher, within whose seed spread
+    or not, at what store size and teacher cost."""
     rows = {r["name"]: r for r in record["rows"]}
     online = rows["online"]
     store = [r for r in record["rows"] if r.get("data", "store") == "store"]
+    plain = [r for r in store if not r.get("input_jitter")]
+    cheap = [r for r in store if r.get("input_jitter")]
     best = max(store, key=lambda r: r["ap"])
     low, high = min(online["aps"]), max(online["aps"])
     within = low <= best["ap"] <= high or best["ap"] > high
@@ -164,28 +177,49 @@ def views_answer(record: dict) -> str:
         if within
         else "below the online teacher's seed range"
     )
+    setting = f"{best['views']} cached view(s) per person" + (
+        f" with input jitter {best['input_jitter']:g}" if best.get("input_jitter") else ""
+    )
+    suffix = "_quick" if quick else ""
     return (
-        f"On the demo at `--quick` size ({plan['num_train']} people, {plan['student_epochs']} "
-        f"epochs; [record](benchmarks/results/views_grid_quick.md), "
-        f"[plot](docs/images/views_curve_quick.png)), {best['views']} cached view(s) per person "
+        f"On the demo{' at `--quick` size' if quick else ''} ({plan['num_train']} people, "
+        f"{plan['student_epochs']} epochs; [record](benchmarks/results/views_grid{suffix}.md), "
+        f"[plot](docs/images/views_curve{suffix}.png)), {setting} "
         f"train the distilled student to AP {best['ap']:.3f} (seeds {best['seeds']}, spread "
         f"{best['ap_spread']:.3f}), {verdict} ({online['ap']:.3f}, {low:.3f}-{high:.3f} over "
         f"seeds {online['seeds']}), from a store of {size:.0f} MB ({per_view / 1e3:.1f} kB per "
         f"view) and {share:.0%} of its teacher forwards ({best['teacher_forwards']:,} against "
         f"{online['teacher_forwards']:,}). Every store row: "
         + ", ".join(
-            f"V={r['views']} {r['ap']:.3f}" for r in sorted(store, key=lambda r: r["views"])
+            f"V={r['views']} {r['ap']:.3f}" for r in sorted(plain, key=lambda r: r["views"])
         )
-        + ". The curve at the full demo's size is not recorded yet."
+        + "".join(
+            f"; V={r['views']} with input jitter {r['input_jitter']:g} (cheap views) "
+            f"{r['ap']:.3f} (spread {r['ap_spread']:.3f}, {len(r['seeds'])} seeds)"
+            for r in sorted(cheap, key=lambda r: r["views"])
+        )
+        + "."
     )
 
 
-def write_readme(record: dict) -> None:
-    """Replace the README's block between MARK with `views_answer(record)`."""
+def views_block() -> str:
+    """The README's views answers: one per recorded size, the full demo's first."""
+    answers = [
+        views_answer(json.loads(path.read_text()), quick)
+        for quick, path in sorted(VIEWS_RECORDS.items())
+        if path.is_file()
+    ]
+    if not VIEWS_RECORDS[False].is_file():
+        answers.append("The curve at the full demo's size is not recorded yet.")
+    return "\n\n".join(answers)
+
+
+def write_readme() -> None:
+    """Replace the README's block between MARK with `views_block()`."""
     text = README.read_text()
     head, rest = text.split(MARK[0], 1)
     _, tail = rest.split(MARK[1], 1)
-    README.write_text(f"{head}{MARK[0]}\n{views_answer(record)}\n{MARK[1]}{tail}")
+    README.write_text(f"{head}{MARK[0]}\n{views_block()}\n{MARK[1]}{tail}")
 
 
 def plot_views(table: list[dict], path: Path) -> None:
@@ -196,7 +230,8 @@ def plot_views(table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     store = sorted(
-        (r for r in table if r.get("data", "store") == "store"), key=lambda r: r["views"]
+        (r for r in table if r.get("data", "store") == "store" and not r.get("input_jitter")),
+        key=lambda r: r["views"],
     )
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.errorbar(
@@ -204,6 +239,14 @@ def plot_views(table: list[dict], path: Path) -> None:
         yerr=[[r["ap"] - min(r["aps"]) for r in store], [max(r["aps"]) - r["ap"] for r in store]],
         marker="o", capsize=3, label="cached views",
     )  # fmt: skip
+    cheap = [r for r in table if r.get("input_jitter")]
+    if cheap:
+        ax.errorbar(
+            [r["views"] for r in cheap], [r["ap"] for r in cheap],
+            yerr=[[r["ap"] - min(r["aps"]) for r in cheap],
+                  [max(r["aps"]) - r["ap"] for r in cheap]],
+            marker="s", linestyle="none", capsize=3, label="cached views + input jitter",
+        )  # fmt: skip
     for r in table:
         if r.get("data") == "online":
             ax.axhline(r["ap"], color="C1", label="online teacher, fresh views")
@@ -218,6 +261,20 @@ def plot_views(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merged(path: Path, rows: list[dict], new: list[dict], names: str) -> tuple[list, str]:
+    """The recorded table at `path` with the rows of `new` in (replacing same-named ones), in
+    the grid's order, and the record's line saying which rows were trained when."""
+    old = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    old.update({r["name"]: r for r in new})
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note = (
+        f"Rows {names} trained {when} (`--rows`, the time and load above are theirs) and "
+        "merged into the earlier record; the other rows are as recorded before (AP is "
+        "deterministic on a CPU at one thread; train s is not comparable across the two)."
+    )
+    return [old[r["name"]] for r in rows if r["name"] in old], note
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -229,17 +286,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="The --quick demo's sizes.")
     p.add_argument("--out", type=Path, default=Path("runs/demo_grids"))
+    p.add_argument(
+        "--rows", default="",
+        help="Train only these rows (names, comma-separated) on every seed and merge them "
+        "into the grid's record; the record's other rows are kept as recorded.",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     plan = QUICK_DEMO if args.quick else DemoPlan()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = load_grid(GRIDS / f"{args.grid.replace('-', '_')}.toml")
     out = args.out / (args.grid + ("_quick" if args.quick else ""))
+    suffix = "_quick" if args.quick else ""
+    name = args.grid.replace("-", "_")
+    only = [r for r in rows if r["name"] in args.rows.split(",")]
+    if args.rows and len(only) != len(set(args.rows.split(","))):
+        p.error(f"--rows {args.rows}: expected names of {GRIDS / (name + '.toml')}'s rows")
     start = time.perf_counter()
-    data = demo_store(out, plan, grid_views(rows, plan))
+    # views are added to a store, the old ones untouched: a row reads the same first V views
+    # from a store of fewer views, so --rows dumps only what its rows read
+    data = demo_store(out, plan, grid_views(only or rows, plan))
     results: dict[str, list[dict]] = {}
     for i, seed in enumerate(seeds):
-        if i == 0:
+        if only:
+            todo = only
+        elif i == 0:
             todo = rows
         else:
             best = max(rows, key=lambda r: results[r["name"]][0]["ap"])["name"]
@@ -249,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     people = plan.num_train
     table = summarize(rows, results, people, plan)
     wall = time.perf_counter() - start
-    suffix = "_quick" if args.quick else ""
-    record = format_record(args.grid, table, plan, args.quick, wall)
-    name = args.grid.replace("-", "_")
+    note = ""
+    if only:
+        table, note = merged(RESULTS / f"{name}_grid{suffix}.json", rows, table, args.rows)
+    record = format_record(args.grid, table, plan, args.quick, wall, note)
     (RESULTS / f"{name}_grid{suffix}.md").write_text(record)
     (RESULTS / f"{name}_grid{suffix}.json").write_text(
         json.dumps(
@@ -261,9 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     )
     if args.grid == "views":
-        plot_views(table, PLOT if not args.quick else PLOT.with_name("views_curve_quick.png"))
-        if args.quick:
-            write_readme(json.loads((RESULTS / f"{name}_grid{suffix}.json").read_text()))
+        plot_views(table, PLOT.with_name(f"views_curve{suffix}.png"))
+        write_readme()
     print(record)
     return 0
 

@@ -16,6 +16,7 @@ Grid file (TOML or JSON), data only, never executed:
     lr = 0.01                    # optional, per run (ROW_SETTINGS): lr, batch_size, epochs,
     views = 4                    # views (train on the store's first N views) and data
     data = "store"               # (ROW_DATA: the store's views, or fresh crops every epoch)
+    input_jitter = 0.4           # and the student input's colour jitter (StudentRun's)
 
 A row's own settings override the command's for that row, so one grid can compare learning
 rates, batch sizes, view counts or data sources as well as loss terms.
@@ -58,7 +59,8 @@ TABLE6_TEACHER_AP = 70.4
 TABLE6_COLUMNS = (("sh", "L_SH"), ("cs", "L_CS"))
 PAPER_GRIDS = {"table4": TABLE4, "table6": TABLE6}
 # Settings a grid row may set for itself, with the type each must have.
-ROW_SETTINGS = {"lr": float, "batch_size": int, "epochs": int, "views": int, "data": str}
+ROW_SETTINGS = {"lr": float, "batch_size": int, "epochs": int, "views": int, "data": str,
+                "input_jitter": float}  # fmt: skip
 # Where a row's crops and targets come from: "store" (the store's cached views and targets),
 # "fresh" (a new augmentation of every person each epoch, rendered from the images with the
 # store's recipe: teacher-free, or with "teacher_online" the store's teacher run on it), and
@@ -176,6 +178,7 @@ def _student_run(job: dict) -> StudentRun:
         model_overrides=s.get("model_overrides"),
         lr=s.get("lr", 1e-3),
         schedule=s.get("schedule", "step"),
+        input_jitter=s.get("input_jitter", 0.0),
         **fields,
     )
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distilpose.data import AugmentRecipe
+from distilpose.data import AugmentRecipe, photometric_jitter
 from distilpose.device import resolve_device
 from distilpose.errors import (
     BadCheckpointError,
@@ -95,9 +95,12 @@ class StudentTask(nn.Module):
     teacher runs on them too). The frozen teacher is no part of its state.
     """
 
-    def __init__(self, loss_fn: nn.Module, teacher: nn.Module | None = None) -> None:
+    def __init__(
+        self, loss_fn: nn.Module, teacher: nn.Module | None = None, input_jitter: float = 0.0
+    ) -> None:
         super().__init__()
         self.loss_fn = loss_fn
+        self.input_jitter = input_jitter
         object.__setattr__(self, "teacher", teacher)  # a plain attribute, not a submodule
         self.register_buffer("teacher_forwards", torch.zeros((), dtype=torch.int64))
 
@@ -110,12 +113,17 @@ class StudentTask(nn.Module):
             targets.update(teacher_targets(self.teacher, images))
             crops = torch.tensor(images.shape[0], device=self.teacher_forwards.device)
             self.teacher_forwards += global_total(crops)  # the global batch's under DDP
-        return self.loss_fn(model(batch["images"]), targets)
+        # the teacher (above) saw the crop as stored; only the student's input is jittered
+        images = photometric_jitter(batch["images"], self.input_jitter)
+        return self.loss_fn(model(images), targets)
 
 
-def build_task(loss_fn: nn.Module, teacher: nn.Module | None = None) -> StudentTask:
-    """The Trainer's task for `loss_fn`, with an online `teacher` if given."""
-    return StudentTask(loss_fn, teacher)
+def build_task(
+    loss_fn: nn.Module, teacher: nn.Module | None = None, input_jitter: float = 0.0
+) -> StudentTask:
+    """The Trainer's task for `loss_fn`, with an online `teacher` if given, and the student's
+    input jittered with `input_jitter` (StudentRun's)."""
+    return StudentTask(loss_fn, teacher, input_jitter)
 
 
 def load_teacher(path: str | Path, student_config: object) -> nn.Module:
@@ -367,6 +375,7 @@ def student_meta(run: StudentRun, plan: StudentPlan, config: TrainConfig) -> dic
             "store_identity": plan.identity,
             "decode": run.decode,
             "recipe": plan.recipe,
+            "input_jitter": run.input_jitter,
             "view_rule": "view = epoch mod views"
             if plan.mode.startswith("store")
             else "a fresh crop every epoch, seeded by (seed, instance, epoch)",
@@ -414,7 +423,7 @@ def train_student(run: StudentRun, eval_fn: Callable[[int, nn.Module], dict] | N
         if not (run.val_ann and run.val_images):
             raise BadConfigError("val_ann, val_images: expected both to validate while training")
         validate = coco_validator(run.val_ann, run.val_images, out, meta, dets_file=run.val_dets)
-    task = build_task(loss_fn, plan.teacher)
+    task = build_task(loss_fn, plan.teacher, run.input_jitter)
 
     def epoch_end(epoch: int, model: nn.Module) -> dict:
         """The epoch row's columns: the caller's, and the teacher forwards so far."""

@@ -132,8 +132,12 @@ def _train_until(run: StudentRun, stop_epoch: int | None) -> None:
 def test_interrupted_runs_resume_exactly_with_the_flow_and_the_count(data, tmp_path):
     """Online teacher + rle, fresh crops: stopped mid-run twice (at a mid-epoch checkpoint of
     epoch 0, then after the last step of epoch 1) and resumed, the weights, the RLE flow and
-    the teacher-forward count equal an uninterrupted run's bit for bit."""
-    kw = dict(losses="rle,sh,cs", epochs=3, ckpt_every_steps=2, teacher_online=str(data["teacher"]))
+    the teacher-forward count equal an uninterrupted run's bit for bit; with the student's
+    input jittered, which draws from the resumed RNG."""
+    kw = dict(
+        losses="rle,sh,cs", epochs=3, ckpt_every_steps=2, teacher_online=str(data["teacher"]),
+        input_jitter=0.4,
+    )  # fmt: skip
     reference = tmp_path / "reference"
     _train_until(student_run(data, reference, **kw), None)
     killed = tmp_path / "killed"
@@ -201,3 +205,33 @@ def test_cli_refuses_a_recipe_with_a_store_in_one_line(data, tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: recipe: ")
+
+
+def test_input_jitter_changes_the_students_input_only(data, tmp_path):
+    """--input-jitter from the CLI: the run records it and trains other weights than the same
+    run without it (the jitter acts), while the online teacher's forward count is unchanged
+    (it saw each crop as it was, once)."""
+    common = [
+        "--ann", data["ann"], "--images", data["images"], "--model", "distilpose_tiny",
+        "--input-size", "48x64", "--losses", "reg", "--epochs", "1", "--batch-size", "4",
+        "--device", "cpu", "--workers", "0", "--teacher-online", str(data["teacher"]),
+    ]  # fmt: skip
+    outs = {}
+    for name, extra in (("plain", []), ("jitter", ["--input-jitter", "0.4"])):
+        outs[name] = tmp_path / name
+        res = CliRunner().invoke(
+            cli.app, ["train-student", *common, "--out", str(outs[name]), *extra]
+        )
+        assert res.exit_code == 0, res.output
+    plain, jitter = (torch.load(outs[n] / "last.pth", weights_only=True) for n in outs)
+    assert jitter["meta"]["student_config"]["input_jitter"] == 0.4
+    assert plain["meta"]["student_config"]["input_jitter"] == 0.0
+    assert int(plain["task"]["teacher_forwards"]) == int(jitter["task"]["teacher_forwards"])
+    assert any(
+        not torch.equal(plain["state_dict"][k], jitter["state_dict"][k])
+        for k in plain["state_dict"]
+    )
+    bad = CliRunner().invoke(
+        cli.app, ["train-student", *common, "--out", str(tmp_path / "bad"), "--input-jitter", "2"]
+    )
+    assert bad.exit_code == 1 and "input_jitter" in bad.output and "Traceback" not in bad.output

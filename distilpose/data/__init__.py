@@ -17,6 +17,7 @@ from distilpose.data.crop import (
     get_affine_transform,
     normalize,
     normalize_rgb,
+    photometric_jitter,
     render_crop,
     sample_crop_spec,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "make_demo_data",
     "normalize",
     "normalize_rgb",
+    "photometric_jitter",
     "read_image",
     "render_crop",
     "resolve_image_path",

@@ -37,6 +37,7 @@ BOX_PADDING = 1.25  # MMPose 0.x top-down box padding
 HALF_BODY_PADDING = 1.5  # MMPose 0.x half-body box padding (instead of 1.25)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+LUMA_RGB = (0.299, 0.587, 0.114)  # ITU-R 601 gray, as torchvision's rgb_to_grayscale
 BORDER_VALUE = (0, 0, 0)  # pixels from outside the image are black, as MMPose's warpAffine
 
 
@@ -363,3 +364,31 @@ def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN_RGB, device=t.device).view(shape)
     std = torch.tensor(IMAGENET_STD_RGB, device=t.device).view(shape)
     return (t - mean) / std
+
+
+def photometric_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """Normalized crops `[B, 3, H, W]` (ImageNet mean/std) with a random colour change and
+    noise per crop: brightness, contrast and saturation each x U(1 - s, 1 + s) (torchvision's
+    ColorJitter order), then Gaussian noise of std U(0, s / 10) in [0, 1] pixel units, clamped
+    to [0, 1]. Draws from torch's global RNG on the crops' device, so a seeded, resumed run
+    draws the same changes. No pixel moves: keypoints and teacher targets stay exact."""
+    import torch
+
+    if strength <= 0:
+        return images
+    dev, b = images.device, images.shape[0]
+    mean = torch.tensor(IMAGENET_MEAN_RGB, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_RGB, device=dev).view(1, 3, 1, 1)
+    luma = torch.tensor(LUMA_RGB, device=dev).view(1, 3, 1, 1)
+
+    def blend(x: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
+        f = 1 + strength * (2 * torch.rand(b, 1, 1, 1, device=dev) - 1)
+        return (toward + f * (x - toward)).clamp(0, 1)
+
+    x = images.float() * std + mean
+    x = blend(x, torch.zeros_like(x))  # brightness: scale toward black
+    x = blend(x, (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True))  # contrast
+    x = blend(x, (x * luma).sum(1, keepdim=True))  # saturation: toward the crop's gray
+    sigma = strength / 10 * torch.rand(b, 1, 1, 1, device=dev)
+    x = (x + sigma * torch.randn_like(x)).clamp(0, 1)
+    return ((x - mean) / std).to(images.dtype)

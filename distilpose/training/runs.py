@@ -119,6 +119,8 @@ def _range_problem(name: str, value: object) -> str | None:
         return "an integer of at least 0"
     if name in POSITIVE and not (math.isfinite(value) and value > 0):
         return "a finite number > 0"
+    if name == "input_jitter" and not (math.isfinite(value) and 0 <= value <= 1):
+        return "a strength from 0 (off) to 1"
     if name == "ema" and not (math.isfinite(value) and 0 < value < 1):
         return "a decay between 0 and 1 (e.g. 0.9999), or null for no EMA"
     if name in CHOICES and value not in CHOICES[name]:
@@ -291,6 +293,10 @@ class StudentRun(_Run):
     storage_options: dict | None = None  # fsspec options of a remote `store` (endpoint, profile)
     recipe: AugmentRecipe | None = None  # no store only: the fresh crops' (None: the paper's)
     views: int | None = None  # train on the store's first N views (None: all it holds)
+    # cheap views: the student's input alone gets a random colour change and noise of this
+    # strength per sample and step (distilpose.data.photometric_jitter; 0: off, 0.4: timm's
+    # ColorJitter); no keypoint moves, so stored targets stay exact
+    input_jitter: float = 0.0
 
 
 # What a rerun decides for itself rather than inherits from the saved run.
