@@ -3,25 +3,33 @@
     python -m benchmarks.demo_bench [--seeds 0,1,2] [--quick-seeds 0] [--out runs/demo_bench]
 
 Each run is the real command in a subprocess, timed wall to wall. Writes
-benchmarks/results/demo_run.md: every seed's table, the spread of each figure across seeds, and
-the issue's checks (teacher AP >= 0.6; distilled - baseline >= 0.5 x (teacher - baseline);
-each figure within +-0.03 of its mean over seeds; --quick keeps teacher > distilled > baseline
-with gaps > 0.05; full run <= 10 min, quick <= 3 min).
+benchmarks/results/demo_run.md (every seed's table, the spread of each figure across seeds, and
+the issue's checks: teacher AP >= 0.6; over the seeds, the distilled student above the
+teacher-free best by more than either's seed spread, closing >= 50% of the gap from it to the
+teacher; full run <= 300 s, quick <= 180 s) and demo_run.json, and the README's demo block from
+them (`write_readme`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ROLES = ("teacher", "student_distilled", "student_baseline")
+from demo import STUDENT_ROLES, format_demo_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+MARK = ("<!-- demo-table -->", "<!-- /demo-table -->")
+ROLES = ("teacher", *STUDENT_ROLES)
 COLUMNS = ("ap", "ap50", "ap75", "pck", "pixel_error")
 DEMO_TIMEOUT_S = 3600  # the full demo takes minutes on 2 CPU cores; an hour means it hangs
+WALL_GOAL_S = {False: 300, True: 180}  # full, --quick
 
 
 def run_once(out: Path, seed: int, quick: bool) -> dict:
@@ -45,36 +53,38 @@ def by_role(run: dict) -> dict[str, dict]:
     return {r["role"]: r for r in run["rows"]}
 
 
+def aps(runs: list[dict], role: str) -> list[float]:
+    return [by_role(r)[role]["ap"] for r in runs]
+
+
+def gap_closed(runs: list[dict]) -> float:
+    """Mean over the runs of (distilled - teacher-free) / (teacher - teacher-free)."""
+    t, d, f = (statistics.fmean(aps(runs, r)) for r in ROLES[:3])
+    return (d - f) / (t - f)
+
+
 def checks(full: list[dict], quick: list[dict]) -> list[tuple[str, bool, str]]:
     out = []
-    for run in full:
-        t, d, b = (by_role(run)[r]["ap"] for r in ROLES)
-        s = run["seed"]
-        out.append((f"seed {s}: teacher AP >= 0.6", t >= 0.6, f"{t:.3f}"))
-        gain, need = d - b, 0.5 * (t - b)
+    for run in full + quick:
+        kind = f"{'quick ' if run['quick'] else ''}seed {run['seed']}"
+        goal = WALL_GOAL_S[run["quick"]]
+        t = by_role(run)["teacher"]["ap"]
+        out.append((f"{kind}: teacher AP >= 0.6", t >= 0.6, f"{t:.3f}"))
+        out.append((f"{kind}: wall <= {goal} s", run["wall_s"] <= goal, f"{run['wall_s']:.0f} s"))
+    for kind, runs in (("full", full), ("quick", quick)):
+        if len(runs) < 2:
+            continue
+        d, f = aps(runs, "student_distilled"), aps(runs, "student_teacher_free")
+        margin = statistics.fmean(d) - statistics.fmean(f)
+        spread = max(max(d) - min(d), max(f) - min(f))
         out.append(
-            (f"seed {s}: distilled - baseline >= 0.5 x (teacher - baseline)", gain >= need,
-             f"{gain:.3f} vs {need:.3f}")
+            (f"{kind}: distilled - teacher-free best > seed spread", margin > spread,
+             f"{margin:.3f} vs {spread:.3f} ({len(runs)} seeds)")
         )  # fmt: skip
-        out.append((f"seed {s}: wall <= 600 s", run["wall_s"] <= 600, f"{run['wall_s']:.0f} s"))
-    if len(full) > 1:
-        for role in ROLES:
-            aps = [by_role(r)[role]["ap"] for r in full]
-            mean = sum(aps) / len(aps)
-            dev = max(abs(a - mean) for a in aps)
-            out.append(
-                (f"{role} AP within +-0.03 of its mean", dev <= 0.03, f"max deviation {dev:.3f}")
-            )
-    for run in quick:
-        t, d, b = (by_role(run)[r]["ap"] for r in ROLES)
-        ok = t - d > 0.05 and d - b > 0.05
+        closed = gap_closed(runs)
         out.append(
-            (f"quick seed {run['seed']}: teacher > distilled > baseline, gaps > 0.05", ok,
-             f"{t:.3f} / {d:.3f} / {b:.3f}")
-        )  # fmt: skip
-        out.append(
-            (f"quick seed {run['seed']}: wall <= 180 s", run["wall_s"] <= 180,
-             f"{run['wall_s']:.0f} s")
+            (f"{kind}: gap closed from the teacher-free best >= 50%", closed >= 0.5,
+             f"{closed:.0%}")
         )  # fmt: skip
     return out
 
@@ -102,6 +112,63 @@ def spread(full: list[dict]) -> str:
             cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}-{max(v):.3f})")
         lines.append(f"| {role} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def free_text(full: list[dict], mean: dict, rng: dict) -> str:
+    """The teacher-free rows' part of the README paragraph: one figure when the teacher-free
+    best is `reg` alone (one run, `demo.student_runs`), else both."""
+    same = all(
+        by_role(r)["student_teacher_free"][c] == by_role(r)["student_baseline"][c]
+        for r in full
+        for c in COLUMNS
+    )
+    if same:
+        return (
+            f"teacher-free best {mean['student_baseline']:.3f} ({rng['student_baseline']}; the "
+            "grid's best row at this budget is `reg` alone from the store, so the two rows are "
+            "one run)"
+        )
+    return (
+        f"teacher-free best {mean['student_teacher_free']:.3f} ({rng['student_teacher_free']}), "
+        f"`reg` alone {mean['student_baseline']:.3f} ({rng['student_baseline']})"
+    )
+
+
+def readme_block(record: list[dict]) -> str:
+    """The README's demo block from the record: seed 0's table, then one paragraph of the
+    figures across seeds (every number from `record`)."""
+    full = sorted((r for r in record if not r["quick"]), key=lambda r: r["seed"])
+    quick = [r for r in record if r["quick"]]
+    first = full[0]
+    mean = {role: statistics.fmean(aps(full, role)) for role in ROLES}
+    rng = {role: f"{min(aps(full, role)):.3f}-{max(aps(full, role)):.3f}" for role in ROLES}
+    walls = [r["wall_s"] for r in full]
+    seeds = ", ".join(str(r["seed"]) for r in full)
+    text = (
+        f"Seed {first['seed']} in {first['wall_s']:.0f} s wall on 2 cores (the goal is "
+        f"{WALL_GOAL_S[False]} s: {'met' if max(walls) <= WALL_GOAL_S[False] else 'not met'}). "
+        f"Over seeds {seeds} "
+        f"({min(walls):.0f}-{max(walls):.0f} s each; other 2-core machines of this kind were "
+        "measured 2.4x slower): AP teacher "
+        f"{mean['teacher']:.3f} ({rng['teacher']}), distilled {mean['student_distilled']:.3f} "
+        f"({rng['student_distilled']}), {free_text(full, mean, rng)}. The distilled student "
+        f"closes {gap_closed(full):.0%} of the gap from the teacher-free best to the teacher"
+    )
+    if quick:
+        q = ", ".join(
+            f"seed {r['seed']} {r['wall_s']:.0f} s: "
+            + " / ".join(f"{by_role(r)[role]['ap']:.3f}" for role in ROLES)
+            for r in quick
+        )
+        text += f". `--quick` ({q}, in the table's order)"
+    return f"```\n{format_demo_table(first['rows'])}\n```\n\n{text}."
+
+
+def write_readme(record: list[dict]) -> None:
+    """Replace the README's block between MARK with `readme_block(record)`."""
+    head, rest = README.read_text().split(MARK[0], 1)
+    _, tail = rest.split(MARK[1], 1)
+    README.write_text(f"{head}{MARK[0]}\n{readme_block(record)}\n{MARK[1]}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     md += [f"| {name} | {'yes' if ok else 'NO'} | {v} |" for name, ok, v in checks(full, quick)]
     text = "\n".join(md) + "\n"
     (RESULTS / "demo_run.md").write_text(text)
+    (RESULTS / "demo_run.json").write_text(json.dumps(full + quick, indent=2))
+    write_readme(full + quick)
     print(text)
     return 0
 

@@ -180,3 +180,14 @@ def parse_losses_names(spec: str) -> list[str]:
     from distilpose.training.losses import parse_losses
 
     return list(parse_losses(spec))
+
+
+def test_demo_grid_best_row_compares_rows_on_the_seed_every_row_ran():
+    """A row repeated on 3 seeds is not beaten by a row run once on the strength of a mean over
+    other seeds: rows are compared on the seed they all ran (the grid's repeat rule)."""
+    from benchmarks.demo_grids import best_row
+
+    repeated = {"name": "a", "seeds": [0, 1, 2], "aps": [0.5, 0.1, 0.1], "ap": 0.233}
+    once = {"name": "b", "seeds": [0], "aps": [0.4], "ap": 0.4}
+    assert best_row([repeated, once]) == (0, repeated)
+    assert best_row([{**repeated, "aps": [0.3, 0.9, 0.9]}, once])[1] is once

@@ -123,9 +123,9 @@ def test_demo_json_contract(tmp_path, monkeypatch):
     import demo
 
     tiny = demo.DemoPlan(
-        num_train=24, num_val=8, views=2, student_epochs=2, batch_size=8,
-        teacher_num_train=40, teacher_epochs=1,
-    )  # fmt: skip
+        name="quick", num_train=24, num_val=8, views=2, student_epochs=2, batch_size=8,
+        teacher_num_train=40, teacher_epochs=1, free_losses="rle", free_data="fresh",
+    )  # fmt: skip  # a teacher-free row of its own, on fresh crops: every demo path runs
     monkeypatch.setattr(demo, "QUICK_DEMO", tiny)
     out = invoke(
         "demo", "--quick", "--json", "--train-teacher", "--out", tmp_path / "demo",
@@ -133,17 +133,17 @@ def test_demo_json_contract(tmp_path, monkeypatch):
     )  # fmt: skip
     lines = out.splitlines()  # the runner mixes in stderr log lines before the JSON
     rows = json.loads("\n".join(lines[lines.index("[") :]))
-    assert [r["role"] for r in rows] == ["teacher", "student_distilled", "student_baseline"]
+    assert [r["role"] for r in rows] == ["teacher", *demo.STUDENT_ROLES]
     keys = {
         "model", "role", "params", "gflops", "ap", "ap50", "ap75", "pck", "pixel_error",
         "samples_per_s",
     }  # fmt: skip
     assert all(set(r) == keys for r in rows)
     assert rows[0]["model"] == "tokenpose_demo" and rows[1]["model"] == "distilpose_demo"
-    assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"] > 0
+    assert rows[0]["params"] > rows[1]["params"] == rows[2]["params"] == rows[3]["params"] > 0
     assert all(0 <= r["pck"] <= 1 and r["pixel_error"] >= 0 for r in rows)
-    assert (tmp_path / "demo" / "demo_table.json").exists()
+    assert (tmp_path / "demo" / "quick" / "demo_table.json").exists()
     # the demo's students trained from a store that keeps the crops (JPEG), not the images
     from store import StoreReader
 
-    assert StoreReader.open(tmp_path / "demo" / "store").meta.pixels == "jpeg"
+    assert StoreReader.open(tmp_path / "demo" / "quick" / "store").meta.pixels == "jpeg"

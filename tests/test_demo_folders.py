@@ -1,0 +1,66 @@
+"""Each demo plan keeps its own folder under `--out`: `--quick` after the full demo leaves the
+full one's files alone, a rerun with the same settings keeps (and so resumes) its folder, and one
+with other settings starts over and says which settings changed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+import demo
+from distilpose.errors import BadConfigError
+
+
+def _settings(plan: demo.DemoPlan, seed: int = 0) -> dict:
+    return {**asdict(plan), "seed": seed, "train_teacher": False}
+
+
+def test_plans_keep_their_own_folders(tmp_path):
+    said: list[str] = []
+    full = demo.plan_folder(tmp_path, demo.DemoPlan(), _settings(demo.DemoPlan()), said.append)
+    (full / "store").mkdir()
+    quick = demo.plan_folder(tmp_path, demo.QUICK_DEMO, _settings(demo.QUICK_DEMO), said.append)
+    assert full != quick and full.parent == quick.parent == tmp_path
+    assert (full / "store").is_dir() and not said
+
+
+def test_same_settings_resume_other_settings_start_over(tmp_path):
+    said: list[str] = []
+    plan = demo.QUICK_DEMO
+    folder = demo.plan_folder(tmp_path, plan, _settings(plan), said.append)
+    (folder / "student_distilled").mkdir()
+    assert demo.plan_folder(tmp_path, plan, _settings(plan), said.append) == folder
+    assert (folder / "student_distilled").is_dir() and not said
+    demo.plan_folder(tmp_path, plan, _settings(plan, seed=1), said.append)
+    assert not (folder / "student_distilled").exists()
+    assert len(said) == 1 and "starting over" in said[0] and "seed" in said[0], said
+
+
+def test_a_folder_the_demo_did_not_make_is_refused(tmp_path):
+    mine = tmp_path / "full" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("keep me")
+    with pytest.raises(BadConfigError, match="demo_settings.json"):
+        demo.plan_folder(tmp_path, demo.DemoPlan(), _settings(demo.DemoPlan()), print)
+    assert mine.read_text() == "keep me"
+
+
+def test_teacher_free_best_equal_to_reg_alone_trains_once(tmp_path):
+    """When the grid's teacher-free best is `reg` alone from the store, the two table rows are
+    one run (one folder, trained once); any other teacher-free setting is its own run, and
+    `fresh` data trains from the images with the store's recipe instead of the store."""
+    from distilpose.data import MILD_RECIPE
+
+    data = {"train_ann": "a.json", "train_images": "imgs"}
+    same = demo.DemoPlan(free_losses="reg", free_data="store", free_lr=None)
+    runs = demo.student_runs(same, tmp_path, data, 0, "cpu")
+    assert runs["student_teacher_free"] is runs["student_baseline"]
+    assert len({r.out_dir for r in runs.values()}) == 2
+    fresh = demo.student_runs(
+        demo.DemoPlan(free_losses="rle", free_data="fresh"), tmp_path, data, 0, "cpu"
+    )
+    free = fresh["student_teacher_free"]
+    assert free is not fresh["student_baseline"] and free.losses == "rle"
+    assert free.store is None and free.ann_file == "a.json" and free.recipe == MILD_RECIPE
+    assert fresh["student_baseline"].store == str(tmp_path / "store")
