@@ -37,3 +37,15 @@ def test_readme_views_answer_is_written_from_the_record():
     block = text.split(MARK[0], 1)[1].split(MARK[1], 1)[0].strip()
     assert block == views_block()
 
+
+def test_readme_demo_block_is_written_from_the_record():
+    """The README's demo table and its paragraph are `benchmarks.demo_bench.readme_block` of
+    the recorded demo runs (benchmarks/results/demo_run.json)."""
+    import json
+
+    from benchmarks.demo_bench import MARK, readme_block
+
+    record = ROOT / "benchmarks" / "results" / "demo_run.json"
+    text = (ROOT / "README.md").read_text()
+    block = text.split(MARK[0], 1)[1].split(MARK[1], 1)[0].strip()
+    assert block == readme_block(json.loads(record.read_text()))
