@@ -247,7 +247,7 @@ def test_readme_inferencer_example_runs(ckpts, det_weights, tmp_path, monkeypatc
     cache.mkdir(parents=True)
     (cache / "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth").symlink_to(det_weights)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    student = tmp_path / "demo_run" / "student_distilled" / "student.pth"
+    student = tmp_path / "demo_run" / "full" / "student_distilled" / "student.pth"
     student.parent.mkdir(parents=True)
     student.symlink_to(ckpts["student"])
     (tmp_path / "tests").symlink_to(ROOT / "tests")
