@@ -56,20 +56,33 @@ def _cuda_cluster(n: int | None):
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=THREADS_PER_WORKER)
 
 
-def local_cluster(n: int | None):
-    """N worker processes of THREADS_PER_WORKER threads (one per GPU with dask-cuda)."""
+@contextlib.contextmanager
+def local_cluster(n: int | None) -> Iterator[object]:
+    """N worker processes of THREADS_PER_WORKER threads (one per GPU with dask-cuda), closed on
+    exit, and this process's environment put back as it was.
+
+    Dask's nanny writes its workers' environment (MALLOC_TRIM_THRESHOLD_=65536,
+    OMP/MKL/OPENBLAS_NUM_THREADS=1, PYTHONHASHSEED) into this process's `os.environ` and leaves
+    it there, so every process started later inherits it: students trained in spawned processes
+    after a cluster dump ran 1.4x slower (tests/test_demo_distill.py after test_cluster.py:
+    156 s against 110 s), from the malloc trim threshold.
+    """
     from distributed import LocalCluster
 
-    cluster = _cuda_cluster(n)
-    if cluster is not None:
-        return cluster
-    return LocalCluster(
-        n_workers=n or os.cpu_count() or 1,
-        threads_per_worker=THREADS_PER_WORKER,
-        processes=True,
-        dashboard_address=None,  # no web server nobody looks at (and no port to collide on)
-        silence_logs=40,  # errors only: a worker killed on purpose is not news
-    )
+    saved = dict(os.environ)
+    try:
+        cluster = _cuda_cluster(n) or LocalCluster(
+            n_workers=n or os.cpu_count() or 1,
+            threads_per_worker=THREADS_PER_WORKER,
+            processes=True,
+            dashboard_address=None,  # no web server nobody looks at (and no port to collide on)
+            silence_logs=40,  # errors only: a worker killed on purpose is not news
+        )
+        with cluster:
+            yield cluster
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager

@@ -168,3 +168,17 @@ def test_bad_cluster_option_is_one_line_before_any_store(tmp_path, teacher, data
     assert result.exit_code == 1 and not out.exists()
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --cluster 'local:0'"), result.output
+
+
+def test_local_cluster_leaves_the_environment_as_it_was():
+    """Dask's nanny writes its workers' environment (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS,
+    ...) into this process's; local_cluster puts it back, so processes started after a cluster
+    dump (the students train_many spawns) do not inherit it."""
+    import os
+
+    from distilpose.cluster import local_cluster
+
+    before = dict(os.environ)
+    with local_cluster(1):
+        assert "MALLOC_TRIM_THRESHOLD_" in os.environ or "OMP_NUM_THREADS" in os.environ
+    assert dict(os.environ) == before
