@@ -249,19 +249,19 @@ def plot_views(table: list[dict], path: Path) -> None:
         key=lambda r: r["views"],
     )
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.errorbar(
-        [r["views"] for r in store], [r["ap"] for r in store],
-        yerr=[[r["ap"] - min(r["aps"]) for r in store], [max(r["aps"]) - r["ap"] for r in store]],
-        marker="o", capsize=3, label="cached views",
-    )  # fmt: skip
+
+    def seeds_bar(rows: list[dict], **style: object) -> None:
+        """AP against views, the bar spanning the row's seeds."""
+        ax.errorbar(
+            [r["views"] for r in rows], [r["ap"] for r in rows],
+            yerr=[[r["ap"] - min(r["aps"]) for r in rows], [max(r["aps"]) - r["ap"] for r in rows]],
+            capsize=3, **style,
+        )  # fmt: skip
+
+    seeds_bar(store, marker="o", label="cached views")
     cheap = [r for r in table if r.get("input_jitter")]
     if cheap:
-        ax.errorbar(
-            [r["views"] for r in cheap], [r["ap"] for r in cheap],
-            yerr=[[r["ap"] - min(r["aps"]) for r in cheap],
-                  [max(r["aps"]) - r["ap"] for r in cheap]],
-            marker="s", linestyle="none", capsize=3, label="cached views + input jitter",
-        )  # fmt: skip
+        seeds_bar(cheap, marker="s", linestyle="none", label="cached views + input jitter")
     for r in table:
         if r.get("data") == "online":
             ax.axhline(r["ap"], color="C1", label="online teacher, fresh views")
@@ -310,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     plan = QUICK_DEMO if args.quick else DemoPlan()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = load_grid(GRIDS / f"{args.grid.replace('-', '_')}.toml")
-    out = args.out / (args.grid + ("_quick" if args.quick else ""))
     suffix = "_quick" if args.quick else ""
     name = args.grid.replace("-", "_")
+    rows = load_grid(GRIDS / f"{name}.toml")
+    out = args.out / (args.grid + suffix)
     only = [r for r in rows if r["name"] in args.rows.split(",")]
     if args.rows and len(only) != len(set(args.rows.split(","))):
         p.error(f"--rows {args.rows}: expected names of {GRIDS / (name + '.toml')}'s rows")

@@ -65,7 +65,7 @@ def local_cluster(n: int | None) -> Iterator[object]:
     OMP/MKL/OPENBLAS_NUM_THREADS=1, PYTHONHASHSEED) into this process's `os.environ` and leaves
     it there, so every process started later inherits it: students trained in spawned processes
     after a cluster dump ran 1.4x slower (tests/test_demo_distill.py after test_cluster.py:
-    156 s against 110 s), from the malloc trim threshold.
+    156 s against 110 s; which of the variables costs it was not isolated).
     """
     from distributed import LocalCluster
 
