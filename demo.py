@@ -10,6 +10,7 @@ level beside cli.py (distilpose/ imports no stage).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,8 +98,6 @@ def student_runs(plan: DemoPlan, out: Path, data: dict, seed: int, device: str) 
 def plan_folder(out: Path, plan: DemoPlan, settings: dict, say) -> Path:
     """`out/plan.name`, kept for a rerun with the same settings (it resumes); one made with
     other settings is cleared first, and the run says so (its files are all the demo's)."""
-    import shutil
-
     folder = out / plan.name
     path = folder / SETTINGS_FILE
     if path.is_file():
@@ -198,9 +197,15 @@ def run_demo(
     coco = load_coco(data["val_ann"])
     students = {role: Path(run.out_dir) / "student.pth" for role, run in runs.items()}
     checkpoints = {"teacher": teacher_ckpt, **students}
+    evaluated: dict[Path, dict] = {}  # checkpoint -> its row: two roles of one run, one eval
     for role, ckpt in checkpoints.items():
-        step(f"eval {role} on the val split (detections, flip test)")
         results_json = out / "results" / f"{role}.json"
+        if ckpt in evaluated:
+            step(f"eval {role}: the {evaluated[ckpt]['role']} run's checkpoint, evaluated above")
+            shutil.copyfile(out / "results" / f"{evaluated[ckpt]['role']}.json", results_json)
+            rows.append({**evaluated[ckpt], "role": role})
+            continue
+        step(f"eval {role} on the val split (detections, flip test)")
         result = run_eval(
             ckpt, data["val_ann"], data["val_images"], dets_file=data["val_dets"],
             config=InferConfig(device=device), out_json=results_json,
@@ -221,6 +226,7 @@ def run_demo(
                 "samples_per_s": result["samples_per_s"],
             }
         )
+        evaluated[ckpt] = rows[-1]
     (out / "demo_table.json").write_text(json.dumps(rows, indent=2))
     step(f"done; table in {out / 'demo_table.json'}")
     return rows

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reliability.md"
+_RECORDS: list[dict] = []  # the reliability cases' results, in the process that writes REPORT
 
 os.environ.setdefault("DISTILPOSE_NO_PROGRESS", "1")
 os.environ["DISTILPOSE_OFFLINE"] = "1"  # no test may download detector weights
@@ -24,7 +25,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "reliability(case, outcome): a fault or bad-input case for the report"
     )
-    config._reliability = []  # type: ignore[attr-defined]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,6 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A reliability case's name and stated outcome go into its report's user properties: the
+    report is what reaches the controller when the suite runs in xdist workers."""
     outcome = yield
     report = outcome.get_result()
     marker = item.get_closest_marker("reliability")
@@ -44,14 +46,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         return
     case = marker.kwargs.get("case", marker.args[0] if marker.args else item.name)
     param = getattr(getattr(item, "callspec", None), "id", None)
+    said = marker.kwargs.get("outcome", marker.args[1] if len(marker.args) > 1 else "")
+    report.user_properties.append(("reliability", (f"{case}: {param}" if param else case, said)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     props = dict(report.user_properties)
-    item.config._reliability.append(  # type: ignore[attr-defined]
+    if report.when != "call" or "reliability" not in props:
+        return
+    case, said = props["reliability"]
+    _RECORDS.append(
         {
-            "case": f"{case}: {param}" if param else case,
-            "outcome": marker.kwargs.get("outcome", marker.args[1] if len(marker.args) > 1 else ""),
+            "case": case,
+            "outcome": said,
             "result": report.outcome,
             "kills": props.get("kills_survived"),
-            "test": item.nodeid,
+            "test": report.nodeid,
         }
     )
 
@@ -64,8 +74,9 @@ def _whole_suite(config: pytest.Config) -> bool:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    records = session.config._reliability  # type: ignore[attr-defined]
-    if not records or not _whole_suite(session.config):
+    records = _RECORDS
+    worker = hasattr(session.config, "workerinput")  # an xdist worker: the controller writes
+    if worker or not records or not _whole_suite(session.config):
         return
     kills = sum(r["kills"] or 0 for r in records if r["result"] == "passed")
     passed = sum(r["result"] == "passed" for r in records)

@@ -64,3 +64,23 @@ def test_teacher_free_best_equal_to_reg_alone_trains_once(tmp_path):
     assert free is not fresh["student_baseline"] and free.losses == "rle"
     assert free.store is None and free.ann_file == "a.json" and free.recipe == MILD_RECIPE
     assert fresh["student_baseline"].store == str(tmp_path / "store")
+
+
+def test_one_run_in_two_rows_is_evaluated_once(tmp_path, capsys):
+    """The teacher-free row that is the `reg` run shows that run's evaluation, not a second one
+    (an evaluation is the same checkpoint on the same val split: 10-20 s of the demo)."""
+    tiny = demo.DemoPlan(
+        name="quick", num_train=16, num_val=4, views=1, student_epochs=1, batch_size=8,
+        free_losses="reg", free_data="store",
+    )  # fmt: skip
+    rows = demo.run_demo(tmp_path, plan=tiny, device="cpu")
+    said = capsys.readouterr().out
+    by_role = {r["role"]: r for r in rows}
+    free, base = by_role["student_teacher_free"], by_role["student_baseline"]
+    assert {**free, "role": base["role"]} == base
+    assert said.count("on the val split") == 3  # teacher, distilled, the shared run
+    assert said.count("run's checkpoint, evaluated above") == 1
+    results = tmp_path / "quick" / "results"
+    assert (results / "student_teacher_free.json").read_bytes() == (
+        results / "student_baseline.json"
+    ).read_bytes()
