@@ -19,6 +19,11 @@ _RECORDS: list[dict] = []  # the reliability cases' results, in the process that
 
 os.environ.setdefault("DISTILPOSE_NO_PROGRESS", "1")
 os.environ["DISTILPOSE_OFFLINE"] = "1"  # no test may download detector weights
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # the suite runs in xdist workers (pyproject's addopts), one per core: torch's default of a
+    # thread per core in every worker would oversubscribe the cores
+    _cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config: pytest.Config) -> None:
