@@ -27,6 +27,7 @@ BENCHMARKS = {
     "predict": "benchmarks.predict_bench",
     "scale": "benchmarks.scale_bench",
     "compact": "benchmarks.compact_bench",
+    "canvas": "benchmarks.canvas_bench",
 }
 
 

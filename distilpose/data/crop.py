@@ -156,7 +156,7 @@ class CropSpec:
         )
 
 
-def _half_body_box(
+def half_body_box(
     keypoints: np.ndarray, upper_first: bool, aspect_ratio: float
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """MMPose 0.x half-body: centre = mean of the chosen half's labelled joints, box x1.5."""
@@ -206,7 +206,7 @@ def sample_crop_spec(
     labelled = int(np.count_nonzero(inst.keypoints[:, 2] > 0))
     if labelled > recipe.half_body_min_joints and u_half < recipe.half_body_prob:
         # MMPose takes the upper body when a *standard normal* draw is < 0.5 (~69%).
-        box = _half_body_box(inst.keypoints, n_half < 0.5, input_size[0] / input_size[1])
+        box = half_body_box(inst.keypoints, n_half < 0.5, input_size[0] / input_size[1])
         if box is not None:
             center, scale = box
             half_body = True
