@@ -191,3 +191,20 @@ def test_demo_grid_best_row_compares_rows_on_the_seed_every_row_ran():
     once = {"name": "b", "seeds": [0], "aps": [0.4], "ap": 0.4}
     assert best_row([repeated, once]) == (0, repeated)
     assert best_row([{**repeated, "aps": [0.3, 0.9, 0.9]}, once])[1] is once
+
+
+def test_views_record_recommends_the_fewest_views_that_reach_the_online_range():
+    """The README's answer names the smallest plain store that reaches the online teacher's
+    seed range (not the best row, not a cheap-view row); with none, the best store row."""
+    from benchmarks.demo_grids import recommended_views
+
+    def row(name, views, ap, **kw):
+        return {"name": name, "views": views, "ap": ap, "aps": [ap], "data": "store", **kw}
+
+    online = {"name": "online", "data": "online", "ap": 0.30, "aps": [0.28, 0.30, 0.32]}
+    rows = [row("v1", 1, 0.20), row("v2", 2, 0.29), row("v4", 4, 0.35),
+            row("v1_jitter", 1, 0.31, input_jitter=0.4), online]  # fmt: skip
+    assert recommended_views({"rows": rows})["name"] == "v2"
+    low = [row("v1", 1, 0.20), row("v2", 2, 0.25), online]
+    assert recommended_views({"rows": low})["name"] == "v2"  # none reaches: the best
+    assert recommended_views({"rows": [row("v1", 1, 0.27), *low[1:]]})["name"] == "v1"
