@@ -229,10 +229,19 @@ def views_answer(record: dict, quick: bool) -> str:
     )
 
 
+def plot_line(quick: bool) -> str:
+    """The README's picture of one size's curve (drawn by plot_views)."""
+    size, suffix = (" (--quick size)", "_quick") if quick else ("", "")
+    return (
+        f"![student AP against cached views, with the online teacher's line{size}]"
+        f"(docs/images/views_curve{suffix}.png)"
+    )
+
+
 def views_block() -> str:
     """The README's views answers: one per recorded size, the full demo's first."""
     answers = [
-        views_answer(json.loads(path.read_text()), quick)
+        views_answer(json.loads(path.read_text()), quick) + "\n\n" + plot_line(quick)
         for quick, path in sorted(VIEWS_RECORDS.items())
         if path.is_file()
     ]
