@@ -66,20 +66,45 @@ def grid_views(rows: list[dict], plan: object) -> int:
     return max(int(r.get("views", plan.views)) for r in rows)
 
 
-def run_seed(grid: list[dict], data: dict, plan: object, seed: int, out: Path) -> list[dict]:
-    """Every row of `grid` trained and evaluated with `seed` (ablate, two at a time)."""
+def run_seed(grid: list[dict], data: dict, plan: object, seed: int, folder: Path) -> list[dict]:
+    """Every row of `grid` trained and evaluated with `seed` (a row's own seed wins) by ablate,
+    two at a time, in `folder`; their results in the grid's order."""
     from student_train.ablate import ablate
 
-    path = out / f"grid_seed{seed}.json"
+    path = folder / "grid.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run": grid}))
     ablate(
-        data["store"], path, out / f"seed{seed}", model="distilpose_demo",
+        data["store"], path, folder, model="distilpose_demo",
         epochs=plan.student_epochs, batch_size=plan.batch_size, lr=plan.lr, schedule="cosine",
         val_ann=data["val_ann"], val_images=data["val_images"], val_dets=data["val_dets"],
         device="cpu", seed=seed, parallel=min(2, len(grid)), workers=0,
     )  # fmt: skip
-    return json.loads((out / f"seed{seed}" / "ablation.json").read_text())["runs"]
+    return json.loads((folder / "ablation.json").read_text())["runs"]
+
+
+def row_jobs(spec: str, rows: list[dict], seeds: list[int]) -> list[tuple[dict, int]]:
+    """`--rows` -> (row, seed) pairs: a name alone runs on every seed of `seeds`, `name@0+2`
+    on those seeds only. An unknown name or a bad seed is a ValueError naming it."""
+    by_name = {r["name"]: r for r in rows}
+    jobs = []
+    for item in filter(None, spec.split(",")):
+        name, _, on = item.partition("@")
+        if name not in by_name:
+            raise ValueError(f"--rows {item}: expected a row name of {sorted(by_name)}")
+        try:
+            own = [int(x) for x in on.split("+")] if on else seeds
+        except ValueError:
+            raise ValueError(f"--rows {item}: expected name@seed+seed, e.g. v4@0+1") from None
+        jobs += [(by_name[name], seed) for seed in own]
+    return jobs
+
+
+def run_jobs(jobs: list[tuple[dict, int]], data: dict, plan: object, out: Path) -> list[dict]:
+    """(row, seed) pairs trained as one grid (each row with its own seed, `<name>_s<seed>`), two
+    at a time whatever their seeds, so both cores stay busy; results in the pairs' order."""
+    grid = [{**row, "name": f"{row['name']}_s{seed}", "seed": seed} for row, seed in jobs]
+    return run_seed(grid, data, plan, 0, out / "rows")
 
 
 def summarize(rows: list[dict], results: dict[str, list[dict]], people: int, plan) -> list[dict]:
@@ -327,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/demo_grids"))
     p.add_argument(
         "--rows", default="",
-        help="Train only these rows (names, comma-separated) on every seed and merge them "
-        "into the grid's record; the record's other rows are kept as recorded.",
+        help="Train only these rows (names, comma-separated; `name@0+2` on those seeds only, a "
+        "name alone on every --seeds), two at a time whatever their seeds, and merge them into "
+        "the grid's record; the record's other rows are kept as recorded.",
     )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -338,23 +364,26 @@ def main(argv: list[str] | None = None) -> int:
     name = args.grid.replace("-", "_")
     rows = load_grid(GRIDS / f"{name}.toml")
     out = args.out / (args.grid + suffix)
-    only = [r for r in rows if r["name"] in args.rows.split(",")]
-    if args.rows and len(only) != len(set(args.rows.split(","))):
-        p.error(f"--rows {args.rows}: expected names of {GRIDS / (name + '.toml')}'s rows")
+    try:
+        jobs = row_jobs(args.rows, rows, seeds)
+    except ValueError as e:
+        p.error(f"{e} ({GRIDS / (name + '.toml')})")
+    only = list({row["name"]: row for row, _ in jobs}.values())
     start = time.perf_counter()
     # views are added to a store, the old ones untouched: a row reads the same first V views
     # from a store of fewer views, so --rows dumps only what its rows read
     data = demo_store(out, plan, grid_views(only or rows, plan))
     results: dict[str, list[dict]] = {}
-    for i, seed in enumerate(seeds):
-        if only:
-            todo = only
-        elif i == 0:
+    if jobs:
+        for (row, _), r in zip(jobs, run_jobs(jobs, data, plan, out), strict=True):
+            results.setdefault(row["name"], []).append(r)
+    for i, seed in enumerate([] if jobs else seeds):
+        if i == 0:
             todo = rows
         else:
             best = max(rows, key=lambda r: results[r["name"]][0]["ap"])["name"]
             todo = [r for r in rows if r["name"] in {*REPEAT[args.grid], best}]
-        for r in run_seed(todo, data, plan, seed, out):
+        for r in run_seed(todo, data, plan, seed, out / f"seed{seed}"):
             results.setdefault(r["name"], []).append(r)
     people = plan.num_train
     table = summarize(rows, results, people, plan)

@@ -17,6 +17,7 @@ Grid file (TOML or JSON), data only, never executed:
     views = 4                    # views (train on the store's first N views) and data
     data = "store"               # (ROW_DATA: the store's views, or fresh crops every epoch)
     input_jitter = 0.4           # and the student input's colour jitter (StudentRun's)
+    seed = 1                     # and its own seed (seeds of one setting trained side by side)
 
 A row's own settings override the command's for that row, so one grid can compare learning
 rates, batch sizes, view counts or data sources as well as loss terms.
@@ -60,7 +61,7 @@ TABLE6_COLUMNS = (("sh", "L_SH"), ("cs", "L_CS"))
 PAPER_GRIDS = {"table4": TABLE4, "table6": TABLE6}
 # Settings a grid row may set for itself, with the type each must have.
 ROW_SETTINGS = {"lr": float, "batch_size": int, "epochs": int, "views": int, "data": str,
-                "input_jitter": float}  # fmt: skip
+                "input_jitter": float, "seed": int}  # fmt: skip
 # Where a row's crops and targets come from: "store" (the store's cached views and targets),
 # "fresh" (a new augmentation of every person each epoch, rendered from the images with the
 # store's recipe: teacher-free, or with "teacher_online" the store's teacher run on it), and
@@ -118,8 +119,14 @@ def _row_settings(row: dict, where: str) -> dict:
         value = row[key]
         number = kind is not str and not isinstance(value, bool)
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and number)
-        if not ok or (number and not value > 0) or (key == "data" and value not in ROW_DATA):
-            want = f"one of {ROW_DATA}" if key == "data" else f"a positive {kind.__name__}"
+        # seed 0 is a seed; every other number must be > 0
+        in_range = not (ok and number) or (value >= 0 if key == "seed" else value > 0)
+        if not ok or not in_range or (key == "data" and value not in ROW_DATA):
+            want = (
+                f"one of {ROW_DATA}"
+                if key == "data"
+                else ("an integer >= 0" if key == "seed" else f"a positive {kind.__name__}")
+            )
             raise BadConfigError(f"{where}: {key} = {value!r}; expected {want}")
         out[key] = kind(value)
     return out

@@ -208,3 +208,20 @@ def test_views_record_recommends_the_fewest_views_that_reach_the_online_range():
     low = [row("v1", 1, 0.20), row("v2", 2, 0.25), online]
     assert recommended_views({"rows": low})["name"] == "v2"  # none reaches: the best
     assert recommended_views({"rows": [row("v1", 1, 0.27), *low[1:]]})["name"] == "v1"
+
+
+def test_views_rows_run_on_their_own_seeds_pooled():
+    """`demo_grids --rows v2,v4@0`: a name alone on every seed, `name@0+2` on those seeds; the
+    pairs train as one grid, each row with its own seed (a row setting ablate checks)."""
+    from benchmarks.demo_grids import row_jobs
+    from student_train.ablate import _row_settings
+
+    rows = [{"name": "v2"}, {"name": "v4"}]
+    jobs = row_jobs("v2,v4@0+2", rows, [0, 1])
+    assert [(r["name"], s) for r, s in jobs] == [("v2", 0), ("v2", 1), ("v4", 0), ("v4", 2)]
+    for bad in ("v3", "v4@one"):
+        with pytest.raises(ValueError, match=bad):
+            row_jobs(bad, rows, [0])
+    assert _row_settings({"name": "a", "losses": "reg", "seed": 0}, "g") == {"seed": 0}
+    with pytest.raises(BadConfigError, match="seed = -1; expected an integer >= 0"):
+        _row_settings({"name": "a", "losses": "reg", "seed": -1}, "g")
