@@ -194,20 +194,26 @@ def test_demo_grid_best_row_compares_rows_on_the_seed_every_row_ran():
 
 
 def test_views_record_recommends_the_fewest_views_that_reach_the_online_range():
-    """The README's answer names the smallest plain store that reaches the online teacher's
-    seed range (not the best row, not a cheap-view row); with none, the best store row."""
+    """The README's answer names the smallest plain store on as many seeds as the online
+    teacher that reaches its seed range (not the best row, not a cheap-view row); with none,
+    the best store row."""
     from benchmarks.demo_grids import recommended_views
 
-    def row(name, views, ap, **kw):
-        return {"name": name, "views": views, "ap": ap, "aps": [ap], "data": "store", **kw}
+    def row(name, views, ap, seeds=(0, 1, 2), **kw):
+        return {"name": name, "views": views, "ap": ap, "aps": [ap] * len(seeds),
+                "seeds": list(seeds), "data": "store", **kw}  # fmt: skip
 
-    online = {"name": "online", "data": "online", "ap": 0.30, "aps": [0.28, 0.30, 0.32]}
+    online = {"name": "online", "data": "online", "ap": 0.30, "aps": [0.28, 0.30, 0.32],
+              "seeds": [0, 1, 2]}  # fmt: skip
     rows = [row("v1", 1, 0.20), row("v2", 2, 0.29), row("v4", 4, 0.35),
             row("v1_jitter", 1, 0.31, input_jitter=0.4), online]  # fmt: skip
     assert recommended_views({"rows": rows})["name"] == "v2"
     low = [row("v1", 1, 0.20), row("v2", 2, 0.25), online]
     assert recommended_views({"rows": low})["name"] == "v2"  # none reaches: the best
     assert recommended_views({"rows": [row("v1", 1, 0.27), *low[1:]]})["name"] == "v1"
+    # a row on one seed is not compared with the online teacher's three
+    once = [row("v1", 1, 0.31, seeds=(0,)), row("v2", 2, 0.29), online]
+    assert recommended_views({"rows": once})["name"] == "v2"
 
 
 def test_views_rows_run_on_their_own_seeds_pooled():
