@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -28,12 +29,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import update_readme_block
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GRIDS = ROOT / "benchmarks" / "grids"
 PLOT = ROOT / "docs" / "images" / "views_curve.png"
 # rows trained on every seed besides the first seed's best: the references a reader compares
 REPEAT = {"teacher-free": ("reg",), "views": ("v2", "online")}
+PAPER_EPOCHS = 300  # the paper's schedule (and train-student's default epochs)
 
 
 def demo_store(out: Path, plan: object, views: int) -> dict:
@@ -283,12 +287,48 @@ def views_block() -> str:
     return "\n\n".join(answers)
 
 
+SCALE_OUT = ROOT / "docs" / "scale-out.md"
+
+
+def epochs_per_view(record: dict) -> tuple[dict, float]:
+    """The recommended row of a views record and its epochs per stored view."""
+    best = recommended_views(record)
+    return best, record["plan"]["student_epochs"] / best["views"]
+
+
+def rule_block() -> str:
+    """docs/scale-out.md's views rule, from the recorded curves (full demo, then --quick)."""
+    lines = []
+    for quick, path in sorted(VIEWS_RECORDS.items()):
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        best, per_view = epochs_per_view(record)
+        online = next(r for r in record["rows"] if r["name"] == "online")
+        verdict = "matched" if best["ap"] >= min(online["aps"]) else "came closest to"
+        lines.append(
+            f"- {'`--quick`' if quick else 'The full demo'} ({record['plan']['num_train']} "
+            f"people, {record['plan']['student_epochs']} epochs): {best['views']} view(s) "
+            f"{verdict} the online teacher over seeds {best['seeds']}, one view per "
+            f"{per_view:.1f} epochs ([record](../benchmarks/results/views_grid"
+            f"{'_quick' if quick else ''}.md))."
+        )
+    if VIEWS_RECORDS[False].is_file():
+        _, per_view = epochs_per_view(json.loads(VIEWS_RECORDS[False].read_text()))
+        lines.append(
+            f"- At the full demo's rule, a {PAPER_EPOCHS}-epoch schedule (the paper's) wants about "
+            f"{math.ceil(PAPER_EPOCHS / per_view)} views (one per {per_view:.1f} epochs)."
+        )
+    return "\n".join(lines)
+
+
 def write_readme() -> None:
     """Replace the README's block between MARK with `views_block()`."""
     text = README.read_text()
     head, rest = text.split(MARK[0], 1)
     _, tail = rest.split(MARK[1], 1)
     README.write_text(f"{head}{MARK[0]}\n{views_block()}\n{MARK[1]}{tail}")
+    update_readme_block("views-rule", rule_block(), readme=SCALE_OUT)
 
 
 def plot_views(table: list[dict], path: Path) -> None:

@@ -38,6 +38,15 @@ def test_readme_views_answer_is_written_from_the_record():
     assert block == views_block()
 
 
+def test_scale_out_views_rule_is_written_from_the_records():
+    """docs/scale-out.md's views rule is `benchmarks.demo_grids.rule_block` of the records."""
+    from benchmarks.demo_grids import SCALE_OUT, rule_block
+
+    text = SCALE_OUT.read_text()
+    block = text.split("<!-- views-rule -->\n", 1)[1].split("<!-- /views-rule -->", 1)[0]
+    assert block.strip() == rule_block()
+
+
 def test_readme_demo_block_is_written_from_the_record():
     """The README's demo table and its paragraph are `benchmarks.demo_bench.readme_block` of
     the recorded demo runs (benchmarks/results/demo_run.json)."""
