@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.md").write_text("\n".join(sections))
     print(f"wrote {RESULTS / 'latest.md'}")
+    from benchmarks.perf_doc import write as write_perf_doc
+
+    write_perf_doc()  # docs/performance.md's summary, from the records just written
     return 0
 
 

@@ -58,3 +58,14 @@ def test_readme_demo_block_is_written_from_the_record():
     text = (ROOT / "README.md").read_text()
     block = text.split(MARK[0], 1)[1].split(MARK[1], 1)[0].strip()
     assert block == readme_block(json.loads(record.read_text()))
+
+
+def test_performance_summary_is_written_from_the_records():
+    """docs/performance.md's table and its notes are `benchmarks.perf_doc`'s, from the
+    benchmark records (a rerun benchmark that changes a figure fails here until
+    `python -m benchmarks.perf_doc` rewrites the page)."""
+    from benchmarks.perf_doc import DOCS, notes, table
+
+    text = DOCS.read_text()
+    block = text.split("<!-- perf-table -->\n", 1)[1].split("<!-- /perf-table -->", 1)[0]
+    assert block.strip() == f"{table()}\n\n{notes()}"
