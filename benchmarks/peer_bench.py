@@ -16,8 +16,8 @@ weights, written four ways:
   `webdataset.WebDataset` (shard shuffle, a 1,000-sample shuffle buffer), decoded here;
 - LitData (Lightning): `litdata.optimize` chunks of 64 MB, read by `StreamingDataset`
   (shuffled);
-- FFCV's `.beton`: tried where `ffcv` imports (it needs libjpeg-turbo and OpenCV headers to
-  build); otherwise its row says it was not built.
+- FFCV's `.beton`: not measured; the record says whether `ffcv` imports here (it compiles
+  against the system's OpenCV 4 and libjpeg-turbo development files).
 
 Every loader ends in the same batch of 64: the crops decoded with torchvision's CPU decoder
 (`store.pixels.decode_rgb_batch`) and normalized (`normalize_rgb`), and all teacher targets,
@@ -216,7 +216,13 @@ def run(quick: bool = False) -> str:
         ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ffcv = "not built here: `ffcv` does not import" if not _ffcv() else "imports (not timed yet)"
+    ffcv = (
+        "not built here: `ffcv` does not import (`pip install ffcv` stops at 'Could not find "
+        "required package: opencv4': it compiles against the system's OpenCV 4 and "
+        "libjpeg-turbo development files, found by pkg-config, which this machine lacks)"
+        if not _ffcv()
+        else "imports, but is not timed yet"
+    )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "## Our store against peer loaders (peer_bench)",
