@@ -381,7 +381,9 @@ def merged(path: Path, rows: list[dict], new: list[dict], names: str) -> tuple[l
         "merged into the earlier record; the other rows are as recorded before (AP is "
         "deterministic on a CPU at one thread; train s is not comparable across the two)."
         if len(old) > len(new)
-        else f"Rows {names} trained {when} (`--rows`); the grid's other rows are not "
+        else f"Rows {names} (`--rows`), recorded {when} from runs trained by this invocation "
+        "or earlier ones with the same settings; train s is each run's own wall time, two runs "
+        "sharing the 2 cores (and whatever else ran then). The grid's other rows are not "
         "recorded at this size."
     )
     return [old[r["name"]] for r in rows if r["name"] in old], note

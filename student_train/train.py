@@ -216,8 +216,29 @@ def _store_batches(run: StudentRun, cfg: object, weights: dict, online: bool) ->
     skipped = data.skipped()
     if world()[0] == 0:
         _say_what_trains(run.store, reader, data, skipped)
+        hint = None if online else views_hint(run.epochs, data.views)
+        if hint:
+            print(f"train-student: {hint}", file=sys.stderr)
     store_meta = {"teacher_sha256": data.meta.teacher_sha256, "views": data.views}
     return data, {**store_meta, "skipped": skipped}, identity
+
+
+# The full demo's views curve (benchmarks/results/views_grid.md) matched the online teacher
+# at one stored view per this many epochs (a test keeps it equal to the record's figure).
+EPOCHS_PER_VIEW_MATCHED = 4.4
+
+
+def views_hint(epochs: int, views: int) -> str | None:
+    """A line for a run that reads each stored view many more times than the views curve
+    found enough (more than twice the epochs per view it matched at), else None."""
+    if epochs / views <= 2 * EPOCHS_PER_VIEW_MATCHED:
+        return None
+    return (
+        f"{epochs} epochs from {views} view(s): each view is read {epochs / views:.0f} times; "
+        f"the demo's views curve matched the online teacher at one view per "
+        f"{EPOCHS_PER_VIEW_MATCHED:g} epochs (docs/scale-out.md; `dump-teacher --views N` adds "
+        "views to this store)"
+    )
 
 
 def _say_what_trains(store: str, reader: StoreReader, data: StudentBatches, skipped: int) -> None:

@@ -84,3 +84,30 @@ def test_one_run_in_two_rows_is_evaluated_once(tmp_path, capsys):
     assert (results / "student_teacher_free.json").read_bytes() == (
         results / "student_baseline.json"
     ).read_bytes()
+
+
+def test_demo_plans_dump_the_views_their_curves_recommend():
+    """Each plan's view count is what its recorded views curve recommends (the fewest views,
+    on as many seeds as the online teacher, that reach its seed range): a new record that moves
+    the answer fails here until the plan follows it."""
+    import json
+
+    from benchmarks.demo_grids import VIEWS_RECORDS, recommended_views
+
+    for quick, plan in ((False, demo.DemoPlan()), (True, demo.QUICK_DEMO)):
+        record = json.loads(VIEWS_RECORDS[quick].read_text())
+        assert plan.views == recommended_views(record)["views"], plan.name
+
+
+def test_train_student_views_hint_follows_the_full_curve():
+    """train-student's hint (a run that reads each view far more often than the curve found
+    enough) quotes the full demo's recorded epochs per view, and stays quiet within twice it."""
+    import json
+
+    from benchmarks.demo_grids import VIEWS_RECORDS, epochs_per_view
+    from student_train.train import EPOCHS_PER_VIEW_MATCHED, views_hint
+
+    _, per_view = epochs_per_view(json.loads(VIEWS_RECORDS[False].read_text()))
+    assert EPOCHS_PER_VIEW_MATCHED == round(per_view, 1)
+    assert "300 times" in views_hint(300, 1)
+    assert views_hint(int(2 * per_view), 1) is None
