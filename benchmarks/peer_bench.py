@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import tarfile
 import tempfile
@@ -54,6 +55,7 @@ from store.pixels import encode_crop
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 SHARD_BYTES = 64 * 2**20
+FIELDS = (*TEACHER, "keypoints", "weights")  # what every loader's batch carries besides pixels
 
 
 def samples(crops: dict, pool: dict) -> list[dict]:
@@ -84,7 +86,7 @@ def write_webdataset(root: Path, recs: list[dict]) -> Path:
             tar, size = tarfile.open(root / f"shard-{shard:05d}.tar", "w"), 0
             shard += 1
         files = {"jpg": rec["jpg"]}
-        files.update({f"{k}.npy": _npy(rec[k]) for k in (*TEACHER, "keypoints", "weights")})
+        files.update({f"{k}.npy": _npy(rec[k]) for k in FIELDS})
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{i:08d}.{ext}")
             info.size = len(data)
@@ -94,47 +96,53 @@ def write_webdataset(root: Path, recs: list[dict]) -> Path:
     return root
 
 
+def batches(samples, to_batch) -> int:
+    """Group a loader's samples into batches of BATCH (the last one short), each turned into
+    the common batch by `to_batch`; the samples seen."""
+    n, batch = 0, []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == BATCH:
+            n += to_batch(batch)
+            batch = []
+    return n + (to_batch(batch) if batch else 0)
+
+
 def webdataset_epoch(root: Path, epoch: int) -> int:
-    import torch
     import webdataset as wds
 
     urls = sorted(str(p) for p in root.glob("*.tar"))
-    fields = (*TEACHER, "keypoints", "weights")
     ds = (
         wds.WebDataset(urls, shardshuffle=len(urls), seed=epoch, empty_check=False)
-        .shuffle(1000, rng=__import__("random").Random(epoch))
-        .to_tuple("jpg", *(f"{k}.npy" for k in fields))
+        .shuffle(1000, rng=random.Random(epoch))
+        .to_tuple("jpg", *(f"{k}.npy" for k in FIELDS))
     )
-    n, batch = 0, []
-    for sample in ds:
-        batch.append(sample)
-        if len(batch) == BATCH:
-            n += _wds_batch(batch, fields, torch)
-            batch = []
-    return n + (_wds_batch(batch, fields, torch) if batch else 0)
+    return batches(ds, _wds_batch)
 
 
-def _wds_batch(batch: list[tuple], fields: tuple, torch) -> int:
+def _wds_batch(batch: list[tuple]) -> int:
     """WebDataset samples (jpg bytes, then each field's .npy bytes) -> the common batch."""
-    arrays = {k: [np.load(BytesIO(s[j + 1])) for s in batch] for j, k in enumerate(fields)}
-    return _assemble([s[0] for s in batch], arrays, torch)
+    arrays = {k: [np.load(BytesIO(s[j + 1])) for s in batch] for j, k in enumerate(FIELDS)}
+    return _assemble([s[0] for s in batch], arrays)
 
 
-def _assemble(jpegs: list[bytes], fields: dict[str, list], torch) -> int:
-    """The common batch: decoded, normalized crops and every field as a tensor."""
+def _assemble(jpegs: list[bytes], fields: dict[str, list]) -> int:
+    """The common batch: decoded, normalized crops and every field as a tensor (built to be
+    paid for, then dropped); its size."""
+    import torch
+
     from distilpose.data import normalize_rgb
     from distilpose.geometry import PAPER
     from store.pixels import decode_rgb_batch
 
-    images = normalize_rgb(decode_rgb_batch(jpegs, "jpeg", PAPER.input_size))
     batch = {k: torch.from_numpy(np.stack(v)) for k, v in fields.items()}
-    batch["images"] = images
+    batch["images"] = normalize_rgb(decode_rgb_batch(jpegs, "jpeg", PAPER.input_size))
     return len(jpegs)
 
 
 def _lit_item(rec: dict) -> dict:
     """One LitData sample (module level: optimize pickles it into its worker)."""
-    return {"jpg": rec["jpg"], **{k: rec[k] for k in (*TEACHER, "keypoints", "weights")}}
+    return {"jpg": rec["jpg"], **{k: rec[k] for k in FIELDS}}
 
 
 def write_litdata(root: Path, recs: list[dict]) -> Path:
@@ -146,23 +154,14 @@ def write_litdata(root: Path, recs: list[dict]) -> Path:
 
 
 def litdata_epoch(root: Path, epoch: int) -> int:
-    import torch
     from litdata import StreamingDataset
 
-    ds = StreamingDataset(str(root), shuffle=True, seed=epoch)
-    fields = (*TEACHER, "keypoints", "weights")
-    n, batch = 0, []
-    for sample in ds:
-        batch.append(sample)
-        if len(batch) == BATCH:
-            n += _lit_batch(batch, fields, torch)
-            batch = []
-    return n + (_lit_batch(batch, fields, torch) if batch else 0)
+    return batches(StreamingDataset(str(root), shuffle=True, seed=epoch), _lit_batch)
 
 
-def _lit_batch(batch: list[dict], fields: tuple, torch) -> int:
+def _lit_batch(batch: list[dict]) -> int:
     return _assemble(
-        [s["jpg"] for s in batch], {k: [np.asarray(s[k]) for s in batch] for k in fields}, torch
+        [s["jpg"] for s in batch], {k: [np.asarray(s[k]) for s in batch] for k in FIELDS}
     )
 
 
