@@ -136,9 +136,8 @@ def measure(persons: list[tuple], rounds: int) -> dict:
 def coco_rows(record: dict) -> list[dict]:
     """COCO train2017, 100 views, compact targets (compact_bench's record) + each layout's
     pixels: per-view crops grow with the views, a canvas is paid once per person."""
-    compact = json.loads(COMPACT_RECORD.read_text())["paper"]["compact"]
-    per_target = compact["target_bytes_per_view"] + compact["label_bytes_per_view"]
-    targets_gb = COCO_INSTANCES * COCO_VIEWS * per_target / 1e9 + compact["bytes_once"] / 1e9
+    # compact_bench's own COCO estimate of the targets (labels and stored bases included)
+    targets_gb = json.loads(COMPACT_RECORD.read_text())["coco_estimate"]["compact"]["gb_no_pixels"]
     rows = []
     for key, r in record.items():
         crop_gb = COCO_INSTANCES * COCO_VIEWS * r["crop_bytes_per_view"] / 1e9

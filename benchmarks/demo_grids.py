@@ -201,16 +201,25 @@ MARK = ("<!-- views-curve -->", "<!-- /views-curve -->")
 VIEWS_RECORDS = {False: RESULTS / "views_grid.json", True: RESULTS / "views_grid_quick.json"}
 
 
+def online_row(record: dict) -> dict:
+    return next(r for r in record["rows"] if r["name"] == "online")
+
+
+def reaches_online(row: dict, online: dict) -> bool:
+    """A store row's mean AP at or above the online teacher's lowest seed."""
+    return row["ap"] >= min(online["aps"])
+
+
 def recommended_views(record: dict) -> dict:
     """The store row a views record recommends: of the rows run on as many seeds as the online
     teacher (a one-seed AP is not compared with a mean over three), the fewest plain views (no
     input jitter) whose mean AP reaches the online teacher's seed range (or above it); the best
     of those rows when none does."""
-    online = next(r for r in record["rows"] if r["name"] == "online")
+    online = online_row(record)
     store = [r for r in record["rows"] if r.get("data", "store") == "store"]
     store = [r for r in store if len(r["seeds"]) >= len(online["seeds"])] or store
     plain = sorted((r for r in store if not r.get("input_jitter")), key=lambda r: r["views"])
-    enough = [r for r in plain if r["ap"] >= min(online["aps"])]
+    enough = [r for r in plain if reaches_online(r, online)]
     return enough[0] if enough else max(store, key=lambda r: r["ap"])
 
 
@@ -218,14 +227,13 @@ def views_answer(record: dict, quick: bool) -> str:
     """The README's one-sentence answer from a views record (of the full demo's sizes, or
     --quick's): the fewest cached views that match the online teacher, within whose seed
     spread or not, at what store size and teacher cost; then every row."""
-    rows = {r["name"]: r for r in record["rows"]}
-    online = rows["online"]
+    online = online_row(record)
     store = [r for r in record["rows"] if r.get("data", "store") == "store"]
     plain = [r for r in store if not r.get("input_jitter")]
     cheap = [r for r in store if r.get("input_jitter")]
     best = recommended_views(record)
     low, high = min(online["aps"]), max(online["aps"])
-    within = best["ap"] >= low
+    within = reaches_online(best, online)
     plan, per_view = record["plan"], record["bytes_per_view"]
     size = best["views"] * plan["num_train"] * per_view / 1e6
     share = best["teacher_forwards"] / online["teacher_forwards"]
@@ -298,14 +306,14 @@ def epochs_per_view(record: dict) -> tuple[dict, float]:
 
 def rule_block() -> str:
     """docs/scale-out.md's views rule, from the recorded curves (full demo, then --quick)."""
-    lines = []
+    lines, full_per_view = [], None
     for quick, path in sorted(VIEWS_RECORDS.items()):
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
         best, per_view = epochs_per_view(record)
-        online = next(r for r in record["rows"] if r["name"] == "online")
-        verdict = "matched" if best["ap"] >= min(online["aps"]) else "came closest to"
+        full_per_view = full_per_view if quick else per_view
+        verdict = "matched" if reaches_online(best, online_row(record)) else "came closest to"
         lines.append(
             f"- {'`--quick`' if quick else 'The full demo'} ({record['plan']['num_train']} "
             f"people, {record['plan']['student_epochs']} epochs): {best['views']} view(s) "
@@ -313,11 +321,11 @@ def rule_block() -> str:
             f"{per_view:.1f} epochs ([record](../benchmarks/results/views_grid"
             f"{'_quick' if quick else ''}.md))."
         )
-    if VIEWS_RECORDS[False].is_file():
-        _, per_view = epochs_per_view(json.loads(VIEWS_RECORDS[False].read_text()))
+    if full_per_view is not None:
         lines.append(
             f"- At the full demo's rule, a {PAPER_EPOCHS}-epoch schedule (the paper's) wants about "
-            f"{math.ceil(PAPER_EPOCHS / per_view)} views (one per {per_view:.1f} epochs)."
+            f"{math.ceil(PAPER_EPOCHS / full_per_view)} views (one per {full_per_view:.1f} "
+            "epochs)."
         )
     return "\n".join(lines)
 
