@@ -2,6 +2,7 @@
 
     python -m benchmarks.demo_grids teacher-free [--seeds 0,1,2] [--quick] [--out DIR]
     python -m benchmarks.demo_grids views [--seeds 0,1,2] [--quick] [--out DIR]
+    python -m benchmarks.demo_grids modes [--seeds 0,1,2] [--rows NAMES] [--out DIR]
 
 Each grid is a file, `benchmarks/grids/<name>.toml`, run by `student_train.ablate.ablate` (what
 `distilpose ablate --grid FILE` runs) on the demo's data (`demo.DemoPlan` sizes, data seed 0)
@@ -14,7 +15,10 @@ The record, `benchmarks/results/<name>_grid.{md,json}`: per row its settings, AP
 spread = max - min over the seeds it ran), AP50, PCK, px error, train wall time and teacher
 forwards (a store row: the views it reads x people, paid once at dump time; an online row: one
 per sample per step). The views grid also draws AP against views with the online teacher's
-line (docs/images/views_curve.png). Two students train at a time, one per core.
+line (docs/images/views_curve.png). The modes grid trains the demo's student from one store
+per target mode (a row's name is its mode), every row on every seed, and draws AP against
+bytes per view (benchmarks/results/modes_grid.{md,json}, docs/images/modes_curve.png). Two
+students train at a time, one per core.
 """
 
 from __future__ import annotations
@@ -36,25 +40,26 @@ RESULTS = ROOT / "benchmarks" / "results"
 GRIDS = ROOT / "benchmarks" / "grids"
 PLOT = ROOT / "docs" / "images" / "views_curve.png"
 # rows trained on every seed besides the first seed's best: the references a reader compares
-REPEAT = {"teacher-free": ("reg",), "views": ("v2", "online")}
+REPEAT = {"teacher-free": ("reg",), "views": ("v2", "online"), "modes": ()}
 PAPER_EPOCHS = 300  # the paper's schedule (and train-student's default epochs)
 
 
-def demo_store(out: Path, plan: object, views: int) -> dict:
-    """The demo's data (seed 0) and a store of the shipped teacher with `views` views (views
-    are added to an existing store, the old ones untouched)."""
+def demo_store(out: Path, plan: object, views: int, mode: str = "fp16") -> dict:
+    """The demo's data (seed 0) and a store of the shipped teacher with `views` views in target
+    `mode` (views are added to an existing store, the old ones untouched)."""
     from distilpose.data import MILD_RECIPE, make_demo_data
     from distilpose.training.runs import DumpRun
     from distilpose.weights import demo_teacher_path
     from teacher_dump.dump import dump_teacher
 
     data = make_demo_data(out / "data", num_train=plan.num_train, num_val=plan.num_val, seed=0)
+    store = out / ("store" if mode == "fp16" else f"store_{mode}")
     run = DumpRun(
-        demo_teacher_path(), data["train_ann"], data["train_images"], out / "store",
-        views=views, seed=0, device="cpu", recipe=MILD_RECIPE, workers=0,
+        demo_teacher_path(), data["train_ann"], data["train_images"], store,
+        views=views, seed=0, device="cpu", recipe=MILD_RECIPE, workers=0, mode=mode,
     )  # fmt: skip
     dump_teacher(run)
-    return {**data, "store": str(out / "store")}
+    return {**data, "store": str(store)}
 
 
 def store_bytes(data: dict) -> float:
@@ -205,9 +210,9 @@ def online_row(record: dict) -> dict:
     return next(r for r in record["rows"] if r["name"] == "online")
 
 
-def reaches_online(row: dict, online: dict) -> bool:
-    """A store row's mean AP at or above the online teacher's lowest seed."""
-    return row["ap"] >= min(online["aps"])
+def reaches_range(row: dict, reference: dict) -> bool:
+    """A row's mean AP at or above the lowest seed of `reference` (the online teacher, fp16)."""
+    return row["ap"] >= min(reference["aps"])
 
 
 def recommended_views(record: dict) -> dict:
@@ -219,7 +224,7 @@ def recommended_views(record: dict) -> dict:
     store = [r for r in record["rows"] if r.get("data", "store") == "store"]
     store = [r for r in store if len(r["seeds"]) >= len(online["seeds"])] or store
     plain = sorted((r for r in store if not r.get("input_jitter")), key=lambda r: r["views"])
-    enough = [r for r in plain if reaches_online(r, online)]
+    enough = [r for r in plain if reaches_range(r, online)]
     return enough[0] if enough else max(store, key=lambda r: r["ap"])
 
 
@@ -233,7 +238,7 @@ def views_answer(record: dict, quick: bool) -> str:
     cheap = [r for r in store if r.get("input_jitter")]
     best = recommended_views(record)
     low, high = min(online["aps"]), max(online["aps"])
-    within = reaches_online(best, online)
+    within = reaches_range(best, online)
     plan, per_view = record["plan"], record["bytes_per_view"]
     size = best["views"] * plan["num_train"] * per_view / 1e6
     share = best["teacher_forwards"] / online["teacher_forwards"]
@@ -313,7 +318,7 @@ def rule_block() -> str:
         record = json.loads(path.read_text())
         best, per_view = epochs_per_view(record)
         full_per_view = full_per_view if quick else per_view
-        verdict = "matched" if reaches_online(best, online_row(record)) else "came closest to"
+        verdict = "matched" if reaches_range(best, online_row(record)) else "came closest to"
         lines.append(
             f"- {'`--quick`' if quick else 'The full demo'} ({record['plan']['num_train']} "
             f"people, {record['plan']['student_epochs']} epochs): {best['views']} view(s) "
@@ -378,6 +383,133 @@ def plot_views(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+MODES_RECORD = RESULTS / "modes_grid.json"
+MODES_PLOT = ROOT / "docs" / "images" / "modes_curve.png"
+DEFAULT_COMPACT = "compact"  # the compact setting a store gets with --mode compact
+
+
+def mode_stores(jobs: list[tuple[dict, int]], out: Path, plan: object) -> tuple[list, dict, dict]:
+    """The modes grid's (row, seed) pairs, each row with the store of its mode (a row's name is
+    its mode), dumped here; the per-mode bytes per view (the fp16 store's too); the demo data
+    with the fp16 store."""
+    from store.checks import store_info
+
+    data = demo_store(out, plan, grid_views([r for r, _ in jobs], plan))
+    stores = {"fp16": data["store"]}
+    for row in {r["name"]: r for r, _ in jobs}.values():
+        stores[row["name"]] = demo_store(out, plan, grid_views([row], plan), row["name"])["store"]
+    sizes = {
+        mode: {k: store_info(path)[f"{k}_bytes_per_view"] for k in ("target", "pixel", "label")}
+        for mode, path in stores.items()
+    }
+    return [({**row, "store": stores[row["name"]]}, seed) for row, seed in jobs], sizes, data
+
+
+def modes_table(table: list[dict], sizes: dict) -> list[dict]:
+    """The grid's rows, each with its mode's bytes per view, sorted by target bytes."""
+    sized = [
+        {**r, "mode": r["name"], **{f"{k}_bytes_per_view": v for k, v in sizes[r["name"]].items()}}
+        for r in table
+    ]
+    return sorted(sized, key=lambda r: r["target_bytes_per_view"])
+
+
+def modes_verdict(table: list[dict]) -> str:
+    """The default compact setting's AP against fp16's seed range, in one sentence."""
+    ref = next(r for r in table if r["mode"] == "fp16")
+    row = next(r for r in table if r["mode"] == DEFAULT_COMPACT)
+    low, high = min(ref["aps"]), max(ref["aps"])
+    where = ("above" if row["ap"] > high else "within") if reaches_range(row, ref) else "below"
+    return (
+        f"The default `{DEFAULT_COMPACT}` targets ({row['target_bytes_per_view'] / 1e3:.2f} kB "
+        f"per view against fp16's {ref['target_bytes_per_view'] / 1e3:.2f} kB, "
+        f"{ref['target_bytes_per_view'] / row['target_bytes_per_view']:.1f}x less) train the "
+        f"distilled student to AP {row['ap']:.3f} (seeds {row['seeds']}, spread "
+        f"{row['ap_spread']:.3f}), {where} fp16's seed range ({ref['ap']:.3f}, "
+        f"{low:.3f}-{high:.3f} over seeds {ref['seeds']})."
+    )
+
+
+def format_modes(table: list[dict], plan: object, wall: float) -> str:
+    """The modes record: AP against bytes per view, one row per store mode."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        "## Demo grid: modes (recorded)",
+        "",
+        f"`python -m benchmarks.demo_grids modes`: the demo's distilled student "
+        f"(distilpose_demo, {table[0]['losses']}), {plan.num_train} people, "
+        f"{plan.student_epochs} epochs of batch {plan.batch_size}, lr {plan.lr:g} (cosine), from "
+        f"{table[0]['views']} views of the shipped demo teacher stored in each target mode (one "
+        f"store per mode, same people and views); evaluated on {plan.num_val} val people with "
+        "detections and flip test.",
+        f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in this "
+        "invocation; train s = median wall time of a run, two runs sharing the 2 cores.",
+        "",
+        "| mode | targets kB/view | pixels kB/view | seeds | AP | spread | AP50 | PCK | px err "
+        "| train s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| `{r['mode']}` | {r['target_bytes_per_view'] / 1e3:.2f} | "
+            f"{r['pixel_bytes_per_view'] / 1e3:.2f} | {','.join(map(str, r['seeds']))} | "
+            f"{r['ap']:.3f} | {r['ap_spread']:.3f} | {r['ap50']:.3f} | {r['pck']:.3f} | "
+            f"{r['pixel_error']:.2f} | {r['train_s']:.0f} |"
+        )
+    return "\n".join([*lines, "", modes_verdict(table)]) + "\n"
+
+
+def plot_modes(table: list[dict], path: Path) -> None:
+    """AP against target bytes per view (log axis), the bars spanning the seeds, with fp16's
+    seed range as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    kb = [r["target_bytes_per_view"] / 1e3 for r in table]
+    ax.errorbar(
+        kb, [r["ap"] for r in table],
+        yerr=[[r["ap"] - min(r["aps"]) for r in table], [max(r["aps"]) - r["ap"] for r in table]],
+        marker="o", linestyle="none", capsize=3,
+    )  # fmt: skip
+    for x, r in zip(kb, table, strict=True):
+        ax.annotate(r["mode"], (x, r["ap"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ref = next(r for r in table if r["mode"] == "fp16")
+    ax.axhspan(min(ref["aps"]), max(ref["aps"]), color="C1", alpha=0.15, label="fp16 seed range")
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher targets, kB per view")
+    ax.set_ylabel("student AP (demo val)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_modes(args: argparse.Namespace, rows: list[dict], plan: object, seeds: list[int]) -> str:
+    """The modes grid: every (mode, seed) pair pooled, recorded with the fp16 reference."""
+    start = time.perf_counter()
+    out = args.out / "modes"
+    # seed by seed: a run stopped early leaves every mode on as many seeds
+    spec = args.rows or ",".join(f"{r['name']}@{s}" for s in seeds for r in rows)
+    jobs = row_jobs(spec, rows, seeds)
+    jobs, sizes, data = mode_stores(jobs, out, plan)
+    results: dict[str, list[dict]] = {}
+    for (row, _), r in zip(jobs, run_jobs(jobs, data, plan, out), strict=True):
+        results.setdefault(row["name"], []).append(r)
+    table = modes_table(summarize(rows, results, plan.num_train, plan), sizes)
+    record = format_modes(table, plan, time.perf_counter() - start)
+    (RESULTS / "modes_grid.md").write_text(record)
+    MODES_RECORD.write_text(
+        json.dumps({"plan": asdict(plan), "rows": table}, indent=2, default=str)
+    )
+    plot_modes(table, MODES_PLOT)
+    return record
+
+
 def merged(path: Path, rows: list[dict], new: list[dict], names: str) -> tuple[list, str]:
     """The recorded table at `path` with the rows of `new` in (replacing same-named ones), in
     the grid's order, and the record's line saying which rows were trained when."""
@@ -421,6 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "_quick" if args.quick else ""
     name = args.grid.replace("-", "_")
     rows = load_grid(GRIDS / f"{name}.toml")
+    if args.grid == "modes":
+        if args.quick:
+            p.error("modes: the fp16 reference is the full demo's views record; drop --quick")
+        print(run_modes(args, rows, plan, seeds))
+        return 0
     out = args.out / (args.grid + suffix)
     try:
         jobs = row_jobs(args.rows, rows, seeds)

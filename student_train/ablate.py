@@ -18,6 +18,8 @@ Grid file (TOML or JSON), data only, never executed:
     data = "store"               # (ROW_DATA: the store's views, or fresh crops every epoch)
     input_jitter = 0.4           # and the student input's colour jitter (StudentRun's)
     seed = 1                     # and its own seed (seeds of one setting trained side by side)
+    store = "stores/compact"     # and its own store of the same people (a store mode, teacher
+                                 # or recipe against the command's store; a path as on the CLI)
 
 A row's own settings override the command's for that row, so one grid can compare learning
 rates, batch sizes, view counts or data sources as well as loss terms.
@@ -61,7 +63,7 @@ TABLE6_COLUMNS = (("sh", "L_SH"), ("cs", "L_CS"))
 PAPER_GRIDS = {"table4": TABLE4, "table6": TABLE6}
 # Settings a grid row may set for itself, with the type each must have.
 ROW_SETTINGS = {"lr": float, "batch_size": int, "epochs": int, "views": int, "data": str,
-                "input_jitter": float, "seed": int}  # fmt: skip
+                "input_jitter": float, "seed": int, "store": str}  # fmt: skip
 # Where a row's crops and targets come from: "store" (the store's cached views and targets),
 # "fresh" (a new augmentation of every person each epoch, rendered from the images with the
 # store's recipe: teacher-free, or with "teacher_online" the store's teacher run on it), and
@@ -353,6 +355,11 @@ def ablate(
         "val_images": str(val_images),
         "val_dets": str(val_dets) if val_dets else None,
     }
+    for r in runs:
+        if "store" in r and not Path(r["store"]).exists() and "://" not in r["store"]:
+            raise BadConfigError(
+                f"{grid}: run '{r['name']}' store = {r['store']!r}; expected an existing store"
+            )
     devices = _devices(device, parallel)
     if shares_cpu(devices[0], parallel):
         # each run renders its own crops: loader workers on top would oversubscribe the cores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -134,8 +135,10 @@ def test_grid_rows_set_their_own_lr_views_and_data(tmp_path):
     grid.write_text(
         '[[run]]\nname = "v1"\nlosses = "reg,kt"\nviews = 1\nlr = 0.01\n\n'
         '[[run]]\nname = "fresh"\nlosses = "rle"\ndata = "fresh"\nbatch_size = 4\n\n'
-        '[[run]]\nname = "online"\nlosses = "reg,kt"\ndata = "online"\n'
+        '[[run]]\nname = "online"\nlosses = "reg,kt"\ndata = "online"\n\n'
+        f'[[run]]\nname = "own"\nlosses = "reg"\nstore = "{tmp_path / "copy"}"\n'
     )
+    shutil.copytree(tiny["store"], tmp_path / "copy")  # a row's own store (a mode, a teacher)
     kw = dict(
         model="distilpose_tiny", epochs=1, batch_size=8, val_ann=tiny["val_ann"],
         val_images=tiny["val_images"], device="cpu", workers=0,
@@ -150,6 +153,8 @@ def test_grid_rows_set_their_own_lr_views_and_data(tmp_path):
     assert meta["v1"]["run"]["views"] == 1 and meta["v1"]["run"]["lr"] == 0.01
     assert meta["fresh"]["run"]["store"] is None and meta["fresh"]["run"]["batch_size"] == 4
     assert meta["online"]["run"]["teacher_online"]
+    assert meta["own"]["run"]["store"] == str(tmp_path / "copy")
+    assert meta["v1"]["run"]["store"] == str(tiny["store"])
     stored = load_grid(grid)
     assert stored[1] == {"name": "fresh", "losses": "rle", "data": "fresh", "batch_size": 4}
     for bad, match in (("views = 0", "views = 0"), ('data = "cached"', "data"),
@@ -157,6 +162,9 @@ def test_grid_rows_set_their_own_lr_views_and_data(tmp_path):
         grid.write_text(f'[[run]]\nname = "x"\nlosses = "reg"\n{bad}\n')
         with pytest.raises(BadConfigError, match=match):
             load_grid(grid)
+    grid.write_text('[[run]]\nname = "x"\nlosses = "reg"\nstore = "no/such/store"\n')
+    with pytest.raises(BadConfigError, match="run 'x' store = 'no/such/store'; expected an"):
+        ablate(tiny["store"], grid, tmp_path / "abl2", **kw)
 
 
 def test_demo_grid_files_load_and_train_the_demo_objective():
