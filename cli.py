@@ -263,7 +263,9 @@ def dump_teacher(
         _dump(
             "pixels",
             "Keep each crop in the store (jpeg, lossless) so students train without the images; "
-            "the teacher sees the decoded crop. none: re-render from the images.",
+            "the teacher sees the decoded crop. canvas: each person's region once (JPEG), every "
+            "view warped from it (bytes do not grow with --views). none: re-render from the "
+            "images.",
         ),
     ] = None,
     jpeg_quality: Annotated[

@@ -344,9 +344,10 @@ class StoreMode(str, Enum):
     compact_l = "compact-l"
 
 
-class Pixels(str, Enum):
+class Pixels(str, Enum):  # store.schema.PIXEL_FORMATS (a test keeps the two equal)
     jpeg = "jpeg"
     lossless = "lossless"
+    canvas = "canvas"
     none = "none"
 
 

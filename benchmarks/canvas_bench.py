@@ -189,7 +189,7 @@ def docs_block(record: dict) -> str:
     cells, coco = record["cells"], {r["cell"]: r for r in record["coco"]}
     d, m = cells["default/jpeg"], cells["mild/jpeg"]
     return (
-        "**Pixels once per person (a canvas): measured, not yet a store mode.** A crop per "
+        "**Pixels once per person (a canvas): `dump-teacher --pixels canvas`.** A crop per "
         "view makes pixel bytes grow with the views. `distilpose.data.canvas` cuts, per "
         "person, the one picture that holds every crop its recipe can draw (the union of the "
         "bases' reach, cut to the image, at the resolution of the largest zoom; a view warped "
@@ -206,8 +206,11 @@ def docs_block(record: dict) -> str:
         f"{m['crop_ms']:.2f} ms. COCO train2017 at {COCO_VIEWS} views with compact targets: "
         f"{coco['default/jpeg']['canvas_total_gb']:.0f} GB with canvases against "
         f"{coco['default/jpeg']['crop_total_gb']:.0f} GB with a crop per view (goal "
-        f"<= {BUDGET_GB} GB). The store does not write canvases yet: the dump, the reader, "
-        "views added later and the crop digest still work per view."
+        f"<= {BUDGET_GB} GB). A canvas store keeps these canvases (the same encoder, "
+        "`store.pixels.encode_crop`), once per person in view 0's slots, and every view of "
+        "the dump and of training is warped from the decoded canvas (schema 4, "
+        "`store/schema.py`); `store-info` reports `pixel_bytes_per_view` as the canvases' bytes "
+        "over every stored view, so it falls as views are added."
     )
 
 

@@ -13,7 +13,7 @@ from distilpose.errors import StoreCorruptError
 from distilpose.progress import progress
 from store.compact import BASIS_SUFFIX
 from store.reader import StoreReader, load_store_instances
-from store.schema import PIXELS, TEACHER_OUTPUTS, output_shapes, read_fields, shard_key
+from store.schema import CANVAS, PIXELS, TEACHER_OUTPUTS, output_shapes, read_fields, shard_key
 
 
 def _array_bytes(reader: StoreReader, name: str) -> int:
@@ -43,7 +43,7 @@ def bytes_per_view(reader: StoreReader) -> dict:
             if size is None:
                 size = reader.location.file_size(shard_key(array, name, unit))
             kind = (
-                "pixel" if name == PIXELS
+                "pixel" if name in (PIXELS, CANVAS)
                 else "target" if name.removesuffix("_scale") in TEACHER_OUTPUTS
                 else "label"
             )  # fmt: skip
@@ -355,15 +355,15 @@ def _sample_slots(reader: StoreReader, sample: int | None, seed: int) -> dict[in
 def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[int]]) -> dict:
     """Decode stored crops and compare the sha256 of the pixels with the stored digest."""
     from distilpose.data import crop_digest as digest_of
-    from store.pixels import decode_crop
+    from store.pixels import canvas_crop, decode_crop
 
     m = reader.meta
-    chunk = m.chunk_samples
+    chunk, size = m.chunk_samples, m.geometry.input_size
     ok = bad = skipped = 0
     bad_slots: list[int] = []
     for c in progress(list(by_chunk), desc="verify", unit="chunks"):
         start, stop = _chunk_range(reader, c)
-        data = reader.read_chunk(start, stop, ("crop_digest", "weights", PIXELS))
+        data = reader.read_chunk(start, stop, ("crop_digest", "weights", "spec", PIXELS))
         unread = skipped_rows(reader, start, stop, data)
         for slot in by_chunk[c]:
             i = slot - c * chunk
@@ -372,7 +372,11 @@ def _verify_pixels(reader: StoreReader, path: object, by_chunk: dict[int, list[i
                 skipped += 1  # the dump could not read this image: marked invalid, not a crop
                 continue
             try:
-                pixels = decode_crop(data[PIXELS][i], m.pixels, m.geometry.input_size)
+                pixels = (
+                    canvas_crop(data[PIXELS][i], data[CANVAS][i], data["spec"][i], size)
+                    if m.pixels == "canvas"
+                    else decode_crop(data[PIXELS][i], m.pixels, size)
+                )
                 same = digest_of(pixels) == stored
             except ValueError:  # bytes that do not decode are a mismatch, not a crash
                 same = False

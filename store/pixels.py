@@ -11,6 +11,9 @@ Formats (`StoreMeta.pixels`), one variable-length byte string per slot in the `p
   zstd level 1 (about 79 kB, 0.2 ms to decode). Measured on the COCO crops of the tests (see
   benchmarks/results/store_bench.md): PNG at level 1 is the same size (77 kB) but decodes 5x
   slower (1.1 ms), and plain zstd on the raw crop is 40% larger (111 kB).
+- `canvas` (schema 4): each person's canvas (`distilpose.data.canvas`), once per person, JPEG
+  like `jpeg` (`encode_crop(canvas, "jpeg")`, `decode_canvas`); a view's crop is warped from the
+  decoded canvas by its spec, and `crop_digest` is of that warped crop.
 - `none`: no pixels; training re-renders the crop from the image files, as in schema version 1.
 
 The dump encodes the rendered crop, decodes it again and runs the teacher on the decoded pixels,
@@ -31,7 +34,14 @@ import numpy as np
 from store.schema import JPEG_QUALITY, PIXEL_FORMATS
 
 LOSSLESS_ZSTD_LEVEL = 1
-__all__ = ["PIXEL_FORMATS", "decode_crop", "decode_rgb_batch", "encode_crop"]
+__all__ = [
+    "PIXEL_FORMATS",
+    "canvas_crop",
+    "decode_canvas",
+    "decode_crop",
+    "decode_rgb_batch",
+    "encode_crop",
+]
 
 
 def _zstd():
@@ -76,6 +86,32 @@ def decode_crop(data: bytes, pixels: str, input_size: tuple[int, int]) -> np.nda
             raise ValueError(f"stored lossless crop holds {raw.size} bytes; expected {w}x{h}x3")
         return np.cumsum(raw.reshape(h, w, 3), axis=1, dtype=np.uint8)
     raise ValueError(f"pixels '{pixels}': expected 'jpeg' or 'lossless'")
+
+
+def decode_canvas(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A canvas store's stored canvas -> uint8 BGR [height, width, 3] (OpenCV, the dump's
+    decoder); `size` (width, height) is its `canvas` row's."""
+    import cv2
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if image is None or image.shape != (int(size[1]), int(size[0]), 3):
+        raise ValueError(f"stored canvas does not decode to {size[0]}x{size[1]}x3")
+    return image
+
+
+def canvas_crop(
+    data: bytes, canvas_row: np.ndarray, spec_row: np.ndarray, input_size: tuple[int, int]
+) -> np.ndarray:
+    """One slot of a canvas store -> its crop, uint8 BGR [H_in, W_in, 3]: the stored canvas
+    (`data`, its `canvas` row [5]) decoded and warped by the slot's spec [8], as the dump warped
+    it for the teacher (ValueError: the bytes do not decode to the canvas's size)."""
+    from distilpose.data.canvas import Canvas, warp_from_canvas
+    from distilpose.data.crop import CropSpec
+
+    canvas = Canvas.from_array(canvas_row)
+    spec = CropSpec.from_array(np.asarray(spec_row, dtype=np.float64))
+    return warp_from_canvas(decode_canvas(data, canvas.size), spec, canvas, input_size)
 
 
 # The CPU decoder of JPEG batches, chosen by benchmarks/store_bench.py ("CPU JPEG decoders"):

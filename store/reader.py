@@ -65,10 +65,12 @@ from store.location import (
 )
 from store.quantize import dequantize_heatmaps, dequantize_tokens
 from store.schema import (
+    CANVAS,
     CHECKSUMS_SINCE,
     COMPLETE_DIR,
     META_KEY,
     OUTPUT_WORDS,
+    PIXELS,
     READ_FIELDS,
     SIGNED_SINCE,
     TEACHER_OUTPUTS,
@@ -255,6 +257,9 @@ class StoreReader:
                 "resume it, or use the complete part (allow_incomplete=True, train-student "
                 "--allow-incomplete)"
             )
+        if self.meta.pixels == "canvas":  # a unit's canvases are in view 0's unit there
+            per = self.layout.units_per_view
+            done = {u for u in done if u % per in done}
         return [c for u in units if u in done for c in self.layout.unit_chunks(u)]
 
     def unsigned_note(self) -> str:
@@ -336,6 +341,8 @@ class StoreReader:
             names.append(f)
             if self.meta.mode != "fp16" and f in TEACHER_OUTPUTS:
                 names.append(f + "_scale")
+            if f == PIXELS and CANVAS in self.specs and CANVAS not in fields:
+                names.append(CANVAS)  # a canvas is read with its geometry
         return names
 
     def read_chunk(
@@ -358,16 +365,22 @@ class StoreReader:
         """
         fields = self._fields(fields)
         names = self._stored_names(fields)
-        units = range(start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples + 1)
+        # a canvas store's pixels are view 0's: slots [c0, c1) (schema docstring)
+        canvas = {PIXELS, CANVAS} & set(names) if self.meta.pixels == "canvas" else set()
+        c0, c1 = self.layout.canvas_slots(start, stop) if canvas else (start, stop)
+        units = self._unit_range(start, stop)
         done = set(self.complete_units().tolist())
+        if canvas and c0 != start and stop > start:
+            self._need_canvases(done, c0, c1, start, stop)
         complete = check and stop > start and all(u in done for u in units)
         if complete:
-            for unit in units:
+            for unit in sorted({*units, *(self._unit_range(c0, c1) if canvas else ())}):
                 self.check_unit_files(unit)
 
         async def read_one(name: str):
+            a, b = (c0, c1) if name in canvas else (start, stop)
             try:
-                getter = self.arrays[name]._async_array.getitem(slice(start, stop))
+                getter = self.arrays[name]._async_array.getitem(slice(a, b))
                 if self.location.is_local:
                     return await getter
                 return await asyncio.wait_for(getter, self.location.timeout)
@@ -379,8 +392,11 @@ class StoreReader:
 
         raw = dict(zip(names, run_settled(read_all()), strict=True))
         if complete:
-            self.check_rows(raw, start, stop)
-            self.check_fingerprints(raw, start, stop)
+            own = {n: a for n, a in raw.items() if n not in canvas}
+            self.check_rows(own, start, stop)
+            self.check_fingerprints(own, start, stop)
+            if canvas:
+                self.check_fingerprints({n: raw[n] for n in canvas}, c0, c1)
         out: dict[str, np.ndarray] = {}
         for f in fields:
             if f == "slot":
@@ -391,7 +407,22 @@ class StoreReader:
                 out[f] = self._decode(f, raw, dtype)
             else:
                 out[f] = np.asarray(raw[f])
+        if CANVAS in raw:
+            out[CANVAS] = np.asarray(raw[CANVAS])
         return out
+
+    def _unit_range(self, start: int, stop: int) -> range:
+        return range(start // self.layout.unit_samples, (stop - 1) // self.layout.unit_samples + 1)
+
+    def _need_canvases(self, done: set[int], c0: int, c1: int, start: int, stop: int) -> None:
+        """Refuse to read a view's pixels before view 0's units holding its canvases are done."""
+        missing = [u for u in self._unit_range(c0, c1) if u not in done]
+        if missing:
+            raise StoreFormatError(
+                f"{self.path}: slots [{start}, {stop}) take their canvases from view 0's unit "
+                f"{missing[0]}, which is not complete; expected view 0 dumped first (resume "
+                "the dump)"
+            )
 
     # ---- integrity --------------------------------------------------------------------------
 

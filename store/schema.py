@@ -132,6 +132,21 @@ below for every older store):
   pixels: `store.pixels.decode_crop`; empty for lossless pixels, which our own code decodes
   exactly, and stores without pixels).
 
+Schema version 4: canvas pixels (issue 28). `StoreMeta.pixels = "canvas"` keeps each
+person's pixels once, whatever the views: the canvas of `distilpose.data.canvas` (the region
+that holds every crop the store's recipe can draw of that person), JPEG-encoded like `jpeg`
+crops (quality `jpeg_quality`, 4:4:4, OpenCV), and every view's crop is warped from it by its
+spec (`warp_from_canvas`), by the teacher at dump time and the student at training time. The
+canvas of the person in slot j of view 0 is the `pixels` row of that slot, and the array
+`canvas` [5] float64 (origin x, y in image px, density, width, height in canvas px;
+`Canvas.to_array`) beside it; the rows of every other view are empty (b"" and zeros: stored as
+nothing). Every view of a canvas store uses view 0's permutation (`StoreLayout.view_permutation`),
+so slot `v * block_samples + j` holds the same person for every v and its canvas is at slot j:
+a chunk of any view reads its canvases from one chunk of view 0. `crop_digest` is the sha256 of
+the crop warped from the decoded canvas. A unit of view v > 0 is usable for training only once
+view 0's unit at the same place is complete (`StoreReader.chunks`). Reader rule: stores of
+schema 1-3 have no canvas pixels and one permutation per view, as written above.
+
 Reader rules for schema 1 and 2: no signatures (`store-verify` reports `signed: false`; the
 metadata, the markers and the set of complete units are taken as they are), no chunk
 fingerprints (shard sizes are checked on every read, whole-file crc32c by `store-verify`), no
@@ -163,7 +178,8 @@ from distilpose.geometry import PAPER, Geometry
 # unit manifests. Version-1 stores read as before (no pixels, no checksums).
 # 3: signatures, chunk fingerprints, skipped images, pixel_decoder; the compact modes
 # (token bases stored once, `basis_sha256`). Older stores read by the rules in the docstring.
-SCHEMA_VERSION = 3
+# 4: canvas pixels (one canvas per person, view 0's permutation for every view).
+SCHEMA_VERSION = 4
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 SIGNED_SINCE = 3  # ... signatures, chunk fingerprints and skip records
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
@@ -214,7 +230,9 @@ OUTPUT_WORDS = {
     "keypoint_tokens": "keypoint tokens",
     "visual_tokens": "visual tokens",
 }
-PIXEL_FORMATS = ("jpeg", "lossless", "none")  # store/pixels.py encodes and decodes them
+PIXEL_FORMATS = ("jpeg", "lossless", "canvas", "none")  # store/pixels.py codes them
+JPEG_PIXELS = ("jpeg", "canvas")  # formats kept as JPEG (quality, decoder)
+CANVAS = "canvas"  # the array of a canvas store's canvas geometry (view 0's slots)
 JPEG_QUALITY = 95  # default quality of JPEG pixels
 JPEG_DECODER = "opencv"  # the decoder of the dump (store.pixels.decode_crop)
 
@@ -286,11 +304,11 @@ class StoreMeta:
             raise StoreFormatError(
                 f"StoreMeta.pixels: '{self.pixels}'; expected one of {PIXEL_FORMATS}"
             )
-        jpeg = self.pixels == "jpeg"
+        jpeg = self.pixels in JPEG_PIXELS
         self.jpeg_quality = (int(self.jpeg_quality) or JPEG_QUALITY) if jpeg else 0
         # the dump decodes JPEG crops with OpenCV (every schema): the digest is of its pixels
         self.pixel_decoder = (self.pixel_decoder or JPEG_DECODER) if jpeg else ""
-        if self.pixels == "jpeg" and not 1 <= self.jpeg_quality <= 100:
+        if jpeg and not 1 <= self.jpeg_quality <= 100:
             raise StoreFormatError(
                 f"StoreMeta.jpeg_quality: {self.jpeg_quality}; expected 1..100 for JPEG pixels"
             )
@@ -337,6 +355,11 @@ class StoreMeta:
         if version < 2:  # schema 1 predates pixels (crops re-rendered from the images); its
             # teacher_outputs, absent, default to all three
             d = {**d, "pixels": "none", "jpeg_quality": 0}
+        if version < 4 and d.get("pixels") == "canvas":
+            raise StoreFormatError(
+                f"{source}: pixels 'canvas' in a schema {version} store; canvas pixels exist "
+                "since schema 4 (was its zarr.json edited?)"
+            )
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
@@ -551,6 +574,8 @@ def _with_pixels(meta: StoreMeta, specs: list[ArraySpec]) -> dict[str, ArraySpec
     """`specs` as array_specs returns them: pixels added where kept, absent outputs dropped."""
     if meta.pixels != "none":
         specs.append(ArraySpec(PIXELS, (), "bytes", b"", zstd_level=0))
+    if meta.pixels == "canvas":
+        specs.append(ArraySpec(CANVAS, (5,), "float64"))
     absent = set(TEACHER_OUTPUTS) - set(meta.teacher_outputs)  # and their scales
     return {s.name: s for s in specs if s.name.removesuffix("_scale") not in absent}
 
@@ -625,7 +650,17 @@ class StoreLayout:
         return max(0, min(self.unit_samples, self.n - first))
 
     def view_permutation(self, view: int) -> np.ndarray:
-        return _permutation(int(self.meta.seed), int(view), self.n)
+        # a canvas store keeps one person per slot position in every view (its canvas's slot)
+        view = 0 if self.meta.pixels == "canvas" else int(view)
+        return _permutation(int(self.meta.seed), view, self.n)
+
+    def canvas_slots(self, start: int, stop: int) -> tuple[int, int]:
+        """Slots [start, stop) of one view -> the view-0 slots holding their canvases; a range
+        over several views is its own (the rows as stored: copies, whole-store checks)."""
+        view = int(start) // self.block_samples
+        if int(stop) > (view + 1) * self.block_samples:
+            return int(start), int(stop)
+        return int(start) - view * self.block_samples, int(stop) - view * self.block_samples
 
     def slot_instance(self, slot: int) -> tuple[int, int]:
         """(instance index, view) of a slot; instance -1 for padding."""

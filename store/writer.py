@@ -46,6 +46,7 @@ from store.location import StoreLocation, marker_name, run_settled, syncfs
 from store.quantize import heatmap_bits, quantize_heatmaps, quantize_tokens
 from store.remote import check_bucket
 from store.schema import (
+    CANVAS,
     COMPLETE_DIR,
     META_KEY,
     PIXELS,
@@ -470,6 +471,8 @@ class StoreWriter:
 
     def _encode(self, unit: int, arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
         required = self.required + ((PIXELS,) if PIXELS in self.specs else ())
+        if CANVAS in self.specs and self.unit_view(unit) == 0:
+            required += (CANVAS,)  # canvases live in view 0's slots only
         missing = [k for k in required if k not in arrays]
         if missing:
             raise StoreFormatError(f"{self.path}: write_unit({unit}) lacks arrays {missing}")
@@ -502,7 +505,7 @@ class StoreWriter:
             self._check_finite(got[name], name, start, instances, view)
 
         out: dict[str, np.ndarray] = (
-            {} if PIXELS not in self.specs else {PIXELS: self._pixels(arrays[PIXELS], n, where)}
+            {} if PIXELS not in self.specs else self._pixels(arrays, n, view, where)
         )
         out |= {
             "spec": spec,
@@ -571,18 +574,32 @@ class StoreWriter:
                 out[name] = np.concatenate([a, pad])
         return out
 
-    def _pixels(self, value: object, n: int, where: str) -> np.ndarray:
-        """n encoded crops (bytes each) as an object array; an empty crop is refused."""
-        rows = list(value)[:n]
+    def _pixels(self, arrays: Mapping[str, object], n: int, view: int, where: str) -> dict:
+        """ "pixels": n encoded crops (bytes each) as an object array, an empty crop refused; a
+        canvas store's view 0 also "canvas" [n, 5] (each canvas's geometry), its other views
+        nothing (empty rows: their canvases are view 0's, schema docstring)."""
+        out = np.empty(n, dtype=object)
+        if self.meta.pixels == "canvas" and view > 0:
+            out[:] = [b""] * n
+            return {PIXELS: out, CANVAS: np.zeros((n, 5), np.float64)}
+        rows = list(arrays[PIXELS])[:n]
         bad = [i for i, b in enumerate(rows) if not isinstance(b, bytes | bytearray) or not b]
         if len(rows) < n or bad:
             raise StoreFormatError(
                 f"{where} 'pixels': {len(rows)} rows, row {bad[:1]} empty or not bytes; expected "
                 f"{n} non-empty encoded crops ({self.meta.pixels})"
             )
-        out = np.empty(n, dtype=object)
         out[:] = [bytes(b) for b in rows]
-        return out
+        if self.meta.pixels != "canvas":
+            return {PIXELS: out}
+        geo = _numpy(arrays[CANVAS])[:n].astype(np.float64)
+        sane = np.isfinite(geo).all(1) & (geo[:, 2] > 0) & (geo[:, 3:] >= 1).all(1)
+        if geo.shape != (n, 5) or not sane.all():
+            raise StoreFormatError(
+                f"{where} 'canvas' has shape {list(geo.shape)} or a row that is not a canvas; "
+                f"expected [{n}, 5] (origin x, y, density > 0, width, height >= 1)"
+            )
+        return {PIXELS: out, CANVAS: geo}
 
     def _check_finite(self, a, name, start, instances, view, original=None) -> None:
         if a.dtype.kind != "f":

@@ -71,7 +71,7 @@ from distilpose.training.losses import LOSS_NAMES, LOSS_TERMS
 from store import StoreReader
 from store.pixels import CPU_JPEG_DECODER, decode_rgb_batch
 from store.reader import load_store_instances
-from store.schema import JPEG_DECODER, OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
+from store.schema import CANVAS, JPEG_DECODER, OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
 log = logging.getLogger("distilpose.train")
 
@@ -260,14 +260,45 @@ class CropRenderer:
                     )
             crops.append(crop.image)
             targets.append((crop.keypoints, crop.weights))
-        stack = np.stack(crops)  # [B, H, W, 3] BGR
+        return {**self._bgr_output(np.stack(crops)), "_targets": targets}
+
+    def _bgr_output(self, stack: np.ndarray) -> dict[str, torch.Tensor]:
+        """uint8 BGR crops [B, H, W, 3] -> "images" (normalized floats) or "crops" (uint8 RGB
+        [B, 3, H, W])."""
         if self.output == "images":
-            return {"images": normalize(stack), "_targets": targets}
+            return {"images": normalize(stack)}
         rgb = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2))
-        return {"crops": torch.from_numpy(rgb), "_targets": targets}
+        return {"crops": torch.from_numpy(rgb)}
+
+    def _canvas_crops(self, raw: dict, verify: bool, unread: np.ndarray | None = None) -> dict:
+        """A canvas store's crops: each person's stored canvas decoded (OpenCV, the dump's
+        decoder) and warped by the sample's spec, as the dump warped it for the teacher."""
+        from store.pixels import canvas_crop
+
+        crops = []
+        for i, data in enumerate(raw[PIXELS]):
+            if unread is not None and unread[i]:  # no crop was seen: black, in no loss
+                crops.append(np.zeros((self.input_size[1], self.input_size[0], 3), np.uint8))
+                continue
+            try:
+                crop = canvas_crop(data, raw[CANVAS][i], raw["spec"][i], self.input_size)
+            except ValueError as e:
+                raise StoreCorruptError(
+                    f"{self.store_path}: {_sample(raw, i)}: {e}; expected the canvas view 0 "
+                    "stored (run store-verify)"
+                ) from None
+            if verify and crop_digest(crop) != raw["crop_digest"][i].tobytes():
+                raise StoreMismatchError(
+                    f"{self.store_path}: {_sample(raw, i)} warps from its stored canvas to other "
+                    "pixels than the teacher saw; expected an undamaged store (run store-verify)"
+                )
+            crops.append(crop)
+        return self._bgr_output(np.stack(crops))
 
     def _stored_pixels(self, raw: dict, verify: bool, unread: np.ndarray | None = None) -> dict:
         """The store's encoded crops: JPEG bytes passed on, or decoded here (CPU)."""
+        if self.pixels == "canvas":
+            return self._canvas_crops(raw, verify, unread)
         datas = list(raw[PIXELS])
         if self.output == "jpeg":  # one buffer: one shared-memory handle per batch, not B
             sizes = torch.tensor([len(d) for d in datas], dtype=torch.int64)
@@ -570,8 +601,8 @@ class StudentBatches:
         self.fields = INDEX_FIELDS + (("crop_digest",) if not online else ())
         if not online:
             self.fields += target_fields(losses)
-        if self.pixels != "none":
-            self.fields += (PIXELS,)
+        if self.pixels != "none":  # a canvas store's canvases come with their geometry
+            self.fields += (PIXELS, CANVAS) if self.pixels == "canvas" else (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
         self.instances = (

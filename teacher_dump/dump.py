@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distilpose.data import (
     AugmentRecipe,
+    CropSpec,
     PersonInstance,
     annotation_digest,
     crop_digest,
@@ -52,6 +53,7 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
+from distilpose.data.canvas import Canvas, canvas_for, render_canvas, warp_from_canvas
 from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
@@ -60,7 +62,7 @@ from distilpose.progress import ProgressCounter, progress
 from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
-from store.pixels import decode_crop, encode_crop
+from store.pixels import decode_canvas, decode_crop, encode_crop
 from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
@@ -87,8 +89,10 @@ class DumpCrops(Dataset):
     Items: "images" [3, H, W] float32 normalized, "keypoints" [K, 2] crop px, "weights" [K],
     "spec" [8] float64, "slot", "instance", "image_id", "ann_id", "crop_digest" [32] uint8,
     "error" ("" when the image was read), and with `pixels` "jpeg" or "lossless" the encoded
-    crop "pixels" (bytes). The teacher gets the crop decoded from those bytes, and the digest
-    is of the decoded pixels: what the store keeps is exactly what the teacher saw.
+    crop "pixels" (bytes); with "canvas" the person's encoded canvas "pixels" and its geometry
+    "canvas" [5], the crop warped from the decoded canvas. The teacher gets the crop decoded
+    from those bytes, and the digest is of the decoded pixels: what the store keeps is exactly
+    what the teacher saw.
     """
 
     def __init__(
@@ -122,11 +126,15 @@ class DumpCrops(Dataset):
             "error": "",
         }
         try:
-            crop = render_crop(read_image(inst.image_path), spec, inst.keypoints, self.input_size)
+            full = read_image(inst.image_path)
+            crop = render_crop(full, spec, inst.keypoints, self.input_size)
         except BadImageError as e:
             w, h = self.input_size
             k = self.num_keypoints
-            if self.pixels != "none":  # a black crop keeps the row well-formed; weights say invalid
+            if self.pixels == "canvas":  # a black 1 px canvas keeps the row well-formed
+                item["pixels"] = encode_crop(np.zeros((1, 1, 3), np.uint8), "jpeg")
+                item["canvas"] = Canvas((0.0, 0.0), 1.0, (1, 1)).to_array()
+            elif self.pixels != "none":  # a black crop keeps the row well-formed
                 item["pixels"] = encode_crop(np.zeros((h, w, 3), np.uint8), self.pixels)
             return {
                 **item,
@@ -137,7 +145,9 @@ class DumpCrops(Dataset):
                 "error": str(e),
             }
         image = crop.image
-        if self.pixels != "none":  # the teacher sees the pixels the store will give students
+        if self.pixels == "canvas":  # the crop warped from the stored canvas, as students do
+            item["pixels"], item["canvas"], image = self._from_canvas(full, inst, spec)
+        elif self.pixels != "none":  # the teacher sees the pixels the store will give students
             item["pixels"] = encode_crop(image, self.pixels, self.jpeg_quality)
             image = decode_crop(item["pixels"], self.pixels, self.input_size)
         return {
@@ -147,6 +157,18 @@ class DumpCrops(Dataset):
             "weights": crop.weights.astype(np.float32),
             "crop_digest": np.frombuffer(crop_digest(image), np.uint8),
         }
+
+    def _from_canvas(
+        self, image: np.ndarray, inst: PersonInstance, spec: CropSpec
+    ) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """The person's canvas JPEG-encoded, its geometry [5] and the crop of `spec` warped
+        from the decoded canvas (uint8 BGR [H_in, W_in, 3]). Every view renders the same canvas
+        (it depends on the person, recipe and image only), so the crop equals the one a student
+        warps from view 0's stored copy."""
+        canvas = canvas_for(inst, self.recipe, (image.shape[1], image.shape[0]), self.input_size)
+        data = encode_crop(render_canvas(image, canvas), "jpeg", self.jpeg_quality)
+        crop = warp_from_canvas(decode_canvas(data, canvas.size), spec, canvas, self.input_size)
+        return data, canvas.to_array(), crop
 
 
 def collate(items: list[dict]) -> dict:

@@ -209,7 +209,7 @@ def test_simplebaseline_store_trains_and_evaluates_a_deeppose_student(tmp_path):
 
     from distilpose.data import make_demo_data
     from distilpose.models import save_checkpoint
-    from store import StoreReader
+    from store import SCHEMA_VERSION, StoreReader
 
     torch.set_num_threads(1)
     data = make_demo_data(tmp_path / "data", num_train=12, num_val=4, seed=1)
@@ -223,7 +223,10 @@ def test_simplebaseline_store_trains_and_evaluates_a_deeppose_student(tmp_path):
         "--images", data["train_images"], "--out", store, "--workers", 0, "--device", "cpu",
     )  # fmt: skip
     reader = StoreReader.open(store)
-    assert reader.meta.teacher_outputs == ("heatmaps",) and reader.meta.schema_version == 3
+    assert (
+        reader.meta.teacher_outputs == ("heatmaps",)
+        and reader.meta.schema_version == SCHEMA_VERSION
+    )
     assert not any("tokens" in name for name in reader.arrays)
     assert "heatmaps" in reader.read_chunk(0, 2) and "visual_tokens" not in reader.read_chunk(0, 2)
     with pytest.raises(StoreFormatError, match="teacher .simplebaseline_tiny. has no keypoint tok"):

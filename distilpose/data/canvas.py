@@ -54,6 +54,15 @@ class Canvas:
     density: float  # canvas px per image px, <= 1
     size: tuple[int, int]  # (width, height) canvas px
 
+    def to_array(self) -> np.ndarray:
+        """[5] float64: origin x, y, density, width, height (a canvas store's `canvas` row)."""
+        return np.array([*self.origin, self.density, *self.size], dtype=np.float64)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> Canvas:
+        ox, oy, density, w, h = (float(v) for v in np.asarray(a, dtype=np.float64))
+        return cls(origin=(ox, oy), density=density, size=(int(w), int(h)))
+
     def to_image(self) -> np.ndarray:
         """[3, 3] float64 affine canvas px -> image px."""
         d = self.density
