@@ -489,9 +489,16 @@ def format_store_info(info: dict) -> str:
         f"{info['bytes_once'] / 1e3:,.1f} kB once per store)",
     ]
     if info.get("pixels", "none") != "none":
-        quality = f" quality {info['jpeg_quality']}" if info["pixels"] == "jpeg" else ""
+        jpeg = info["pixels"] in ("jpeg", "canvas")
+        quality = f" quality {info['jpeg_quality']}" if jpeg else ""
+        once = (
+            f" (a canvas per person, {info['pixel_bytes'] / info['num_instances'] / 1e3:,.1f} "
+            "kB/person)"
+            if info["pixels"] == "canvas"
+            else ""
+        )
         lines.append(
-            f"pixels           {info['pixels']}{quality}: "
+            f"pixels           {info['pixels']}{quality}{once}: "
             f"{info['pixel_bytes_per_sample'] / 1e3:,.1f} kB/sample, "
             f"{info['pixel_bytes'] / 2**20:,.1f} MiB in all"
         )
