@@ -489,6 +489,23 @@ def plot_modes(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def modes_block() -> str:
+    """The README's answer on bytes per view, from the modes record (or that it is missing)."""
+    if not MODES_RECORD.is_file():
+        return "The modes curve is not recorded yet."
+    table = json.loads(MODES_RECORD.read_text())["rows"]
+    rows = ", ".join(
+        f"`{r['mode']}` {r['target_bytes_per_view'] / 1e3:.1f} kB {r['ap']:.3f}"
+        + (f" ({len(r['seeds'])} seed)" if len(r["seeds"]) == 1 else "")
+        for r in table
+    )
+    return (
+        f"{modes_verdict(table)} Targets per view and AP, every mode: {rows} "
+        "([record](benchmarks/results/modes_grid.md)).\n\n"
+        "![student AP against teacher-target bytes per view](docs/images/modes_curve.png)"
+    )
+
+
 def run_modes(args: argparse.Namespace, rows: list[dict], plan: object, seeds: list[int]) -> str:
     """The modes grid: every (mode, seed) pair pooled, recorded with the fp16 reference."""
     start = time.perf_counter()
@@ -507,6 +524,7 @@ def run_modes(args: argparse.Namespace, rows: list[dict], plan: object, seeds: l
         json.dumps({"plan": asdict(plan), "rows": table}, indent=2, default=str)
     )
     plot_modes(table, MODES_PLOT)
+    update_readme_block("modes-curve", modes_block())
     return record
 
 

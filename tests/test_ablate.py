@@ -180,6 +180,12 @@ def test_demo_grid_files_load_and_train_the_demo_objective():
     assert [r.get("views") for r in plain] == [1, 2, 4, 8, 16, None]
     assert plain[-1]["data"] == "online"
     assert all(r["input_jitter"] > 0 for r in views if r not in plain)  # cheap-view rows
+    from store.schema import MODES
+
+    modes = load_grid(grids / "modes.toml")  # a row per store mode, at the demo's views
+    assert {r["name"] for r in modes} <= set(MODES) and "compact" in {r["name"] for r in modes}
+    assert {(r["losses"], r["views"]) for r in modes} == {(demo.DemoPlan().losses,
+                                                           demo.DemoPlan().views)}  # fmt: skip
     for r in load_grid(grids / "teacher_free.toml"):
         assert set(parse_losses_names(r["losses"])) <= set(TEACHER_FREE), r
 
@@ -239,3 +245,33 @@ def test_views_rows_run_on_their_own_seeds_pooled():
     assert _row_settings({"name": "a", "losses": "reg", "seed": 0}, "g") == {"seed": 0}
     with pytest.raises(BadConfigError, match="seed = -1; expected an integer >= 0"):
         _row_settings({"name": "a", "losses": "reg", "seed": -1}, "g")
+
+
+def test_modes_record_sorts_by_bytes_and_judges_the_default_against_fp16(tmp_path):
+    """The modes grid's table (a row per store mode with its bytes per view), the sentence on
+    the default compact mode against fp16's seed range, the record and the plot."""
+    from benchmarks import demo_grids as g
+
+    def row(mode: str, aps: list[float]) -> dict:
+        return {"name": mode, "losses": "reg", "views": 8, "seeds": list(range(len(aps))),
+                "aps": aps, "ap": sum(aps) / len(aps), "ap_spread": max(aps) - min(aps),
+                "ap50": 0.7, "pck": 0.6, "pixel_error": 9.0, "train_s": 600.0}  # fmt: skip
+
+    sizes = {m: {"target": kb * 1e3, "pixel": 20e3, "label": 160.0}
+             for m, kb in (("fp16", 49.5), ("compact", 5.5), ("lossy", 17.7))}  # fmt: skip
+    table = g.modes_table(
+        [row("fp16", [0.39, 0.40, 0.41]), row("lossy", [0.4]), row("compact", [0.38, 0.395])],
+        sizes,
+    )
+    assert [r["mode"] for r in table] == ["compact", "lossy", "fp16"]
+    text = g.modes_verdict(table)
+    assert "`compact` targets (5.50 kB per view against fp16's 49.50 kB, 9.0x less)" in text
+    assert "below fp16's seed range (0.400, 0.390-0.410 over seeds [0, 1, 2])" in text
+    table[0]["aps"], table[0]["ap"] = [0.395, 0.405], 0.4
+    assert "within fp16's seed range" in g.modes_verdict(table)
+    from demo import DemoPlan
+
+    record = g.format_modes(table, DemoPlan(), 1.0)
+    assert "| `compact` | 5.50 | 20.00 | 0,1 | 0.400 |" in record
+    g.plot_modes(table, tmp_path / "modes.png")
+    assert (tmp_path / "modes.png").stat().st_size > 1000

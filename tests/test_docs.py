@@ -38,6 +38,15 @@ def test_readme_views_answer_is_written_from_the_record():
     assert block == views_block()
 
 
+def test_readme_modes_answer_is_written_from_the_record():
+    """The README's bytes-per-view answer is `benchmarks.demo_grids.modes_block` of the record."""
+    from benchmarks.demo_grids import modes_block
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- modes-curve -->\n", 1)[1].split("<!-- /modes-curve -->", 1)[0]
+    assert block.strip() == modes_block()
+
+
 def test_scale_out_views_rule_is_written_from_the_records():
     """docs/scale-out.md's views rule is `benchmarks.demo_grids.rule_block` of the records."""
     from benchmarks.demo_grids import SCALE_OUT, rule_block
