@@ -10,7 +10,8 @@ and the same fp16 teacher targets (heatmaps 17x64x48, keypoint tokens 17x192, vi
 weights, written four ways:
 
 - ours: a `--pixels jpeg` store (`store_bench.write_pixel_store`, zstd targets, the default;
-  and `--raw-targets`), read by `StudentBatches.dataset`, what a train-student DataLoader
+  `--raw-targets`; and `--mode compact`, whose reader decodes the targets back to the same
+  full arrays), read by `StudentBatches.dataset`, what a train-student DataLoader
   worker runs (a CPU run's output: normalized crops);
 - WebDataset: tar shards of about 64 MB, one sample per key (jpg + .npy per field), read by
   `webdataset.WebDataset` (shard shuffle, a 1,000-sample shuffle buffer), decoded here;
@@ -185,17 +186,20 @@ def run(quick: bool = False) -> str:
     try:
         pool = teacher_pool(512)
         ann, images = coco_like(tmp / "coco", n_images)
-        _, crops = render_all(ann, images)
+        insts, crops = render_all(ann, images)
         recs = samples(crops, pool)
-        ours, raw = tmp / "ours.zarr", tmp / "ours_raw.zarr"
-        write_pixel_store(ours, "jpeg", True, ann, images, crops, pool)
-        write_pixel_store(raw, "jpeg", False, ann, images, crops, pool)
+        ours = {z: tmp / f"ours_{z}.zarr" for z in ("zstd", "raw", "compact")}
+        for z, path in ours.items():
+            write_pixel_store(path, "jpeg", z, ann, images, insts, crops, pool)
         wds_root = write_webdataset(tmp / "wds", recs)
         lit_root = write_litdata(tmp / "lit", recs)
         loaders = {
             "ours (`--pixels jpeg` store, StudentBatches)": (
-                lambda e: worker_epoch(ours, "images", e)[0], ours),
-            "ours, `--raw-targets`": (lambda e: worker_epoch(raw, "images", e)[0], raw),
+                lambda e: worker_epoch(ours["zstd"], "images", e)[0], ours["zstd"]),
+            "ours, `--raw-targets`": (
+                lambda e: worker_epoch(ours["raw"], "images", e)[0], ours["raw"]),
+            "ours, `--mode compact` (targets decoded to full arrays)": (
+                lambda e: worker_epoch(ours["compact"], "images", e)[0], ours["compact"]),
             "WebDataset tar shards": (lambda e: webdataset_epoch(wds_root, e), wds_root),
             "LitData optimized dataset": (lambda e: litdata_epoch(lit_root, e), lit_root),
         }  # fmt: skip
