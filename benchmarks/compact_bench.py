@@ -349,9 +349,9 @@ def estimate_text(record: dict) -> str:
         f"default per-view JPEG pixels (+ {_kb(r['pixel_bytes_per_view'])} kB/view) "
         f"{e['gb_jpeg']:,.1f} GB, {'over' if over else 'within'} the {BUDGET_GB} GB goal"
         + (
-            ": the pixels, not the targets, are what is left to shrink (pixels stored once "
-            "per person, issue 28's other part), or `--pixels none` (crops re-rendered from the "
-            "18 GB of images)."
+            ": the pixels, not the targets, are what is left to shrink: `--pixels canvas` "
+            "stores them once per person (its COCO figure: canvas_bench.md), or "
+            "`--pixels none` re-renders the crops from the 18 GB of images."
             if over
             else "."
         )
