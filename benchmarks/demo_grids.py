@@ -480,6 +480,8 @@ def plot_modes(table: list[dict], path: Path) -> None:
     ref = next(r for r in table if r["mode"] == "fp16")
     ax.axhspan(min(ref["aps"]), max(ref["aps"]), color="C1", alpha=0.15, label="fp16 seed range")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # one label per decade
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("teacher targets, kB per view")
     ax.set_ylabel("student AP (demo val)")
     ax.legend(loc="lower right", fontsize=8)
