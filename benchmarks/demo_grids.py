@@ -152,11 +152,19 @@ def data_cell(row: dict) -> str:
     return row.get("data", "store") + (f" + jitter {jitter:g}" if jitter else "")
 
 
+def run_line(wall: float) -> str:
+    """A record's 'when, on what, how loaded, how long' line."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in this "
+        "invocation"
+    )
+
+
 def format_record(
     name: str, table: list[dict], plan: object, quick: bool, wall: float, note: str = ""
 ) -> str:
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         f"## Demo grid: {name} (recorded)",
         "",
@@ -164,8 +172,8 @@ def format_record(
         f"distilpose_demo, {plan.num_train} people, {plan.student_epochs} epochs of batch "
         f"{plan.batch_size}, lr {plan.lr:g} (cosine) unless the row says otherwise; evaluated on "
         f"{plan.num_val} val people with detections and flip test.",
-        f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in this "
-        "invocation (rows trained before, with the same settings, are read back, not retrained).",
+        f"{run_line(wall)} (rows trained before, with the same settings, are read back, not "
+        "retrained).",
         "AP = mean over the seeds the row ran; spread = max - min over them; train s = median.",
         *([note] if note else []),
         "",
@@ -344,43 +352,56 @@ def write_readme() -> None:
     update_readme_block("views-rule", rule_block(), readme=SCALE_OUT)
 
 
-def plot_views(table: list[dict], path: Path) -> None:
-    """AP against stored views (log 2 axis), with the online teacher's mean and spread."""
+def _ap_figure() -> tuple:
+    """A (figure, axes) pair of the grids' AP plots (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    store = sorted(
-        (r for r in table if r.get("data", "store") == "store" and not r.get("input_jitter")),
-        key=lambda r: r["views"],
-    )
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    return plt.subplots(figsize=(5, 3.2), dpi=120)
 
-    def seeds_bar(rows: list[dict], **style: object) -> None:
-        """AP against views, the bar spanning the row's seeds."""
-        ax.errorbar(
-            [r["views"] for r in rows], [r["ap"] for r in rows],
-            yerr=[[r["ap"] - min(r["aps"]) for r in rows], [max(r["aps"]) - r["ap"] for r in rows]],
-            capsize=3, **style,
-        )  # fmt: skip
 
-    seeds_bar(store, marker="o", label="cached views")
-    cheap = [r for r in table if r.get("input_jitter")]
-    if cheap:
-        seeds_bar(cheap, marker="s", linestyle="none", label="cached views + input jitter")
-    for r in table:
-        if r.get("data") == "online":
-            ax.axhline(r["ap"], color="C1", label="online teacher, fresh views")
-            ax.axhspan(min(r["aps"]), max(r["aps"]), color="C1", alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("views per person in the store")
+def _seeds_bar(ax: object, xs: list[float], rows: list[dict], **style: object) -> None:
+    """Each row's mean AP at its x, the bar spanning the row's seeds."""
+    ax.errorbar(
+        xs, [r["ap"] for r in rows],
+        yerr=[[r["ap"] - min(r["aps"]) for r in rows], [max(r["aps"]) - r["ap"] for r in rows]],
+        capsize=3, **style,
+    )  # fmt: skip
+
+
+def _save_ap_figure(fig: object, ax: object, xlabel: str, path: Path) -> None:
+    """Label the AP axes, add the legend, write `path` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("student AP (demo val)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_views(table: list[dict], path: Path) -> None:
+    """AP against stored views (log 2 axis), with the online teacher's mean and spread."""
+    store = sorted(
+        (r for r in table if r.get("data", "store") == "store" and not r.get("input_jitter")),
+        key=lambda r: r["views"],
+    )
+    fig, ax = _ap_figure()
+    _seeds_bar(ax, [r["views"] for r in store], store, marker="o", label="cached views")
+    cheap = [r for r in table if r.get("input_jitter")]
+    if cheap:
+        _seeds_bar(ax, [r["views"] for r in cheap], cheap, marker="s", linestyle="none",
+                   label="cached views + input jitter")  # fmt: skip
+    for r in table:
+        if r.get("data") == "online":
+            ax.axhline(r["ap"], color="C1", label="online teacher, fresh views")
+            ax.axhspan(min(r["aps"]), max(r["aps"]), color="C1", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    _save_ap_figure(fig, ax, "views per person in the store", path)
 
 
 MODES_RECORD = RESULTS / "modes_grid.json"
@@ -432,8 +453,6 @@ def modes_verdict(table: list[dict]) -> str:
 
 def format_modes(table: list[dict], plan: object, wall: float) -> str:
     """The modes record: AP against bytes per view, one row per store mode."""
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "## Demo grid: modes (recorded)",
         "",
@@ -443,8 +462,7 @@ def format_modes(table: list[dict], plan: object, wall: float) -> str:
         f"{table[0]['views']} views of the shipped demo teacher stored in each target mode (one "
         f"store per mode, same people and views); evaluated on {plan.num_val} val people with "
         "detections and flip test.",
-        f"{when}; {os.cpu_count()} cores, load average {load} at the end; {wall:.0f} s in this "
-        "invocation; train s = median wall time of a run, two runs sharing the 2 cores.",
+        f"{run_line(wall)}; train s = median wall time of a run, two runs sharing the 2 cores.",
         "",
         "| mode | targets kB/view | pixels kB/view | seeds | AP | spread | AP50 | PCK | px err "
         "| train s |",
@@ -463,32 +481,19 @@ def format_modes(table: list[dict], plan: object, wall: float) -> str:
 def plot_modes(table: list[dict], path: Path) -> None:
     """AP against target bytes per view (log axis), the bars spanning the seeds, with fp16's
     seed range as a band."""
-    import matplotlib
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig, ax = _ap_figure()
     kb = [r["target_bytes_per_view"] / 1e3 for r in table]
-    ax.errorbar(
-        kb, [r["ap"] for r in table],
-        yerr=[[r["ap"] - min(r["aps"]) for r in table], [max(r["aps"]) - r["ap"] for r in table]],
-        marker="o", linestyle="none", capsize=3,
-    )  # fmt: skip
+    _seeds_bar(ax, kb, table, marker="o", linestyle="none")
     for x, r in zip(kb, table, strict=True):
         ax.annotate(r["mode"], (x, r["ap"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ref = next(r for r in table if r["mode"] == "fp16")
     ax.axhspan(min(ref["aps"]), max(ref["aps"]), color="C1", alpha=0.15, label="fp16 seed range")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # one label per decade
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("teacher targets, kB per view")
-    ax.set_ylabel("student AP (demo val)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # one label per decade
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    _save_ap_figure(fig, ax, "teacher targets, kB per view", path)
 
 
 def modes_block() -> str:

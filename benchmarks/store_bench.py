@@ -225,8 +225,7 @@ def write_pixel_store(
     every crop warped from it) and targets `targets` (TARGETS: fp16 zstd or raw, or the
     default compact mode, its bases fitted on the pool); returns kB of pixels per sample."""
     from distilpose.data import AugmentRecipe, annotation_digest, crop_digest, read_image
-    from distilpose.data.canvas import canvas_for, render_canvas
-    from store.pixels import canvas_crop
+    from store.pixels import canvas_crop, encode_canvas
 
     meta = meta_for(
         len(crops), "compact" if targets == "compact" else "fp16", pixels=pixels,
@@ -256,14 +255,12 @@ def write_pixel_store(
         if pixels == "none":
             seen = [r[1] for r in rows]
         elif pixels == "canvas":
-            canvases, geometry = [], []
-            for i in index:
-                inst = by_index[int(i)]
-                image = read_image(inst.image_path)
-                canvas = canvas_for(inst, AugmentRecipe(), (image.shape[1], image.shape[0]))
-                canvases.append(encode_crop(render_canvas(image, canvas), "jpeg"))
-                geometry.append(canvas.to_array())
-            batch["pixels"], batch["canvas"] = canvases, np.stack(geometry)
+            canvases, geometry = zip(*(
+                encode_canvas(read_image(by_index[int(i)].image_path), by_index[int(i)],
+                              AugmentRecipe(), PAPER.input_size)
+                for i in index
+            ), strict=True)  # fmt: skip
+            batch["pixels"], batch["canvas"] = list(canvases), np.stack(geometry)
             pixel_bytes += sum(len(b) for b in canvases)
             seen = [canvas_crop(c, g, r[0], PAPER.input_size)
                     for c, g, r in zip(canvases, geometry, rows, strict=True)]  # fmt: skip

@@ -13,7 +13,15 @@ from distilpose.errors import StoreCorruptError
 from distilpose.progress import progress
 from store.compact import BASIS_SUFFIX
 from store.reader import StoreReader, load_store_instances
-from store.schema import CANVAS, PIXELS, TEACHER_OUTPUTS, output_shapes, read_fields, shard_key
+from store.schema import (
+    CANVAS,
+    JPEG_PIXELS,
+    PIXELS,
+    TEACHER_OUTPUTS,
+    output_shapes,
+    read_fields,
+    shard_key,
+)
 
 
 def _array_bytes(reader: StoreReader, name: str) -> int:
@@ -489,8 +497,7 @@ def format_store_info(info: dict) -> str:
         f"{info['bytes_once'] / 1e3:,.1f} kB once per store)",
     ]
     if info.get("pixels", "none") != "none":
-        jpeg = info["pixels"] in ("jpeg", "canvas")
-        quality = f" quality {info['jpeg_quality']}" if jpeg else ""
+        quality = f" quality {info['jpeg_quality']}" if info["pixels"] in JPEG_PIXELS else ""
         once = (
             f" (a canvas per person, {info['pixel_bytes'] / info['num_instances'] / 1e3:,.1f} "
             "kB/person)"

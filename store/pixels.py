@@ -38,6 +38,7 @@ __all__ = [
     "PIXEL_FORMATS",
     "canvas_crop",
     "decode_canvas",
+    "encode_canvas",
     "decode_crop",
     "decode_rgb_batch",
     "encode_crop",
@@ -98,6 +99,22 @@ def decode_canvas(data: bytes, size: tuple[int, int]) -> np.ndarray:
     if image is None or image.shape != (int(size[1]), int(size[0]), 3):
         raise ValueError(f"stored canvas does not decode to {size[0]}x{size[1]}x3")
     return image
+
+
+def encode_canvas(
+    image: np.ndarray,
+    inst: object,
+    recipe: object,
+    input_size: tuple[int, int],
+    quality: int = JPEG_QUALITY,
+) -> tuple[bytes, np.ndarray]:
+    """A person's canvas as a canvas store keeps it: its pixels cut from the uint8 BGR image
+    and JPEG-encoded (`encode_crop`), and its geometry [5] (`Canvas.to_array`). It depends on
+    the person, the recipe and the image only, so every view's dump makes the same bytes."""
+    from distilpose.data.canvas import canvas_for, render_canvas
+
+    canvas = canvas_for(inst, recipe, (image.shape[1], image.shape[0]), input_size)
+    return encode_crop(render_canvas(image, canvas), "jpeg", quality), canvas.to_array()
 
 
 def canvas_crop(

@@ -318,7 +318,8 @@ class StoreReader:
     # ---- reading --------------------------------------------------------------------------
 
     def _fields(self, fields: Sequence[str]) -> tuple[str, ...]:
-        """DEFAULT_FIELDS -> the fields this store has; a teacher output it lacks is refused."""
+        """DEFAULT_FIELDS -> the fields this store has; a teacher output it lacks is refused; a
+        canvas store's pixels come with their geometry (CANVAS)."""
         if fields is DEFAULT_FIELDS:
             return self.fields
         for f in fields:
@@ -327,7 +328,10 @@ class StoreReader:
                     f"{self.path}: no field '{f}': this store's teacher ({self.meta.teacher_name}) "
                     f"has no {OUTPUT_WORDS[f]}; it holds {list(self.meta.teacher_outputs)}"
                 )
-        return tuple(fields)
+        fields = tuple(fields)
+        if PIXELS in fields and CANVAS in self.specs and CANVAS not in fields:
+            fields += (CANVAS,)
+        return fields
 
     def _stored_names(self, fields: Sequence[str]) -> list[str]:
         names = []
@@ -341,8 +345,6 @@ class StoreReader:
             names.append(f)
             if self.meta.mode != "fp16" and f in TEACHER_OUTPUTS:
                 names.append(f + "_scale")
-            if f == PIXELS and CANVAS in self.specs and CANVAS not in fields:
-                names.append(CANVAS)  # a canvas is read with its geometry
         return names
 
     def read_chunk(
@@ -407,8 +409,6 @@ class StoreReader:
                 out[f] = self._decode(f, raw, dtype)
             else:
                 out[f] = np.asarray(raw[f])
-        if CANVAS in raw:
-            out[CANVAS] = np.asarray(raw[CANVAS])
         return out
 
     def _unit_range(self, start: int, stop: int) -> range:

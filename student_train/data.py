@@ -605,8 +605,8 @@ class StudentBatches:
         self.fields = INDEX_FIELDS + (("crop_digest",) if not online else ())
         if not online:
             self.fields += target_fields(losses)
-        if self.pixels != "none":  # a canvas store's canvases come with their geometry
-            self.fields += (PIXELS, CANVAS) if self.pixels == "canvas" else (PIXELS,)
+        if self.pixels != "none":  # (a canvas store's reader adds their geometry)
+            self.fields += (PIXELS,)
         self.allow_incomplete = allow_incomplete
         self.pin_memory = pin_memory
         self.instances = (

@@ -43,7 +43,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from distilpose.data import (
     AugmentRecipe,
-    CropSpec,
     PersonInstance,
     annotation_digest,
     crop_digest,
@@ -53,7 +52,8 @@ from distilpose.data import (
     render_crop,
     sample_crop_spec,
 )
-from distilpose.data.canvas import Canvas, canvas_for, render_canvas, warp_from_canvas
+from distilpose.data.canvas import Canvas
+from distilpose.data.crop import crop_keypoints
 from distilpose.device import resolve_device
 from distilpose.errors import BadCheckpointError, BadConfigError, BadImageError
 from distilpose.io import file_sha256
@@ -62,7 +62,7 @@ from distilpose.progress import ProgressCounter, progress
 from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
-from store.pixels import decode_canvas, decode_crop, encode_crop
+from store.pixels import canvas_crop, decode_crop, encode_canvas, encode_crop
 from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
 from store.writer import StoreWriter
 
@@ -127,7 +127,6 @@ class DumpCrops(Dataset):
         }
         try:
             full = read_image(inst.image_path)
-            crop = render_crop(full, spec, inst.keypoints, self.input_size)
         except BadImageError as e:
             w, h = self.input_size
             k = self.num_keypoints
@@ -144,31 +143,28 @@ class DumpCrops(Dataset):
                 "crop_digest": np.zeros(32, np.uint8),  # no crop was seen
                 "error": str(e),
             }
-        image = crop.image
-        if self.pixels == "canvas":  # the crop warped from the stored canvas, as students do
-            item["pixels"], item["canvas"], image = self._from_canvas(full, inst, spec)
-        elif self.pixels != "none":  # the teacher sees the pixels the store will give students
-            item["pixels"] = encode_crop(image, self.pixels, self.jpeg_quality)
-            image = decode_crop(item["pixels"], self.pixels, self.input_size)
+        if self.pixels == "canvas":
+            # the crop warped from the stored canvas by the function students use: every view
+            # renders the same canvas, so it equals the one warped from view 0's stored copy
+            data, geometry = encode_canvas(
+                full, inst, self.recipe, self.input_size, self.jpeg_quality
+            )
+            item["pixels"], item["canvas"] = data, geometry
+            image = canvas_crop(data, geometry, item["spec"], self.input_size)
+            keypoints, weights = crop_keypoints(spec, inst.keypoints, self.input_size)
+        else:
+            crop = render_crop(full, spec, inst.keypoints, self.input_size)
+            image, keypoints, weights = crop.image, crop.keypoints, crop.weights
+            if self.pixels != "none":  # the teacher sees the pixels the store gives students
+                item["pixels"] = encode_crop(image, self.pixels, self.jpeg_quality)
+                image = decode_crop(item["pixels"], self.pixels, self.input_size)
         return {
             **item,
             "images": normalize(image),
-            "keypoints": crop.keypoints.astype(np.float32),
-            "weights": crop.weights.astype(np.float32),
+            "keypoints": keypoints.astype(np.float32),
+            "weights": weights.astype(np.float32),
             "crop_digest": np.frombuffer(crop_digest(image), np.uint8),
         }
-
-    def _from_canvas(
-        self, image: np.ndarray, inst: PersonInstance, spec: CropSpec
-    ) -> tuple[bytes, np.ndarray, np.ndarray]:
-        """The person's canvas JPEG-encoded, its geometry [5] and the crop of `spec` warped
-        from the decoded canvas (uint8 BGR [H_in, W_in, 3]). Every view renders the same canvas
-        (it depends on the person, recipe and image only), so the crop equals the one a student
-        warps from view 0's stored copy."""
-        canvas = canvas_for(inst, self.recipe, (image.shape[1], image.shape[0]), self.input_size)
-        data = encode_crop(render_canvas(image, canvas), "jpeg", self.jpeg_quality)
-        crop = warp_from_canvas(decode_canvas(data, canvas.size), spec, canvas, self.input_size)
-        return data, canvas.to_array(), crop
 
 
 def collate(items: list[dict]) -> dict:

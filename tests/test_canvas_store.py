@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_teacher_dump import save_teacher  # noqa: E402
 from typer.testing import CliRunner
 
 import cli
 from cli_support import Pixels
 from distilpose.data import crop_digest, make_demo_data, normalize
 from distilpose.errors import StoreFormatError
-from distilpose.models import build_from_checkpoint, build_model, save_checkpoint
+from distilpose.models import build_from_checkpoint
 from distilpose.training.runs import DumpRun
 from store import StoreReader, StoreWriter, array_specs, store_info, store_verify
 from store.checks import format_store_info
@@ -41,10 +42,7 @@ def setup(tmp_path_factory) -> dict:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("canvas")
     data = make_demo_data(root / "data", num_train=24, num_val=6, seed=3)
-    torch.manual_seed(0)
-    ckpt = root / "teacher.pth"
-    save_checkpoint(ckpt, build_model("tokenpose_tiny"), meta={"role": "teacher"})
-    return {**data, "root": root, "teacher": ckpt}
+    return {**data, "root": root, "teacher": save_teacher(root / "teacher.pth", seed=0)}
 
 
 def dump(setup: dict, out: Path, **kw) -> dict:

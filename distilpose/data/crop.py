@@ -324,14 +324,32 @@ def render_crop(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=BORDER_VALUE,
     )
+    xy, weights = _keypoints_in(m, spec.flip, keypoints, (w_in, h_in))
+    return RenderedCrop(image=crop, keypoints=xy, weights=weights, to_image=_invert_affine(m))
+
+
+def crop_keypoints(
+    spec: CropSpec, keypoints: np.ndarray, input_size: tuple[int, int] = PAPER.input_size
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keypoints [K, 2] crop px and weights [K] that `render_crop` returns beside the
+    image, without warping any pixels (crops made another way: a canvas store's)."""
+    w_in, h_in = int(input_size[0]), int(input_size[1])
+    return _keypoints_in(spec_affine(spec, (w_in, h_in)), spec.flip, keypoints, (w_in, h_in))
+
+
+def _keypoints_in(
+    m: np.ndarray, flip: bool, keypoints: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image keypoints [K, 3] (or [K, 2], taken as labelled) -> crop px [K, 2] float32 under
+    the affine `m` (flip folded in: joints swap sides) and weights [K]: labelled and inside."""
     kpts = np.asarray(keypoints, dtype=np.float32)
     vis = kpts[:, 2] if kpts.shape[1] > 2 else np.ones(len(kpts), dtype=np.float32)
     xy = transform_points(kpts[:, :2], m).astype(np.float32)
-    if spec.flip:
+    if flip:
         xy, vis = xy[FLIP_INDEX], vis[FLIP_INDEX]
+    w_in, h_in = size
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < w_in) & (xy[:, 1] >= 0) & (xy[:, 1] < h_in)
-    weights = ((vis > 0) & inside).astype(np.float32)
-    return RenderedCrop(image=crop, keypoints=xy, weights=weights, to_image=_invert_affine(m))
+    return xy, ((vis > 0) & inside).astype(np.float32)
 
 
 def crop_digest(crop_image: np.ndarray) -> bytes:
