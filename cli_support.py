@@ -339,9 +339,10 @@ class Schedule(str, Enum):
 class StoreMode(str, Enum):
     fp16 = "fp16"
     lossy = "lossy"
-    compact = "compact"  # and two more sizes (store.schema.COMPACT)
+    compact = "compact"  # and three more sizes (store.schema.COMPACT)
     compact_s = "compact-s"
     compact_l = "compact-l"
+    compact_xl = "compact-xl"
 
 
 class Pixels(str, Enum):  # store.schema.PIXEL_FORMATS (a test keeps the two equal)
