@@ -265,7 +265,7 @@ def dump_teacher(
             "Keep each crop in the store (jpeg, lossless) so students train without the images; "
             "the teacher sees the decoded crop. canvas: each person's region once (JPEG), every "
             "view warped from it (bytes do not grow with --views). none: re-render from the "
-            "images.",
+            "images. auto: canvas from 3 views on, else jpeg (an existing store keeps its own).",
         ),
     ] = None,
     jpeg_quality: Annotated[

@@ -345,7 +345,8 @@ class StoreMode(str, Enum):
     compact_xl = "compact-xl"
 
 
-class Pixels(str, Enum):  # store.schema.PIXEL_FORMATS (a test keeps the two equal)
+class Pixels(str, Enum):  # store.pixels.PIXEL_CHOICES (a test keeps the two equal)
+    auto = "auto"
     jpeg = "jpeg"
     lossless = "lossless"
     canvas = "canvas"

@@ -54,7 +54,7 @@ def dump(teacher: Path, ann: Path, images: Path, out: Path, mode: str, **kw) -> 
 
     t0 = time.perf_counter()
     run = DumpRun(str(teacher), str(ann), str(images), str(out), mode=mode, device="cpu",
-                  workers=0, batch_size=16, **kw)  # fmt: skip
+                  workers=0, batch_size=16, **{"pixels": "jpeg", **kw})  # fmt: skip
     dump_teacher(run)
     return {**store_info(out), "dump_s": time.perf_counter() - t0}
 

@@ -47,6 +47,7 @@ PAPER_EPOCHS = 300  # the paper's schedule (and train-student's default epochs)
 def demo_store(out: Path, plan: object, views: int, mode: str = "fp16") -> dict:
     """The demo's data (seed 0) and a store of the shipped teacher with `views` views in target
     `mode` (views are added to an existing store, the old ones untouched)."""
+    from demo import DEMO_PIXELS
     from distilpose.data import MILD_RECIPE, make_demo_data
     from distilpose.training.runs import DumpRun
     from distilpose.weights import demo_teacher_path
@@ -57,6 +58,7 @@ def demo_store(out: Path, plan: object, views: int, mode: str = "fp16") -> dict:
     run = DumpRun(
         demo_teacher_path(), data["train_ann"], data["train_images"], store,
         views=views, seed=0, device="cpu", recipe=MILD_RECIPE, workers=0, mode=mode,
+        pixels=DEMO_PIXELS,
     )  # fmt: skip
     dump_teacher(run)
     return {**data, "store": str(store)}

@@ -16,6 +16,11 @@ Formats (`StoreMeta.pixels`), one variable-length byte string per slot in the `p
   decoded canvas by its spec, and `crop_digest` is of that warped crop.
 - `none`: no pixels; training re-renders the crop from the image files, as in schema version 1.
 
+`dump-teacher --pixels auto` (the default) is a choice, not a format (`choose_pixels`): an
+existing store keeps its own; a new one gets `canvas` from `CANVAS_FROM_VIEWS` views on and `jpeg`
+below (a canvas holds about 2.9 crops' bytes with the paper's recipe, 1.1 with the mild one:
+benchmarks/results/canvas_bench.md, so from 3 views on it is smaller whatever the recipe).
+
 The dump encodes the rendered crop, decodes it again and runs the teacher on the decoded pixels,
 and the store's `crop_digest` is the sha256 of those decoded pixels (uint8 BGR [H, W, 3], C
 order), so a student reading the store sees exactly what the teacher saw, and the digest proves
@@ -34,8 +39,12 @@ import numpy as np
 from store.schema import JPEG_QUALITY, PIXEL_FORMATS
 
 LOSSLESS_ZSTD_LEVEL = 1
+PIXEL_CHOICES = ("auto", *PIXEL_FORMATS)  # what a dump may ask for (`choose_pixels`)
+CANVAS_FROM_VIEWS = 3  # `auto`: a new store of this many views or more keeps canvases
 __all__ = [
+    "PIXEL_CHOICES",
     "PIXEL_FORMATS",
+    "choose_pixels",
     "canvas_crop",
     "decode_canvas",
     "encode_canvas",
@@ -43,6 +52,19 @@ __all__ = [
     "decode_rgb_batch",
     "encode_crop",
 ]
+
+
+def choose_pixels(requested: str, views: int, existing: str | None) -> str:
+    """The pixel format a dump writes: `requested` unless it is "auto", which keeps an
+    existing store's format (`existing`; None: no store yet) and otherwise picks `canvas` for
+    `views >= CANVAS_FROM_VIEWS`, `jpeg` below (the module docstring says why)."""
+    if requested not in PIXEL_CHOICES:
+        raise ValueError(f"pixels {requested!r}: expected one of {PIXEL_CHOICES}")
+    if requested != "auto":
+        return requested
+    if existing is not None:
+        return existing
+    return "canvas" if views >= CANVAS_FROM_VIEWS else "jpeg"
 
 
 def _zstd():

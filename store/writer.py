@@ -129,9 +129,7 @@ class StoreWriter:
         `meta.views` exceeds the store's, view blocks are appended; old units are not touched.
         The store's chunk layout wins over the one in `meta` when reopening.
         """
-        loc = StoreLocation(path, storage_options)
-        if not loc.is_local and loc.text.startswith(("s3://", "s3a://")):
-            check_bucket(loc.fs, loc.text)  # a PUT into a missing bucket reads "no such file"
+        loc = _location(path, storage_options)
         try:
             with _locked(loc):
                 group, stored = _open_existing(loc)
@@ -729,6 +727,27 @@ def claim_timeout() -> float:
     progress before it stops with an error: DISTILPOSE_CLAIM_TIMEOUT, default 30 minutes
     (a unit of 512 crops takes the paper's teacher seconds on a GPU, minutes on a CPU)."""
     return env_seconds(CLAIM_TIMEOUT_ENV, CLAIM_TIMEOUT_S)
+
+
+def _location(path: object, storage_options: dict) -> StoreLocation:
+    """Where a writer opens a store; on S3 its bucket checked first (a PUT into a missing
+    bucket reads "no such file")."""
+    loc = StoreLocation(path, storage_options)
+    if not loc.is_local and loc.text.startswith(("s3://", "s3a://")):
+        check_bucket(loc.fs, loc.text)
+    return loc
+
+
+def existing_meta(path: object, **storage_options) -> StoreMeta | None:
+    """The metadata of the store at `path`; None when there is none yet (or only a
+    half-created one, which the next writer starts again)."""
+    loc = _location(path, storage_options)
+    if loc.is_local and not os.path.isdir(loc.root):
+        return None
+    try:
+        return _open_existing(loc)[1]
+    except OSError as e:
+        raise StoreFormatError(f"{_where(e, loc)}: cannot open the store ({_why(e)})") from e
 
 
 def _open_existing(loc: StoreLocation) -> tuple[zarr.Group | None, StoreMeta | None]:

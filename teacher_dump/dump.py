@@ -62,9 +62,9 @@ from distilpose.progress import ProgressCounter, progress
 from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
-from store.pixels import canvas_crop, decode_crop, encode_canvas, encode_crop
+from store.pixels import canvas_crop, choose_pixels, decode_crop, encode_canvas, encode_crop
 from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
-from store.writer import StoreWriter
+from store.writer import StoreWriter, existing_meta
 
 log = logging.getLogger("distilpose.dump")
 
@@ -449,6 +449,9 @@ def dump_setup(
             f"{run.ann_file}: no trainable person instances; expected at least one"
         )
     outputs = TEACHER_OUTPUTS if cfg.has_tokens else ("heatmaps",)  # what the teacher gives
+    # `auto` pixels: an existing store keeps its own format (store.pixels.choose_pixels)
+    options = run.storage_options or {}
+    stored = existing_meta(str(run.out), **options) if run.pixels == "auto" else None
     meta = StoreMeta(
         teacher_name=cfg.name,
         teacher_sha256=file_sha256(run.teacher_ckpt),
@@ -466,7 +469,7 @@ def dump_setup(
         mode=run.mode,
         chunk_samples=run.chunk_samples,
         shard_chunks=run.shard_chunks,
-        pixels=run.pixels,
+        pixels=choose_pixels(run.pixels, views, stored and stored.pixels),
         jpeg_quality=JPEG_QUALITY if run.jpeg_quality is None else run.jpeg_quality,
         targets_zstd=run.targets_zstd,
         extra={"teacher_ckpt": run.teacher_ckpt, "batch_size": batch_size},
@@ -504,8 +507,10 @@ def dump_teacher(run: DumpRun) -> dict:
     """Fill store `run.out` with the teacher's outputs on `run.views` seeded crops of every
     instance.
 
-    pixels: "jpeg" (default) or "lossless" keeps each crop's pixels in the store (the teacher
-    runs on the decoded crop) so students train without the images; "none" keeps only specs.
+    pixels: "auto" (default: `store.pixels.choose_pixels`, canvas from 3 views on, else jpeg;
+    an existing store keeps its own), "jpeg" or "lossless" keeps each crop's pixels in the store
+    (the teacher runs on the decoded crop) so students train without the images; "canvas" each
+    person's canvas once; "none" keeps only specs.
     targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
     mode: "fp16", "lossy", "lossy16" or a compact mode (`store.schema.COMPACT`), whose token
     bases are fitted on the teacher's outputs for the store's first slots when this run creates

@@ -25,8 +25,8 @@ from distilpose.models import build_from_checkpoint
 from distilpose.training.runs import DumpRun
 from store import StoreReader, StoreWriter, array_specs, store_info, store_verify
 from store.checks import format_store_info
-from store.pixels import canvas_crop
-from store.schema import CANVAS, PIXEL_FORMATS, PIXELS, rows_crc32c
+from store.pixels import PIXEL_CHOICES, canvas_crop, choose_pixels
+from store.schema import CANVAS, PIXELS, rows_crc32c
 from store.writer import accept_metadata
 from student_train.data import StudentBatches
 from teacher_dump.dump import dump_teacher
@@ -69,7 +69,29 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_the_cli_offers_every_pixel_format():
-    assert [p.value for p in Pixels] == list(PIXEL_FORMATS)
+    assert [p.value for p in Pixels] == list(PIXEL_CHOICES)
+
+
+def test_auto_pixels_pick_canvases_from_three_views_and_keep_a_stores_own():
+    assert [choose_pixels("auto", v, None) for v in (1, 2, 3, 100)] == ["jpeg"] * 2 + ["canvas"] * 2
+    assert choose_pixels("auto", 8, "jpeg") == "jpeg"  # a store made with 1 view, grown
+    assert choose_pixels("auto", 1, "canvas") == "canvas"
+    assert choose_pixels("lossless", 8, None) == "lossless"  # what the user asked for wins
+    with pytest.raises(ValueError, match="pixels 'png'"):
+        choose_pixels("png", 1, None)
+
+
+def test_the_default_dump_keeps_canvases_from_three_views_and_grows_a_jpeg_store_as_jpeg(setup):
+    assert DumpRun("t", "a", "i", "o").pixels == "auto"  # the run type's default
+    many, grown = setup["root"] / "auto_many", setup["root"] / "auto_grown"
+    assert dump(setup, many, views=3, pixels="auto")["pixels"] == "canvas"
+    assert dump(setup, grown, views=1, pixels="auto")["pixels"] == "jpeg"
+    # adding views to it: `auto` takes the store's format, so the reopen is no mismatch
+    assert dump(setup, grown, views=3, pixels="auto")["pixels"] == "jpeg"
+    assert StoreReader.open(grown).meta.pixels == "jpeg"
+    sizes = {p: store_info(p)["pixel_bytes_per_view"] for p in (many, grown)}
+    # the paper's recipe: a canvas holds about 2.9 crops, so at 3 views it is already smaller
+    assert sizes[many] < 0.9 * sizes[grown]
 
 
 def test_every_view_is_warped_from_the_one_stored_canvas_the_teacher_saw(setup, grown):

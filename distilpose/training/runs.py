@@ -240,7 +240,7 @@ class DumpRun(_Run):
     shard_chunks: int = 8
     max_instances: int | None = None
     recipe: AugmentRecipe | None = None  # None: the paper's student recipe
-    pixels: str = "jpeg"
+    pixels: str = "auto"  # store.pixels.PIXEL_CHOICES: canvas from 3 views on, else jpeg
     jpeg_quality: int | None = None  # None: the store's default (store.schema.JPEG_QUALITY)
     targets_zstd: bool = True
     storage_options: dict | None = None  # fsspec options of a remote `out` (endpoint, profile)
