@@ -39,7 +39,7 @@ from distilpose.data.canvas import canvas_for, render_canvas, warp_from_canvas
 from distilpose.data.coco import load_coco_instances, read_image
 from distilpose.data.crop import render_crop, sample_crop_spec
 from distilpose.geometry import PAPER
-from store.pixels import decode_crop, encode_crop
+from store.pixels import CANVAS_FROM_VIEWS, decode_crop, encode_crop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECORD = RESULTS / "canvas_bench.json"
@@ -189,8 +189,10 @@ def docs_block(record: dict) -> str:
     cells, coco = record["cells"], {r["cell"]: r for r in record["coco"]}
     d, m = cells["default/jpeg"], cells["mild/jpeg"]
     return (
-        "**Pixels once per person (a canvas): `dump-teacher --pixels canvas`.** A crop per "
-        "view makes pixel bytes grow with the views. `distilpose.data.canvas` cuts, per "
+        "**Pixels once per person (a canvas): `dump-teacher --pixels canvas`, and the default "
+        f"from {CANVAS_FROM_VIEWS} views on (`--pixels auto`: from there a canvas is the smaller "
+        "store with every recipe below).** A crop per view makes pixel bytes grow with the "
+        "views. `distilpose.data.canvas` cuts, per "
         "person, the one picture that holds every crop its recipe can draw (the union of the "
         "bases' reach, cut to the image, at the resolution of the largest zoom; a view warped "
         "from it at the image's resolution is the view from the image, tested), and "
@@ -203,8 +205,9 @@ def docs_block(record: dict) -> str:
         f"{d['crop_ms']:.2f} ms to decode its crop ({d['canvas_ms'] / d['crop_ms']:.1f}x); "
         f"with the demo's `mild` recipe {m['canvas_bytes_per_person'] / 1e3:.1f} kB "
         f"({m['break_even_views']:.1f} crops) and {m['canvas_ms']:.2f} against "
-        f"{m['crop_ms']:.2f} ms. COCO train2017 at {COCO_VIEWS} views with compact targets: "
-        f"{coco['default/jpeg']['canvas_total_gb']:.0f} GB with canvases against "
+        f"{m['crop_ms']:.2f} ms. COCO train2017 at {COCO_VIEWS} views with `compact` targets: "
+        f"{coco['default/jpeg']['canvas_total_gb']:.0f} GB with canvases (the default pixels "
+        "at that many views) against "
         f"{coco['default/jpeg']['crop_total_gb']:.0f} GB with a crop per view (goal "
         f"<= {BUDGET_GB} GB). A canvas store keeps these canvases (the same encoder, "
         "`store.pixels.encode_crop`), once per person in view 0's slots, and every view of "

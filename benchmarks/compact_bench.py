@@ -15,7 +15,7 @@ back through `StoreReader` (the path training runs), one store per mode from the
    bytes of complete units) at the paper's sizes: TokenPose-L/W48 (192x256 crops, 48x64
    heatmaps, D=192, 17 + 256 tokens) with untrained, seeded weights (none can be downloaded
    here; its errors say nothing about a trained teacher's and are not reported), over real COCO
-   people, default JPEG pixels; and the COCO train2017 arithmetic for 100 views from them.
+   people, a JPEG crop per view; and the COCO train2017 arithmetic for 100 views from them.
 3. The in-process read of the teacher targets (read, check, decode) per mode at those sizes.
 """
 
@@ -346,12 +346,13 @@ def estimate_text(record: dict) -> str:
         f"COCO train2017, {COCO_VIEWS} views, default `compact` targets: {COCO_INSTANCES:,} people "
         f"x {COCO_VIEWS} x ({_kb(r['target_bytes_per_view'])} kB targets + "
         f"{_kb(r['label_bytes_per_view'])} kB labels) = {e['gb_no_pixels']:,.1f} GB; with the "
-        f"default per-view JPEG pixels (+ {_kb(r['pixel_bytes_per_view'])} kB/view) "
+        f"JPEG crop per view (`--pixels jpeg`, + {_kb(r['pixel_bytes_per_view'])} kB/view) "
         f"{e['gb_jpeg']:,.1f} GB, {'over' if over else 'within'} the {BUDGET_GB} GB goal"
         + (
-            ": the pixels, not the targets, are what is left to shrink: `--pixels canvas` "
-            "stores them once per person (its COCO figure: canvas_bench.md), or "
-            "`--pixels none` re-renders the crops from the 18 GB of images."
+            ": the pixels, not the targets, are what is left to shrink, so at this many views "
+            "the default `--pixels auto` keeps one canvas per person instead (the COCO total "
+            "with it: the canvas paragraph below, canvas_bench.md), and `--pixels none` "
+            "re-renders the crops from the 18 GB of images."
             if over
             else "."
         )
@@ -368,7 +369,7 @@ LEGEND = (
 PAPER_NOTE = (
     "TokenPose-L/W48, untrained seeded weights (none can be downloaded here) with BatchNorm "
     "statistics recalibrated on the crops (with the default ones every crop gets the same "
-    "outputs, which would compress to nearly nothing); real COCO crops, default JPEG pixels; "
+    "outputs, which would compress to nearly nothing); real COCO crops, a JPEG crop per view; "
     "uncompressed = the per-view bound whatever the data. Target read: `read_chunk` of the three "
     "targets (read, checks, decode), one process, warm cache, on a shared machine."
 )

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict
@@ -437,14 +438,16 @@ def modes_table(table: list[dict], sizes: dict) -> list[dict]:
     return sorted(sized, key=lambda r: r["target_bytes_per_view"])
 
 
-def modes_verdict(table: list[dict]) -> str:
-    """The default compact setting's AP against fp16's seed range, in one sentence."""
+def modes_verdict(table: list[dict], mode: str = DEFAULT_COMPACT) -> str:
+    """A compact setting's AP (the default one unless `mode` says) against fp16's seed range,
+    in one sentence."""
     ref = next(r for r in table if r["mode"] == "fp16")
-    row = next(r for r in table if r["mode"] == DEFAULT_COMPACT)
+    row = next(r for r in table if r["mode"] == mode)
     low, high = min(ref["aps"]), max(ref["aps"])
     where = ("above" if row["ap"] > high else "within") if reaches_range(row, ref) else "below"
+    which = "default " if mode == DEFAULT_COMPACT else ""
     return (
-        f"The default `{DEFAULT_COMPACT}` targets ({row['target_bytes_per_view'] / 1e3:.2f} kB "
+        f"The {which}`{mode}` targets ({row['target_bytes_per_view'] / 1e3:.2f} kB "
         f"per view against fp16's {ref['target_bytes_per_view'] / 1e3:.2f} kB, "
         f"{ref['target_bytes_per_view'] / row['target_bytes_per_view']:.1f}x less) train the "
         f"distilled student to AP {row['ap']:.3f} (seeds {row['seeds']}, spread "
@@ -499,7 +502,8 @@ def plot_modes(table: list[dict], path: Path) -> None:
 
 
 def modes_block() -> str:
-    """The README's answer on bytes per view, from the modes record (or that it is missing)."""
+    """The README's answer on bytes per view, from the modes record (or that it is missing),
+    and the verdict of every other modes record (`--record`: rows rerun side by side)."""
     if not MODES_RECORD.is_file():
         return "The modes curve is not recorded yet."
     table = json.loads(MODES_RECORD.read_text())["rows"]
@@ -508,9 +512,21 @@ def modes_block() -> str:
         + (f" ({len(r['seeds'])} seed)" if len(r["seeds"]) == 1 else "")
         for r in table
     )
+    verdict = modes_verdict(table) if any(r["mode"] == DEFAULT_COMPACT for r in table) else ""
+    text = (
+        f"{verdict} Targets per view and AP, every mode: {rows} "
+        "([record](benchmarks/results/modes_grid.md)).".lstrip()
+    )
+    for path in sorted(RESULTS.glob(f"{MODES_RECORD.stem}_*.json")):
+        other = json.loads(path.read_text())
+        said = " ".join(modes_verdict(other["rows"], r["mode"]) for r in other["rows"]
+                        if r["mode"] != "fp16")  # fmt: skip
+        text += (
+            f"\n\nRerun side by side ([record](benchmarks/results/{path.stem}.md), "
+            f"{other['when']}): {said}"
+        )
     return (
-        f"{modes_verdict(table)} Targets per view and AP, every mode: {rows} "
-        "([record](benchmarks/results/modes_grid.md)).\n\n"
+        f"{text}\n\n"
         "![student AP against teacher-target bytes per view](docs/images/modes_curve.png)"
     )
 
@@ -528,11 +544,14 @@ def run_modes(args: argparse.Namespace, rows: list[dict], plan: object, seeds: l
         results.setdefault(row["name"], []).append(r)
     table = modes_table(summarize(rows, results, plan.num_train, plan), sizes)
     record = format_modes(table, plan, time.perf_counter() - start)
-    (RESULTS / "modes_grid.md").write_text(record)
-    MODES_RECORD.write_text(
-        json.dumps({"plan": asdict(plan), "rows": table}, indent=2, default=str)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    path = RESULTS / f"{args.record}.json"
+    path.with_suffix(".md").write_text(record)
+    path.write_text(
+        json.dumps({"plan": asdict(plan), "when": when, "rows": table}, indent=2, default=str)
     )
-    plot_modes(table, MODES_PLOT)
+    if path == MODES_RECORD:  # the curve is the full grid's; another record adds its verdict
+        plot_modes(table, MODES_PLOT)
     update_readme_block("modes-curve", modes_block())
     return record
 
@@ -573,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         "name alone on every --seeds), two at a time whatever their seeds, and merge them into "
         "the grid's record; the record's other rows are kept as recorded.",
     )  # fmt: skip
+    p.add_argument(
+        "--record", default=MODES_RECORD.stem,
+        help="modes: the record's name in benchmarks/results (another name keeps the full grid's "
+        "record and curve, and the README adds this record's verdict).",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     plan = QUICK_DEMO if args.quick else DemoPlan()
@@ -583,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid == "modes":
         if args.quick:
             p.error("modes: the fp16 reference is the full demo's views record; drop --quick")
+        stem = MODES_RECORD.stem
+        if args.record != stem and not re.fullmatch(rf"{stem}_[a-z0-9_-]+", args.record):
+            p.error(f"--record {args.record}: expected {stem} or {stem}_NAME (a-z, 0-9, _, -)")
         print(run_modes(args, rows, plan, seeds))
         return 0
     out = args.out / (args.grid + suffix)

@@ -4,6 +4,8 @@ it, also after a kill and resume and after views are added); pixel bytes do not 
 
 from __future__ import annotations
 
+import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -25,12 +27,13 @@ from distilpose.models import build_from_checkpoint
 from distilpose.training.runs import DumpRun
 from store import StoreReader, StoreWriter, array_specs, store_info, store_verify
 from store.checks import format_store_info
-from store.pixels import PIXEL_CHOICES, canvas_crop, choose_pixels
+from store.pixels import CANVAS_FROM_VIEWS, PIXEL_CHOICES, canvas_crop, choose_pixels
 from store.schema import CANVAS, PIXELS, rows_crc32c
 from store.writer import accept_metadata
 from student_train.data import StudentBatches
 from teacher_dump.dump import dump_teacher
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = (96, 128)  # the tiny models' crop
 # 24 people, units of 8 samples: 3 units per view
 DUMP = dict(seed=1, batch_size=4, workers=0, device="cpu", chunk_samples=8, shard_chunks=1,
@@ -79,6 +82,10 @@ def test_auto_pixels_pick_canvases_from_three_views_and_keep_a_stores_own():
     assert choose_pixels("lossless", 8, None) == "lossless"  # what the user asked for wins
     with pytest.raises(ValueError, match="pixels 'png'"):
         choose_pixels("png", 1, None)
+    # the rule's threshold is the recorded break-even: from it on a canvas is the smaller store
+    # for every recipe canvas_bench measured
+    cells = json.loads((ROOT / "benchmarks/results/canvas_bench.json").read_text())["cells"]
+    assert CANVAS_FROM_VIEWS == math.ceil(max(c["break_even_views"] for c in cells.values()))
 
 
 def test_the_default_dump_keeps_canvases_from_three_views_and_grows_a_jpeg_store_as_jpeg(setup):
