@@ -534,19 +534,34 @@ class StoreReader:
 
     def skipped_slots(self, units: Sequence[int] | None = None) -> dict[int, str]:
         """{slot: why} of the complete units' (or `units`') samples the dump could not read
-        (schema 3 records them; older stores record none)."""
+        (schema 3 records them; older stores record none). In a canvas store a sample whose
+        person's canvas could not be read (view 0's slot skipped) is skipped in every view,
+        even where a later view's dump could read the image: its stored canvas is black."""
         if not self.signed:
             return {}
-        units = self.complete_units().tolist() if units is None else units
+        done = set(self.complete_units().tolist())
+        units = sorted(done) if units is None else units
         out: dict[int, str] = {}
         for unit in units:
-            for entry in self.marker(int(unit))["skipped"]:
-                if not (isinstance(entry, list) and len(entry) == 2):
-                    raise StoreCorruptError(
-                        f"{self.path}: marker of unit {unit}: skipped entry {entry!r:.80}; "
-                        "expected [slot, why]"
-                    )
-                out[int(entry[0])] = str(entry[1])
+            out.update(self._unit_skips(int(unit)))
+            view = self.layout.unit_view(int(unit))
+            if self.meta.pixels == "canvas" and view > 0:
+                shift = view * self.layout.block_samples
+                first = int(unit) - view * self.layout.units_per_view  # its canvases' unit
+                if first in done:
+                    out.update({slot + shift: f"view 0's canvas: {why}"
+                                for slot, why in self._unit_skips(first).items()})  # fmt: skip
+        return out
+
+    def _unit_skips(self, unit: int) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for entry in self.marker(unit)["skipped"]:
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise StoreCorruptError(
+                    f"{self.path}: marker of unit {unit}: skipped entry {entry!r:.80}; "
+                    "expected [slot, why]"
+                )
+            out[int(entry[0])] = str(entry[1])
         return out
 
     def check_fingerprints(self, raw: dict[str, np.ndarray], start: int, stop: int) -> None:

@@ -249,3 +249,39 @@ def test_schema_rule_canvas_pixels_exist_since_schema_4(grown):
     assert not np.array_equal(lay.view_permutation(1), lay.view_permutation(0))
     assert np.array_equal(StoreLayout(StoreReader.open(grown).meta).view_permutation(2),
                           lay.view_permutation(0))  # fmt: skip
+
+
+@pytest.mark.reliability(
+    case="a canvas store's image unreadable when view 0 is dumped, readable when views are added",
+    outcome="the person is skipped in every view (its stored canvas is black); training and "
+    "store-verify read the rest",
+)
+def test_a_person_without_a_canvas_is_skipped_in_every_view(setup, tmp_path):
+    from distilpose.data import load_coco_instances
+
+    root = tmp_path / "images"
+    shutil.copytree(setup["train_images"], root)
+    insts = load_coco_instances(setup["train_ann"], root, train=True)
+    path = Path(insts[0].image_path)
+    bad = [i.index for i in insts if i.image_path == str(path)]  # its image's people
+    good = path.read_bytes()
+    path.write_bytes(b"not a jpeg")
+    out = tmp_path / "store"
+    run = dict(**DUMP, views=1)
+    dump_teacher(DumpRun(setup["teacher"], setup["train_ann"], root, out, **run))
+    path.write_bytes(good)  # readable again when the views are added
+    summary = dump_teacher(DumpRun(setup["teacher"], setup["train_ann"], root, out,
+                                   **{**run, "views": 2}))  # fmt: skip
+    assert summary["skipped"] == 0  # view 1's dump read the image ...
+    reader = StoreReader.open(out)
+    lay = reader.layout
+    first = np.argsort(lay.view_permutation(0))[bad]  # their view-0 slots
+    skipped = reader.skipped_slots()
+    # ... but their canvases are view 0's black ones: left out of view 1 as well
+    assert set(skipped) == {int(j) + v * lay.block_samples for j in first for v in (0, 1)}
+    assert all(skipped[int(j) + lay.block_samples].startswith("view 0's canvas: ") for j in first)
+    data = StudentBatches(str(out), batch_size=8, workers=0)
+    assert data.view(1) == 1
+    seen = torch.cat([b["instance"][b["valid"]] for b in data(1)]).tolist()
+    assert not set(bad) & set(seen) and len(seen) == 24 - len(bad)  # the rest, digests checked
+    assert store_verify(out)["ok_all"]
