@@ -345,7 +345,7 @@ def estimate_text(record: dict) -> str:
     return (
         f"COCO train2017, {COCO_VIEWS} views, default `compact` targets: {COCO_INSTANCES:,} people "
         f"x {COCO_VIEWS} x ({_kb(r['target_bytes_per_view'])} kB targets + "
-        f"{_kb(r['label_bytes_per_view'])} kB labels) = {e['gb_no_pixels']:,.1f} GB; with the "
+        f"{_kb(r['label_bytes_per_view'])} kB labels) = {e['gb_no_pixels']:,.1f} GB; with a "
         f"JPEG crop per view (`--pixels jpeg`, + {_kb(r['pixel_bytes_per_view'])} kB/view) "
         f"{e['gb_jpeg']:,.1f} GB, {'over' if over else 'within'} the {BUDGET_GB} GB goal"
         + (
