@@ -456,6 +456,14 @@ def modes_verdict(table: list[dict], mode: str = DEFAULT_COMPACT) -> str:
     )
 
 
+def record_verdict(table: list[dict]) -> str:
+    """A modes record's verdict: on the default compact setting where the record has it,
+    otherwise on each of its settings besides fp16 (a record of rows rerun side by side)."""
+    if any(r["mode"] == DEFAULT_COMPACT for r in table):
+        return modes_verdict(table)
+    return " ".join(modes_verdict(table, r["mode"]) for r in table if r["mode"] != "fp16")
+
+
 def format_modes(table: list[dict], plan: object, wall: float) -> str:
     """The modes record: AP against bytes per view, one row per store mode."""
     lines = [
@@ -480,7 +488,7 @@ def format_modes(table: list[dict], plan: object, wall: float) -> str:
             f"{r['ap']:.3f} | {r['ap_spread']:.3f} | {r['ap50']:.3f} | {r['pck']:.3f} | "
             f"{r['pixel_error']:.2f} | {r['train_s']:.0f} |"
         )
-    return "\n".join([*lines, "", modes_verdict(table)]) + "\n"
+    return "\n".join([*lines, "", record_verdict(table)]) + "\n"
 
 
 def plot_modes(table: list[dict], path: Path) -> None:
@@ -512,15 +520,13 @@ def modes_block() -> str:
         + (f" ({len(r['seeds'])} seed)" if len(r["seeds"]) == 1 else "")
         for r in table
     )
-    verdict = modes_verdict(table) if any(r["mode"] == DEFAULT_COMPACT for r in table) else ""
     text = (
-        f"{verdict} Targets per view and AP, every mode: {rows} "
-        "([record](benchmarks/results/modes_grid.md)).".lstrip()
+        f"{record_verdict(table)} Targets per view and AP, every mode: {rows} "
+        "([record](benchmarks/results/modes_grid.md))."
     )
     for path in sorted(RESULTS.glob(f"{MODES_RECORD.stem}_*.json")):
         other = json.loads(path.read_text())
-        said = " ".join(modes_verdict(other["rows"], r["mode"]) for r in other["rows"]
-                        if r["mode"] != "fp16")  # fmt: skip
+        said = record_verdict(other["rows"])
         text += (
             f"\n\nRerun side by side ([record](benchmarks/results/{path.stem}.md), "
             f"{other['when']}): {said}"

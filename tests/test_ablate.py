@@ -275,3 +275,7 @@ def test_modes_record_sorts_by_bytes_and_judges_the_default_against_fp16(tmp_pat
     assert "| `compact` | 5.50 | 20.00 | 0,1 | 0.400 |" in record
     g.plot_modes(table, tmp_path / "modes.png")
     assert (tmp_path / "modes.png").stat().st_size > 1000
+    # a record of rows rerun side by side, without the default setting: each one is judged
+    rerun = [dict(r, mode="compact-xl") if r["mode"] == "compact" else r for r in table]
+    rerun = [r for r in rerun if r["mode"] != "lossy"]
+    assert g.record_verdict(rerun).startswith("The `compact-xl` targets (5.50 kB per view")
