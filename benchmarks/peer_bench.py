@@ -22,9 +22,10 @@ weights, written four ways:
 
 Every loader ends in the same batch of 64: the crops decoded with torchvision's CPU decoder
 (`store.pixels.decode_rgb_batch`) and normalized (`normalize_rgb`), and all teacher targets,
-keypoints and weights as tensors. One process, one thread, no workers: samples per CPU-second,
-best of 3 epochs, the loaders in turn (so they share the machine's load alike). Bytes per view:
-each format's bytes on disk over its samples.
+keypoints and weights as float32 tensors (what ours hands a CPU run's losses; the first record
+left the peers' half floats unconverted). One process, one thread, no workers: samples per
+CPU-second, best of 3 epochs, the loaders in turn (so they share the machine's load alike).
+Bytes per view: each format's bytes on disk over its samples.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ def _assemble(jpegs: list[bytes], fields: dict[str, list]) -> int:
     from distilpose.geometry import PAPER
     from store.pixels import decode_rgb_batch
 
-    batch = {k: torch.from_numpy(np.stack(v)) for k, v in fields.items()}
+    # float32 like ours (a CPU run's workers hand the losses float32 targets: `CropRenderer`);
+    # the peers' half floats kept as half would skip a conversion ours pays
+    batch = {k: torch.from_numpy(np.stack(v)).float() for k, v in fields.items()}
     batch["images"] = normalize_rgb(decode_rgb_batch(jpegs, "jpeg", PAPER.input_size))
     return len(jpegs)
 
@@ -172,7 +175,7 @@ def timed(fn, *args) -> tuple[int, float]:
     return n, time.process_time() - c
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, rounds: int = 3) -> str:
     import cv2
     import torch
 
@@ -181,7 +184,7 @@ def run(quick: bool = False) -> str:
     os.environ.setdefault("DISTILPOSE_NO_PROGRESS", "1")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    rounds, n_images = (2, 120) if quick else (3, 300)
+    rounds, n_images = (min(rounds, 2), 120) if quick else (rounds, 300)
     tmp = Path(tempfile.mkdtemp(prefix="peer_bench_"))
     try:
         pool = teacher_pool(512)
@@ -263,7 +266,9 @@ def _ffcv() -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    print(run(quick=p.parse_args(argv).quick))
+    p.add_argument("--rounds", type=int, default=3, help="Epochs per loader (best taken).")
+    args = p.parse_args(argv)
+    print(run(quick=args.quick, rounds=args.rounds))
     return 0
 
 
