@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distilpose.errors import BadConfigError
 from store.schema import JPEG_QUALITY, PIXEL_FORMATS
 
 LOSSLESS_ZSTD_LEVEL = 1
@@ -59,7 +60,7 @@ def choose_pixels(requested: str, views: int, existing: str | None) -> str:
     existing store's format (`existing`; None: no store yet) and otherwise picks `canvas` for
     `views >= CANVAS_FROM_VIEWS`, `jpeg` below (the module docstring says why)."""
     if requested not in PIXEL_CHOICES:
-        raise ValueError(f"pixels {requested!r}: expected one of {PIXEL_CHOICES}")
+        raise BadConfigError(f"pixels {requested!r}: expected one of {PIXEL_CHOICES}")
     if requested != "auto":
         return requested
     if existing is not None:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import cli
 from cli_support import Pixels
 from distilpose.data import crop_digest, make_demo_data, normalize
-from distilpose.errors import StoreFormatError
+from distilpose.errors import BadConfigError, StoreFormatError
 from distilpose.models import build_from_checkpoint
 from distilpose.training.runs import DumpRun
 from store import StoreReader, StoreWriter, array_specs, store_info, store_verify
@@ -80,7 +80,7 @@ def test_auto_pixels_pick_canvases_from_three_views_and_keep_a_stores_own():
     assert choose_pixels("auto", 8, "jpeg") == "jpeg"  # a store made with 1 view, grown
     assert choose_pixels("auto", 1, "canvas") == "canvas"
     assert choose_pixels("lossless", 8, None) == "lossless"  # what the user asked for wins
-    with pytest.raises(ValueError, match="pixels 'png'"):
+    with pytest.raises(BadConfigError, match="pixels 'png'"):
         choose_pixels("png", 1, None)
     # the rule's threshold is the recorded break-even: from it on a canvas is the smaller store
     # for every recipe canvas_bench measured
