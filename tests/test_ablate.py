@@ -279,3 +279,14 @@ def test_modes_record_sorts_by_bytes_and_judges_the_default_against_fp16(tmp_pat
     rerun = [dict(r, mode="compact-xl") if r["mode"] == "compact" else r for r in table]
     rerun = [r for r in rerun if r["mode"] != "lossy"]
     assert g.record_verdict(rerun).startswith("The `compact-xl` targets (5.50 kB per view")
+
+
+@pytest.mark.parametrize("name", ["../x", "modes_grid_", "other", "modes_grid_a/b"])
+def test_a_modes_record_name_outside_the_results_folder_is_refused(name, capsys):
+    """`--record` names a file in benchmarks/results that the README block finds."""
+    from benchmarks import demo_grids as g
+
+    with pytest.raises(SystemExit) as e:
+        g.main(["modes", "--record", name])
+    assert e.value.code == 2
+    assert f"--record {name}: expected modes_grid or modes_grid_NAME" in capsys.readouterr().err
