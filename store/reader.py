@@ -258,8 +258,7 @@ class StoreReader:
                 "--allow-incomplete)"
             )
         if self.meta.pixels == "canvas":  # a unit's canvases are in view 0's unit there
-            per = self.layout.units_per_view
-            done = {u for u in done if u % per in done}
+            done = {u for u in done if self.layout.canvas_unit(u) in done}
         return [c for u in units if u in done for c in self.layout.unit_chunks(u)]
 
     def unsigned_note(self) -> str:
@@ -545,12 +544,11 @@ class StoreReader:
         for unit in units:
             out.update(self._unit_skips(int(unit)))
             view = self.layout.unit_view(int(unit))
-            if self.meta.pixels == "canvas" and view > 0:
-                shift = view * self.layout.block_samples
-                first = int(unit) - view * self.layout.units_per_view  # its canvases' unit
-                if first in done:
-                    out.update({slot + shift: f"view 0's canvas: {why}"
-                                for slot, why in self._unit_skips(first).items()})  # fmt: skip
+            first = self.layout.canvas_unit(unit)
+            if self.meta.pixels == "canvas" and view > 0 and first in done:
+                shift = view * self.layout.block_samples  # view-0 slot j is slot shift + j here
+                out.update({slot + shift: f"view 0's canvas: {why}"
+                            for slot, why in self._unit_skips(first).items()})  # fmt: skip
         return out
 
     def _unit_skips(self, unit: int) -> dict[int, str]:

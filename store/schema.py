@@ -659,6 +659,10 @@ class StoreLayout:
         view = 0 if self.meta.pixels == "canvas" else int(view)
         return _permutation(int(self.meta.seed), view, self.n)
 
+    def canvas_unit(self, unit: int) -> int:
+        """The view-0 unit holding the canvases of write unit `unit` (a canvas store)."""
+        return int(unit) % self.units_per_view
+
     def canvas_slots(self, start: int, stop: int) -> tuple[int, int]:
         """Slots [start, stop) of one view -> the view-0 slots holding their canvases; a range
         over several views is its own (the rows as stored: copies, whole-store checks)."""
