@@ -276,12 +276,18 @@ def check_views(views: int | None, stored: int, store: str) -> int | None:
 
 
 def check_student_outputs(weights: dict[str, float], student: object) -> None:
-    """Refuse, by name, a term reading sigmas the student does not predict."""
+    """Refuse, by name, a term reading sigmas or maps the student does not predict."""
     for name in weights:
         if LOSS_TERMS[name].sigmas and not student.has_sigmas:
             raise BadConfigError(
                 f"losses: {name} needs the student's predicted sigmas; {student.name} predicts "
                 "none (expected a student model)"
+            )
+        if LOSS_TERMS[name].maps and not student.has_maps:
+            raise BadConfigError(
+                f"losses: {name} needs a student whose coords are a soft-argmax over maps; "
+                f"{student.name} has head {student.head!r} (expected a demo student, head "
+                "'similarity')"
             )
 
 

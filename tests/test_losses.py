@@ -266,6 +266,7 @@ def _student_and_targets() -> tuple[StudentOutput, dict]:
         keypoint_tokens=torch.randn(b, k, d),
         visual_tokens=torch.randn(b, p, d),
         sigma_logits=logits,
+        heatmap_logits=torch.randn(b, k, 4, 4),
     )
     targets = {
         "coords": torch.rand(b, k, 2),
@@ -332,6 +333,87 @@ def test_rle_mixes_with_the_distillation_terms():
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 
+# ---- dsnt ----------------------------------------------------------------------------------------
+
+
+def _maps_student(logits: torch.Tensor) -> StudentOutput:
+    b, k = logits.shape[:2]
+    return StudentOutput(coords=torch.full((b, k, 2), 0.5), scores=torch.zeros(b, k),
+                         sigmas=torch.ones(b, k, 2), heatmap_logits=logits)  # fmt: skip
+
+
+def _gaussian(mu_x: float, mu_y: float, w: int = 4, h: int = 4) -> torch.Tensor:
+    """[H, W]: the normalized Gaussian of sigma 1 px at (mu_x, mu_y), written out by hand."""
+    g = torch.tensor([[math.exp(-((x - mu_x) ** 2 + (y - mu_y) ** 2) / 2) for x in range(w)]
+                      for y in range(h)])  # fmt: skip
+    return g / g.sum()
+
+
+def test_dsnt_is_the_js_divergence_to_a_gaussian_at_the_label():
+    """0 when the map's softmax is the label's Gaussian; ln 2 at most (disjoint maps); the hand
+    computed JS divergence otherwise; joints of weight 0 or labelled outside the crop count not."""
+    loss = DistillationLoss("dsnt", geometry=GEOMETRY)
+    q = _gaussian(1.0, 2.0)
+    coords = torch.tensor([[[1 / 4, 2 / 4]]])  # heatmap px (1, 2)
+    targets = {"coords": coords, "weights": torch.ones(1, 1)}
+    exact = loss(_maps_student(q.log()[None, None]), targets)["loss_dsnt"]
+    assert exact.item() == pytest.approx(0.0, abs=1e-6)
+    far = torch.full((4, 4), -1e4)
+    far[3, 3] = 0.0  # all mass at (3, 3), where the label's Gaussian is ~1e-4 of its peak
+    js_far = loss(_maps_student(far[None, None]), targets)["loss_dsnt"].item()
+    assert 0.6 < js_far <= math.log(2) + 1e-6
+    flat = torch.zeros(4, 4)
+    p, m = torch.full((4, 4), 1 / 16), (torch.full((4, 4), 1 / 16) + q) / 2
+    by_hand = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    got = loss(_maps_student(flat[None, None]), targets)["loss_dsnt"]
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # a second joint of weight 0 and a third labelled outside the crop change nothing
+    two = torch.stack([flat, far, far])[None]
+    more = {"coords": torch.tensor([[[0.25, 0.5], [0.9, 0.9], [1.2, 0.5]]]),
+            "weights": torch.tensor([[1.0, 0.0, 1.0]])}  # fmt: skip
+    assert loss(_maps_student(two), more)["loss_dsnt"].item() == pytest.approx(got.item(), 1e-5)
+
+
+def test_dsnt_gradient_reaches_the_maps_and_a_student_without_maps_is_refused():
+    from distilpose.models import build_model
+    from student_train.train import check_student_outputs
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    targets = {"coords": torch.rand(2, 3, 2), "weights": torch.ones(2, 3)}
+    out = DistillationLoss("reg,dsnt", geometry=GEOMETRY)(_maps_student(logits), targets)
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(BadConfigError, match="dsnt needs the student's heatmap logits"):
+        one = {"coords": torch.rand(1, 1, 2), "weights": torch.ones(1, 1)}
+        DistillationLoss("dsnt", geometry=GEOMETRY)(student([[[0.5, 0.5]]]), one)
+    check_student_outputs({"dsnt": 1.0}, build_model("distilpose_demo").config)
+    with pytest.raises(BadConfigError, match="dsnt needs a student whose coords are a soft-arg"):
+        check_student_outputs({"dsnt": 1.0}, build_model("distilpose_tiny").config)
+
+
+def test_dsnt_alone_moves_a_demo_students_coords_to_the_labels():
+    """`dsnt` alone overfits one sample: its loss falls and the soft-argmax coords come nearer
+    the labels (the maps' shape carries the position; no other term is in the objective)."""
+    from distilpose.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("distilpose_demo")
+    loss = DistillationLoss("dsnt", geometry=model.config)
+    images = torch.randn(1, 3, 128, 96)
+    targets = {"coords": torch.rand(1, 17, 2) * 0.6 + 0.2, "weights": torch.ones(1, 17)}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    seen = []
+    for _ in range(40):
+        opt.zero_grad()
+        out = model(images)
+        value = loss(out, targets)["loss"]
+        seen.append((value.item(), (out.coords - targets["coords"]).abs().mean().item()))
+        value.backward()
+        opt.step()
+    (loss0, error0), (loss1, error1) = seen[0], seen[-1]
+    assert loss1 < 0.75 * loss0 and error1 < 0.75 * error0, seen[::10]
+
+
 # ---- HeatmapLoss -------------------------------------------------------------------------------
 
 
@@ -361,11 +443,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 def test_loss_table_is_the_one_source_of_names_weights_and_targets():
     # Eq. 7's order, then RLE (not the paper's: the teacher-free objective)
-    assert LOSS_NAMES == tuple(LOSS_TERMS) == ("reg", "kt", "vt", "sh", "cs", "rle")
+    assert LOSS_NAMES == tuple(LOSS_TERMS) == ("reg", "kt", "vt", "sh", "cs", "rle", "dsnt")
     paper = {"reg": 1.0, "kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 1e-2}
-    assert DEFAULT_WEIGHTS == {**paper, "rle": 1.0}
+    assert DEFAULT_WEIGHTS == {**paper, "rle": 1.0, "dsnt": 1.0}
     assert DEFAULT_LOSSES == "reg,kt,vt,sh,cs"  # Eq. 7 alone, at its official weights
-    assert TEACHER_FREE == ("reg", "rle")
+    assert TEACHER_FREE == ("reg", "rle", "dsnt")
     # runs.py stays torch-free for the CLI, so it writes the default out: kept equal here
     assert StudentRun(store=None).losses == DEFAULT_LOSSES
     for term in LOSS_TERMS.values():

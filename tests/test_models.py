@@ -361,7 +361,7 @@ def test_demo_student_soft_argmax_units_match_the_codec():
         keys[0, p, s * d] = 1000.0
         head.query = torch.nn.Identity()
         head.key = torch.nn.Identity()
-        coords = head.soft_argmax(maps_query, keys)
+        coords, _ = head.soft_argmax(maps_query, keys)
     assert torch.allclose(coords[0, 0], torch.tensor([5 / wh, 9 / hh]), atol=1e-4)
 
 

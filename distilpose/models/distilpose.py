@@ -37,7 +37,9 @@ class StudentOutput:
     LayerNorm), projected to `teacher_dim` when the config sets one; None for a student without
     tokens (DeepPose, whose coords are raw regression outputs, not sigmoid);
     sigma_logits [B, K, 2]: the sigma channels before the softplus (`sigmas = softplus(.)`), which
-    the `rle` loss reads through MMPose's sigmoid instead."""
+    the `rle` loss reads through MMPose's sigmoid instead;
+    heatmap_logits [B, K, H_hm, W_hm]: the similarity maps whose softmax the coords are the
+    expectation of (`head="similarity"` only, else None), which the `dsnt` loss reads."""
 
     coords: torch.Tensor
     scores: torch.Tensor
@@ -45,6 +47,7 @@ class StudentOutput:
     keypoint_tokens: torch.Tensor | None = None
     visual_tokens: torch.Tensor | None = None
     sigma_logits: torch.Tensor | None = None
+    heatmap_logits: torch.Tensor | None = None
 
 
 class RegressionHead(TokenEncoder):
@@ -70,27 +73,31 @@ class RegressionHead(TokenEncoder):
             self.query, self.key = similarity_projections(config)
         self.init_weights()
 
-    def soft_argmax(self, kpt: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    def soft_argmax(self, kpt: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Demo students: coords [B, K, 2] = expected position under softmax(similarity maps),
-        in the same units as the heatmap codec (heatmap px j <-> j / W_hm)."""
+        in the same units as the heatmap codec (heatmap px j <-> j / W_hm); and the maps
+        [B, K, H_hm, W_hm] (logits), for a loss on their shape (`dsnt`)."""
         maps = similarity_maps(self.query(kpt), self.key(vis), self.heatmap_size, self.patch_size)
         b, k, hh, wh = maps.shape
         prob = maps.float().flatten(2).softmax(-1).reshape(b, k, hh, wh)
         xs = torch.arange(wh, device=maps.device, dtype=prob.dtype) / wh
         ys = torch.arange(hh, device=maps.device, dtype=prob.dtype) / hh
-        return torch.stack(((prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)), dim=-1)
+        coords = torch.stack(((prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)), dim=-1)
+        return coords, maps
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """-> coords [B, K, 2], scores [B, K], sigma logits [B, K, 2], tokens [B, K/P, D]."""
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """-> coords [B, K, 2], scores [B, K], sigma logits [B, K, 2], tokens [B, K/P, D],
+        similarity maps [B, K, H_hm, W_hm] (None for the linear readout)."""
         kpt, vis = self.encode(features)  # [B, K, D], [B, P, D]
         out = self.mlp_head(kpt)  # [B, K, 5] or [B, K, 4] (minus x, y for "similarity")
+        maps = None
         if self.config_head == "similarity":
-            coords, rest = self.soft_argmax(kpt, vis), out
+            (coords, maps), rest = self.soft_argmax(kpt, vis), out
         else:
             coords, rest = out[..., 0:2].sigmoid(), out[..., 2:]
         scores = rest[..., 0]
         sigma_logits = rest[..., 1:].expand(-1, -1, 2)  # [B, K, 2]; a single sigma repeats
-        return coords, scores, sigma_logits, kpt, vis
+        return coords, scores, sigma_logits, kpt, vis, maps
 
 
 class DistilPose(nn.Module):
@@ -114,7 +121,7 @@ class DistilPose(nn.Module):
             nn.init.zeros_(self.token_proj.bias)
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
-        coords, scores, sigma_logits, kpt, vis = self.head(self.backbone(images))
+        coords, scores, sigma_logits, kpt, vis, maps = self.head(self.backbone(images))
         if self.token_proj is not None:
             kpt, vis = self.token_proj(kpt), self.token_proj(vis)
         return StudentOutput(
@@ -124,4 +131,5 @@ class DistilPose(nn.Module):
             keypoint_tokens=kpt,
             visual_tokens=vis,
             sigma_logits=sigma_logits,
+            heatmap_logits=maps,
         )

@@ -141,6 +141,12 @@ class ModelConfig:
         return self.head in TOKEN_HEADS
 
     @property
+    def has_maps(self) -> bool:
+        """Whether the coords are a soft-argmax over maps the model outputs (`heatmap_logits`):
+        the demo students' similarity head."""
+        return self.role == "student" and self.head == "similarity"
+
+    @property
     def has_sigmas(self) -> bool:
         """Whether the model predicts sigma_x, sigma_y per joint: every student does (DistilPose's
         head, the demo's similarity head and DeepPose's confidence head); teachers do not."""

@@ -4,7 +4,8 @@
 ``a1 = a2 = 5e-4, a3 = 1, a4 = 1e-2``. One term beyond the paper, ``rle`` (Residual
 Log-likelihood Estimation, `distilpose.training.rle`), is the teacher-free regression objective
 of RLE / SDPose-Reg: alone (``--losses rle``) it trains a student without a teacher, and it
-mixes with the distillation terms like ``reg``. Every loss module returns a dict: ``"loss"`` is the
+mixes with the distillation terms like ``reg``; so does ``dsnt`` (DSNT's map regularizer, for
+students whose coords are a soft-argmax). Every loss module returns a dict: ``"loss"`` is the
 weighted sum to backpropagate; each ``"loss_<name>"`` is the UNWEIGHTED value of one term,
 detached, for logging (so curves of different runs compare even when weights differ).
 
@@ -168,6 +169,9 @@ class DistillationLoss(nn.Module):
       student's raw sigma channels ``sigma_logits [N, K, 2]``), its flow trained with the
       student: the flow's parameters are this module's (``self.rle``), so the task holding this
       loss is trained, saved and resumed with the model (`student_train.train.StudentTask`).
+    - ``dsnt``: DSNT's Jensen-Shannon regularizer on a soft-argmax student's maps
+      (``heatmap_logits [N, K, H, W]``) against a Gaussian at the ground truth (`_dsnt_term`):
+      teacher-free, like ``reg`` and ``rle``, and mixes with every term.
     - ``cs``: L1 between the raw predicted score and the teacher heatmap's value at
       ``round(coords * (W, H))`` (clipped), weighted by the target weight, as the official
       ``ScoreLoss``; the teacher value is replaced by 0 when the prediction lies outside the crop
@@ -278,6 +282,33 @@ def _rle_term(x: LossInputs, name: str) -> torch.Tensor:
         return x.loss.rle(x.coords, sigmas, x.target("coords"), x.weights)
 
 
+# DSNT's target: a Gaussian of 1 heatmap px around the ground truth (Nibali et al. 2018, Sec. 4)
+DSNT_SIGMA = 1.0
+
+
+def _dsnt_term(x: LossInputs, name: str) -> torch.Tensor:
+    """DSNT's regularizer (Nibali et al., "Numerical Coordinate Regression with Convolutional
+    Neural Networks", 2018): the Jensen-Shannon divergence between the student's spatial
+    distribution (softmax of its similarity maps ``[N, K, H, W]``, whose mean is the predicted
+    position) and a normalized Gaussian of `DSNT_SIGMA` px at the ground truth. The soft-argmax
+    alone only constrains the mean, so a small student's map can stay a broad blob at the mean
+    pose; this term gives every pixel of the map a target, from the labels alone. Joints count
+    where their weight is > 0 and the ground truth lies inside the crop; mean over them."""
+    logits = x.student.heatmap_logits
+    if logits is None:
+        raise BadConfigError(f"{name} needs the student's heatmap logits; the student has none")
+    n, k, hh, wh = logits.shape
+    logp = F.log_softmax(logits.float().reshape(n, k, -1), dim=-1)  # [N, K, H*W]
+    gt = x.target("coords")
+    gauss = simulated_heatmaps(gt, gt.new_full(gt.shape, DSNT_SIGMA), (wh, hh)).reshape(n, k, -1)
+    q = gauss / gauss.sum(-1, keepdim=True).clamp(min=1e-12)  # [N, K, H*W], sums to 1
+    p = logp.exp()
+    log_m = (0.5 * (p + q)).clamp(min=1e-30).log()
+    js = 0.5 * (p * (logp - log_m) + torch.xlogy(q, q) - q * log_m).sum(-1)  # [N, K]
+    w = x.weights * _inside_unit(gt)
+    return global_mean((js * w).sum(), (w > 0).sum())
+
+
 def _token_term(x: LossInputs, name: str) -> torch.Tensor:
     """MSE between the student's and the teacher's tokens named by the term's one target."""
     (attr,) = LOSS_TERMS[name].targets
@@ -336,6 +367,7 @@ class LossTerm:
     compute: Callable[[LossInputs, str], torch.Tensor]  # (inputs, the term's name) -> scalar
     paper: bool = True  # a term of Eq. 7: in the default `--losses`
     sigmas: bool = False  # reads the student's predicted sigmas (`ModelConfig.has_sigmas`)
+    maps: bool = False  # reads the student's heatmap logits (`ModelConfig.has_maps`)
 
 
 # The one table of loss terms, Eq. 7's in the paper's order, then the others: adding a term is a
@@ -348,6 +380,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "sh": LossTerm(1.0, ("heatmaps",), _sh_term, sigmas=True),
     "cs": LossTerm(1e-2, ("heatmaps",), _cs_term),
     "rle": LossTerm(1.0, (), _rle_term, paper=False, sigmas=True),
+    "dsnt": LossTerm(1.0, (), _dsnt_term, paper=False, maps=True),
 }
 LOSS_NAMES = tuple(LOSS_TERMS)
 DEFAULT_WEIGHTS = {name: term.weight for name, term in LOSS_TERMS.items()}
