@@ -134,6 +134,8 @@ def summarize(rows: list[dict], results: dict[str, list[dict]], people: int, pla
         table.append(
             {
                 **{k: v for k, v in row.items()},
+                # the views it read, kept in the record: a later plan may read another number
+                "views": views,
                 "seeds": [r["settings"]["seed"] for r in got],
                 "ap": statistics.fmean(aps),
                 "ap_spread": max(aps) - min(aps),
