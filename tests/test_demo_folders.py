@@ -111,3 +111,19 @@ def test_train_student_views_hint_follows_the_full_curve():
     assert EPOCHS_PER_VIEW_MATCHED == round(per_view, 1)
     assert "300 times" in views_hint(300, 1)
     assert views_hint(int(2 * per_view), 1) is None
+
+
+def test_the_demos_teacher_free_row_is_the_recorded_grids_best():
+    """DemoPlan's teacher-free settings (losses, data, lr) are the best row of the recorded
+    teacher-free grid (benchmarks/results/teacher_free_grid_quick.json), as the table says."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.demo_grids import best_row
+
+    record = Path(__file__).resolve().parents[1] / "benchmarks/results/teacher_free_grid_quick.json"
+    _, best = best_row(json.loads(record.read_text())["rows"])
+    plan = demo.DemoPlan()
+    assert plan.free_losses == best["losses"], best["name"]
+    assert plan.free_data == best.get("data", "store"), best["name"]
+    assert plan.free_lr in (None, best.get("lr")), best["name"]
