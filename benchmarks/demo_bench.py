@@ -30,6 +30,7 @@ ROLES = ("teacher", *STUDENT_ROLES)
 COLUMNS = ("ap", "ap50", "ap75", "pck", "pixel_error")
 DEMO_TIMEOUT_S = 3600  # the full demo takes minutes on 2 CPU cores; an hour means it hangs
 WALL_GOAL_S = {False: 300, True: 180}  # full, --quick
+GAP_GOAL = 0.5  # of the gap from the teacher-free best to the teacher, closed by distillation
 
 
 def run_once(out: Path, seed: int, quick: bool) -> dict:
@@ -83,10 +84,23 @@ def checks(full: list[dict], quick: list[dict]) -> list[tuple[str, bool, str]]:
         )  # fmt: skip
         closed = gap_closed(runs)
         out.append(
-            (f"{kind}: gap closed from the teacher-free best >= 50%", closed >= 0.5,
-             f"{closed:.0%}")
+            (f"{kind}: gap closed from the teacher-free best >= {GAP_GOAL:.0%}",
+             closed >= GAP_GOAL, f"{closed:.0%}")
         )  # fmt: skip
     return out
+
+
+# what the record says when distillation closes less than GAP_GOAL of the gap (issue 29)
+TRIED = (
+    f"### Gap goal ({GAP_GOAL:.0%}) not met: what was tried\n\n"
+    "- The distilled student's objective: every subset of Eq. 7's terms (table4_demo.md) and "
+    "the token weights (`benchmarks/grids/demo_weights.toml`, docs/notes.md); the demo runs "
+    "the best of them.\n"
+    "- Its data: the views curve (views_grid.md): the demo's 8 views match the teacher run "
+    "online, so more views would not raise it.\n"
+    "- The teacher-free side was tuned as hard (teacher_free_grid_quick.md): its best row, "
+    "`reg,dsnt`, is a trained model, which is why the gap to close is the larger one."
+)
 
 
 def table(run: dict) -> str:
@@ -152,7 +166,8 @@ def readme_block(record: list[dict]) -> str:
         "measured 2.4x slower): AP teacher "
         f"{mean['teacher']:.3f} ({rng['teacher']}), distilled {mean['student_distilled']:.3f} "
         f"({rng['student_distilled']}), {free_text(full, mean, rng)}. The distilled student "
-        f"closes {gap_closed(full):.0%} of the gap from the teacher-free best to the teacher"
+        f"closes {gap_closed(full):.0%} of the gap from the teacher-free best to the teacher "
+        f"(the goal is {GAP_GOAL:.0%}: {'met' if gap_closed(full) >= GAP_GOAL else 'not met'})"
     )
     if quick:
         q = ", ".join(
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         md += ["### Across seeds\n", spread(full), ""]
     md += ["### Checks\n", "| check | met | measured |", "|---|---|---|"]
     md += [f"| {name} | {'yes' if ok else 'NO'} | {v} |" for name, ok, v in checks(full, quick)]
+    if full and gap_closed(full) < GAP_GOAL:
+        md += ["", TRIED]
     text = "\n".join(md) + "\n"
     (RESULTS / "demo_run.md").write_text(text)
     (RESULTS / "demo_run.json").write_text(json.dumps(full + quick, indent=2))
