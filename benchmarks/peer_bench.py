@@ -21,10 +21,11 @@ weights, written four ways:
   against the system's OpenCV 4 and libjpeg-turbo development files).
 
 Every loader ends in the same batch of 64: the crops decoded with torchvision's CPU decoder
-(`store.pixels.decode_rgb_batch`) and normalized (`normalize_rgb`), and all teacher targets,
-keypoints and weights as float32 tensors (what ours hands a CPU run's losses; the first record
-left the peers' half floats unconverted). One process, one thread, no workers: samples per
-CPU-second, best of 3 epochs, the loaders in turn (so they share the machine's load alike).
+(`store.pixels.decode_rgb_crops`) and normalized (`normalize_rgb`), as ours, and all teacher
+targets, keypoints and weights as float32 tensors (what ours hands a CPU run's losses; the
+first record left the peers' half floats unconverted). One process, one thread, no workers:
+samples per CPU-second, best of 3 epochs, the loaders in turn (so they share the machine's load
+alike).
 Bytes per view: each format's bytes on disk over its samples.
 """
 
@@ -135,12 +136,12 @@ def _assemble(jpegs: list[bytes], fields: dict[str, list]) -> int:
 
     from distilpose.data import normalize_rgb
     from distilpose.geometry import PAPER
-    from store.pixels import decode_rgb_batch
+    from store.pixels import decode_rgb_crops
 
     # float32 like ours (a CPU run's workers hand the losses float32 targets: `CropRenderer`);
     # the peers' half floats kept as half would skip a conversion ours pays
     batch = {k: torch.from_numpy(np.stack(v)).float() for k, v in fields.items()}
-    batch["images"] = normalize_rgb(decode_rgb_batch(jpegs, "jpeg", PAPER.input_size))
+    batch["images"] = normalize_rgb(decode_rgb_crops(jpegs, "jpeg", PAPER.input_size))
     return len(jpegs)
 
 

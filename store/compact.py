@@ -74,12 +74,17 @@ class HeatmapWindows:
     def decode(self, codes: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """(codes, params) -> heatmaps [S, K, H, W] float32; `size` = (W, H)."""
         wh, hh = size
-        s, k = codes.shape[:2]
-        out = np.empty((s, k, hh, wh), dtype=np.float32)
-        out[:] = params[..., 4, None, None]
+        s, k, w = *codes.shape[:2], self.window
+        out = np.empty((s, k, hh * wh), dtype=np.float32)
+        out[:] = params[..., 4, None]
         x0, y0 = params[..., 0].astype(np.int64), params[..., 1].astype(np.int64)
-        out[_window_index(x0, y0, self.window)] = dequantize_heatmaps(codes, params[..., 2:4])
-        return out
+        # one flat index per window pixel: half the time of the 4-array fancy index
+        ar = np.arange(w)
+        corner = np.arange(s * k).reshape(s, k) * (hh * wh) + y0 * wh + x0  # [S, K]
+        flat = corner[..., None] + (ar[:, None] * wh + ar).reshape(-1)  # [S, K, w * w]
+        values = dequantize_heatmaps(codes, params[..., 2:4]).reshape(s, k, -1)
+        out.reshape(-1)[flat.reshape(-1)] = values.reshape(-1)
+        return out.reshape(s, k, hh, wh)
 
 
 def _window_index(x0: np.ndarray, y0: np.ndarray, w: int) -> tuple[np.ndarray, ...]:

@@ -51,6 +51,7 @@ __all__ = [
     "encode_canvas",
     "decode_crop",
     "decode_rgb_batch",
+    "decode_rgb_crops",
     "encode_crop",
 ]
 
@@ -160,8 +161,9 @@ def canvas_crop(
 CPU_JPEG_DECODER = "torchvision"
 
 
-def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int], decoder: str = ""):
-    """Stored bytes of a batch -> uint8 RGB torch tensor [B, 3, H, W] on the CPU.
+def decode_rgb_crops(datas, pixels: str, input_size: tuple[int, int], decoder: str = ""):
+    """Stored bytes of a batch -> uint8 RGB torch tensors [3, H, W] on the CPU, one per crop
+    (unstacked: `normalize_rgb` casts them straight into a batch of floats, a copy saved).
 
     decoder: "torchvision" or "opencv" for JPEG (default `CPU_JPEG_DECODER`); lossless crops
     always go through `decode_crop`.
@@ -172,6 +174,13 @@ def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int], decoder: s
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB)
     crops = np.stack([decode_crop(d, pixels, input_size) for d in datas])
-    return torch.from_numpy(np.ascontiguousarray(crops[..., ::-1].transpose(0, 3, 1, 2)))
+    return list(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1].transpose(0, 3, 1, 2))))
+
+
+def decode_rgb_batch(datas, pixels: str, input_size: tuple[int, int], decoder: str = ""):
+    """`decode_rgb_crops` stacked: uint8 RGB [B, 3, H, W]."""
+    import torch
+
+    return torch.stack(decode_rgb_crops(datas, pixels, input_size, decoder))

@@ -353,8 +353,11 @@ class StoreReader:
         fields: Sequence[str] = DEFAULT_FIELDS,
         dtype=None,
         check: bool = True,
+        decode: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Slots [start, stop) of the given fields, teacher outputs decoded.
+        """Slots [start, stop) of the given fields, teacher outputs decoded (decode=False: as
+        stored, codes under the output's name and their `<output>_scale` beside them, for
+        `decode_targets` to decode later).
 
         Teacher outputs come back as float16 in fp16 mode (bit-exact) and as float32 in lossy
         modes, unless `dtype` says otherwise. All arrays of the range are read concurrently.
@@ -404,10 +407,20 @@ class StoreReader:
                 out[f] = np.arange(start, stop, dtype=np.int64)
             elif f == "view":
                 out[f] = self.layout.slot_views(np.arange(start, stop))
-            elif f in TEACHER_OUTPUTS:
-                out[f] = self._decode(f, raw, dtype)
             else:
                 out[f] = np.asarray(raw[f])
+        return self.decode_targets(out | raw, fields, dtype) if decode else out | raw
+
+    def decode_targets(
+        self, raw: dict[str, np.ndarray], fields: Sequence[str], dtype=None
+    ) -> dict[str, np.ndarray]:
+        """Rows as `read_chunk(decode=False)` returns them -> the same rows with the teacher
+        outputs among `fields` decoded and their scale arrays dropped."""
+        out = dict(raw)
+        for f in fields:
+            if f in TEACHER_OUTPUTS:
+                out[f] = self._decode(f, raw, dtype)
+                out.pop(f + "_scale", None)
         return out
 
     def _unit_range(self, start: int, stop: int) -> range:
@@ -838,6 +851,12 @@ def run_plan(
     ahead = max(1, num_threads) + 1
     futures: dict[int, Future] = {}
     loaded: dict[int, dict[str, np.ndarray]] = {}
+    # compact codes are gathered and decoded batch by batch: a batch's rows go straight into
+    # their full arrays, instead of a whole chunk's decoded arrays being copied row by row
+    late = reader.meta.compact() is not None
+    names = tuple(fields)
+    if late:
+        names += tuple(f + "_scale" for f in fields if f in TEACHER_OUTPUTS)
     submitted = 0
     with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="store_read") as pool:
         try:
@@ -846,12 +865,15 @@ def run_plan(
                 target = max(position[c] for c in needed) + ahead
                 while submitted < min(target, len(first_use)):
                     c = first_use[submitted]
-                    futures[c] = pool.submit(reader.read_chunk, *chunks[c], fields, dtype)
+                    futures[c] = pool.submit(
+                        reader.read_chunk, *chunks[c], fields, dtype, decode=not late
+                    )
                     submitted += 1
                 for c in needed:
                     if c not in loaded:
                         loaded[c] = futures.pop(c).result()
-                yield gather_rows(batch, loaded, fields, shared)
+                rows = gather_rows(batch, loaded, names, shared and not late)
+                yield reader.decode_targets(rows, fields, dtype) if late else rows
                 for c in needed:
                     if last_use[c] == b:
                         del loaded[c]

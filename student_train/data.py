@@ -70,7 +70,7 @@ from distilpose.geometry import Geometry
 from distilpose.training.distributed import rank_rows, world
 from distilpose.training.losses import LOSS_NAMES, LOSS_TERMS
 from store import StoreReader
-from store.pixels import CPU_JPEG_DECODER, decode_rgb_batch
+from store.pixels import CPU_JPEG_DECODER, decode_rgb_batch, decode_rgb_crops
 from store.reader import load_store_instances
 from store.schema import CANVAS, JPEG_DECODER, OUTPUT_WORDS, PIXELS, TEACHER_OUTPUTS
 
@@ -306,21 +306,24 @@ class CropRenderer:
             flat = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
             return {"jpeg": flat, "jpeg_sizes": sizes}
         try:
-            rgb = decode_rgb_batch(datas, self.pixels, self.input_size, self.decoder)
+            rgb = decode_rgb_crops(datas, self.pixels, self.input_size, self.decoder)
         except Exception as e:  # noqa: BLE001 - a damaged crop: find it and name its slot
             raise undecodable_crop(self.store_path, self.pixels, self.input_size, raw, e) from None
         if verify and "crop_digest" in raw:
-            planes = rgb.numpy()  # [B, 3, H, W] RGB
-            for i in range(len(planes)):
+            for i, crop in enumerate(rgb):  # [3, H, W] RGB each
                 if unread is not None and unread[i]:
                     continue  # no crop was seen: nothing to compare
-                # the digest's layout (BGR [H, W, 3]): cv2.merge interleaves the planes about
-                # 5x faster than a permuted, flipped contiguous copy (0.04 vs 0.21 ms a crop)
-                bgr = cv2.merge([planes[i, 2], planes[i, 1], planes[i, 0]])
+                # the digest's layout (BGR [H, W, 3]): torchvision's decoder returns an
+                # [H, W, 3] buffer seen as [3, H, W], so this is one channel swap (0.01 ms a
+                # crop; cv2.merge of the planes 0.06, a flipped contiguous copy 0.21)
+                hwc = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())
+                bgr = cv2.cvtColor(hwc, cv2.COLOR_RGB2BGR)
                 if crop_digest(bgr) != raw["crop_digest"][i].tobytes():
                     self._digest_mismatch(raw, i, datas[i])
                     return self._stored_pixels(raw, verify, unread)  # with the store's decoder
-        return {"images": normalize_rgb(rgb)} if self.output == "images" else {"crops": rgb}
+        if self.output == "images":
+            return {"images": normalize_rgb(rgb)}
+        return {"crops": torch.stack(rgb)}
 
     def _digest_mismatch(self, raw: dict, i: int, data: bytes) -> None:
         """Row i's decoded crop is not the one whose digest the store holds. Decoded with the

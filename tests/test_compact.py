@@ -146,6 +146,27 @@ def test_compact_store_round_trip(tmp_path, mode):
     assert info["bytes_once"] > 0 and info["nonfinite_total"] == 0
 
 
+def test_training_batches_decode_like_whole_chunks(tmp_path):
+    """iter_batches decodes a compact store's codes per batch, after the gather (run_plan);
+    every batch equals the same slots read and decoded a chunk at a time."""
+    path = tmp_path / "s"
+    fill(StoreWriter.create_or_open(path, small_meta(mode="compact"), fit=fit_from_samples))
+    r = StoreReader.open(path)
+    fields = ("slot", "heatmaps", *TOKENS)
+    whole = {k: np.concatenate([r.read_chunk(a, b, fields)[k] for a, b in r.chunks()])
+             for k in fields}  # fmt: skip
+    row = {int(s): i for i, s in enumerate(whole["slot"])}
+    seen = 0
+    for batch in r.iter_batches(batch_size=7, seed=3, fields=fields):
+        assert not any(k.endswith("_scale") for k in batch)
+        rows = [row[int(s)] for s in batch["slot"]]
+        for k in ("heatmaps", *TOKENS):
+            assert batch[k].dtype == np.float32
+            np.testing.assert_array_equal(batch[k], whole[k][rows])
+        seen += len(rows)
+    assert seen == len(whole["slot"])
+
+
 def test_compact_unit_rewritten_after_a_loss_is_byte_identical(tmp_path):
     """A unit lost (marker and shards gone) and rewritten by a rerun gives the same bytes: its
     codes depend only on its samples and the stored bases, which a rerun reads, never refits."""

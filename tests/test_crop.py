@@ -287,6 +287,21 @@ def test_normalize():
         normalize(crop.astype(np.float32))
 
 
+def test_normalize_rgb_agrees_with_normalize_in_every_input_form():
+    """A stacked batch, a list of crops (a decoder's output) and one crop give the numbers
+    `normalize` gives for the same pixels in BGR, bit for bit (one _standardize)."""
+    from distilpose.data import normalize_rgb
+
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
+    rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2)))
+    ref = normalize(bgr)
+    assert torch.equal(normalize_rgb(rgb), ref)
+    assert torch.equal(normalize_rgb(list(rgb)), ref)
+    assert torch.equal(normalize_rgb(rgb[1]), ref[1])
+    assert torch.equal(normalize_rgb(rgb.permute(0, 1, 3, 2)), ref.permute(0, 1, 3, 2))
+
+
 def test_photometric_jitter_changes_colours_per_crop_and_moves_nothing():
     """Strength 0 is the identity; otherwise every crop gets its own change, seeded by torch's
     RNG, pixels stay in the image range, and a crop's spatial structure (where it is bright)

@@ -377,13 +377,23 @@ def normalize(crops: np.ndarray) -> torch.Tensor:
     return out if arr.ndim == 4 else out[0]
 
 
-def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB tensor `[..., 3, H, W]` on any device -> float32, ImageNet mean/std (so a
-    GPU run can ship uint8 crops and normalize them on the GPU)."""
+def normalize_rgb(rgb) -> torch.Tensor:
+    """uint8 RGB tensor `[..., 3, H, W]` on any device, or a sequence of `[3, H, W]` CPU crops
+    (a decoder's output), -> float32 `[..., 3, H, W]` / `[N, 3, H, W]`, ImageNet mean/std (so
+    a GPU run can ship uint8 crops and normalize them on the GPU)."""
     import torch
 
-    out = torch.empty(rgb.shape, dtype=torch.float32, device=rgb.device)
-    return _standardize(out.copy_(rgb))
+    if isinstance(rgb, torch.Tensor) and rgb.device.type != "cpu":
+        out = torch.empty(rgb.shape, dtype=torch.float32, device=rgb.device)
+        return _standardize(out.copy_(rgb))
+    # on the CPU numpy's uint8 -> float32 cast is about 3x torch's one-thread copy, and a
+    # list of crops is cast straight into the batch, never stacked first (store_bench)
+    crops = [rgb] if isinstance(rgb, torch.Tensor) else list(rgb)
+    shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else (len(crops), *crops[0].shape)
+    out = np.empty(shape, dtype=np.float32)
+    for dst, crop in zip([out] if isinstance(rgb, torch.Tensor) else out, crops, strict=True):
+        np.copyto(dst, crop.numpy(), casting="unsafe")
+    return _standardize(torch.from_numpy(out))
 
 
 def _standardize(t: torch.Tensor) -> torch.Tensor:

@@ -374,15 +374,16 @@ def test_a_batch_of_skipped_samples_only_keeps_one_invalid_row():
 def test_pixel_digest_is_checked_with_the_dump_decoder(tiny, monkeypatch, caplog):
     import student_train.data as data_module
 
-    real = data_module.decode_rgb_batch
+    real = data_module.decode_rgb_crops
 
     def other_libjpeg(datas, pixels, size, decoder=""):
         rgb = real(datas, pixels, size, decoder)
         if decoder != "opencv":
-            rgb[:, 0, 0, 0] ^= 1  # another build: one level off in one pixel
+            for crop in rgb:
+                crop[0, 0, 0] ^= 1  # another build: one level off in one pixel
         return rgb
 
-    monkeypatch.setattr(data_module, "decode_rgb_batch", other_libjpeg)
+    monkeypatch.setattr(data_module, "decode_rgb_crops", other_libjpeg)
     data = StudentBatches(tiny["skip_jpeg"], batch_size=8, workers=0)
     (batch,) = list(data(0))
     assert "decodes the stored JPEG crops to other pixels than opencv" in caplog.text
