@@ -1,9 +1,14 @@
-"""The demo's claim in small: from one store and seed, the distilled student beats reg-only.
+"""The demo's claim in small: from one store and seed, the distilled student leaves the mean
+pose, where a student without the teacher does not.
 
-The shipped demo teacher is dumped over a few synthetic people; two `distilpose_demo` students
-train with the same seed, steps and schedule, one with the demo's full objective and one with
-`reg` alone, and are scored on other people. A loss term that stops carrying the teacher's
-knowledge (a wrong target, sign or weight) removes the margin and fails this test.
+The shipped demo teacher is dumped over a few synthetic people; a `distilpose_demo` student
+trains with the demo's full objective, batch, lr and schedule, and is scored on other people
+against the mean pose placed in each person's box (`mean_pose_results`). At this budget a
+`reg`-only student stays within about a pixel of the mean pose (measured beside it, numbers
+below), so the mean pose stands in for that second student at no training cost (it was half
+of this suite's CPU time); the demo itself (benchmarks/results/demo_run.md) trains both. A
+loss term that stops carrying the teacher's knowledge (a wrong target, sign or weight) leaves
+the student at the mean pose and fails this.
 """
 
 from __future__ import annotations
@@ -14,23 +19,23 @@ import pytest
 
 import demo
 from distilpose.data import MILD_RECIPE, make_demo_data
-from distilpose.evaluation.metrics import keypoint_errors, load_coco
+from distilpose.evaluation.metrics import keypoint_errors, load_coco, mean_pose_results
 from distilpose.inference.config import InferConfig
 from distilpose.inference.eval_run import run_eval
 from distilpose.training.runs import DumpRun, StudentRun
 from distilpose.weights import DEMO_TEACHER_FILE, demo_teacher_path
-from student_train.many import train_many
+from student_train.train import train_student
 from teacher_dump.dump import dump_teacher
 
 PLAN = demo.DemoPlan()
 STEPS = dict(epochs=16, batch_size=PLAN.batch_size)  # 16 epochs x 64 batches of 512 people
-# Mean joint error on 40 other people, with the shipped teacher and the demo's student, batch,
-# lr and losses, 8,192 samples per student. On 128 people x 64 epochs the recording machine
-# measured distilled 18.4 vs reg-only 22.7 px, but another machine of the same kind 21.2 vs
-# 23.0 (its float kernels take another path): too close. On 512 people x 16 epochs (same
-# samples, more people) that machine measured 16.9 vs 20.3 (data seed 5) and 15.9 vs 19.8
-# (seed 6); at 12 epochs only 18.6 vs 21.0. Both students are far from converged, so the
-# margin a test this fast can demand is about half to two thirds of the measured gap.
+# Mean joint error on 40 other people, 8,192 samples per student. On 512 people x 16 epochs
+# one machine measured distilled 16.9 vs reg-only 20.3 px (data seed 5) and 15.9 vs 19.8 (seed
+# 6); another machine of the same kind (its float kernels take other paths) distilled 16.7,
+# reg-only 21.0, mean pose 20.5 (seed 5) and 15.6, 19.4, 20.4 (seed 6); at 12 epochs only 18.6
+# vs 21.0. Both students
+# are far from converged, so the margin a test this fast can demand is about half to two
+# thirds of the measured gap.
 MARGIN_PX = 2.0
 
 
@@ -55,25 +60,19 @@ def _pixel_error(data: dict, ckpt, out) -> float:
     return keypoint_errors(load_coco(data["val_ann"]), json.loads(out.read_text()))["pixel_error"]
 
 
-def test_distilled_student_beats_reg_only(demo_store):
-    """Both students train as in the demo (at once, one process and thread each, on 2+ cores)."""
+def test_distilled_student_leaves_the_mean_pose(demo_store):
+    """The distilled student, trained as in the demo, beats the mean pose by MARGIN_PX."""
     data, store, root = demo_store
-    roles = {"distilled": PLAN.losses, "baseline": "reg"}
-    runs = train_many(
-        [
-            StudentRun(
-                str(store), "distilpose_demo", str(root / name), losses=losses, lr=PLAN.lr,
-                schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
-            )
-            for name, losses in roles.items()
-        ],
-        "cpu",
+    run = train_student(
+        StudentRun(
+            str(store), "distilpose_demo", str(root / "distilled"), losses=PLAN.losses,
+            lr=PLAN.lr, schedule="cosine", device="cpu", seed=0, workers=0, **STEPS,
+        )
     )  # fmt: skip
-    errors = {
-        name: _pixel_error(data, run["checkpoint"], root / f"{name}.json")
-        for name, run in zip(roles, runs, strict=True)
-    }
-    assert errors["distilled"] < errors["baseline"] - MARGIN_PX, errors
+    distilled = _pixel_error(data, run["checkpoint"], root / "distilled.json")
+    val = load_coco(data["val_ann"])
+    floor = keypoint_errors(val, mean_pose_results(load_coco(data["train_ann"]), val))
+    assert distilled < floor["pixel_error"] - MARGIN_PX, (distilled, floor)
 
 
 def test_shipped_teacher_is_checked(tmp_path, monkeypatch):

@@ -187,6 +187,39 @@ def test_keypoint_errors_pck_and_pixels():
     assert keypoint_errors(coco, [])["PCK"] == 0.0  # nobody predicted: every joint wrong
 
 
+def test_mean_pose_results_place_the_mean_box_relative_pose_in_each_box():
+    """Every person gets the training people's mean box-relative joints in its own box: on
+    the same set the error is the spread around that mean, zero only if all poses agree."""
+    from distilpose.evaluation.metrics import mean_pose_results
+
+    coco = load_coco(ANN)
+    people = [a for a in coco.loadAnns(coco.getAnnIds(iscrowd=False)) if a["num_keypoints"] > 0]
+    results = mean_pose_results(coco, coco)
+    assert len(results) == len(people)
+    first = np.asarray(results[0]["keypoints"]).reshape(-1, 3)
+    x, y, w, h = people[0]["bbox"]
+    assert (first[:, 0] >= x).all() and (first[:, 0] <= x + w).all()  # inside its box
+    assert (first[:, 1] >= y).all() and (first[:, 1] <= y + h).all()
+    err = keypoint_errors(coco, results)["pixel_error"]
+    assert (
+        0
+        < err
+        < keypoint_errors(coco, [{**r, "keypoints": [0.0] * 51} for r in results])["pixel_error"]
+    )
+    one = people[0]  # a set of one person: its mean pose is its own pose, error 0
+    single = type(coco)()
+    single.dataset = {
+        **coco.dataset,
+        "annotations": [one],
+        "images": [i for i in coco.dataset["images"] if i["id"] == one["image_id"]],
+    }
+    single.createIndex()
+    kpts = np.asarray(one["keypoints"], float).reshape(-1, 3)
+    got = np.asarray(mean_pose_results(single, single)[0]["keypoints"]).reshape(-1, 3)
+    labelled = kpts[:, 2] > 0
+    np.testing.assert_allclose(got[labelled, :2], kpts[labelled, :2], atol=1e-6)
+
+
 def test_default_results_json_beside_checkpoint_but_not_inside_the_package(tmp_path):
     from distilpose.inference.eval_run import default_results_json
     from distilpose.weights import DEMO_TEACHER_FILE

@@ -240,3 +240,40 @@ def keypoint_errors(coco, results: Sequence[dict], pck_thr: float = 0.05) -> dic
         "pixel_error": float(np.concatenate(errors).mean()) if errors else float("nan"),
         "matched": matched,
     }
+
+
+def mean_pose_results(train_coco, coco) -> list[dict]:
+    """The mean pose as a prediction: every person of `coco` (with labelled joints, not crowd)
+    gets the training people's mean joint positions placed in its ground-truth box.
+
+    The mean of each joint is taken over `train_coco`'s labelled joints, in box-relative
+    coordinates ((x - x0) / w, (y - y0) / h). It is what a regressor that has not yet left the
+    mean pose scores (`keypoint_errors` of it), the floor a trained student must beat.
+
+    Returns: results as `keypoint_errors` reads them ([K, 3] keypoints flattened, score 1).
+    """
+    total, count = None, None
+    for a in _people(train_coco):
+        k = np.asarray(a["keypoints"], np.float64).reshape(-1, 3)
+        x, y, w, h = (float(v) for v in a["bbox"])
+        if total is None:
+            total, count = np.zeros((len(k), 2)), np.zeros(len(k))
+        seen = k[:, 2] > 0
+        total[seen] += (k[seen, :2] - (x, y)) / (max(w, 1e-6), max(h, 1e-6))
+        count[seen] += 1
+    if total is None:
+        raise ValueError("mean_pose_results: the training set has no person with labelled joints")
+    mean = total / np.maximum(count, 1)[:, None]  # [K, 2] box-relative
+    results = []
+    for a in _people(coco):
+        x, y, w, h = (float(v) for v in a["bbox"])
+        kpts = np.concatenate([mean * (w, h) + (x, y), np.ones((len(mean), 1))], 1)
+        results.append({"image_id": a["image_id"], "keypoints": kpts.reshape(-1).tolist(),
+                        "score": 1.0})  # fmt: skip
+    return results
+
+
+def _people(coco) -> list[dict]:
+    """`coco`'s people with labelled joints, not crowd."""
+    anns = coco.loadAnns(coco.getAnnIds(iscrowd=False))
+    return [a for a in anns if a.get("num_keypoints", 0) > 0]
