@@ -49,6 +49,7 @@ from store.quantize import (
     quantize_heatmaps,
     quantize_tokens,
 )
+from store.schema import COMPACT_LAYOUT, LAYOUT, default_layout
 
 K, D = 17, 192  # COCO joints, DistilPose-S token dim
 (WH, HH), P = PAPER.heatmap_size, PAPER.num_patches
@@ -227,8 +228,10 @@ def write_pixel_store(
     from distilpose.data import AugmentRecipe, annotation_digest, crop_digest, read_image
     from store.pixels import canvas_crop, encode_canvas
 
+    mode = "compact" if targets == "compact" else "fp16"
+    chunk_samples, shard_chunks = default_layout(mode)  # as a dump lays this mode's store out
     meta = meta_for(
-        len(crops), "compact" if targets == "compact" else "fp16", pixels=pixels,
+        len(crops), mode, pixels=pixels, chunk_samples=chunk_samples, shard_chunks=shard_chunks,
         ann_file=str(ann), image_root=str(images), ann_digest=annotation_digest(ann), recipe={},
         targets_zstd=targets != "raw",
     )  # fmt: skip
@@ -491,7 +494,9 @@ def run(quick: bool = False) -> str:
         " through `StudentBatches.dataset` (what a train-student DataLoader worker runs). "
         f"Best of {rounds} epochs per cell, cells in turn. Targets: fp16, zstd (the default) or "
         "raw (`--raw-targets`), or `--mode compact` (decoded back to the full arrays by the "
-        "reader). vs none: against re-rendering from the images (`--pixels none`, fp16 zstd "
+        "reader). Each store has the layout a dump gives its mode (`store.schema.default_layout`"
+        f": chunks of {LAYOUT[0]} samples, {COMPACT_LAYOUT[0]} in the compact modes). "
+        "vs none: against re-rendering from the images (`--pixels none`, fp16 zstd "
         "targets) with the same worker output.",
         "",
         "| --pixels | pixels kB/sample | targets | worker output | samples/s per core (CPU-s) "

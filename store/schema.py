@@ -204,9 +204,20 @@ COMPACT = {
     # at the paper's sizes
     "compact-xl": CompactSettings(13, 48),
 }
-FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots (4 chunks)
+FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots
+# A new store's layout when the dump names none, (chunk_samples, shard_chunks): a write unit of
+# 512 samples in every mode. The compact modes' samples are a few kB, and zarr's cost per array
+# read hardly depends on the chunk's size, so at 64 samples that fixed cost was a large part of
+# the training data path (store_bench); their chunks hold 256 samples instead.
+LAYOUT = (64, 8)
+COMPACT_LAYOUT = (256, 2)
 SIGNED_FILE = "signed.json"  # in COMPLETE_DIR: the signed units
 MODES = ("fp16", "lossy", "lossy16", *COMPACT)
+
+
+def default_layout(mode: str) -> tuple[int, int]:
+    """(chunk_samples, shard_chunks) of a new store of target mode `mode` (see LAYOUT)."""
+    return COMPACT_LAYOUT if mode in COMPACT else LAYOUT
 ZSTD_LEVEL = 1
 ZSTD_LEVEL_CODES = 9  # quantized heatmaps: smooth small integers that reward a harder search
 TEACHER_OUTPUTS = ("heatmaps", "keypoint_tokens", "visual_tokens")
@@ -281,8 +292,8 @@ class StoreMeta:
     ann_file: str = ""
     image_root: str = ""
     mode: str = "fp16"
-    chunk_samples: int = 64  # read granularity: one zarr chunk
-    shard_chunks: int = 8  # chunks per shard = per write unit
+    chunk_samples: int = LAYOUT[0]  # read granularity: one zarr chunk
+    shard_chunks: int = LAYOUT[1]  # chunks per shard = per write unit
     code_version: str = __version__
     created: str = ""  # ISO time, set when the store is created
     schema_version: int = SCHEMA_VERSION

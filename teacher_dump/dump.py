@@ -63,7 +63,7 @@ from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
 from store.pixels import canvas_crop, choose_pixels, decode_crop, encode_canvas, encode_crop
-from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta
+from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta, default_layout
 from store.writer import StoreWriter, existing_meta
 
 log = logging.getLogger("distilpose.dump")
@@ -467,8 +467,8 @@ def dump_setup(
         ann_file=run.ann_file,
         image_root=run.image_root,
         mode=run.mode,
-        chunk_samples=run.chunk_samples,
-        shard_chunks=run.shard_chunks,
+        chunk_samples=run.chunk_samples or default_layout(run.mode)[0],
+        shard_chunks=run.shard_chunks or default_layout(run.mode)[1],
         pixels=choose_pixels(run.pixels, views, stored and stored.pixels),
         jpeg_quality=JPEG_QUALITY if run.jpeg_quality is None else run.jpeg_quality,
         targets_zstd=run.targets_zstd,

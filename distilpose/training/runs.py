@@ -236,8 +236,8 @@ class DumpRun(_Run):
     shard: tuple[int, int] = (0, 1)
     model: str | None = None
     mode: str = "fp16"
-    chunk_samples: int = 64
-    shard_chunks: int = 8
+    chunk_samples: int | None = None  # None: store.schema.default_layout(mode)
+    shard_chunks: int | None = None  # None: as chunk_samples
     max_instances: int | None = None
     recipe: AugmentRecipe | None = None  # None: the paper's student recipe
     pixels: str = "auto"  # store.pixels.PIXEL_CHOICES: canvas from 3 views on, else jpeg
