@@ -573,7 +573,9 @@ def merged(path: Path, rows: list[dict], new: list[dict], names: str) -> tuple[l
     note = (
         f"Rows {names} trained {when} (`--rows`, the time and load above are theirs) and "
         "merged into the earlier record; the other rows are as recorded before (AP is "
-        "deterministic on a CPU at one thread; train s is not comparable across the two)."
+        "deterministic on one machine at one thread, but machines of this kind differ a little "
+        "(docs/notes.md), so a small AP difference between rows recorded on different machines "
+        "is not a ranking; train s is not comparable across the two)."
         if len(old) > len(new)
         else f"Rows {names} (`--rows`), recorded {when} from runs trained by this invocation "
         "or earlier ones with the same settings; train s is each run's own wall time, two runs "

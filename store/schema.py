@@ -218,6 +218,8 @@ MODES = ("fp16", "lossy", "lossy16", *COMPACT)
 def default_layout(mode: str) -> tuple[int, int]:
     """(chunk_samples, shard_chunks) of a new store of target mode `mode` (see LAYOUT)."""
     return COMPACT_LAYOUT if mode in COMPACT else LAYOUT
+
+
 ZSTD_LEVEL = 1
 ZSTD_LEVEL_CODES = 9  # quantized heatmaps: smooth small integers that reward a harder search
 TEACHER_OUTPUTS = ("heatmaps", "keypoint_tokens", "visual_tokens")
