@@ -409,7 +409,8 @@ class StoreReader:
                 out[f] = self.layout.slot_views(np.arange(start, stop))
             else:
                 out[f] = np.asarray(raw[f])
-        return self.decode_targets(out | raw, fields, dtype) if decode else out | raw
+        out |= {n: a for n, a in raw.items() if n not in out}  # the codes' scale arrays
+        return self.decode_targets(out, fields, dtype) if decode else out
 
     def decode_targets(
         self, raw: dict[str, np.ndarray], fields: Sequence[str], dtype=None

@@ -388,11 +388,14 @@ def normalize_rgb(rgb) -> torch.Tensor:
         return _standardize(out.copy_(rgb))
     # on the CPU numpy's uint8 -> float32 cast is about 3x torch's one-thread copy, and a
     # list of crops is cast straight into the batch, never stacked first (store_bench)
-    crops = [rgb] if isinstance(rgb, torch.Tensor) else list(rgb)
-    shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else (len(crops), *crops[0].shape)
-    out = np.empty(shape, dtype=np.float32)
-    for dst, crop in zip([out] if isinstance(rgb, torch.Tensor) else out, crops, strict=True):
-        np.copyto(dst, crop.numpy(), casting="unsafe")
+    if isinstance(rgb, torch.Tensor):
+        out = np.empty(tuple(rgb.shape), dtype=np.float32)
+        np.copyto(out, rgb.numpy(), casting="unsafe")
+    else:
+        crops = list(rgb)
+        out = np.empty((len(crops), *crops[0].shape), dtype=np.float32)
+        for dst, crop in zip(out, crops, strict=True):
+            np.copyto(dst, crop.numpy(), casting="unsafe")
     return _standardize(torch.from_numpy(out))
 
 
