@@ -195,6 +195,8 @@ def format_record(
             f"{r['ap50']:.3f} | {r['pck']:.3f} | {r['pixel_error']:.2f} | {r['train_s']:.0f} | "
             f"{r['teacher_forwards']:,} |"
         )
+    if not set.intersection(*(set(r["seeds"]) for r in table)):
+        return "\n".join([*lines, "", NO_BEST]) + "\n"
     seed, best = best_row(table)
     lines += [
         "",
@@ -203,6 +205,9 @@ def format_record(
         f"{best['seeds']}).",
     ]
     return "\n".join(lines) + "\n"
+
+
+NO_BEST = "Best row: none chosen: no seed is in every row (run `--rows` on a seed they share)."
 
 
 def best_row(table: list[dict]) -> tuple[int, dict]:
@@ -564,11 +569,37 @@ def run_modes(args: argparse.Namespace, rows: list[dict], plan: object, seeds: l
     return record
 
 
+MEANS = ("ap50", "pck", "pixel_error")  # a table row's figures that are means over its seeds
+
+
+def merge_seeds(old: dict | None, new: dict) -> dict:
+    """A row trained on more seeds (`--rows name@1+2`) beside its recorded seeds: one row over
+    the union (AP per seed, means weighted by seeds). Seeds in both, or other settings: the
+    new row replaces the recorded one (its means cannot be split by seed)."""
+    settings = [k for k in new if k not in {"seeds", "ap", "ap_spread", "aps", *MEANS, "train_s"}]
+    if old is None or {k: old.get(k) for k in settings} != {k: new[k] for k in settings}:
+        return new
+    if set(old["seeds"]) & set(new["seeds"]):
+        return new
+    n, m = len(old["seeds"]), len(new["seeds"])
+    seeds, aps = old["seeds"] + new["seeds"], old["aps"] + new["aps"]
+    order = sorted(range(len(seeds)), key=seeds.__getitem__)
+    return {
+        **new,
+        "seeds": [seeds[i] for i in order],
+        "aps": [aps[i] for i in order],
+        "ap": statistics.fmean(aps),
+        "ap_spread": max(aps) - min(aps),
+        **{k: (old[k] * n + new[k] * m) / (n + m) for k in MEANS},
+        "train_s": statistics.median([old["train_s"], new["train_s"]]),
+    }
+
+
 def merged(path: Path, rows: list[dict], new: list[dict], names: str) -> tuple[list, str]:
     """The recorded table at `path` with the rows of `new` in (replacing same-named ones), in
     the grid's order, and the record's line saying which rows were trained when."""
     old = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
-    old.update({r["name"]: r for r in new})
+    old.update({r["name"]: merge_seeds(old.get(r["name"]), r) for r in new})
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = (
         f"Rows {names} trained {when} (`--rows`, the time and load above are theirs) and "

@@ -207,6 +207,37 @@ def test_demo_grid_best_row_compares_rows_on_the_seed_every_row_ran():
     assert best_row([{**repeated, "aps": [0.3, 0.9, 0.9]}, once])[1] is once
 
 
+def test_demo_grid_rows_on_more_seeds_merge_with_their_recorded_seeds():
+    """`--rows name@1+2` beside a recorded seed 0: one row over seeds 0-2 (AP per seed, means
+    weighted by seeds); overlapping seeds or other settings replace the recorded row."""
+    from benchmarks.demo_grids import merge_seeds
+
+    def row(seeds, aps, px, lr=0.003):
+        return {"name": "a", "losses": "reg", "lr": lr, "seeds": seeds, "aps": aps,
+                "ap": sum(aps) / len(aps), "ap_spread": max(aps) - min(aps), "ap50": 0.5,
+                "pck": 0.5, "pixel_error": px, "train_s": 100.0}  # fmt: skip
+
+    got = merge_seeds(row([0], [0.3], 10.0), row([2, 1], [0.1, 0.2], 13.0))
+    assert got["seeds"] == [0, 1, 2] and got["aps"] == [0.3, 0.2, 0.1]
+    assert got["ap"] == pytest.approx(0.2) and got["ap_spread"] == pytest.approx(0.2)
+    assert got["pixel_error"] == pytest.approx(12.0)  # (10 x 1 + 13 x 2) / 3
+    newer = row([0, 1], [0.4, 0.5], 9.0)
+    assert merge_seeds(row([0], [0.3], 10.0), newer) is newer  # seed 0 again: replaced
+    other = row([1], [0.2], 9.0, lr=0.01)
+    assert merge_seeds(row([0], [0.3], 10.0), other) is other  # other settings: replaced
+    assert merge_seeds(None, other) is other
+
+
+def test_demo_grid_record_without_a_shared_seed_says_so():
+    from benchmarks.demo_grids import NO_BEST, format_record
+    from demo import QUICK_DEMO
+
+    rows = [{"name": n, "losses": "reg", "seeds": [s], "aps": [0.1], "ap": 0.1, "ap_spread": 0.0,
+             "ap50": 0.2, "pck": 0.3, "pixel_error": 9.0, "train_s": 1.0, "teacher_forwards": 1}
+            for n, s in (("a", 0), ("b", 1))]  # fmt: skip
+    assert NO_BEST in format_record("teacher-free", rows, QUICK_DEMO, True, 1.0, "")
+
+
 def test_views_record_recommends_the_fewest_views_that_reach_the_online_range():
     """The README's answer names the smallest plain store on as many seeds as the online
     teacher that reaches its seed range (not the best row, not a cheap-view row); with none,
