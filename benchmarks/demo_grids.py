@@ -576,8 +576,10 @@ def merge_seeds(old: dict | None, new: dict) -> dict:
     """A row trained on more seeds (`--rows name@1+2`) beside its recorded seeds: one row over
     the union (AP per seed, means weighted by seeds). Seeds in both, or other settings: the
     new row replaces the recorded one (its means cannot be split by seed)."""
-    settings = [k for k in new if k not in {"seeds", "ap", "ap_spread", "aps", *MEANS, "train_s"}]
-    if old is None or {k: old.get(k) for k in settings} != {k: new[k] for k in settings}:
+    # the settings both rows record (an older record may lack a later field, such as views)
+    figures = {"seeds", "ap", "ap_spread", "aps", *MEANS, "train_s"}
+    settings = [k for k in new if k not in figures and old is not None and k in old]
+    if old is None or any(old[k] != new[k] for k in settings):
         return new
     if set(old["seeds"]) & set(new["seeds"]):
         return new

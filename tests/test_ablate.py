@@ -226,6 +226,8 @@ def test_demo_grid_rows_on_more_seeds_merge_with_their_recorded_seeds():
     other = row([1], [0.2], 9.0, lr=0.01)
     assert merge_seeds(row([0], [0.3], 10.0), other) is other  # other settings: replaced
     assert merge_seeds(None, other) is other
+    older = {k: v for k, v in row([0], [0.3], 10.0).items() if k != "lr"}  # a field added later
+    assert merge_seeds(older, row([1], [0.1], 12.0))["seeds"] == [0, 1]
 
 
 def test_demo_grid_record_without_a_shared_seed_says_so():
