@@ -576,12 +576,11 @@ def merge_seeds(old: dict | None, new: dict) -> dict:
     """A row trained on more seeds (`--rows name@1+2`) beside its recorded seeds: one row over
     the union (AP per seed, means weighted by seeds). Seeds in both, or other settings: the
     new row replaces the recorded one (its means cannot be split by seed)."""
+    if old is None or set(old["seeds"]) & set(new["seeds"]):
+        return new
     # the settings both rows record (an older record may lack a later field, such as views)
     figures = {"seeds", "ap", "ap_spread", "aps", *MEANS, "train_s"}
-    settings = [k for k in new if k not in figures and old is not None and k in old]
-    if old is None or any(old[k] != new[k] for k in settings):
-        return new
-    if set(old["seeds"]) & set(new["seeds"]):
+    if any(old[k] != new[k] for k in new if k not in figures and k in old):
         return new
     n, m = len(old["seeds"]), len(new["seeds"])
     seeds, aps = old["seeds"] + new["seeds"], old["aps"] + new["aps"]

@@ -452,6 +452,7 @@ def dump_setup(
     # `auto` pixels: an existing store keeps its own format (store.pixels.choose_pixels)
     options = run.storage_options or {}
     stored = existing_meta(str(run.out), **options) if run.pixels == "auto" else None
+    chunk_samples, shard_chunks = default_layout(run.mode)  # unless the run names them
     meta = StoreMeta(
         teacher_name=cfg.name,
         teacher_sha256=file_sha256(run.teacher_ckpt),
@@ -467,8 +468,8 @@ def dump_setup(
         ann_file=run.ann_file,
         image_root=run.image_root,
         mode=run.mode,
-        chunk_samples=run.chunk_samples or default_layout(run.mode)[0],
-        shard_chunks=run.shard_chunks or default_layout(run.mode)[1],
+        chunk_samples=run.chunk_samples or chunk_samples,
+        shard_chunks=run.shard_chunks or shard_chunks,
         pixels=choose_pixels(run.pixels, views, stored and stored.pixels),
         jpeg_quality=JPEG_QUALITY if run.jpeg_quality is None else run.jpeg_quality,
         targets_zstd=run.targets_zstd,

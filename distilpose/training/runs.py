@@ -237,7 +237,7 @@ class DumpRun(_Run):
     model: str | None = None
     mode: str = "fp16"
     chunk_samples: int | None = None  # None: store.schema.default_layout(mode)
-    shard_chunks: int | None = None  # None: as chunk_samples
+    shard_chunks: int | None = None  # None: store.schema.default_layout(mode)
     max_instances: int | None = None
     recipe: AugmentRecipe | None = None  # None: the paper's student recipe
     pixels: str = "auto"  # store.pixels.PIXEL_CHOICES: canvas from 3 views on, else jpeg
