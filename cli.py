@@ -249,7 +249,8 @@ def dump_teacher(
     shard: Annotated[str | None, _dump("shard", "Fill part i of n of the store, e.g. 0/2.")] = None,
     model: Annotated[str | None, typer.Option(help="Teacher model name if not recognised.")] = None,
     mode: Annotated[
-        StoreMode | None, _dump("mode", "fp16 (exact half), lossy, compact[-s|-l|-xl] (kB/view).")
+        StoreMode | None,
+        _dump("mode", "fp16 (exact half), lossy, compact[-s|-l|-xl|-hq] (kB/view)."),
     ] = None,
     chunk_samples: Annotated[int | None, _dump("chunk_samples", "Samples per zarr chunk.")] = None,
     augment: Annotated[

@@ -339,10 +339,11 @@ class Schedule(str, Enum):
 class StoreMode(str, Enum):
     fp16 = "fp16"
     lossy = "lossy"
-    compact = "compact"  # and three more sizes (store.schema.COMPACT)
+    compact = "compact"  # and four more sizes (store.schema.COMPACT)
     compact_s = "compact-s"
     compact_l = "compact-l"
     compact_xl = "compact-xl"
+    compact_hq = "compact-hq"
 
 
 class Pixels(str, Enum):  # store.pixels.PIXEL_CHOICES (a test keeps the two equal)

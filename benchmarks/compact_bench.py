@@ -60,13 +60,19 @@ def dump(teacher: Path, ann: Path, images: Path, out: Path, mode: str, **kw) -> 
 
 
 def read_views(path: Path, views: list[int]) -> dict[str, np.ndarray]:
-    """Every real sample of `views`, teacher outputs decoded to float32, in slot order."""
+    """Every real sample of `views`, teacher outputs decoded to float32, ordered by (view,
+    person): `key` [n, 2]. Each mode's own layout places them in its own slots (a compact store's
+    chunks are larger), so samples are matched across modes by that key, not by slot."""
     from store import StoreReader
 
     reader = StoreReader.open(path)
-    fields = ("slot", "keypoints", "weights", "heatmaps", *TOKENS)
+    fields = ("view", "instance", "keypoints", "weights", "heatmaps", *TOKENS)
     parts = [reader.read_chunk(a, b, fields, np.float32) for a, b in reader.chunks(views)]
-    return {f: np.concatenate([p[f] for p in parts]) for f in fields}
+    rows = {f: np.concatenate([p[f] for p in parts]) for f in fields}
+    real = rows["instance"] >= 0  # padding slots out
+    order = np.lexsort((rows["instance"][real], rows["view"][real]))
+    out = {f: a[real][order] for f, a in rows.items() if f not in ("view", "instance")}
+    return {**out, "key": np.stack([rows["view"][real], rows["instance"][real]], -1)[order]}
 
 
 def _rel(a: np.ndarray, ref: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -81,7 +87,7 @@ def field_errors(ref: dict, got: dict, geometry) -> dict:
     (relative L2 and cosine per token), and what the sh and cs losses read from the heatmaps."""
     from distilpose.data.codecs import HeatmapCodec
 
-    assert np.array_equal(ref["slot"], got["slot"])
+    assert np.array_equal(ref["key"], got["key"])
     hr, hg = ref["heatmaps"], got["heatmaps"]
     n, k = hr.shape[:2]
     rel = _rel(hg, hr, (1, 2, 3))
@@ -156,7 +162,7 @@ def error_set(teacher: Path, ann: Path, images: Path, root: Path, views: int) ->
         got = read_views(root / mode, list(range(1, views)))
         ref = got if mode == "fp16" else ref
         rows[mode] = {**sizes(info), **field_errors(ref, got, geometry)}
-        rows[mode]["samples_compared"] = len(got["slot"])
+        rows[mode]["samples_compared"] = len(got["key"])
     return rows
 
 
@@ -263,7 +269,7 @@ def run(quick: bool = False) -> str:
         record = {
             "machine": machine_line(),
             "quick": quick,
-            "settings": {m: list(s) for m, s in COMPACT.items()},
+            "settings": settings_record(),
             "demo_coco": error_set(teacher, ann, COCO / "images", tmp / "coco", 2 if quick else 3),
             "demo_synthetic": error_set(
                 teacher, Path(demo["train_ann"]), Path(demo["train_images"]), tmp / "syn", 2
@@ -288,9 +294,17 @@ def _kb(x: float) -> str:
     return f"{x / 1e3:.2f}"
 
 
+def settings_record() -> dict:
+    """{mode: [window, rank, [gy, gx]]}: the compact settings as the record keeps them."""
+    return {m: [s.window, s.rank, list(s.grid)] for m, s in COMPACT.items()}
+
+
 def settings_cell(mode: str, record: dict) -> str:
     s = record["settings"].get(mode)
-    return f"`{mode}` (window {s[0]}, rank {s[1]})" if s else f"`{mode}`"
+    if not s:
+        return f"`{mode}`"
+    grid = f", outside grid {s[2][0]}x{s[2][1]}" if len(s) > 2 and any(s[2]) else ""
+    return f"`{mode}` (window {s[0]}, rank {s[1]}{grid})"
 
 
 def error_table(rows: dict, record: dict) -> str:

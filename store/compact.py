@@ -10,6 +10,9 @@ argmax, the window shifted inside the map at the borders) as uint8 codes with th
 quantizer (`store.quantize.quantize_heatmaps`: offset and step per window, the peak keeps its
 argmax), plus the window's corner and the mean of the heatmap outside it. Decoding fills the
 outside with that mean, so the decoded map has the teacher's total mass and the same argmax.
+A mode with a grid (`compact-hq`) keeps the outside as a coarse map instead: the mean of each
+cell of a gy x gx grid over the pixels outside the window, which halves to thirds the error of
+the sh gradient the single mean leaves (docs/store.md, measured).
 Why this keeps what the losses read: `sh` compares the teacher map with a Gaussian simulated at
 the student's prediction, `cs` reads the teacher map at it; both weigh the teacher map where the
 student predicts, which training brings to the peak, and the tail outside a window of 2.5 to 3.5
@@ -40,16 +43,24 @@ from store.quantize import (
 from store.schema import FIT_SAMPLES, ArraySpec, StoreLayout, StoreMeta, array_compressors
 
 # heatmaps_scale columns of a compact store: window corner (x0, y0), code offset and step, and
-# the mean value outside the window
+# the mean value outside the window; a mode with a grid adds its codes' offset and step
 HEATMAP_PARAMS = ("x0", "y0", "offset", "step", "outside")
+GRID_PARAMS = ("grid_offset", "grid_step")
 
 
 @dataclass(frozen=True)
 class HeatmapWindows:
     """Heatmaps [S, K, H, W] <-> a w x w window per joint: uint8 codes [S, K, w, w] and
-    float32 params [S, K, 5] (`HEATMAP_PARAMS`)."""
+    float32 params [S, K, 5] (`HEATMAP_PARAMS`).
+
+    With a grid (gy, gx) the outside is kept coarsely instead of as one mean: the map is cut
+    into gy x gx cells and each cell keeps the mean of its pixels outside the window (uint8,
+    its own offset and step): codes [S, K, w * w + gy * gx] (the window's, then the cells'),
+    params [S, K, 7] (`HEATMAP_PARAMS` + `GRID_PARAMS`). Decoded, an outside pixel gets its
+    cell's mean, kept below the window's peak so the argmax stays the teacher's."""
 
     window: int  # w; at most the heatmap's shorter side
+    grid: tuple[int, int] = (0, 0)  # (gy, gx) cells over the map; (0, 0): one outside mean
 
     def encode(self, heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = np.asarray(heatmaps, dtype=np.float32)
@@ -69,22 +80,72 @@ class HeatmapWindows:
         params = np.concatenate(
             [np.stack([x0, y0], -1).astype(np.float32), scale, outside[..., None]], -1
         )
-        return codes, params.astype(np.float32)
+        if not self.has_grid:
+            return codes, params.astype(np.float32)
+        cells = self._cell_means(h, x0, y0, outside.astype(np.float32))  # [S, K, gy, gx]
+        grid_codes, grid_scale = quantize_heatmaps(cells, 8)
+        codes = np.concatenate([codes.reshape(s, k, -1), grid_codes.reshape(s, k, -1)], -1)
+        return codes, np.concatenate([params, grid_scale], -1).astype(np.float32)
+
+    @property
+    def has_grid(self) -> bool:
+        return self.grid != (0, 0)
+
+    def _cells(self, hh: int, wh: int) -> np.ndarray:
+        """[H * W]: the grid cell of each heatmap pixel (row-major cells)."""
+        gy, gx = self.grid
+        ys, xs = (np.arange(hh) * gy) // hh, (np.arange(wh) * gx) // wh
+        return (ys[:, None] * gx + xs[None, :]).reshape(-1)
+
+    def _window_flat(self, s: int, k: int, hh: int, wh: int, x0, y0) -> np.ndarray:
+        """[S, K, w * w]: the flat index into [S * K * H * W] of each window pixel."""
+        ar = np.arange(self.window)
+        corner = np.arange(s * k).reshape(s, k) * (hh * wh) + y0 * wh + x0  # [S, K]
+        return corner[..., None] + (ar[:, None] * wh + ar).reshape(-1)
+
+    def _cell_means(self, h: np.ndarray, x0, y0, outside: np.ndarray) -> np.ndarray:
+        """[S, K, gy, gx]: each cell's mean over its pixels outside the window (a cell the
+        window covers whole gets the outside mean: no pixel reads it)."""
+        s, k, hh, wh = h.shape
+        gy, gx = self.grid
+        onehot = np.zeros((hh * wh, gy * gx), np.float32)
+        onehot[np.arange(hh * wh), self._cells(hh, wh)] = 1.0
+        masked = h.reshape(-1).copy()
+        kept = np.ones(s * k * hh * wh, np.float32)
+        flat = self._window_flat(s, k, hh, wh, x0, y0).reshape(-1)
+        masked[flat] = 0.0
+        kept[flat] = 0.0
+        sums = masked.reshape(s, k, -1) @ onehot  # [S, K, G]
+        counts = kept.reshape(s, k, -1) @ onehot
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), outside[..., None])
+        return means.reshape(s, k, gy, gx).astype(np.float32)
 
     def decode(self, codes: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """(codes, params) -> heatmaps [S, K, H, W] float32; `size` = (W, H)."""
         wh, hh = size
         s, k, w = *codes.shape[:2], self.window
-        out = np.empty((s, k, hh * wh), dtype=np.float32)
-        out[:] = params[..., 4, None]
         x0, y0 = params[..., 0].astype(np.int64), params[..., 1].astype(np.int64)
-        # one flat index per window pixel: half the time of the 4-array fancy index
-        ar = np.arange(w)
-        corner = np.arange(s * k).reshape(s, k) * (hh * wh) + y0 * wh + x0  # [S, K]
-        flat = corner[..., None] + (ar[:, None] * wh + ar).reshape(-1)  # [S, K, w * w]
-        values = dequantize_heatmaps(codes, params[..., 2:4]).reshape(s, k, -1)
+        flat = self._window_flat(s, k, hh, wh, x0, y0)  # [S, K, w * w]
+        rows = codes.reshape(s, k, -1, 1)  # [S, K, n, 1]: the quantizer's [S, K, H, W] form
+        values = dequantize_heatmaps(rows[:, :, : w * w], params[..., 2:4]).reshape(s, k, -1)
+        if self.has_grid:
+            cells = dequantize_heatmaps(rows[:, :, w * w :], params[..., 5:7])[..., 0]
+            # strictly below the peak: a cell rounded up to it must not take the argmax
+            peak = np.nextafter(values.max(-1, keepdims=True), -np.inf)
+            # [S, K, H * W], C-ordered so the flat view below writes into it (a fancy index's
+            # result need not be)
+            out = np.ascontiguousarray(np.minimum(cells, peak)[..., self._cells(hh, wh)])
+        else:
+            out = np.empty((s, k, hh * wh), dtype=np.float32)
+            out[:] = params[..., 4, None]
         out.reshape(-1)[flat.reshape(-1)] = values.reshape(-1)
         return out.reshape(s, k, hh, wh)
+
+
+def heatmap_codec(meta: StoreMeta) -> HeatmapWindows:
+    """The heatmap codec of a compact store (its window and grid)."""
+    settings = meta.compact()
+    return HeatmapWindows(settings.window, settings.grid)
 
 
 def _window_index(x0: np.ndarray, y0: np.ndarray, w: int) -> tuple[np.ndarray, ...]:

@@ -680,9 +680,10 @@ class StoreReader:
             return codes if dtype is None else codes.astype(dtype)
         scale = np.asarray(raw[name + "_scale"])
         if self.meta.compact():  # back to the full arrays: [n, K, Hh, Wh], [n, T, D]
-            window = compact.HeatmapWindows(self.meta.compact().window)
             x = (
-                window.decode(codes, scale, self.meta.geometry.heatmap_size)
+                compact.heatmap_codec(self.meta).decode(
+                    codes, scale, self.meta.geometry.heatmap_size
+                )
                 if name == "heatmaps"
                 else self.bases[name].decode(codes, scale)
             )

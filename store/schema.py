@@ -147,6 +147,13 @@ the crop warped from the decoded canvas. A unit of view v > 0 is usable for trai
 view 0's unit at the same place is complete (`StoreReader.chunks`). Reader rule: stores of
 schema 1-3 have no canvas pixels and one permutation per view, as written above.
 
+Schema version 5: the `compact-hq` mode, whose heatmaps keep the outside of each window as a
+grid of cell means (`CompactSettings.grid`, `store.compact.HeatmapWindows`): `heatmaps` uint8
+[K, w * w + gy * gx] (a joint's window codes row by row, then its cells' row by row) and
+`heatmaps_scale` float32 [K, 7] (the five params above, then the cells' code offset and step).
+Reader rule: stores of schema 1-4 have no such mode (one in their metadata is refused); every
+other mode reads as written above.
+
 Reader rules for schema 1 and 2: no signatures (`store-verify` reports `signed: false`; the
 metadata, the markers and the set of complete units are taken as they are), no chunk
 fingerprints (shard sizes are checked on every read, whole-file crc32c by `store-verify`), no
@@ -179,7 +186,9 @@ from distilpose.geometry import PAPER, Geometry
 # 3: signatures, chunk fingerprints, skipped images, pixel_decoder; the compact modes
 # (token bases stored once, `basis_sha256`). Older stores read by the rules in the docstring.
 # 4: canvas pixels (one canvas per person, view 0's permutation for every view).
-SCHEMA_VERSION = 4
+# 5: compact heatmaps with a grid of the outside (`compact-hq`); nothing else changed, so
+# stores of 4 read as before, and code of schema 4 refuses a schema-5 store by its version.
+SCHEMA_VERSION = 5
 CHECKSUMS_SINCE = 2  # stores of this schema version or later carry crc32c per chunk
 SIGNED_SINCE = 3  # ... signatures, chunk fingerprints and skip records
 META_KEY = "distilpose_store"  # group attribute holding StoreMeta
@@ -190,6 +199,7 @@ COMPLETE_DIR = "complete"  # one marker file per finished write unit
 class CompactSettings(NamedTuple):
     window: int  # heatmap window side (clipped to the heatmap's shorter side)
     rank: int  # token basis rank (clipped to the token dim)
+    grid: tuple[int, int] = (0, 0)  # (gy, gx) cells of the outside map; (0, 0): one mean
 
 
 # The compact modes (`store.compact`; why these sizes: docs/store.md, measured by
@@ -203,6 +213,10 @@ COMPACT = {
     # position means at 48 directions against 77% at 32 (docs/store.md); still <= 16 kB a view
     # at the paper's sizes
     "compact-xl": CompactSettings(13, 48),
+    # compact-xl's sizes with the outside of each heatmap kept as an 8 x 6 grid of cell means
+    # (48 bytes a joint whatever the heatmap's size; since schema 5): the single mean's sh
+    # gradient error was the field farthest from fp16 at rank 48 (docs/store.md)
+    "compact-hq": CompactSettings(13, 48, (8, 6)),
 }
 FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots
 # A new store's layout when the dump names none, (chunk_samples, shard_chunks): a write unit of
@@ -378,6 +392,11 @@ class StoreMeta:
                 f"{source}: pixels 'canvas' in a schema {version} store; canvas pixels exist "
                 "since schema 4 (was its zarr.json edited?)"
             )
+        if version < 5 and COMPACT.get(d.get("mode"), CompactSettings(0, 0)).grid != (0, 0):
+            raise StoreFormatError(
+                f"{source}: mode {d['mode']!r} in a schema {version} store; compact modes with a "
+                "heatmap grid exist since schema 5 (was its zarr.json edited?)"
+            )
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:
             raise StoreFormatError(f"{source}: store metadata lacks {sorted(missing)}")
@@ -395,9 +414,10 @@ class StoreMeta:
         """A compact mode's window and rank, clipped to the store's sizes (None: other modes)."""
         if self.mode not in COMPACT:
             return None
-        window, rank = COMPACT[self.mode]
+        window, rank, (gy, gx) = COMPACT[self.mode]
         wh, hh = self.geometry.heatmap_size
-        return CompactSettings(min(window, wh, hh), min(rank, max(self.token_dim, 1)))
+        grid = (min(gy, hh), min(gx, wh))
+        return CompactSettings(min(window, wh, hh), min(rank, max(self.token_dim, 1)), grid)
 
     def has(self, output: str) -> bool:
         """Whether the store holds teacher output `output` (e.g. "keypoint_tokens")."""
@@ -576,12 +596,14 @@ def _label_specs(k: int) -> list[ArraySpec]:
 def _compact_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     """A compact store's arrays: the labels, then the codes and params of the module docstring."""
     k, p = meta.num_keypoints, meta.num_patches
-    w, r = meta.compact()
+    w, r, (gy, gx) = meta.compact()
+    # with a grid: a joint's window codes, then its cells' (store.compact.HeatmapWindows)
+    heatmaps = (k, w * w + gy * gx) if gy * gx else (k, w, w)
     specs = _label_specs(k) + [
-        ArraySpec("heatmaps", (k, w, w), "uint8", 0, ZSTD_LEVEL_CODES),
+        ArraySpec("heatmaps", heatmaps, "uint8", 0, ZSTD_LEVEL_CODES),
         ArraySpec("keypoint_tokens", (k, r), "int8"),
         ArraySpec("visual_tokens", (p, r), "int8"),
-        ArraySpec("heatmaps_scale", (k, 5), "float32"),
+        ArraySpec("heatmaps_scale", (k, 7 if gy * gx else 5), "float32"),
         ArraySpec("keypoint_tokens_scale", (k,), "float16"),
         ArraySpec("visual_tokens_scale", (p,), "float16"),
     ]

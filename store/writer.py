@@ -552,8 +552,7 @@ class StoreWriter:
             self._check_finite(half, name, start, instances, view, original=a)
             return {name: half}
         if self.meta.compact():
-            w = self.meta.compact().window
-            codec = compact.HeatmapWindows(w) if name == "heatmaps" else self.bases[name]
+            codec = compact.heatmap_codec(self.meta) if name == "heatmaps" else self.bases[name]
             q, scale = codec.encode(a)
             self._check_finite(scale, name + "_scale", start, instances, view, original=a)
             return {name: q, name + "_scale": scale}

@@ -15,7 +15,7 @@ from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.geometry import PAPER
 from store import StoreReader, StoreWriter
 from store.compact import HeatmapWindows, TokenBasis
-from store.schema import COMPACT, COMPACT_LAYOUT, SCHEMA_VERSION
+from store.schema import COMPACT, COMPACT_LAYOUT, SCHEMA_VERSION, StoreMeta
 
 TOKENS = ("keypoint_tokens", "visual_tokens")
 
@@ -83,6 +83,51 @@ def test_heatmap_window_error_bound():
     assert np.array_equal(back.reshape(flat).argmax(-1), hm.reshape(flat).argmax(-1))
 
 
+def test_heatmap_grid_round_trip_and_error_bound():
+    """With a grid: the window as without one, every outside pixel its cell's mean over the
+    pixels outside the window (within half a grid code step), the argmax pixel never moves
+    (also where a cell's mean ties the peak), the codes a fixed point; and the sh-relevant
+    error is smaller than the single mean's on a teacher-like map."""
+    hm = teacher_like_heatmaps(seed=2)
+    hm[1, 2] = 0.5  # a flat map: every cell's mean ties the peak
+    codec, plain = HeatmapWindows(9, (8, 6)), HeatmapWindows(9)
+    codes, params = codec.encode(hm)
+    assert codes.shape == (6, 17, 81 + 48) and params.shape == (6, 17, 7)
+    back = codec.decode(codes, params, PAPER.heatmap_size)
+    x0, y0, step = params[..., 0].astype(int), params[..., 1].astype(int), params[..., 3]
+    cell = (np.arange(64)[:, None] * 8 // 64) * 6 + np.arange(48)[None, :] * 6 // 48  # [H, W]
+    for s, k in np.ndindex(*hm.shape[:2]):
+        window = (slice(y0[s, k], y0[s, k] + 9), slice(x0[s, k], x0[s, k] + 9))
+        assert np.abs(back[s, k][window] - hm[s, k][window]).max() <= step[s, k] / 2 + 1e-6
+        outside = np.ones(hm.shape[2:], bool)
+        outside[window] = False
+        for c in np.unique(cell[outside]):
+            where = outside & (cell == c)
+            err = np.abs(back[s, k][where] - hm[s, k][where].mean())
+            assert err.max() <= params[s, k, 6] / 2 + 1e-6 or (s, k) == (1, 2)
+    flat = (6, 17, -1)
+    assert np.array_equal(back.reshape(flat).argmax(-1), hm.reshape(flat).argmax(-1))
+    again, params2 = codec.encode(back)
+    assert np.array_equal(again[..., :81], codes[..., :81])
+    moved = np.abs(again.astype(int) - codes)  # cells: the means of decoded means
+    moved[1, 2] = 0  # (the flat map's cells were lowered below its peak: a new code range)
+    assert moved.max() <= 1
+    single = plain.decode(*plain.encode(hm), PAPER.heatmap_size)
+    assert np.linalg.norm(back - hm) < 0.8 * np.linalg.norm(single - hm)
+
+
+def test_grid_mode_needs_schema_5(tmp_path):
+    """A store whose metadata names a grid mode with an older schema version is refused; the
+    command line offers every compact mode."""
+    from cli_support import StoreMode
+
+    assert set(COMPACT) <= {m.value for m in StoreMode}
+    meta = small_meta(mode="compact-hq").to_dict()
+    assert StoreMeta.from_dict(meta).compact().grid == (8, 6)
+    with pytest.raises(StoreFormatError, match="since schema 5"):
+        StoreMeta.from_dict({**meta, "schema_version": 4}, "s")
+
+
 def test_token_basis_round_trip_and_error_bound():
     """Tokens in a rank-r subspace (plus a mean per position) come back within half a step per
     coefficient; the codes are a fixed point; any other token's error is the part outside the
@@ -146,11 +191,12 @@ def test_compact_store_round_trip(tmp_path, mode):
     assert info["bytes_once"] > 0 and info["nonfinite_total"] == 0
 
 
-def test_training_batches_decode_like_whole_chunks(tmp_path):
+@pytest.mark.parametrize("mode", ["compact", "compact-hq"])
+def test_training_batches_decode_like_whole_chunks(tmp_path, mode):
     """iter_batches decodes a compact store's codes per batch, after the gather (run_plan);
-    every batch equals the same slots read and decoded a chunk at a time."""
+    every batch equals the same slots read and decoded a chunk at a time (with a grid too)."""
     path = tmp_path / "s"
-    fill(StoreWriter.create_or_open(path, small_meta(mode="compact"), fit=fit_from_samples))
+    fill(StoreWriter.create_or_open(path, small_meta(mode=mode), fit=fit_from_samples))
     r = StoreReader.open(path)
     fields = ("slot", "heatmaps", *TOKENS)
     whole = {k: np.concatenate([r.read_chunk(a, b, fields)[k] for a, b in r.chunks()])
@@ -278,4 +324,4 @@ def test_docs_table_is_the_benchmark_record():
 
     record = json.loads(compact_bench.RECORD.read_text())
     assert compact_bench.docs_block(record) in compact_bench.DOCS.read_text()
-    assert record["settings"] == {m: list(s) for m, s in COMPACT.items()}
+    assert record["settings"] == compact_bench.settings_record()
