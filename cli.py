@@ -250,7 +250,7 @@ def dump_teacher(
     model: Annotated[str | None, typer.Option(help="Teacher model name if not recognised.")] = None,
     mode: Annotated[
         StoreMode | None,
-        _dump("mode", "fp16 (exact half), lossy, compact[-s|-l|-xl|-hq] (kB/view)."),
+        _dump("mode", "fp16 (exact half), lossy, compact (new: compact-hq), compact-s|m|l|xl."),
     ] = None,
     chunk_samples: Annotated[int | None, _dump("chunk_samples", "Samples per zarr chunk.")] = None,
     augment: Annotated[

@@ -339,8 +339,9 @@ class Schedule(str, Enum):
 class StoreMode(str, Enum):
     fp16 = "fp16"
     lossy = "lossy"
-    compact = "compact"  # and four more sizes (store.schema.COMPACT)
+    compact = "compact"  # store.schema.DEFAULT_COMPACT; and the sizes of store.schema.COMPACT
     compact_s = "compact-s"
+    compact_m = "compact-m"
     compact_l = "compact-l"
     compact_xl = "compact-xl"
     compact_hq = "compact-hq"

@@ -40,6 +40,7 @@ from distilpose.data.coco import load_coco_instances, read_image
 from distilpose.data.crop import render_crop, sample_crop_spec
 from distilpose.geometry import PAPER
 from store.pixels import CANVAS_FROM_VIEWS, decode_crop, encode_crop
+from store.schema import DEFAULT_COMPACT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECORD = RESULTS / "canvas_bench.json"
@@ -137,7 +138,8 @@ def coco_rows(record: dict) -> list[dict]:
     """COCO train2017, 100 views, compact targets (compact_bench's record) + each layout's
     pixels: per-view crops grow with the views, a canvas is paid once per person."""
     # compact_bench's own COCO estimate of the targets (labels and stored bases included)
-    targets_gb = json.loads(COMPACT_RECORD.read_text())["coco_estimate"]["compact"]["gb_no_pixels"]
+    estimate = json.loads(COMPACT_RECORD.read_text())["coco_estimate"]
+    targets_gb = estimate[DEFAULT_COMPACT]["gb_no_pixels"]
     rows = []
     for key, r in record.items():
         crop_gb = COCO_INSTANCES * COCO_VIEWS * r["crop_bytes_per_view"] / 1e9
@@ -205,7 +207,8 @@ def docs_block(record: dict) -> str:
         f"{d['crop_ms']:.2f} ms to decode its crop ({d['canvas_ms'] / d['crop_ms']:.1f}x); "
         f"with the demo's `mild` recipe {m['canvas_bytes_per_person'] / 1e3:.1f} kB "
         f"({m['break_even_views']:.1f} crops) and {m['canvas_ms']:.2f} against "
-        f"{m['crop_ms']:.2f} ms. COCO train2017 at {COCO_VIEWS} views with `compact` targets: "
+        f"{m['crop_ms']:.2f} ms. COCO train2017 at {COCO_VIEWS} views with the default "
+        f"compact targets (`{DEFAULT_COMPACT}`): "
         f"{coco['default/jpeg']['canvas_total_gb']:.0f} GB with canvases (the default pixels "
         "at that many views) against "
         f"{coco['default/jpeg']['crop_total_gb']:.0f} GB with a crop per view (goal "

@@ -9,6 +9,7 @@ Reads the tables of benchmarks/results/{model,store,dump,train}_bench.md (what
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks import update_readme_block
@@ -19,6 +20,7 @@ DATA_PATH_GOAL = (1500, 5.0)  # samples/s per core, and times --pixels none (iss
 TARGET_READ_GOAL = 0.5  # in-process target read vs a flat memmap
 WRITE_GOAL = 1000  # store writes, samples/s
 DUMP_GOAL = 0.85  # dump loop vs forward pass alone
+DEMO_GOAL_S = 300  # `distilpose demo`, wall (issue 29)
 TRAIN_GOALS = (0.90, 3.0)  # from store vs no distillation; vs teacher online (TokenPose-L)
 
 
@@ -196,6 +198,24 @@ def train_rows() -> list[str]:
     ]
 
 
+def step_rows() -> list[str]:
+    """The demo student's step on one thread, each variant against the demo's (train_bench),
+    and the speed-up the demo's 300 s goal asks of it (its fastest full run, demo_run.json)."""
+    ratio = "vs the demo's step"
+    base, *others = table_with(RESULTS / "train_bench.md", ratio)
+    runs = json.loads((RESULTS / "demo_run.json").read_text())
+    walls = [r["wall_s"] for r in runs if not r["quick"]]
+    need = min(walls) / DEMO_GOAL_S
+    best = max(number(r[ratio]) for r in others)
+    return [
+        f"| the demo student's training step, one CPU thread ({base['samples/s']} samples/s at "
+        "batch 8): each variant against it | "
+        + ", ".join(f"{r['variant']} {r[ratio]}" for r in others)
+        + f" | the demo in {DEMO_GOAL_S} s (issue 29) needs {need:.1f}x (its fastest run, "
+        f"{min(walls):.0f} s): {verdict(best >= need)} by one of these |"
+    ]
+
+
 def peer_rows() -> list[str]:
     """Our loader against WebDataset and LitData on one core (peer_bench.md)."""
     rows = {r["loader"].split(" (")[0]: r for r in table_with(RESULTS / "peer_bench.md", "loader")}
@@ -217,6 +237,7 @@ def peer_rows() -> list[str]:
 def table() -> str:
     lines = ["| what | ours (2 CPU cores) | paper / goal |", "|---|---:|---:|"]
     lines += model_rows() + store_rows() + peer_rows() + dump_rows() + train_rows()
+    lines += step_rows()
     lines.append(
         "| AP on COCO val2017 (paper: teacher 72.5 / 75.2 with DARK, DistilPose-S 71.6, "
         "DistilPose-L 74.4) | not measured: no COCO or released weights here | - |"

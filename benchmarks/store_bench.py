@@ -49,7 +49,7 @@ from store.quantize import (
     quantize_heatmaps,
     quantize_tokens,
 )
-from store.schema import COMPACT_LAYOUT, LAYOUT, default_layout
+from store.schema import COMPACT_LAYOUT, DEFAULT_COMPACT, LAYOUT, default_layout
 
 K, D = 17, 192  # COCO joints, DistilPose-S token dim
 (WH, HH), P = PAPER.heatmap_size, PAPER.num_patches
@@ -228,7 +228,7 @@ def write_pixel_store(
     from distilpose.data import AugmentRecipe, annotation_digest, crop_digest, read_image
     from store.pixels import canvas_crop, encode_canvas
 
-    mode = "compact" if targets == "compact" else "fp16"
+    mode = DEFAULT_COMPACT if targets == "compact" else "fp16"  # what --mode compact writes
     chunk_samples, shard_chunks = default_layout(mode)  # as a dump lays this mode's store out
     meta = meta_for(
         len(crops), mode, pixels=pixels, chunk_samples=chunk_samples, shard_chunks=shard_chunks,

@@ -81,6 +81,7 @@ class Mode:
         batch: int,
         run_dir: Path,
         teacher: torch.nn.Module | None = None,
+        variant: str = "",
     ) -> None:
         torch.manual_seed(0)
         model = build_model(student)
@@ -92,10 +93,16 @@ class Mode:
         loss_fn = DistillationLoss(weights, geometry=model.config.geometry)
         config = TrainConfig(epochs=1, batch_size=batch, warmup_iters=1, device="cpu")
         self.trainer = Trainer(model, build_task(loss_fn, teacher), self.data, config, run_dir, {})
+        if variant == "channels_last":  # the engine keeps NHWC for CUDA: set here on the CPU
+            self.trainer.model.to(memory_format=torch.channels_last)
+            self.trainer.channels_last = True
+        elif variant == "compile":
+            self.trainer.train_model = torch.compile(self.trainer.train_model)
         self.trainer.train_model.train()
         self.batch = batch
         self.times: list[float] = []
         self._it = self._batches()
+        self.same_batch = next(self._it) if variant == "same batch" else None
 
     def _batches(self):
         epoch = 0
@@ -105,7 +112,8 @@ class Mode:
 
     def step(self, timed: bool = True) -> None:
         start = time.perf_counter()
-        self.trainer.train_step(next(self._it))  # the batch fetch (read, render) included
+        # the batch fetch (read, decode) included, but for the variant without loading
+        self.trainer.train_step(self.same_batch or next(self._it))
         if timed:
             self.times.append(time.perf_counter() - start)
 
@@ -137,6 +145,57 @@ def bench_pair(pair: tuple, quick: bool, root: Path) -> dict:
     return {"pair": f"{online_name} -> {student}", "label": label, "batch": batch, **rates}
 
 
+# The demo student's step on one thread (issue 29: what makes it faster on a CPU), each variant
+# against the demo's own (batch 8, eager, NCHW): (name, batch, Mode variant)
+STEP_VARIANTS = [
+    ("demo step (batch 8)", 8, ""),
+    ("same batch every step (no loading)", 8, "same batch"),
+    ("channels_last", 8, "channels_last"),
+    ("torch.compile (inductor)", 8, "compile"),
+    ("batch 16", 16, ""),
+    ("batch 32", 32, ""),
+]
+
+
+def bench_steps(quick: bool, root: Path) -> list[dict]:
+    """STEP_VARIANTS of distilpose_demo with the demo's losses, from a store of the demo
+    teacher's shapes, one torch thread, stepped round-robin like the modes."""
+    from demo import DemoPlan
+
+    steps, warmup = (10, 3) if quick else (60, 5)
+    store = make_store(root / "demo", "tokenpose_demo", 32 * 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        variants = {
+            name: Mode(store, "distilpose_demo", DemoPlan().losses, b, root / "runs", None, v)
+            for name, b, v in STEP_VARIANTS
+        }
+        for r in range(warmup + steps):
+            for mode in variants.values():
+                mode.step(timed=r >= warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return [{"variant": n, "batch": m.batch, "rate": m.rate()} for n, m in variants.items()]
+
+
+def format_steps(rows: list[dict]) -> str:
+    base = rows[0]["rate"]
+    lines = [
+        "\n## The demo student's training step on one CPU thread (samples/s)\n",
+        "distilpose_demo with the demo's losses from a store of the demo teacher's shapes, "
+        "workers=0, variants stepped in turn, median step after untimed warm-up steps "
+        "(`STEP_VARIANTS`; what each would do to the demo's AP is not measured here).\n",
+        "| variant | batch | samples/s | vs the demo's step |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['rate']:.1f} | {r['rate'] / base:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def format_results(rows: list[dict], quick: bool) -> str:
     lines = [
         "## Student training throughput (samples/s, CPU)\n",
@@ -165,7 +224,8 @@ def run(quick: bool = False) -> str:
     logging.getLogger("distilpose.training.engine").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         rows = [bench_pair(pair, quick, Path(tmp)) for pair in PAIRS]
-    text = format_results(rows, quick)
+        steps = bench_steps(quick, Path(tmp))
+    text = format_results(rows, quick) + format_steps(steps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_bench.md").write_text(text)
     return text

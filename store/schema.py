@@ -150,9 +150,11 @@ schema 1-3 have no canvas pixels and one permutation per view, as written above.
 Schema version 5: the `compact-hq` mode, whose heatmaps keep the outside of each window as a
 grid of cell means (`CompactSettings.grid`, `store.compact.HeatmapWindows`): `heatmaps` uint8
 [K, w * w + gy * gx] (a joint's window codes row by row, then its cells' row by row) and
-`heatmaps_scale` float32 [K, 7] (the five params above, then the cells' code offset and step).
-Reader rule: stores of schema 1-4 have no such mode (one in their metadata is refused); every
-other mode reads as written above.
+`heatmaps_scale` float32 [K, 7] (the five params above, then the cells' code offset and step);
+and `compact-m`, the name new stores give window 11 and rank 16, which `compact` names in the
+stores that hold it (a new store asked for `compact` gets `DEFAULT_COMPACT`: `dump_mode`).
+Reader rule: stores of schema 1-4 have neither mode (one in their metadata is refused); every
+other mode, `compact` included, reads as written above.
 
 Reader rules for schema 1 and 2: no signatures (`store-verify` reports `signed: false`; the
 metadata, the markers and the set of complete units are taken as they are), no chunk
@@ -205,9 +207,13 @@ class CompactSettings(NamedTuple):
 # The compact modes (`store.compact`; why these sizes: docs/store.md, measured by
 # benchmarks/compact_bench.py). Bytes per view at the paper's sizes: about 4, 7, 13 and 17 kB
 # (uncompressed bound; stored with zstd: compact_bench.md).
+_WINDOW_11 = CompactSettings(11, 16)
 COMPACT = {
     "compact-s": CompactSettings(7, 8),
-    "compact": CompactSettings(11, 16),
+    # `compact` names window 11, rank 16 in every store that holds it (schema 3 on); a new
+    # store asked for `compact` gets DEFAULT_COMPACT (`dump_mode`), and `compact-m` this setting
+    "compact": _WINDOW_11,
+    "compact-m": _WINDOW_11,
     "compact-l": CompactSettings(15, 32),
     # rank 48: the demo teacher's 64-dim tokens keep 90% of their variation about the
     # position means at 48 directions against 77% at 32 (docs/store.md); still <= 16 kB a view
@@ -218,6 +224,21 @@ COMPACT = {
     # gradient error was the field farthest from fp16 at rank 48 (docs/store.md)
     "compact-hq": CompactSettings(13, 48, (8, 6)),
 }
+# What `--mode compact` writes into a new store: the compact setting whose distilled AP on the
+# demo stayed within fp16's seed range side by side (benchmarks/results/modes_grid_hq.md)
+DEFAULT_COMPACT = "compact-hq"
+
+
+def dump_mode(requested: str, existing: str | None) -> str:
+    """The mode a dump writes: `requested`, but `compact` is DEFAULT_COMPACT for a new store
+    and the existing store's own mode where that is `compact` or DEFAULT_COMPACT (a store made
+    before the default changed keeps its setting, as `--pixels auto` keeps a store's pixels)."""
+    if requested != "compact":
+        return requested
+    return existing if existing in ("compact", DEFAULT_COMPACT) else DEFAULT_COMPACT
+
+
+SINCE_5 = ("compact-m", "compact-hq")  # modes no store of schema 1-4 can hold
 FIT_SAMPLES = 256  # a compact store's token bases are fitted on its first slots
 # A new store's layout when the dump names none, (chunk_samples, shard_chunks): a write unit of
 # 512 samples in every mode. The compact modes' samples are a few kB, and zarr's cost per array
@@ -392,10 +413,10 @@ class StoreMeta:
                 f"{source}: pixels 'canvas' in a schema {version} store; canvas pixels exist "
                 "since schema 4 (was its zarr.json edited?)"
             )
-        if version < 5 and COMPACT.get(d.get("mode"), CompactSettings(0, 0)).grid != (0, 0):
+        if version < 5 and d.get("mode") in SINCE_5:
             raise StoreFormatError(
-                f"{source}: mode {d['mode']!r} in a schema {version} store; compact modes with a "
-                "heatmap grid exist since schema 5 (was its zarr.json edited?)"
+                f"{source}: mode {d['mode']!r} in a schema {version} store; that mode exists "
+                "since schema 5 (was its zarr.json edited?)"
             )
         missing = {"teacher_name", "teacher_sha256", "num_instances"} - set(d)
         if missing:

@@ -63,7 +63,7 @@ from distilpose.training.distributed import init_group, wait_for_ranks, world
 from distilpose.training.engine import amp_dtype
 from distilpose.training.runs import DumpRun
 from store.pixels import canvas_crop, choose_pixels, decode_crop, encode_canvas, encode_crop
-from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta, default_layout
+from store.schema import JPEG_QUALITY, TEACHER_OUTPUTS, StoreMeta, default_layout, dump_mode
 from store.writer import StoreWriter, existing_meta
 
 log = logging.getLogger("distilpose.dump")
@@ -449,10 +449,13 @@ def dump_setup(
             f"{run.ann_file}: no trainable person instances; expected at least one"
         )
     outputs = TEACHER_OUTPUTS if cfg.has_tokens else ("heatmaps",)  # what the teacher gives
-    # `auto` pixels: an existing store keeps its own format (store.pixels.choose_pixels)
+    # `auto` pixels and `compact` targets: an existing store keeps its own format
+    # (store.pixels.choose_pixels, store.schema.dump_mode)
     options = run.storage_options or {}
-    stored = existing_meta(str(run.out), **options) if run.pixels == "auto" else None
-    chunk_samples, shard_chunks = default_layout(run.mode)  # unless the run names them
+    looks = run.pixels == "auto" or run.mode == "compact"
+    stored = existing_meta(str(run.out), **options) if looks else None
+    mode = dump_mode(run.mode, stored and stored.mode)
+    chunk_samples, shard_chunks = default_layout(mode)  # unless the run names them
     meta = StoreMeta(
         teacher_name=cfg.name,
         teacher_sha256=file_sha256(run.teacher_ckpt),
@@ -467,10 +470,10 @@ def dump_setup(
         ann_digest=annotation_digest(run.ann_file),
         ann_file=run.ann_file,
         image_root=run.image_root,
-        mode=run.mode,
+        mode=mode,
         chunk_samples=run.chunk_samples or chunk_samples,
         shard_chunks=run.shard_chunks or shard_chunks,
-        pixels=choose_pixels(run.pixels, views, stored and stored.pixels),
+        pixels=choose_pixels(run.pixels, views, stored.pixels if stored else None),
         jpeg_quality=JPEG_QUALITY if run.jpeg_quality is None else run.jpeg_quality,
         targets_zstd=run.targets_zstd,
         extra={"teacher_ckpt": run.teacher_ckpt, "batch_size": batch_size},
@@ -513,9 +516,10 @@ def dump_teacher(run: DumpRun) -> dict:
     (the teacher runs on the decoded crop) so students train without the images; "canvas" each
     person's canvas once; "none" keeps only specs.
     targets_zstd=False keeps fp16 teacher outputs uncompressed (8% larger, faster to read).
-    mode: "fp16", "lossy", "lossy16" or a compact mode (`store.schema.COMPACT`), whose token
-    bases are fitted on the teacher's outputs for the store's first slots when this run creates
-    the store (`fit_tokens`), then kept.
+    mode: "fp16", "lossy", "lossy16" or a compact mode (`store.schema.COMPACT`; "compact" is
+    `DEFAULT_COMPACT` for a new store, an existing compact store's own: `dump_mode`), whose
+    token bases are fitted on the teacher's outputs for the store's first slots when this run
+    creates the store (`fit_tokens`), then kept.
 
     Returns the summary: store, samples, views, units, shard, bytes, time_s, samples_per_s,
     loop_samples_per_s, forward_share, skipped, teacher, device. `shard=(i, n)` takes every

@@ -290,26 +290,27 @@ def test_modes_record_sorts_by_bytes_and_judges_the_default_against_fp16(tmp_pat
                 "aps": aps, "ap": sum(aps) / len(aps), "ap_spread": max(aps) - min(aps),
                 "ap50": 0.7, "pck": 0.6, "pixel_error": 9.0, "train_s": 600.0}  # fmt: skip
 
+    best = g.DEFAULT_COMPACT  # the setting --mode compact gives a new store
     sizes = {m: {"target": kb * 1e3, "pixel": 20e3, "label": 160.0}
-             for m, kb in (("fp16", 49.5), ("compact", 5.5), ("lossy", 17.7))}  # fmt: skip
+             for m, kb in (("fp16", 49.5), (best, 5.5), ("lossy", 17.7))}  # fmt: skip
     table = g.modes_table(
-        [row("fp16", [0.39, 0.40, 0.41]), row("lossy", [0.4]), row("compact", [0.38, 0.395])],
+        [row("fp16", [0.39, 0.40, 0.41]), row("lossy", [0.4]), row(best, [0.38, 0.395])],
         sizes,
     )
-    assert [r["mode"] for r in table] == ["compact", "lossy", "fp16"]
+    assert [r["mode"] for r in table] == [best, "lossy", "fp16"]
     text = g.modes_verdict(table)
-    assert "`compact` targets (5.50 kB per view against fp16's 49.50 kB, 9.0x less)" in text
+    assert f"default `{best}` targets (5.50 kB per view against fp16's 49.50 kB, 9.0x" in text
     assert "below fp16's seed range (0.400, 0.390-0.410 over seeds [0, 1, 2])" in text
     table[0]["aps"], table[0]["ap"] = [0.395, 0.405], 0.4
     assert "within fp16's seed range" in g.modes_verdict(table)
     from demo import DemoPlan
 
     record = g.format_modes(table, DemoPlan(), 1.0)
-    assert "| `compact` | 5.50 | 20.00 | 0,1 | 0.400 |" in record
+    assert f"| `{best}` | 5.50 | 20.00 | 0,1 | 0.400 |" in record
     g.plot_modes(table, tmp_path / "modes.png")
     assert (tmp_path / "modes.png").stat().st_size > 1000
     # a record of rows rerun side by side, without the default setting: each one is judged
-    rerun = [dict(r, mode="compact-xl") if r["mode"] == "compact" else r for r in table]
+    rerun = [dict(r, mode="compact-xl") if r["mode"] == best else r for r in table]
     rerun = [r for r in rerun if r["mode"] != "lossy"]
     assert g.record_verdict(rerun).startswith("The `compact-xl` targets (5.50 kB per view")
 

@@ -15,7 +15,14 @@ from distilpose.errors import StoreCorruptError, StoreFormatError
 from distilpose.geometry import PAPER
 from store import StoreReader, StoreWriter
 from store.compact import HeatmapWindows, TokenBasis
-from store.schema import COMPACT, COMPACT_LAYOUT, SCHEMA_VERSION, StoreMeta
+from store.schema import (
+    COMPACT,
+    COMPACT_LAYOUT,
+    DEFAULT_COMPACT,
+    SCHEMA_VERSION,
+    StoreMeta,
+    dump_mode,
+)
 
 TOKENS = ("keypoint_tokens", "visual_tokens")
 
@@ -116,16 +123,32 @@ def test_heatmap_grid_round_trip_and_error_bound():
     assert np.linalg.norm(back - hm) < 0.8 * np.linalg.norm(single - hm)
 
 
+def test_compact_is_the_default_setting_for_a_new_store_and_a_store_keeps_its_own():
+    """`--mode compact`: DEFAULT_COMPACT for a new store; a store of the old `compact`
+    (window 11, rank 16; schema 3-4) or of the default keeps its own; other modes as asked
+    (a compact store of another setting is then refused as made with other settings)."""
+    assert dump_mode("compact", None) == DEFAULT_COMPACT
+    assert dump_mode("compact", "compact") == "compact"
+    assert dump_mode("compact", DEFAULT_COMPACT) == DEFAULT_COMPACT
+    assert dump_mode("compact", "compact-s") == DEFAULT_COMPACT
+    assert dump_mode("compact-m", None) == "compact-m" and dump_mode("fp16", "compact") == "fp16"
+    assert COMPACT["compact-m"] == COMPACT["compact"] == (11, 16, (0, 0))
+
+
 def test_grid_mode_needs_schema_5(tmp_path):
-    """A store whose metadata names a grid mode with an older schema version is refused; the
-    command line offers every compact mode."""
+    """A store whose metadata names a mode of schema 5 (a grid, or compact-m) with an older
+    schema version is refused; the command line offers every compact mode."""
     from cli_support import StoreMode
 
     assert set(COMPACT) <= {m.value for m in StoreMode}
     meta = small_meta(mode="compact-hq").to_dict()
     assert StoreMeta.from_dict(meta).compact().grid == (8, 6)
-    with pytest.raises(StoreFormatError, match="since schema 5"):
-        StoreMeta.from_dict({**meta, "schema_version": 4}, "s")
+    for mode in ("compact-hq", "compact-m"):
+        with pytest.raises(StoreFormatError, match="since schema 5"):
+            StoreMeta.from_dict({**meta, "mode": mode, "schema_version": 4}, "s")
+    assert StoreMeta.from_dict({**meta, "mode": "compact", "schema_version": 4}).compact() == (
+        6, 8, (0, 0)  # window 11 and rank 16, clipped to the small store's sizes
+    )  # fmt: skip
 
 
 def test_token_basis_round_trip_and_error_bound():
@@ -291,9 +314,17 @@ def test_dump_and_train_student_on_a_compact_store(tmp_path):
             "--workers", 0, "--device", "cpu", "--batch-size", 4,
         )  # fmt: skip
     infos = {m: json.loads(invoke("store-info", s, "--json")) for m, s in stores.items()}
-    assert infos["compact"]["complete"] and infos["compact"]["mode"] == "compact"
+    assert infos["compact"]["complete"] and infos["compact"]["mode"] == DEFAULT_COMPACT
     small, full = (infos[m]["target_bytes_per_view"] for m in ("compact", "fp16"))
-    assert 0 < small < full / 5
+    assert 0 < small < full / 3
+    # `--mode compact` again: the store's own setting, the dump resumes (nothing to do)
+    again = invoke(
+        "dump-teacher", "--teacher", demo_teacher_path(),
+        "--ann", data / "annotations" / "person_keypoints.json",
+        "--images", data / "images", "--out", stores["compact"], "--mode", "compact",
+        "--workers", 0, "--device", "cpu", "--batch-size", 4,
+    )  # fmt: skip
+    assert "0 samples" in again
     # the same crops; only the chunk layout differs (a compact store's chunks hold 256 slots:
     # here 12 people and the padding slots' 4-byte lengths in the pixels array)
     pixels = {m: infos[m]["pixel_bytes_per_view"] for m in infos}
