@@ -304,7 +304,7 @@ def settings_cell(mode: str, record: dict) -> str:
     s = record["settings"].get(mode)
     if not s:
         return f"`{mode}`"
-    grid = f", outside grid {s[2][0]}x{s[2][1]}" if len(s) > 2 and any(s[2]) else ""
+    grid = f", outside grid {s[2][0]}x{s[2][1]}" if any(s[2]) else ""
     return f"`{mode}` (window {s[0]}, rank {s[1]}{grid})"
 
 

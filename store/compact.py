@@ -1,9 +1,9 @@
 """The compact modes' codecs (since schema 3): what the losses use, in a few kilobytes a view.
 
 Two small codec objects, in the style of MMPose's keypoint codecs (`encode` -> stored arrays,
-`decode` -> the training target), pure numpy; the writer encodes, the reader decodes back into
-the full arrays, so the losses and `train-student` see [K, Hh, Wh] heatmaps and [T, D] tokens
-as in every other mode.
+`decode` -> the training target), numpy but for the decoded tokens' product (torch:
+`TokenBasis.decode`); the writer encodes, the reader decodes back into the full arrays, so the
+losses and `train-student` see [K, Hh, Wh] heatmaps and [T, D] tokens as in every other mode.
 
 `HeatmapWindows`: per sample and joint, the w x w window around the heatmap's peak (its first
 argmax, the window shifted inside the map at the borders) as uint8 codes with the lossy mode's
@@ -71,7 +71,8 @@ class HeatmapWindows:
         py, px = np.divmod(h.reshape(s, k, -1).argmax(-1), wh)  # [S, K] the first argmax
         x0 = np.clip(px - w // 2, 0, wh - w)
         y0 = np.clip(py - w // 2, 0, hh - w)
-        windows = h[_window_index(x0, y0, w)]  # [S, K, w, w]
+        flat = self._window_flat(s, k, hh, wh, x0, y0)  # [S, K, w * w]
+        windows = np.take(h, flat).reshape(s, k, w, w)
         outside_n = hh * wh - w * w
         total = h.sum((2, 3), dtype=np.float64)
         inside = windows.sum((2, 3), dtype=np.float64)
@@ -82,7 +83,7 @@ class HeatmapWindows:
         )
         if not self.has_grid:
             return codes, params.astype(np.float32)
-        cells = self._cell_means(h, x0, y0, outside.astype(np.float32))  # [S, K, gy, gx]
+        cells = self._cell_means(h, flat, outside.astype(np.float32))  # [S, K, gy, gx]
         grid_codes, grid_scale = quantize_heatmaps(cells, 8)
         codes = np.concatenate([codes.reshape(s, k, -1), grid_codes.reshape(s, k, -1)], -1)
         return codes, np.concatenate([params, grid_scale], -1).astype(np.float32)
@@ -103,18 +104,18 @@ class HeatmapWindows:
         corner = np.arange(s * k).reshape(s, k) * (hh * wh) + y0 * wh + x0  # [S, K]
         return corner[..., None] + (ar[:, None] * wh + ar).reshape(-1)
 
-    def _cell_means(self, h: np.ndarray, x0, y0, outside: np.ndarray) -> np.ndarray:
-        """[S, K, gy, gx]: each cell's mean over its pixels outside the window (a cell the
-        window covers whole gets the outside mean: no pixel reads it)."""
+    def _cell_means(self, h: np.ndarray, flat: np.ndarray, outside: np.ndarray) -> np.ndarray:
+        """[S, K, gy, gx]: each cell's mean over its pixels outside the window (`flat`, as
+        `_window_flat` gives it; a cell the window covers whole gets the outside mean: no pixel
+        reads it)."""
         s, k, hh, wh = h.shape
         gy, gx = self.grid
         onehot = np.zeros((hh * wh, gy * gx), np.float32)
         onehot[np.arange(hh * wh), self._cells(hh, wh)] = 1.0
         masked = h.reshape(-1).copy()
         kept = np.ones(s * k * hh * wh, np.float32)
-        flat = self._window_flat(s, k, hh, wh, x0, y0).reshape(-1)
-        masked[flat] = 0.0
-        kept[flat] = 0.0
+        masked[flat.reshape(-1)] = 0.0
+        kept[flat.reshape(-1)] = 0.0
         sums = masked.reshape(s, k, -1) @ onehot  # [S, K, G]
         counts = kept.reshape(s, k, -1) @ onehot
         means = np.where(counts > 0, sums / np.maximum(counts, 1), outside[..., None])
@@ -145,18 +146,6 @@ def heatmap_codec(meta: StoreMeta) -> HeatmapWindows:
     """The heatmap codec of a compact store (its window and grid)."""
     settings = meta.compact()
     return HeatmapWindows(settings.window, settings.grid)
-
-
-def _window_index(x0: np.ndarray, y0: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
-    """Fancy index of the w x w windows at corners (x0, y0) [S, K] of [S, K, H, W] maps."""
-    s, k = x0.shape
-    ar = np.arange(w)
-    return (
-        np.arange(s)[:, None, None, None],
-        np.arange(k)[None, :, None, None],
-        (y0[..., None] + ar)[..., :, None],
-        (x0[..., None] + ar)[..., None, :],
-    )
 
 
 @dataclass(frozen=True)
